@@ -1,0 +1,13 @@
+"""Base models F: the networks whose outputs a code protects.
+
+Every base model is built as ``cls(in_shape=(C, H, W), num_classes=n)``.
+Short names map to class paths in :data:`MODEL_ALIASES`; any importable class
+with that constructor works too.
+"""
+
+MODEL_ALIASES = {
+    "base-mlp": "base_models.mlp.BaseMLP",
+    "logistic": "base_models.logistic.LogisticRegression",
+    "lenet5": "base_models.lenet.LeNet5",
+    "resnet18": "base_models.resnet.ResNet18",
+}

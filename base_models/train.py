@@ -1,0 +1,193 @@
+"""Training, saving and loading the base model F.
+
+``python -m base_models.train --dataset mnist --model base-mlp`` trains F,
+keeps the weights that score best on validation, and writes
+``base_model_trained_files/<dataset>/<model>/model.pt`` (a plain state dict)
+beside ``metrics.json`` (train / val / test accuracy). The learned-code
+trainer calls :func:`load_or_train` and so reuses that file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from base_models import MODEL_ALIASES
+from datasets import Splits, load_dataset
+from util.classpath import build, spec_name
+from util.errors import EXIT_USER_ERROR, UserError
+from util.util import atomic_save, atomic_write_text, resolve_device
+
+DEFAULT_ROOT = "base_model_trained_files"
+
+
+def build_base_model(spec: Any, splits: Splits, key: str = "models") -> nn.Module:
+    return build(spec, key, aliases=MODEL_ALIASES, in_shape=splits.input_shape, num_classes=splits.num_classes)
+
+
+def default_path(dataset: str, model: Any, root: str = DEFAULT_ROOT) -> Path:
+    name = model if isinstance(model, str) and "." not in model else spec_name(model)
+    return Path(root) / dataset / name / "model.pt"
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Outputs of ``model`` on ``x`` in eval mode, batched, on ``x``'s device."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (predict(model, x).argmax(1) == y).float().mean().item()
+
+
+def load_state(model: nn.Module, path: Path) -> nn.Module:
+    """Load a state dict file into ``model``; a corrupt or mismatched file is a UserError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise UserError(
+            f"Base-model weights '{path}' could not be read ({type(exc).__name__}: {exc}). "
+            f"Fix: delete the file so lcc retrains it, or point 'base_model_file' at a valid state dict."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"Base-model weights '{path}' do not fit {type(model).__name__} on this dataset ({first}). "
+            f"Fix: check that the file belongs to this dataset and model, or delete it so lcc retrains it."
+        ) from None
+    return model
+
+
+def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batch_size: int = 128,
+                     lr: float = 1e-3, device: str = "auto", seed: int = 0,
+                     progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train ``model`` with Adam and cross entropy; return it with its best-on-validation weights.
+
+    The data stays on the device as tensors; each step indexes a random batch.
+    """
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    model = model.to(dev)
+    tx, ty = splits.train_x.to(dev), splits.train_y.to(dev)
+    vx, vy = splits.val_x.to(dev), splits.val_y.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    best_val, best_state, best_epoch = -1.0, None, 0
+    t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(tx), generator=gen).to(dev)
+        steps = range(0, len(tx), batch_size)
+        bar = tqdm(steps, desc=f"F epoch {epoch}/{epochs}", leave=False, disable=not progress)
+        for i in bar:
+            idx = perm[i:i + batch_size]
+            loss = loss_fn(model(tx[idx]), ty[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        val = accuracy(model, vx, vy)
+        if progress:
+            print(f"F epoch {epoch}: val acc {val:.4f}", file=sys.stderr)
+        if val > best_val:
+            best_val, best_epoch = val, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    metrics = {
+        "dataset": splits.name,
+        "model": type(model).__name__,
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "train_acc": accuracy(model, tx, ty),
+        "val_acc": best_val,
+        "test_acc": accuracy(model, splits.test_x.to(dev), splits.test_y.to(dev)),
+        "seconds": round(time.time() - t0, 2),
+    }
+    return model, metrics
+
+
+def save_base_model(model: nn.Module, metrics: dict, path: Path) -> None:
+    atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+    atomic_write_text(json.dumps(metrics, indent=2) + "\n", path.with_name("metrics.json"))
+
+
+def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root: str = DEFAULT_ROOT,
+                  device: str = "auto", seed: int = 0, epochs: int = 20, progress: bool = True) -> nn.Module:
+    """F for ``splits``: loaded from ``path`` (or the default file), trained first when missing.
+
+    An explicit ``path`` that does not exist is an error rather than a reason
+    to train, since the user asked for those weights.
+    """
+    model = build_base_model(spec, splits)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(
+                f"Config key 'base_model_file': '{p}' does not exist. Fix: correct the path, or remove the "
+                f"key so lcc trains F itself and stores it under '{root}/'."
+            )
+        return load_state(model, p)
+    p = default_path(splits.name, spec, root)
+    if p.exists():
+        return load_state(model, p)
+    if progress:
+        print(f"No trained base model at '{p}': training {type(model).__name__} on {splits.name} first.",
+              file=sys.stderr)
+    model, metrics = train_base_model(model, splits, epochs=epochs, device=device, seed=seed, progress=progress)
+    save_base_model(model, metrics, p)
+    return model.cpu()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--model", default="base-mlp", help="short name or class path")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--no-download", action="store_true")
+    ap.add_argument("--root", default=DEFAULT_ROOT, help="where trained weights are written")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--force", action="store_true", help="retrain even if the weights file exists")
+    args = ap.parse_args(argv)
+    try:
+        splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, seed=args.seed)
+        path = default_path(args.dataset, args.model, args.root)
+        if path.exists() and not args.force:
+            print(f"{path} exists; reusing it (pass --force to retrain).")
+            model = load_state(build_base_model(args.model, splits, "--model"), path)
+            print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
+            return 0
+        model = build_base_model(args.model, splits, "--model")
+        model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
+                                          lr=args.lr, device=args.device, seed=args.seed)
+        save_base_model(model, metrics, path)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(json.dumps(metrics))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Encoders and decoders. ``coders.coder`` states the contract every coder obeys."""

@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="lcc",
+    version="0.1.0",
+    description="Learning-based coded computation: learned erasure codes around neural networks",
+    python_requires=">=3.9",
+    packages=["coders", "base_models", "datasets", "train", "util", "bench"],
+    py_modules=[],
+    install_requires=[
+        "torch>=2.0,<2.15",
+        "torchvision>=0.15,<0.30",
+        "numpy>=1.23",
+        "tqdm>=4.60",
+        "scikit-learn>=1.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["lcc-train=train.cli:main"]},
+)

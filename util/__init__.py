@@ -1,0 +1,1 @@
+"""Small shared helpers: class-path resolution, shapes, devices, atomic files."""

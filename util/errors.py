@@ -1,0 +1,17 @@
+"""The one error type a user should ever see from lcc.
+
+Anything the user can fix (a config typo, a missing data file, a checkpoint
+that belongs to another run) is raised as :class:`UserError`; the command
+line prints its message as one paragraph and exits with code 2 instead of a
+traceback.
+"""
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, with a message saying how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config key that is unknown, of the wrong type or of an impossible value."""
