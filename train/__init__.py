@@ -1,0 +1,1 @@
+"""The config-driven trainer: config schema, scenarios, losses, loop, metrics, checkpoints."""
