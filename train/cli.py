@@ -1,0 +1,67 @@
+"""Command line: ``python train.py CONFIG.json [--resume] [--only-test] [--set key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from util.errors import EXIT_USER_ERROR, UserError
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["num_epoch=3", "k_vals=[2]"]`` -> ``{"num_epoch": 3, "k_vals": [2]}`` (values are JSON, else strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE (VALUE in JSON, e.g. num_epoch=3 or k_vals=[2,3]); got '{pair}'.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="train.py", description="Train learned codes for every combination in a config.")
+    ap.add_argument("config", help="JSON config file, e.g. conf/digits_learned.json")
+    ap.add_argument("--resume", action="store_true", help="continue runs from their current.pt")
+    ap.add_argument("--overwrite", action="store_true", help="start runs again even if their folder has checkpoints")
+    ap.add_argument("--only-test", action="store_true", help="evaluate each run's best.pt on the test split")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set num_epoch=3")
+    args = ap.parse_args(argv)
+    try:
+        run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite, args.only_test)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: the last finished epoch is in current.pt; rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
+            only_test: bool = False, out=sys.stdout) -> list:
+    from train.config import expand_runs, load_config
+    from train.engine import CodedRun
+    from train.preflight import preflight
+
+    cfg = load_config(config_path, overrides)
+    runs = expand_runs(cfg)
+    preflight(cfg, runs)
+    results = []
+    for i, spec in enumerate(runs, 1):
+        print(f"[run {i}/{len(runs)}]", file=out)
+        run = CodedRun(cfg, spec)
+        if only_test:
+            run.load_state(run.folder / "best.pt")
+            metrics = run.evaluate("test")
+            print(json.dumps({"run": str(run.folder), "epoch": run.epoch, **metrics}), file=out)
+            results.append(metrics)
+        else:
+            results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
+    return results

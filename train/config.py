@@ -1,0 +1,219 @@
+"""The one declared config schema.
+
+Every key is declared once in :class:`Config` with its type, default and a
+comment. :func:`load_config` rejects unknown keys (with a did-you-mean),
+wrong types and impossible values before any work starts, and
+:func:`expand_runs` turns the lists into one :class:`RunSpec` per combination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from util.classpath import spec_name, split_spec
+from util.errors import ConfigError
+
+Spec = Union[str, dict]
+
+DEFAULT_OPTIMIZER = {"class": "torch.optim.Adam", "args": {"lr": 1e-3, "weight_decay": 1e-5}}
+
+
+@dataclass
+class Config:
+    # -- the block users copy from the original write-ups --
+    num_epoch: int                      # training epochs per run (0: evaluate only)
+    k_vals: list[int]                   # numbers of data inputs per group to sweep
+    enc_dec_types: list[list[Spec]]     # [encoder, decoder] class-path pairs to sweep
+    datasets: list[Spec]                # digits, mnist, fashion-mnist, cifar10, cifar100 or a class path
+    models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18 or a class path
+    losses: list[Spec]                  # mse, kl, xent or a class path such as torch.nn.MSELoss
+    train_encoder: bool = True          # update the encoder's parameters
+    train_parity_model: bool = False    # learn new models F_P for the parities (else parities go through F)
+    train_decoder: bool = True          # update the decoder's parameters
+    # -- optional --
+    r_vals: list[int] = field(default_factory=lambda: [1])  # numbers of parities to sweep
+    batch_size: int = 64                # groups of k inputs per training step
+    eval_batch_size: int = 1024         # groups per evaluation step
+    optimizer: Spec = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_OPTIMIZER)))
+    seed: int = 0                       # same seed: same splits, same initialisation, same numbers
+    data_dir: Optional[str] = None      # dataset folder; else $LCC_DATA_DIR; else ./data
+    download: bool = True               # download missing datasets through torchvision
+    save_dir: str = "save"              # run folders go under save_dir/<dataset>/<model>/k<k>/r<r>/...
+    val_size: Optional[int] = None      # validation images carved from the training split (default N/12)
+    device: str = "auto"                # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    base_model_file: Optional[str] = None   # F's weights; default base_model_dir/<dataset>/<model>/model.pt
+    base_model_dir: str = "base_model_trained_files"  # where F is trained to when its file is missing
+    base_model_epochs: int = 20         # epochs when F has to be trained first
+    parity_model: Optional[Spec] = None     # architecture of F_P (default: F's)
+    parity_model_init: str = "random"   # "random" or "base" (start F_P from F's weights)
+    augment: Optional[bool] = None      # random crop + flip on encoder inputs (default: on for CIFAR)
+    progress: bool = True               # per-epoch progress bar
+
+
+CHOICES = {"parity_model_init": ("random", "base")}
+REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One combination of the config's lists: what one run folder holds."""
+
+    dataset: Spec
+    model: Spec
+    k: int
+    r: int
+    loss: Spec
+    encoder: Spec
+    decoder: Spec
+
+    def folder(self, save_dir: str) -> Path:
+        parts = [self.dataset, self.model, f"k{self.k}", f"r{self.r}", self.loss, self.encoder, self.decoder]
+        return Path(save_dir, *[spec_name(p) if not isinstance(p, int) else str(p) for p in parts])
+
+    def describe(self) -> str:
+        return (f"{spec_name(self.dataset)} {spec_name(self.model)} k={self.k} r={self.r} "
+                f"{spec_name(self.loss)} {spec_name(self.encoder)}/{spec_name(self.decoder)}")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, h) for h in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
+             type(None): "null", float: "a number"}
+    origin = get_origin(hint)
+    if origin is Union:
+        args = get_args(hint)
+        if set(args) == {str, dict}:
+            return "a class path string or {\"class\": ..., \"args\": {...}}"
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return names.get(hint, str(hint))
+
+
+def validate_dict(raw: Any, source: str = "config") -> Config:
+    """Check ``raw`` against the schema and return a :class:`Config`; raise ConfigError otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a JSON object of keys; got {type(raw).__name__}.")
+    hints = get_type_hints(Config)
+    for key in raw:
+        if key not in hints:
+            close = difflib.get_close_matches(key, hints, n=1)
+            maybe = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'.{maybe} Known keys: {', '.join(hints)}.")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"{source}: missing required config key(s) {', '.join(missing)}. "
+                          f"See the config reference in README.md.")
+    for key, value in raw.items():
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{source}: config key '{key}' must be {_type_name(hints[key])}; "
+                              f"got {json.dumps(value)}.")
+    cfg = Config(**raw)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: Config, source: str) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{source}: config key '{key}' {msg}")
+
+    if cfg.num_epoch < 0:
+        raise bad("num_epoch", f"must be 0 or more; got {cfg.num_epoch}.")
+    for key in ("k_vals", "r_vals", "enc_dec_types", "datasets", "models", "losses"):
+        if not getattr(cfg, key):
+            raise bad(key, "must list at least one value.")
+    if any(k < 1 for k in cfg.k_vals):
+        raise bad("k_vals", f"must hold integers of 1 or more; got {cfg.k_vals}.")
+    if any(r < 1 for r in cfg.r_vals):
+        raise bad("r_vals", f"must hold integers of 1 or more; got {cfg.r_vals}.")
+    for pair in cfg.enc_dec_types:
+        if len(pair) != 2:
+            raise bad("enc_dec_types", f"must hold [encoder, decoder] pairs; got {json.dumps(pair)}.")
+    for key in ("batch_size", "eval_batch_size", "base_model_epochs"):
+        if getattr(cfg, key) < 1:
+            raise bad(key, f"must be 1 or more; got {getattr(cfg, key)}.")
+    if cfg.val_size is not None and cfg.val_size < 1:
+        raise bad("val_size", f"must be 1 or more; got {cfg.val_size}.")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise bad(key, f"must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, key)!r}.")
+    for key in ("optimizer", "parity_model"):
+        if getattr(cfg, key) is not None:
+            split_spec(getattr(cfg, key), key)
+    for key in ("datasets", "models", "losses"):
+        for spec in getattr(cfg, key):
+            split_spec(spec, key)
+    for pair in cfg.enc_dec_types:
+        for spec in pair:
+            split_spec(spec, "enc_dec_types")
+    if cfg.device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise bad("device", f"is not a device name; use \"auto\", \"cpu\" or \"cuda\"; got {cfg.device!r}.") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise bad("device", "asks for CUDA, but this machine has no usable GPU; use \"auto\" or \"cpu\".")
+
+
+def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
+    """Read and validate a JSON config file; ``overrides`` replace its keys first.
+
+    The config's folder goes on ``sys.path`` so a user's own module beside
+    the config file can be named by class path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Fix: pass the path of a JSON file, "
+                          f"such as conf/digits_learned.json.")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                          f"column {exc.colno}.") from None
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return validate_dict(raw, source=f"config '{path}'")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def expand_runs(cfg: Config) -> list[RunSpec]:
+    """Every combination of the config's lists, in a stable order."""
+    return [
+        RunSpec(dataset, model, k, r, loss, enc, dec)
+        for dataset, model, k, r, loss, (enc, dec) in itertools.product(
+            cfg.datasets, cfg.models, cfg.k_vals, cfg.r_vals, cfg.losses, cfg.enc_dec_types)
+    ]

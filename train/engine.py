@@ -1,0 +1,322 @@
+"""One run: frozen F, encoder, decoder, optional parity models; the step, the epoch loop, evaluation.
+
+Reading order: :meth:`CodedRun.forward_groups` is the whole computation
+(encode -> F on parities -> every scenario through the decoder), the
+training step wraps it with a loss, and :meth:`CodedRun.fit` is the loop
+with evaluation, metrics and checkpoints around it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from base_models import MODEL_ALIASES
+from base_models.train import build_base_model, load_or_train, predict
+from datasets import load_dataset
+from datasets.splits import AUGMENTED
+from train.augment import random_crop_flip
+from train.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from train.config import Config, RunSpec, to_dict
+from train.losses import LOSS_ALIASES, target_kind
+from train.metrics import MetricsLog, Tally, summary_line
+from train.scenarios import apply_scenarios, enumerate_scenarios, unavailable_data
+from util.classpath import build, spec_name
+from util.errors import ConfigError, UserError
+from util.util import atomic_write_text, resolve_device
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze F for real: no gradients, eval mode (BatchNorm statistics stay put)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def eval_groups(n: int, k: int, device) -> torch.Tensor:
+    """Fixed ``(ceil(n/k), k)`` groups covering every index; the last one wraps around."""
+    g = math.ceil(n / k)
+    return (torch.arange(g * k, device=device) % n).view(g, k)
+
+
+def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder for ``spec``; a coder refusing k, r or the sizes becomes a ConfigError."""
+    modules = []
+    for which, cspec, dim in (("encoder", spec.encoder, [-1, *in_shape]), ("decoder", spec.decoder, [-1, n_out])):
+        try:
+            modules.append(build(cspec, "enc_dec_types", spec.k, spec.r, dim))
+        except ValueError as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} cannot serve k={spec.k}, "
+                              f"r={spec.r} with input size {dim}: {exc} Fix: change k_vals/r_vals or the coder.") from None
+    return modules[0], modules[1]
+
+
+def run_config(cfg: Config, spec: RunSpec) -> dict:
+    """The resolved config of one run: the whole config plus this run's choices."""
+    return {**to_dict(cfg), **asdict(spec)}
+
+
+class CodedRun:
+    """Everything one combination of the config needs, and its training loop."""
+
+    def __init__(self, cfg: Config, spec: RunSpec, folder: Optional[Path] = None):
+        self.cfg, self.spec = cfg, spec
+        self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
+        self.k, self.r = spec.k, spec.r
+        self.device = resolve_device(cfg.device)
+        self.config = run_config(cfg, spec)
+        dev = self.device
+
+        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
+        dataset_name = spec.dataset if isinstance(spec.dataset, str) else spec_name(spec.dataset)
+        self.base = freeze(load_or_train(
+            spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
+            device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress).to(dev))
+        self.augment = cfg.augment if cfg.augment is not None else dataset_name in AUGMENTED
+
+        # Data on the device; F's outputs on it computed once, not per step.
+        self.data = {}
+        for split in ("train", "val", "test"):
+            x, y = self.splits.split(split)
+            x, y = x.to(dev), y.to(dev)
+            self.data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
+        self.n_out = self.data["test"][2].shape[1]
+        self.in_shape = self.splits.input_shape
+
+        torch.manual_seed(cfg.seed)
+        encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
+        self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
+        self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
+        self.parity_models = self._build_parity_models().to(dev) if cfg.train_parity_model else None
+        self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
+        self.loss_kind = target_kind(self.loss_fn)
+        self.parity_loss = (self.parity_models is not None and self.loss_kind == "base"
+                            and hasattr(self.decoder, "combine_labels"))
+        coder_params = [p for m in (self.encoder, self.decoder) for p in m.parameters() if p.requires_grad]
+        # Reconstruction loss trains E and D; a parity model whose decoder says
+        # what it should output (combine_labels) learns from that target alone.
+        self.recon_loss = bool(coder_params) or (self.parity_models is not None and not self.parity_loss)
+        self.trainable = coder_params + (list(self.parity_models.parameters()) if self.parity_models else [])
+        self.optimizer = build(cfg.optimizer, "optimizer", self.trainable) if self.trainable else None
+
+        self.available = enumerate_scenarios(self.k, self.r).to(dev)
+        self.unavailable = unavailable_data(self.available, self.k)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.best_val = -1.0
+        self.log = MetricsLog(self.folder)
+
+    def _build_parity_models(self) -> nn.ModuleList:
+        spec = self.cfg.parity_model or self.spec.model
+        models = []
+        for _ in range(self.r):
+            m = build_base_model(spec, self.splits, "parity_model")
+            if self.cfg.parity_model_init == "base":
+                try:
+                    m.load_state_dict(self.base.state_dict())
+                except RuntimeError:
+                    raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights, but the "
+                                      f"parity model {spec_name(spec)} has a different architecture from F. "
+                                      "Fix: use \"random\" or the same architecture.") from None
+            models.append(m)
+        return nn.ModuleList(models)
+
+    # -- the computation ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, k, C, H, W) -> (B, r, C, H, W)``, channels folded into the encoder's batch."""
+        b, k, c = x.shape[:3]
+        spatial = x.shape[3:]
+        flat = x.reshape(b, k, c, -1).transpose(1, 2).reshape(b * c, k, -1)
+        parities = self.encoder(flat)
+        return parities.reshape(b, c, self.r, -1).transpose(1, 2).reshape(b, self.r, c, *spatial)
+
+    def parity_outputs(self, parities: torch.Tensor) -> torch.Tensor:
+        """``(B, r, C, H, W) -> (B, r, n)``: F itself, or parity model j on parity j."""
+        b = parities.shape[0]
+        if self.parity_models is None:
+            return self.base(parities.reshape(b * self.r, *parities.shape[2:])).view(b, self.r, -1)
+        return torch.stack([m(parities[:, j]) for j, m in enumerate(self.parity_models)], 1)
+
+    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
+        """``(B, k + r, n)`` -> reconstructions ``(S, B, k, n)`` for all S scenarios in one call."""
+        b = outputs.shape[0]
+        s = self.available.shape[0]
+        dec_in = apply_scenarios(outputs, self.available)
+        if getattr(self.decoder, "needs_availability", False):
+            out = self.decoder(dec_in, self.available.repeat_interleave(b, 0))
+        else:
+            out = self.decoder(dec_in)
+        return out.view(s, b, self.k, -1)
+
+    def forward_groups(self, x: torch.Tensor, fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data ``(B, k, C, H, W)`` and F's outputs on it ``(B, k, n)`` -> (reconstructions, parity outputs)."""
+        fp = self.parity_outputs(self.encode(x))
+        return self.decode(torch.cat([fx, fp], 1)), fp
+
+    def select_unavailable(self, recon: torch.Tensor, fx: torch.Tensor, y: torch.Tensor):
+        """The reconstructions of unavailable data outputs with their targets: ``(M, n), (M, n), (M,)``."""
+        s, b = recon.shape[:2]
+        mask = self.unavailable[:, None, :].expand(s, b, self.k)
+        return recon[mask], fx.unsqueeze(0).expand(s, -1, -1, -1)[mask], y.unsqueeze(0).expand(s, -1, -1)[mask]
+
+    def loss(self, recon_sel, fx_sel, y_sel, fp, fx) -> torch.Tensor:
+        total = recon_sel.new_zeros(())
+        if self.recon_loss:
+            total = total + self.loss_fn(recon_sel, y_sel if self.loss_kind == "label" else fx_sel)
+        if self.parity_loss:
+            target = self.decoder.combine_labels(fx)
+            total = total + self.loss_fn(fp.reshape(-1, fp.shape[-1]), target.reshape(-1, target.shape[-1]))
+        return total
+
+    # -- training ----------------------------------------------------------------------------------
+    def train_mode(self, on: bool) -> None:
+        for m in (self.encoder, self.decoder, self.parity_models):
+            if m is not None:
+                m.train(on)
+        self.base.eval()  # F never leaves eval mode
+
+    def step(self, idx: torch.Tensor, tally: Tally) -> None:
+        """One step on the groups ``idx`` ``(B, k)``: data -> loss -> backward -> optimizer step."""
+        x_all, y_all, fx_all = self.data["train"]
+        x, y = x_all[idx], y_all[idx]
+        if self.augment:
+            b, k = idx.shape
+            x = random_crop_flip(x.flatten(0, 1), self.gen).view_as(x)
+            with torch.no_grad():  # F's targets must follow the augmented inputs
+                fx = self.base(x.flatten(0, 1)).view(b, k, -1)
+        else:
+            fx = fx_all[idx]
+        recon, fp = self.forward_groups(x, fx)
+        sel = self.select_unavailable(recon, fx, y)
+        loss = self.loss(*sel, fp, fx)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        tally.add(sel[0], sel[1], sel[2], loss.item())
+
+    def train_epoch(self) -> dict:
+        x, _, _ = self.data["train"]
+        g = len(x) // self.k
+        groups = torch.randperm(len(x), generator=self.gen)[: g * self.k].view(g, self.k).to(self.device)
+        bs = self.cfg.batch_size
+        tally = Tally()
+        self.train_mode(True)
+        bar = tqdm(range(0, g, bs), desc=f"epoch {self.epoch + 1}/{self.cfg.num_epoch}", leave=False,
+                   disable=not self.cfg.progress, file=sys.stderr)
+        for n_step, i in enumerate(bar):
+            self.step(groups[i:i + bs], tally)
+            if n_step % 20 == 0:
+                bar.set_postfix(loss=f"{tally.loss_sum / max(tally.loss_n, 1):.4g}",
+                                recon=f"{tally.hits['recon_acc'] / max(tally.n, 1):.3f}", refresh=False)
+        self.train_mode(False)
+        return tally.result("train", self.base_accuracy("train"))
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def base_accuracy(self, split: str) -> float:
+        _, y, fx = self.data[split]
+        return (fx.argmax(1) == y).float().mean().item()
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict:
+        """Loss, reconstruction and degraded-mode accuracy over every group and every scenario of ``split``."""
+        x, y, fx = self.data[split]
+        groups = eval_groups(len(x), self.k, self.device)
+        tally = Tally()
+        self.train_mode(False)
+        for i in range(0, len(groups), self.cfg.eval_batch_size):
+            idx = groups[i:i + self.cfg.eval_batch_size]
+            recon, fp = self.forward_groups(x[idx], fx[idx])
+            sel = self.select_unavailable(recon, fx[idx], y[idx])
+            tally.add(*sel, self.loss(*sel, fp, fx[idx]).item())
+        return tally.result(split, self.base_accuracy(split))
+
+    # -- state -------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "best_val": self.best_val,
+            "encoder": self.encoder.state_dict(),
+            "decoder": self.decoder.state_dict(),
+            "parity_models": self.parity_models.state_dict() if self.parity_models is not None else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "config": self.config,
+        }
+
+    def load_state(self, path: Path) -> None:
+        state = load_checkpoint(path, expected=self.config)
+        load_module_state(self.encoder, state["encoder"], "encoder", path)
+        load_module_state(self.decoder, state["decoder"], "decoder", path)
+        if self.parity_models is not None:
+            load_module_state(self.parity_models, state["parity_models"], "parity models", path)
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.gen.set_state(state["rng"]["shuffle"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.epoch, self.best_val = state["epoch"], state["best_val"]
+
+    def checkpoint(self, row: dict) -> None:
+        """``current.pt`` every epoch; ``best.pt`` when validation reconstruction accuracy improves."""
+        val = row.get("val_recon_acc")
+        improved = val is not None and val > self.best_val
+        if improved:
+            self.best_val = val
+        state = self.state()
+        save_checkpoint(state, self.folder / "current.pt")
+        if improved:
+            save_checkpoint(state, self.folder / "best.pt")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        current = self.folder / "current.pt"
+        if current.exists() and resume:
+            self.load_state(current)
+            self.log.truncate(self.epoch)
+            return
+        if current.exists() and not overwrite:
+            raise UserError(f"Run folder '{self.folder}' already holds a checkpoint. Fix: pass --resume to "
+                            f"continue it, --overwrite to start again, or set another 'save_dir'.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name in ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl"):
+            (self.folder / name).unlink(missing_ok=True)
+        atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.folder / "config.json")
+
+    def fit(self, resume: bool = False, overwrite: bool = False, out=sys.stdout) -> list[dict]:
+        """Train to ``num_epoch``, evaluating and checkpointing after every epoch.
+
+        Epoch 0 is the untrained code (or a training-free one such as Berrut),
+        evaluated on validation and test before the first step.
+        """
+        self.prepare_folder(resume, overwrite)
+        print(f"== {self.spec.describe()} -> {self.folder}", file=out)
+        if self.epoch == 0 and not self.log.rows():
+            t0 = time.time()
+            row = {"epoch": 0, **self.evaluate("val"), **self.evaluate("test"), "seconds": time.time() - t0}
+            self.finish_epoch(row, out)
+        if self.optimizer is None and self.cfg.num_epoch > 0:
+            print("nothing to train (no trainable parameters): evaluated only", file=out)
+            return self.log.rows()
+        while self.epoch < self.cfg.num_epoch:
+            t0 = time.time()
+            row = self.train_epoch()
+            self.epoch += 1
+            row = {"epoch": self.epoch, "seconds": time.time() - t0, **row,
+                   **self.evaluate("val"), **self.evaluate("test")}
+            self.finish_epoch(row, out)
+        return self.log.rows()
+
+    def finish_epoch(self, row: dict, out) -> None:
+        self.log.append(row)
+        self.checkpoint(row)
+        print(summary_line(row, self.cfg.num_epoch), file=out, flush=True)

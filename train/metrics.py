@@ -1,0 +1,99 @@
+"""Accuracy counters and the per-epoch metrics files (CSV + JSON lines)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "val", "test")
+FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "base_acc")
+COLUMNS = ["epoch", "seconds"] + [f"{s}_{f}" for s in SPLITS for f in FIELDS]
+
+
+def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> tuple[int, int]:
+    """Top-1 and top-k hit counts of ``scores`` ``(M, n)`` against class indices ``(M,)``."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    hit = top == target[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(1).sum())
+
+
+@dataclass
+class Tally:
+    """Running sums over reconstructed (unavailable) outputs of one split."""
+
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    n: int = 0
+    hits: dict = field(default_factory=lambda: dict.fromkeys(FIELDS[1:5], 0))
+
+    def add(self, recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
+        """``recon`` and ``base_out`` are ``(M, n)``, ``labels`` ``(M,)``, for the M reconstructions."""
+        recon = recon.detach()
+        r1, r5 = topk_hits(recon, base_out.detach().argmax(1), 5)
+        d1, d5 = topk_hits(recon, labels, 5)
+        for key, v in zip(FIELDS[1:5], (r1, r5, d1, d5)):
+            self.hits[key] += v
+        self.n += len(recon)
+        self.loss_sum += loss * len(recon)
+        self.loss_n += len(recon)
+
+    def result(self, prefix: str, base_acc: float) -> dict:
+        out = {f"{prefix}_loss": self.loss_sum / max(self.loss_n, 1)}
+        for key, v in self.hits.items():
+            out[f"{prefix}_{key}"] = v / max(self.n, 1)
+        out[f"{prefix}_base_acc"] = base_acc
+        return out
+
+
+class MetricsLog:
+    """One row per epoch in ``metrics.csv`` and ``metrics.jsonl``; rows past a resumed epoch are dropped."""
+
+    def __init__(self, folder: Path):
+        self.csv = folder / "metrics.csv"
+        self.jsonl = folder / "metrics.jsonl"
+
+    def rows(self) -> list[dict]:
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def truncate(self, last_epoch: int) -> None:
+        """Keep rows up to ``last_epoch`` (the checkpoint's), rewriting both files."""
+        kept = [r for r in self.rows() if r["epoch"] <= last_epoch]
+        self.csv.unlink(missing_ok=True)
+        self.jsonl.unlink(missing_ok=True)
+        for row in kept:
+            self.append(row)
+
+    def append(self, row: dict) -> None:
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({c: _fmt(row.get(c)) for c in COLUMNS})
+        with open(self.jsonl, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _fmt(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def summary_line(row: dict, num_epoch: int) -> str:
+    parts = [f"epoch {row['epoch']}/{num_epoch}"]
+    if row.get("train_loss") is not None:
+        parts.append(f"train loss {row['train_loss']:.4g} recon {100 * row['train_recon_acc']:.2f}%")
+    for s in ("val", "test"):
+        if row.get(f"{s}_recon_acc") is not None:
+            parts.append(f"{s} recon {100 * row[f'{s}_recon_acc']:.2f}% degraded "
+                         f"{100 * row[f'{s}_degraded_acc']:.2f}% (F {100 * row[f'{s}_base_acc']:.2f}%)")
+    parts.append(f"{row['seconds']:.2f}s")
+    return " | ".join(parts)

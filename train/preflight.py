@@ -1,0 +1,70 @@
+"""Checks that run before any work: every class path imports and every coder accepts its k, r and sizes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from base_models import MODEL_ALIASES
+from datasets import DATASET_ALIASES
+from train.config import Config, RunSpec
+from train.losses import LOSS_ALIASES
+from util.classpath import build, import_class, split_spec
+from util.errors import ConfigError
+
+# Input shapes and class counts of the shipped datasets, so coders can be
+# checked before a dataset is read.
+KNOWN_SHAPES = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100),
+}
+
+
+def _importable(spec, key: str, aliases=None):
+    path, _ = split_spec(spec, key)
+    return import_class(path, key, aliases)
+
+
+def preflight(cfg: Config, runs: list[RunSpec]) -> None:
+    """Raise ConfigError for the first problem found in ``cfg``; build nothing that costs memory."""
+    for spec in cfg.datasets:
+        _importable(spec, "datasets", DATASET_ALIASES)
+    for spec in cfg.models:
+        _importable(spec, "models", MODEL_ALIASES)
+    if cfg.parity_model is not None:
+        _importable(cfg.parity_model, "parity_model", MODEL_ALIASES)
+    for spec in cfg.losses:
+        try:
+            loss = build(spec, "losses", aliases=LOSS_ALIASES)
+        except TypeError as exc:
+            raise ConfigError(f"Config key 'losses': {spec!r} could not be built ({exc}).") from None
+        if not callable(loss):
+            raise ConfigError(f"Config key 'losses': {spec!r} is not a loss module.")
+    opt_cls = _importable(cfg.optimizer, "optimizer")
+    if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
+        raise ConfigError(f"Config key 'optimizer': {split_spec(cfg.optimizer, 'optimizer')[0]} is not a "
+                          f"torch.optim.Optimizer class.")
+    try:
+        build(cfg.optimizer, "optimizer", [nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Config key 'optimizer': its 'args' are not accepted ({exc}).") from None
+    if cfg.base_model_file is not None and not Path(cfg.base_model_file).is_file():
+        raise ConfigError(f"Config key 'base_model_file': '{cfg.base_model_file}' does not exist. Fix: correct "
+                          f"the path, or remove the key so lcc trains F itself under '{cfg.base_model_dir}/'.")
+    if cfg.train_parity_model and cfg.parity_model_init == "base" and cfg.parity_model is not None \
+            and any(cfg.parity_model != m for m in cfg.models):
+        raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
+                          "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
+    from train.engine import build_coders
+
+    for run in runs:
+        for cspec in (run.encoder, run.decoder):
+            cls = _importable(cspec, "enc_dec_types")
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise ConfigError(f"Config key 'enc_dec_types': {split_spec(cspec, 'enc_dec_types')[0]} is not "
+                                  f"an nn.Module subclass (see coders/coder.py for the contract).")
+        known = KNOWN_SHAPES.get(run.dataset) if isinstance(run.dataset, str) else None
+        if known is not None:
+            with torch.device("meta"):  # checks shapes and arguments without allocating weights
+                build_coders(run, known[0], known[1])
