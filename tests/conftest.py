@@ -1,0 +1,71 @@
+"""Shared fixtures: where the real data and reference weights are, and tiny digits configs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def _first_existing(*candidates):
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder with MNIST/ and FashionMNIST/ (``$LCC_DATA_DIR`` or ../shared/data)."""
+    found = _first_existing(os.environ.get("LCC_DATA_DIR"), SHARED / "data")
+    if found is None or not (found / "MNIST" / "raw").is_dir():
+        pytest.skip("real MNIST files not present here; CI points LCC_DATA_DIR at ../shared/data")
+    return found
+
+
+@pytest.fixture(scope="session")
+def anchor_dir() -> Path:
+    """Reference base-model weights (``$LCC_ANCHOR_DIR`` or ../shared/anchor_models)."""
+    found = _first_existing(os.environ.get("LCC_ANCHOR_DIR"), SHARED / "anchor_models")
+    if found is None:
+        pytest.skip("reference weights not present here; CI has ../shared/anchor_models")
+    return found
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """One folder of trained base models shared by the whole session (F on digits trains in a second)."""
+    return tmp_path_factory.mktemp("base_models")
+
+
+@pytest.fixture
+def digits_config(tmp_path, base_model_dir):
+    """Write a small digits config with ``overrides`` and return its path."""
+
+    def make(**overrides) -> Path:
+        cfg = {
+            "num_epoch": 2,
+            "k_vals": [2],
+            "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+            "datasets": ["digits"],
+            "models": ["base-mlp"],
+            "losses": ["torch.nn.MSELoss"],
+            "train_encoder": True,
+            "train_parity_model": False,
+            "train_decoder": True,
+            "batch_size": 16,
+            "save_dir": str(tmp_path / "save"),
+            "base_model_dir": str(base_model_dir),
+            "device": "cpu",
+            "progress": False,
+        }
+        cfg.update(overrides)
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    return make
