@@ -44,3 +44,19 @@ def apply_scenarios(outputs: torch.Tensor, available: torch.Tensor) -> torch.Ten
     s = available.shape[0]
     masked = outputs.unsqueeze(0) * available.view(s, 1, m, 1).to(outputs.dtype)
     return masked.reshape(s * b, m, n)
+
+
+def gather_unavailable(values: torch.Tensor, unavailable: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """Pick the entries of unavailable data outputs, scenario-major.
+
+    ``values`` is ``(S, B, k, ...)``, one slice per scenario, or with
+    ``shared=True`` ``(B, k, ...)`` used by every scenario (F's outputs,
+    labels); ``unavailable`` is ``(S, k)``. Returns ``(M, ...)`` where M counts
+    the (scenario, group, position) triples that must be reconstructed.
+    Losses and accuracies only ever see these entries.
+    """
+    s, k = unavailable.shape
+    if shared:
+        values = values.unsqueeze(0).expand(s, *values.shape)
+    b = values.shape[1]
+    return values[unavailable[:, None, :].expand(s, b, k)]

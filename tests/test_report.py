@@ -1,0 +1,181 @@
+"""util.report: the table lists every run at its best validation epoch; errors exit 2; plots are PNGs."""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from util import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """Data rows of a markdown table as lists of stripped cells (header and rule dropped)."""
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def header(table: str) -> list[str]:
+    return [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+
+
+def run_report(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = report.main(argv, out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_run(folder: Path, rows: list[dict], **config) -> Path:
+    """A run folder by hand: config.json with the run's choices and metrics.jsonl with ``rows``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"dataset": "digits", "model": "base-mlp", "k": 2, "r": 1, "loss": "torch.nn.MSELoss",
+           "encoder": "coders.mlp.MLPEncoder", "decoder": "coders.mlp.MLPDecoder", **config}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def epoch_row(epoch: int, val_recon: float, test_recon: float, test_degraded: float, base: float = 0.95) -> dict:
+    row = {"epoch": epoch, "seconds": 1.0, "val_recon_acc": val_recon, "val_degraded_acc": val_recon - 0.01,
+           "val_base_acc": base, "test_recon_acc": test_recon, "test_degraded_acc": test_degraded,
+           "test_base_acc": base}
+    if epoch > 0:
+        row.update(train_loss=1.0, train_recon_acc=0.5)
+    return row
+
+
+def expected_best(rows: list[dict]) -> dict:
+    """Best validation epoch, computed independently of util.report: first strict maximum in epoch order."""
+    best = None
+    for row in sorted(rows, key=lambda r: r["epoch"]):
+        if best is None or row["val_recon_acc"] > best["val_recon_acc"]:
+            best = row
+    return best
+
+
+def test_report_lists_every_run_of_a_real_sweep(digits_config, tmp_path):
+    from train.cli import run_all
+
+    config = digits_config(k_vals=[2, 3], num_epoch=2)
+    run_all(str(config), {}, out=io.StringIO())
+    save_dir = tmp_path / "save"
+    folders = sorted(p.parent for p in save_dir.rglob("metrics.jsonl"))
+    assert len(folders) == 2
+
+    code, out, err = run_report([str(save_dir), "--no-plots", "--out", str(tmp_path / "table.md")])
+    assert code == 0, err
+    assert (tmp_path / "table.md").read_text() == out
+    cols = header(out)
+    rows = table_rows(out)
+    assert len(rows) == 2
+    by_k = {r[cols.index("k")]: r for r in rows}
+    assert set(by_k) == {"2", "3"}
+    for folder in folders:
+        cfg = json.loads((folder / "config.json").read_text())
+        metrics = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+        best = expected_best(metrics)
+        row = dict(zip(cols, by_k[str(cfg["k"])]))
+        assert row["dataset"] == "digits" and row["base model"] == "base-mlp"
+        assert (row["loss"], row["encoder"], row["decoder"]) == ("MSELoss", "MLPEncoder", "MLPDecoder")
+        assert row["epochs run"] == "2"
+        assert row["best epoch"] == str(best["epoch"])
+        assert row["F test acc (%)"] == f"{100 * best['test_base_acc']:.2f}"
+        assert row["test recon acc (%)"] == f"{100 * best['test_recon_acc']:.2f}"
+        assert row["test degraded acc (%)"] == f"{100 * best['test_degraded_acc']:.2f}"
+        lost = 100 * (best["test_base_acc"] - best["test_degraded_acc"])
+        assert float(row["accuracy lost vs F (points)"]) == pytest.approx(lost, abs=0.006)
+
+
+def test_report_uses_best_validation_epoch_not_last(tmp_path):
+    rows = [epoch_row(0, 0.10, 0.11, 0.12), epoch_row(1, 0.80, 0.70, 0.60),
+            epoch_row(2, 0.80, 0.71, 0.61), epoch_row(3, 0.50, 0.90, 0.90)]
+    folder = write_run(tmp_path / "save" / "run", rows)
+
+    summary = report.summarize_run(folder)
+    assert summary["best_epoch"] == 1  # epochs 1 and 2 tie on validation: the earliest wins
+    assert summary["epochs_run"] == 3
+    assert summary["test_recon_acc"] == pytest.approx(0.70)
+    assert summary["acc_lost"] == pytest.approx(0.95 - 0.60)
+
+    code, out, _ = run_report([str(tmp_path / "save"), "--no-plots"])
+    assert code == 0
+    row = dict(zip(header(out), table_rows(out)[0]))
+    assert row["best epoch"] == "1"
+    assert row["test recon acc (%)"] == "70.00"
+    assert row["test degraded acc (%)"] == "60.00"
+    assert row["accuracy lost vs F (points)"] == "35.00"
+    assert row["F test acc (%)"] == "95.00"
+
+
+def test_rows_sorted_with_k_as_a_number(tmp_path):
+    save = tmp_path / "save"
+    for k, enc in ((10, "B"), (2, "B"), (2, "A"), (3, "A")):
+        write_run(save / f"k{k}{enc}", [epoch_row(0, 0.1, 0.1, 0.1)], k=k, encoder=f"pkg.{enc}Enc")
+    code, out, _ = run_report([str(save), "--no-plots"])
+    assert code == 0
+    cols = header(out)
+    order = [(r[cols.index("k")], r[cols.index("encoder")]) for r in table_rows(out)]
+    assert order == [("2", "AEnc"), ("2", "BEnc"), ("3", "AEnc"), ("10", "BEnc")]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_no_runs_exits_2_with_message(tmp_path, make):
+    save = tmp_path / "save"
+    if make == "empty":
+        (save / "digits").mkdir(parents=True)
+    code, out, err = run_report([str(save)])
+    assert code == 2
+    assert out == ""
+    assert str(save) in err and "error:" in err and "Traceback" not in err
+
+
+def test_corrupt_metrics_skipped_with_warning(tmp_path):
+    save = tmp_path / "save"
+    write_run(save / "good", [epoch_row(0, 0.2, 0.3, 0.4)])
+    bad = write_run(save / "bad", [], k=3)
+    broken = write_run(save / "broken", [], k=4)
+    (broken / "metrics.jsonl").write_text('{"epoch": 0, "val_recon_acc": 0.1}\n{"epoch": 1, "val_re')
+    code, out, err = run_report([str(save), "--no-plots"])
+    assert code == 0
+    assert len(table_rows(out)) == 1 and table_rows(out)[0][header(out).index("k")] == "2"
+    assert f"warning: skipping {bad}" in err
+    assert f"warning: skipping {broken}" in err
+
+    # Only unreadable runs: still a clear exit 2, not an empty table.
+    (save / "good" / "metrics.jsonl").write_text("")
+    code, out, err = run_report([str(save), "--no-plots"])
+    assert code == 2 and out == "" and "unreadable" in err
+
+
+def test_plots_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    save = tmp_path / "save"
+    rows = [epoch_row(e, 0.1 * e, 0.1, 0.1) for e in range(3)]
+    write_run(save / "a", rows)
+    write_run(save / "b", rows, encoder="coders.conv.ConvEncoder")
+    write_run(save / "c", rows, k=3)
+    code, _, err = run_report([str(save), "--plots", str(tmp_path / "plots")])
+    assert code == 0, err
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert [p.name for p in pngs] == ["digits_base-mlp_k2_r1.png", "digits_base-mlp_k3_r1.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+
+    # Default folder: SAVE_DIR/plots; and a second report does not mistake it for a run.
+    code, out, _ = run_report([str(save)])
+    assert code == 0 and len(table_rows(out)) == 3
+    assert len(list((save / "plots").glob("*.png"))) == 2
+
+
+def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    save = tmp_path / "save"
+    write_run(save / "a", [epoch_row(0, 0.1, 0.1, 0.1)])
+    code, out, err = run_report([str(save), "--plots", str(tmp_path / "plots")])
+    assert code == 0 and len(table_rows(out)) == 1
+    assert "matplotlib is not installed" in err
+    assert not (tmp_path / "plots").exists()

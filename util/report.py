@@ -1,0 +1,261 @@
+"""Summarise a sweep: one markdown table over every run folder, plus validation curves.
+
+``python -m util.report SAVE_DIR [--plots DIR] [--out FILE] [--no-plots]``
+
+A run folder is any folder under SAVE_DIR holding ``metrics.jsonl`` and
+``config.json`` (what :class:`train.engine.CodedRun` writes). Each run is
+reported at its *best validation epoch* -- the highest validation
+reconstruction accuracy, the earliest on ties -- because that is the epoch
+``best.pt`` holds; the last epoch may have overfit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from util.errors import EXIT_USER_ERROR
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+SORT_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder")
+
+# (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage.
+COLUMNS = [
+    ("dataset", "dataset", "str"),
+    ("model", "base model", "str"),
+    ("f_test_acc", "F test acc (%)", "pct"),
+    ("k", "k", "str"),
+    ("r", "r", "str"),
+    ("loss", "loss", "str"),
+    ("encoder", "encoder", "str"),
+    ("decoder", "decoder", "str"),
+    ("epochs_run", "epochs run", "str"),
+    ("best_epoch", "best epoch", "str"),
+    ("test_recon_acc", "test recon acc (%)", "pct"),
+    ("test_degraded_acc", "test degraded acc (%)", "pct"),
+    ("acc_lost", "accuracy lost vs F (points)", "pct"),
+]
+
+
+class RunReadError(ValueError):
+    """A run folder whose metrics or config cannot be used; the report skips it."""
+
+
+def _name(spec: Any) -> str:
+    """Short name of a component spec: the class name of a class path or of ``{"class": ...}``."""
+    if isinstance(spec, dict):
+        spec = spec.get("class", "?")
+    return str(spec).rpartition(".")[2]
+
+
+def find_runs(save_dir: str | Path) -> list[Path]:
+    """Every folder under ``save_dir`` (itself included) holding both metrics.jsonl and config.json, sorted."""
+    root = Path(save_dir)
+    return sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / CONFIG_FILE).is_file())
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The epoch rows of a metrics.jsonl; :class:`RunReadError` if it is empty or not JSON lines."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RunReadError(f"cannot read {path.name}: {exc}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunReadError(f"{path.name} line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise RunReadError(f"{path.name} line {n} is not an epoch row")
+        rows.append(row)
+    if not rows:
+        raise RunReadError(f"{path.name} is empty")
+    return rows
+
+
+def _number(v: Any) -> Optional[float]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+        return float(v)
+    return None
+
+
+def best_row(rows: Sequence[dict]) -> dict:
+    """The row with the highest ``val_recon_acc``; the earliest epoch on ties."""
+    scored = [(r, _number(r.get("val_recon_acc"))) for r in rows]
+    scored = [(r, v) for r, v in scored if v is not None]
+    if not scored:
+        raise RunReadError("no epoch has a validation reconstruction accuracy")
+    top = max(v for _, v in scored)
+    return min((r for r, v in scored if v == top), key=lambda r: r["epoch"])
+
+
+def summarize_run(folder: str | Path) -> dict:
+    """One table row for the run in ``folder``, figures from its best validation epoch.
+
+    Fractions stay fractions (0..1); ``acc_lost`` is F's test accuracy minus
+    the degraded-mode test accuracy. ``history`` holds ``(epoch, val recon,
+    val degraded)`` per epoch for the plots.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunReadError(f"{CONFIG_FILE} is unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise RunReadError(f"{CONFIG_FILE} is not a JSON object")
+    missing = [k for k in SORT_KEYS if k not in config]
+    if missing:
+        raise RunReadError(f"{CONFIG_FILE} lacks {', '.join(missing)}")
+    rows = sorted(read_rows(folder / METRICS_FILE), key=lambda r: r["epoch"])
+    best = best_row(rows)
+    f_acc = _number(best.get("test_base_acc"))
+    degraded = _number(best.get("test_degraded_acc"))
+    return {
+        "dataset": _name(config["dataset"]),
+        "model": _name(config["model"]),
+        "k": config["k"],
+        "r": config["r"],
+        "loss": _name(config["loss"]),
+        "encoder": _name(config["encoder"]),
+        "decoder": _name(config["decoder"]),
+        "f_test_acc": f_acc,
+        "epochs_run": max(r["epoch"] for r in rows),
+        "best_epoch": best["epoch"],
+        "test_recon_acc": _number(best.get("test_recon_acc")),
+        "test_degraded_acc": degraded,
+        "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
+        "folder": str(folder),
+        "history": [(r["epoch"], _number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
+                    for r in rows],
+    }
+
+
+def sort_key(row: dict) -> tuple:
+    """(dataset, model, k, r, loss, encoder, decoder), k and r compared as numbers."""
+    return tuple(row[k] for k in SORT_KEYS)
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * value:.2f}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Iterable[dict]) -> str:
+    """A markdown table of ``rows`` (as from :func:`summarize_run`), stably sorted by :func:`sort_key`."""
+    rows = sorted(rows, key=sort_key)
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if kind == "str" else "---:" for _, _, kind in COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), kind) for key, _, kind in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> list[Path]:
+    """One PNG per (dataset, model, k, r): validation recon and degraded accuracy per epoch, a line per run.
+
+    matplotlib is an optional extra: without it, say so on ``err`` and write nothing.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print("note: matplotlib is not installed, so no plots were written "
+              "(pip install matplotlib to get them)", file=err)
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for row in sorted(rows, key=sort_key):
+        groups.setdefault(sort_key(row)[:4], []).append(row)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (dataset, model, k, r), runs in groups.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        for run in runs:
+            label = f"{run['loss']} {run['encoder']}/{run['decoder']}"
+            epochs = [e for e, _, _ in run["history"]]
+            for ax, i in zip(axes, (1, 2)):
+                values = [100 * h[i] if h[i] is not None else float("nan") for h in run["history"]]
+                ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        for ax, what in zip(axes, ("reconstruction", "degraded-mode")):
+            ax.set_title(f"validation {what} accuracy")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("%")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize="small")
+        fig.suptitle(f"{dataset} / {model} / k={k} r={r}")
+        fig.tight_layout()
+        path = out_dir / _safe(f"{dataset}_{model}_k{k}_r{r}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def collect(save_dir: Path, err=sys.stderr) -> list[dict]:
+    """:func:`summarize_run` over every run folder, skipping (with a warning) the unreadable ones."""
+    rows = []
+    for folder in find_runs(save_dir):
+        try:
+            rows.append(summarize_run(folder))
+        except RunReadError as exc:
+            print(f"warning: skipping {folder}: {exc}", file=err)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    ap = argparse.ArgumentParser(prog="python -m util.report",
+                                 description="Table and plots of every run under a save_dir.")
+    ap.add_argument("save_dir", help="the config's save_dir, e.g. save")
+    ap.add_argument("--plots", metavar="DIR", help="folder for the PNG plots (default SAVE_DIR/plots)")
+    ap.add_argument("--no-plots", action="store_true", help="write the table only")
+    ap.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
+    args = ap.parse_args(argv)
+
+    save_dir = Path(args.save_dir)
+    if not save_dir.is_dir():
+        print(f"error: save_dir '{save_dir}' does not exist. Fix: pass the folder your config's "
+              f"'save_dir' points at (runs are under save_dir/<dataset>/<model>/...).", file=err)
+        return EXIT_USER_ERROR
+    if not find_runs(save_dir):
+        print(f"error: no runs under '{save_dir}' (no folder holds both {METRICS_FILE} and {CONFIG_FILE}). "
+              f"Fix: train first (python train.py CONFIG.json) or pass the right folder.", file=err)
+        return EXIT_USER_ERROR
+    rows = collect(save_dir, err)
+    if not rows:
+        print(f"error: every run folder under '{save_dir}' was unreadable (see the warnings above).", file=err)
+        return EXIT_USER_ERROR
+
+    table = markdown_table(rows)
+    print(table, end="", file=out)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    if not args.no_plots:
+        written = write_plots(rows, Path(args.plots) if args.plots else save_dir / "plots", err)
+        if written:
+            print(f"wrote {len(written)} plot(s) to {written[0].parent}", file=err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
