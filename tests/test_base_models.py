@@ -37,6 +37,15 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny MLP steps run fastest on one thread; two threads on a busy two-core box spin ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- every architecture
 
 
@@ -132,7 +141,7 @@ def test_bad_weights_file_is_user_error(anchor_dir, tmp_path, spoil):
 # ---------------------------------------------------------------- trainer
 
 
-def test_train_on_digits_reaches_90_percent(digits):
+def test_train_on_digits_reaches_90_percent(digits, one_thread):
     torch.manual_seed(0)
     model = bt.build_base_model("base-mlp", digits)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,7 +155,7 @@ def test_train_on_digits_reaches_90_percent(digits):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_load_or_train_writes_then_reuses(digits, tmp_path, monkeypatch):
+def test_load_or_train_writes_then_reuses(digits, tmp_path, monkeypatch, one_thread):
     root = tmp_path / "models"
     model = bt.load_or_train("base-mlp", digits, root=str(root), device="cpu", epochs=3, progress=False)
     weights = root / "digits" / "base-mlp" / "model.pt"
@@ -178,7 +187,7 @@ def test_load_or_train_explicit_missing_path_is_user_error(digits, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_trains_writes_and_reuses(tmp_path, capsys):
+def test_cli_trains_writes_and_reuses(tmp_path, capsys, one_thread):
     root = tmp_path / "models"
     argv = ["--dataset", "digits", "--model", "base-mlp", "--root", str(root), "--epochs", "2",
             "--device", "cpu"]

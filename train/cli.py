@@ -45,7 +45,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
-            only_test: bool = False, out=sys.stdout) -> list:
+            only_test: bool = False, out=None) -> list:
+    out = out or sys.stdout
     from train.config import expand_runs, load_config
     from train.engine import CodedRun
     from train.preflight import preflight

@@ -306,12 +306,13 @@ class CodedRun:
             (self.folder / name).unlink(missing_ok=True)
         atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.folder / "config.json")
 
-    def fit(self, resume: bool = False, overwrite: bool = False, out=sys.stdout) -> list[dict]:
+    def fit(self, resume: bool = False, overwrite: bool = False, out=None) -> list[dict]:
         """Train to ``num_epoch``, evaluating and checkpointing after every epoch.
 
         Epoch 0 is the untrained code (or a training-free one such as Berrut),
         evaluated on validation and test before the first step.
         """
+        out = out or sys.stdout
         self.prepare_folder(resume, overwrite)
         print(f"== {self.spec.describe()} -> {self.folder}", file=out)
         if self.epoch == 0 and not self.log.rows():

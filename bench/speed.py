@@ -1,0 +1,295 @@
+"""Training and inference speed of the learned code and the concatenation parity model.
+
+``python -m bench.speed [--data-dir DIR] [--epochs N] [--quick] [--profile] [--device DEV]``
+
+Training (MNIST, base-mlp F, k = 2, r = 1, MSE, 64 groups per step): seconds
+per epoch of :meth:`train.engine.CodedRun.train_epoch`, groups per second,
+FLOPs per epoch (counted with ``FlopCounterMode`` on one step, forward and
+backward of E, F on the parities and D), the measured dense fp32 matmul
+rate of this machine, and how far the epoch is from that FLOP bound. The
+original code's 18 s/epoch (learned MLP) and 5.5 s/epoch (concatenation
+parity model) are the comparison.
+
+Inference (batch 1, one group, k = 2, r = 1): median latency of E, F and D
+for base-mlp on MNIST shapes and ResNet-18 on CIFAR shapes, and E + D as a
+fraction of F -- the overhead the code adds to every prediction.
+
+``--quick`` times a few steps and extrapolates to the epoch, so the whole
+script takes well under a minute on a laptop.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Seconds per MNIST training epoch of the original implementation (its write-up).
+ORIGINAL_SECONDS = {"learned MLP": 18.0, "concat parity model": 5.5}
+
+SETUPS = {
+    "learned MLP": dict(
+        enc_dec_types=[["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+        train_encoder=True, train_decoder=True, train_parity_model=False),
+    "concat parity model": dict(
+        enc_dec_types=[["coders.image.ConcatenationEncoder", "coders.summation.SubtractionDecoder"]],
+        train_encoder=False, train_decoder=False, train_parity_model=True),
+}
+
+
+def default_data_dir() -> str:
+    return os.environ.get("LCC_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Dense fp32 ``n x n`` matmul rate in FLOP/s, the best of ``repeats`` timings."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)  # warm-up: thread pool, cuBLAS handle
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int):
+    from train.config import expand_runs, validate_dict
+    from train.engine import CodedRun
+
+    cfg = validate_dict({
+        "num_epoch": epochs, "k_vals": [2], "r_vals": [1], "datasets": ["mnist"], "models": ["base-mlp"],
+        "losses": ["torch.nn.MSELoss"], "batch_size": 64, "data_dir": data_dir, "download": False,
+        "save_dir": save_dir, "base_model_dir": str(ROOT / "base_model_trained_files"), "device": device,
+        "progress": False, **SETUPS[name]}, source=f"bench '{name}'")
+    (spec,) = expand_runs(cfg)
+    return CodedRun(cfg, spec)
+
+
+def epoch_groups(run) -> int:
+    return len(run.data["train"][0]) // run.k
+
+
+def step_flops(run, batch: int) -> int:
+    """FLOPs of one training step on ``batch`` groups (matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.metrics import Tally
+
+    idx = torch.arange(batch * run.k, device=run.device).view(batch, run.k)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run.step(idx, Tally())
+    return counter.get_total_flops()
+
+
+def time_steps(run, steps: int, warmup: int) -> float:
+    """Seconds per training step of ``batch_size`` groups, after ``warmup`` steps."""
+    from train.metrics import Tally
+
+    bs = run.cfg.batch_size
+    g = epoch_groups(run)
+    perm = torch.randperm(g * run.k, generator=torch.Generator().manual_seed(1)).view(g, run.k).to(run.device)
+    run.train_mode(True)
+    tally = Tally()
+    for i in range(warmup):
+        run.step(perm[i * bs:(i + 1) * bs], tally)
+    sync(run.device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        j = (warmup + i) % (g // bs)
+        run.step(perm[j * bs:(j + 1) * bs], tally)
+    sync(run.device)
+    run.train_mode(False)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_epochs(run, epochs: int) -> float:
+    """Seconds per full :meth:`train_epoch`, the best of ``epochs`` (after the warm-up steps already run)."""
+    best = math.inf
+    for _ in range(epochs):
+        sync(run.device)
+        t0 = time.perf_counter()
+        run.train_epoch()
+        sync(run.device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile_steps(run, steps: int = 20, top: int = 15) -> str:
+    """torch.profiler table of ``steps`` training steps, sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from train.metrics import Tally
+
+    bs = run.cfg.batch_size
+    idx = torch.arange(bs * run.k, device=run.device).view(bs, run.k)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
+    run.train_mode(True)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            run.step(idx, Tally())
+        sync(run.device)
+    run.train_mode(False)
+    key = "self_cuda_time_total" if run.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
+def bench_training(name: str, args, rate: float) -> Optional[dict]:
+    try:
+        with tempfile.TemporaryDirectory() as save_dir:
+            t0 = time.perf_counter()
+            run = build_run(name, args.data_dir, save_dir, args.device, args.epochs)
+            setup_s = time.perf_counter() - t0
+            groups = epoch_groups(run)
+            bs = run.cfg.batch_size
+            n_steps = math.ceil(groups / bs)
+            # FLOPs grow linearly with the batch, so one full step scales to the epoch by groups.
+            flops = step_flops(run, bs) * groups / bs
+            if args.quick:
+                per_step = time_steps(run, steps=args.steps, warmup=3)
+                seconds, how = per_step * n_steps, f"{args.steps} steps x {n_steps}"
+            else:
+                time_steps(run, steps=1, warmup=5)
+                seconds, how = time_epochs(run, args.epochs), f"best of {args.epochs} epoch(s)"
+            profile = profile_steps(run) if args.profile else None
+    except ImportError as exc:  # a coder module not written yet
+        print(f"skipping '{name}': {exc}", file=sys.stderr)
+        return None
+    bound = flops / rate
+    return {"name": name, "seconds": seconds, "how": how, "groups": groups, "steps": n_steps,
+            "groups_per_s": groups / seconds, "flops": flops, "bound": bound, "ratio": seconds / bound,
+            "original": ORIGINAL_SECONDS[name], "setup_s": setup_s, "profile": profile}
+
+
+def median_latency(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def bench_inference(model_name: str, device: torch.device, repeats: int) -> dict:
+    """Batch-1 latency of E, F and D for one group (k = 2, r = 1)."""
+    from base_models.mlp import BaseMLP
+    from base_models.resnet import ResNet18
+    from coders.conv import ConvEncoder
+    from coders.mlp import MLPDecoder, MLPEncoder
+
+    k, r, n = 2, 1, 10
+    if model_name == "base-mlp":
+        shape, f, enc_cls = (1, 28, 28), BaseMLP(in_shape=(1, 28, 28), num_classes=n), MLPEncoder
+    else:
+        shape, f, enc_cls = (3, 32, 32), ResNet18(in_shape=(3, 32, 32), num_classes=n), ConvEncoder
+    c, h, w = shape
+    enc = enc_cls(k, r, [-1, *shape]).to(device).eval()
+    dec = MLPDecoder(k, r, [-1, n]).to(device).eval()
+    f = f.to(device).eval()
+    # As in CodedRun.encode: channels are folded into the encoder's batch.
+    enc_in = torch.randn(c, k, h * w, device=device)
+    f_in = torch.randn(1, *shape, device=device)
+    dec_in = torch.randn(1, k + r, n, device=device)
+    e_s = median_latency(lambda: enc(enc_in), device, repeats)
+    f_s = median_latency(lambda: f(f_in), device, repeats)
+    d_s = median_latency(lambda: dec(dec_in), device, repeats)
+    return {"model": model_name, "encoder": enc_cls.__name__, "E": e_s, "F": f_s, "D": d_s,
+            "overhead": (e_s + d_s) / f_s}
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.rjust(wd) if i else c.ljust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(headers), fmt(["-" * wd for wd in widths]), *map(fmt, rows)])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=default_data_dir(), help="folder with MNIST/ (default $LCC_DATA_DIR "
+                    "or ../shared/data)")
+    ap.add_argument("--epochs", type=int, default=1, help="full epochs to time (best is reported)")
+    ap.add_argument("--quick", action="store_true", help="time a few steps and extrapolate to the epoch")
+    ap.add_argument("--steps", type=int, default=15, help="steps timed with --quick")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    ap.add_argument("--only", choices=["train", "infer"], help="run one half only")
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error("--threads must be 1 or more")
+        torch.set_num_threads(args.threads)
+    if args.epochs < 1 or args.steps < 1:
+        ap.error("--epochs and --steps must be 1 or more")
+    if not (Path(args.data_dir) / "MNIST").is_dir() and args.only != "infer":
+        print(f"error: no MNIST/ under '{args.data_dir}'. Fix: pass --data-dir or set LCC_DATA_DIR.", file=sys.stderr)
+        return 2
+    from util.util import resolve_device
+
+    device = resolve_device(args.device)
+    args.device = str(device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and load > cores - 0.5:
+        # Other processes hold the cores: torch's threads then wait on each other at every op.
+        print(f"warning: load average {load:.1f} on {cores} cores; CPU figures are inflated by other "
+              f"processes (try --threads 1, or an idle machine)")
+    rate = matmul_rate(device)
+    print(f"dense fp32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s\n")
+
+    if args.only != "infer":
+        results = [r for r in (bench_training(name, args, rate) for name in SETUPS) if r is not None]
+        if results:
+            print(f"Training: MNIST, base-mlp, k=2 r=1, MSE, batch 64 "
+                  f"({results[0]['groups']} groups = {results[0]['steps']} steps per epoch)")
+            print(table(
+                ["setup", "s/epoch", "groups/s", "GFLOP/epoch", "FLOP-bound s", "x bound", "original s",
+                 "speed-up", "timed as"],
+                [[r["name"], f"{r['seconds']:.2f}", f"{r['groups_per_s']:.0f}", f"{r['flops'] / 1e9:.1f}",
+                  f"{r['bound']:.2f}", f"{r['ratio']:.1f}", f"{r['original']:.1f}",
+                  f"{r['original'] / r['seconds']:.2f}x", r["how"]] for r in results]))
+            print()
+            for r in results:
+                if r["profile"]:
+                    print(f"profile of 20 training steps, '{r['name']}':\n{r['profile']}\n")
+
+    if args.only != "train":
+        repeats = 50 if args.quick else 300
+        inf = [bench_inference(m, device, repeats if m == "base-mlp" else max(repeats // 5, 10))
+               for m in ("base-mlp", "resnet18")]
+        print(f"Inference: one group at batch 1, k=2 r=1, median of {repeats} (ResNet-18: "
+              f"{max(repeats // 5, 10)}) repeats, inference_mode")
+        print(table(["F", "E", "E ms", "F ms", "D ms", "(E+D)/F"],
+                    [[r["model"], r["encoder"], f"{1e3 * r['E']:.3f}", f"{1e3 * r['F']:.3f}",
+                      f"{1e3 * r['D']:.3f}", f"{r['overhead']:.2f}"] for r in inf]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from train.cli import main
+from train.config import expand_runs, load_config, validate_dict
+from train.preflight import preflight
+from util.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "conf").glob("*.json"))
+
+BASE = {
+    "num_epoch": 1, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+    "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"],
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    runs = expand_runs(cfg)
+    assert runs
+    preflight(cfg, runs)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"digits_learned.json", "mnist_learned.json"} <= names
+
+
+def test_readme_block_is_accepted_as_written():
+    cfg = validate_dict({**BASE, "num_epoch": 500, "k_vals": [2, 3, 4], "datasets": ["mnist"],
+                         "train_encoder": True, "train_parity_model": False, "train_decoder": True})
+    assert [r.k for r in expand_runs(cfg)] == [2, 3, 4]
+    assert cfg.batch_size == 64 and cfg.r_vals == [1]
+    assert cfg.optimizer == {"class": "torch.optim.Adam", "args": {"lr": 1e-3, "weight_decay": 1e-5}}
+
+
+def test_every_combination_runs_into_its_own_folder():
+    cfg = validate_dict({**BASE, "k_vals": [2, 3], "r_vals": [1, 2], "losses": ["mse", "xent"]})
+    runs = expand_runs(cfg)
+    assert len(runs) == 8
+    folders = {r.folder("save") for r in runs}
+    assert len(folders) == 8
+    assert Path("save/digits/base-mlp/k3/r2/xent/MLPEncoder/MLPDecoder") in folders
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"num_epochs": 3}, "Did you mean 'num_epoch'"),
+    ({"k_vals": 2}, "'k_vals' must be a list of integers"),
+    ({"k_vals": [0]}, "'k_vals'"),
+    ({"train_encoder": "yes"}, "'train_encoder' must be true or false"),
+    ({"batch_size": 0}, "'batch_size'"),
+    ({"enc_dec_types": [["coders.mlp.MLPEncoder"]]}, "[encoder, decoder] pairs"),
+    ({"parity_model_init": "copy"}, "'parity_model_init'"),
+    ({"optimizer": {"klass": "torch.optim.SGD"}}, "'optimizer'"),
+])
+def test_bad_values_name_the_key(bad, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_dict({**BASE, **bad})
+    assert needle in str(err.value)
+
+
+def test_missing_required_key():
+    raw = dict(BASE)
+    del raw["losses"]
+    with pytest.raises(ConfigError, match="losses"):
+        validate_dict(raw)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"enc_dec_types": [["coders.mlp.MLPEncodr", "coders.mlp.MLPDecoder"]]}, "Did you mean 'coders.mlp.MLPEncoder'"),
+    ({"enc_dec_types": [["nosuchpkg.Enc", "coders.mlp.MLPDecoder"]]}, "could not import module 'nosuchpkg'"),
+    ({"losses": ["torch.nn.MSELos"]}, "'losses'"),
+    ({"models": ["resnet19"]}, "'models'"),
+    ({"datasets": ["mnistt"]}, "'datasets'"),
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lrr": 0.1}}}, "'optimizer'"),
+    ({"enc_dec_types": [["coders.summation.AdditionEncoder", "coders.summation.SubtractionDecoder"]],
+      "r_vals": [2]}, "r=2"),
+    ({"enc_dec_types": [["coders.image.ConcatenationEncoder", "coders.summation.SubtractionDecoder"]],
+      "k_vals": [5]}, "k=5"),
+    ({"base_model_file": "/nonexistent/model.pt"}, "'base_model_file'"),
+])
+def test_preflight_catches_problems_before_work(bad, needle):
+    cfg = validate_dict({**BASE, **bad})
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg, expand_runs(cfg))
+    assert needle in str(err.value)
+
+
+def test_cli_bad_config_exits_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**BASE, "k_val": [2]}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'k_val'" in err and "Did you mean 'k_vals'" in err
+    assert "Traceback" not in err
+
+
+def test_cli_invalid_json_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text("{\"num_epoch\": 1,,}")
+    assert main([str(path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main([str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

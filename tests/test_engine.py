@@ -1,0 +1,233 @@
+"""The training step, the frozen base model, custom coders, resume and a short real run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from base_models.resnet import ResNet18
+from train.cli import main, run_all
+from train.config import expand_runs, load_config
+from train.engine import CodedRun
+from train.metrics import Tally
+from train.scenarios import enumerate_scenarios, gather_unavailable, unavailable_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_run(config_path, **overrides) -> CodedRun:
+    cfg = load_config(config_path, overrides)
+    return CodedRun(cfg, expand_runs(cfg)[0])
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    """A ResNet-18 for digits with non-trivial BatchNorm statistics, so a change would show."""
+    torch.manual_seed(1)
+    model = ResNet18((1, 8, 8), 10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("f") / "resnet.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("encoder", ["coders.mlp.MLPEncoder", "coders.conv.ConvEncoder"])
+def test_step_reaches_every_coder_parameter_and_never_touches_f(digits_config, resnet_file, encoder):
+    run = make_run(digits_config(models=["resnet18"], base_model_file=str(resnet_file),
+                                 enc_dec_types=[[encoder, "coders.mlp.MLPDecoder"]]))
+    before = snapshot(run.base)
+    assert not run.base.training
+    assert all(not p.requires_grad for p in run.base.parameters())
+    groups = torch.arange(16).view(8, 2)
+    run.train_mode(True)
+    run.step(groups, Tally())
+    for name, p in list(run.encoder.named_parameters()) + list(run.decoder.named_parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    after = snapshot(run.base)
+    for key in before:  # weights and BatchNorm running statistics alike
+        assert torch.equal(before[key], after[key]), key
+    assert all(p.grad is None for p in run.base.parameters())
+    assert not run.base.training
+
+
+def test_f_stays_frozen_over_a_whole_fit(digits_config, resnet_file):
+    run = make_run(digits_config(models=["resnet18"], base_model_file=str(resnet_file), num_epoch=1))
+    reference = ResNet18((1, 8, 8), 10)
+    reference.load_state_dict(torch.load(resnet_file))
+    run.fit(overwrite=True)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, run.base.state_dict()[key]), key
+
+
+def test_loss_only_counts_unavailable_reconstructions(digits_config):
+    run = make_run(digits_config(k_vals=[3], r_vals=[2]))
+    s, b, k, n = len(run.available), 4, 3, run.n_out
+    recon = torch.randn(s, b, k, n)
+    fx = torch.randn(b, k, n)
+    y = torch.randint(0, n, (b, k))
+    base = run.loss(*run.select_unavailable(recon, fx, y), None, fx)
+    avail_data = ~run.unavailable  # (S, k): data outputs that are available in each scenario
+    noisy = recon.clone()
+    noisy[avail_data[:, None, :].expand(s, b, k)] += 100.0
+    assert torch.equal(run.loss(*run.select_unavailable(noisy, fx, y), None, fx), base)
+    # targets: a per-scenario target perturbed only where that scenario has the output available
+    fx_s = fx.unsqueeze(0).repeat(s, 1, 1, 1)
+    fx_noisy = fx_s.clone()
+    fx_noisy[avail_data[:, None, :].expand(s, b, k)] += 100.0
+    pick = lambda t: gather_unavailable(t, run.unavailable)  # noqa: E731
+    assert torch.equal(run.loss_fn(pick(recon), pick(fx_noisy)), run.loss_fn(pick(recon), pick(fx_s)))
+    # and a change at an unavailable position does change it
+    moved = recon.clone()
+    moved[run.unavailable[:, None, :].expand(s, b, k)] += 1.0
+    assert run.loss(*run.select_unavailable(moved, fx, y), None, fx) != base
+
+
+def test_decoder_sees_exactly_the_masked_outputs(digits_config):
+    run = make_run(digits_config(k_vals=[2], r_vals=[2]))
+    seen = []
+    real_forward = run.decoder.forward
+    run.decoder.forward = lambda x, *a: seen.append(x.detach().clone()) or real_forward(x)
+    x, y, fx = run.data["val"]
+    groups = torch.arange(6).view(3, 2)
+    with torch.no_grad():
+        run.forward_groups(x[groups], fx[groups])
+    dec_in = seen[0].view(len(run.available), 3, 4, -1)
+    for s, row in enumerate(run.available):
+        assert torch.equal(dec_in[s, :, :2], fx[groups] * row[:2, None].float())
+        assert ((dec_in[s, :, ~row]) == 0).all()
+        assert (dec_in[s, :, row].abs().sum(-1) > 0).all()
+
+
+def test_user_encoder_in_a_module_next_to_the_config_trains(digits_config, tmp_path):
+    (tmp_path / "my_coders.py").write_text(
+        "import torch\n"
+        "from coders.coder import Encoder\n"
+        "from util.util import get_flattened_dim\n"
+        "class WeightedSum(Encoder):\n"
+        "    def __init__(self, ec_k, ec_r, in_dim):\n"
+        "        super().__init__(ec_k, ec_r, in_dim)\n"
+        "        self.w = torch.nn.Parameter(torch.ones(ec_r, ec_k))\n"
+        "    def forward(self, x):\n"
+        "        return torch.einsum('rk,bkd->brd', self.w, x)\n"
+    )
+    path = digits_config(enc_dec_types=[["my_coders.WeightedSum", "coders.mlp.MLPDecoder"]], num_epoch=2)
+    rows = run_all(str(path), {})[0]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    state = torch.load(Path(load_config(path).save_dir, "digits/base-mlp/k2/r1/MSELoss/WeightedSum/MLPDecoder/current.pt"))
+    assert not torch.equal(state["encoder"]["w"], torch.ones(1, 2)), "the user's encoder was trained"
+
+
+def _numbers(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_resume_reproduces_an_uninterrupted_run(digits_config, tmp_path):
+    full = run_all(str(digits_config(num_epoch=3, save_dir=str(tmp_path / "a"))), {})[0]
+    path = digits_config(num_epoch=1, save_dir=str(tmp_path / "b"))
+    run_all(str(path), {})
+    resumed = run_all(str(path), {"num_epoch": 3}, resume=True)[0]
+    assert len(full) == 4
+    assert _numbers(resumed) == _numbers(full)
+    folder = tmp_path / "b/digits/base-mlp/k2/r1/MSELoss/MLPEncoder/MLPDecoder"
+    assert len((folder / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
+    assert json.loads((folder / "config.json").read_text())["num_epoch"] == 3
+
+
+def test_resume_drops_rows_written_after_the_checkpoint(digits_config, tmp_path):
+    path = digits_config(num_epoch=2)
+    run_all(str(path), {})
+    folder = next(Path(load_config(path).save_dir).rglob("metrics.jsonl")).parent
+    # a run killed after logging epoch 3 but before its checkpoint landed
+    with open(folder / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"epoch": 3, "seconds": 0.0}) + "\n")
+    rows = run_all(str(path), {"num_epoch": 3}, resume=True)[0]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1].get("val_recon_acc") is not None
+
+
+def test_existing_run_needs_resume_or_overwrite(digits_config, capsys):
+    path = digits_config(num_epoch=1)
+    assert main([str(path)]) == 0
+    assert main([str(path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([str(path), "--overwrite"]) == 0
+
+
+def test_corrupt_and_foreign_checkpoints_are_clear_errors(digits_config, capsys):
+    path = digits_config(num_epoch=1)
+    assert main([str(path)]) == 0
+    ckpt = next(Path(load_config(path).save_dir).rglob("current.pt"))
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    assert main([str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "could not be read" in err
+    ckpt.write_bytes(good)
+    assert main([str(path), "--resume", "--set", "seed=5"]) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_best_checkpoint_and_only_test(digits_config, capsys):
+    path = digits_config(num_epoch=2)
+    rows = run_all(str(path), {})[0]
+    best = max(rows, key=lambda r: r["val_recon_acc"])
+    folder = next(Path(load_config(path).save_dir).rglob("best.pt")).parent
+    state = torch.load(folder / "best.pt", weights_only=True)
+    assert state["epoch"] == best["epoch"]
+    assert state["config"]["k"] == 2 and state["config"]["dataset"] == "digits"
+    capsys.readouterr()
+    assert main([str(path), "--only-test"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][0]
+    result = json.loads(line)
+    assert result["epoch"] == best["epoch"]
+    assert result["test_recon_acc"] == pytest.approx(best["test_recon_acc"])
+
+
+def test_same_seed_same_numbers(digits_config, tmp_path):
+    a = run_all(str(digits_config(num_epoch=1, save_dir=str(tmp_path / "a"))), {})[0]
+    b = run_all(str(digits_config(num_epoch=1, save_dir=str(tmp_path / "b"))), {})[0]
+    c = run_all(str(digits_config(num_epoch=1, save_dir=str(tmp_path / "c"), seed=1)), {})[0]
+    assert _numbers(a) == _numbers(b)
+    assert _numbers(a) != _numbers(c)
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl", "xent"])
+def test_every_loss_trains(digits_config, loss):
+    rows = run_all(str(digits_config(num_epoch=2, losses=[loss])), {})[0]
+    assert rows[-1]["train_loss"] < rows[1]["train_loss"] * 1.5
+    assert rows[-1]["val_recon_acc"] > rows[0]["val_recon_acc"]
+
+
+def test_r2_learned_code_covers_all_scenarios(digits_config):
+    rows = run_all(str(digits_config(num_epoch=1, k_vals=[2], r_vals=[2])), {})[0]
+    run = make_run(digits_config(k_vals=[2], r_vals=[2]))
+    assert len(run.available) == 5
+    assert rows[-1]["val_recon_acc"] > 0
+
+
+def test_quickstart_digits_learned_code_beats_chance_by_far(digits_config, tmp_path):
+    cfg = json.loads((ROOT / "conf" / "digits_learned.json").read_text())
+    path = digits_config(**{k: v for k, v in cfg.items() if k not in ("save_dir",)})
+    rows = run_all(str(path), {"progress": False})[0]
+    best = max(rows, key=lambda r: r["val_recon_acc"])
+    assert best["test_recon_acc"] >= 0.80
+    assert best["test_degraded_acc"] >= 0.75
+
+
+def test_command_line_exit_code_and_message(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"num_epoch": 1, "k_vals": [2], "datasets": ["digits"], "models": ["base-mlp"],
+                               "losses": ["mse"], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.nope.X"]]}))
+    proc = subprocess.run([sys.executable, "train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "coders.nope" in proc.stderr and "enc_dec_types" in proc.stderr
+    assert "Traceback" not in proc.stderr
