@@ -72,6 +72,7 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int):
+    """A :class:`CodedRun` of setup ``name`` built from a validated config, as train.py would."""
     from train.config import expand_runs, validate_dict
     from train.engine import CodedRun
 
@@ -274,7 +275,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 [[r["name"], f"{r['seconds']:.2f}", f"{r['groups_per_s']:.0f}", f"{r['flops'] / 1e9:.1f}",
                   f"{r['bound']:.2f}", f"{r['ratio']:.1f}", f"{r['original']:.1f}",
                   f"{r['original'] / r['seconds']:.2f}x", r["how"]] for r in results]))
-            print()
+            print("GFLOP/epoch: matmuls and convolutions of E, F (or F_P) on the parities and D, forward and "
+                  "backward, from FlopCounterMode;\n  optimizer and element-wise work are not counted. "
+                  "x bound = s/epoch / FLOP-bound s. speed-up = original s / s/epoch.\n")
             for r in results:
                 if r["profile"]:
                     print(f"profile of 20 training steps, '{r['name']}':\n{r['profile']}\n")
