@@ -33,7 +33,13 @@ def build_base_model(spec: Any, splits: Splits, key: str = "models") -> nn.Modul
 
 
 def default_path(dataset: str, model: Any, root: str = DEFAULT_ROOT) -> Path:
-    name = model if isinstance(model, str) and "." not in model else spec_name(model)
+    """``root/<dataset>/<model>/model.pt``; a shipped model's class path maps to its short name,
+    so ``base-mlp`` and ``base_models.mlp.BaseMLP`` share one file."""
+    short = {path: alias for alias, path in MODEL_ALIASES.items()}
+    name = model if isinstance(model, str) else model.get("class", "")
+    name = short.get(name, name)
+    if "." in name:
+        name = spec_name(name)
     return Path(root) / dataset / name / "model.pt"
 
 
@@ -169,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="retrain even if the weights file exists")
     args = ap.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1:
+        ap.error("--epochs and --batch-size must be 1 or more")
     try:
         splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, seed=args.seed)
         path = default_path(args.dataset, args.model, args.root)

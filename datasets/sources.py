@@ -65,8 +65,14 @@ def _torchvision_mnist(cls_name: str, folder_name: str, name: str, data_dir: str
     try:
         train = cls(root=str(root), train=True, download=download and not have)
         test = cls(root=str(root), train=False, download=False)
-    except (RuntimeError, OSError) as exc:
-        raise _missing(name, raw, files, download, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if have:
+            raise UserError(
+                f"Dataset '{name}': the files in '{raw}' could not be read ({reason}). Fix: delete them and "
+                f"copy or download them again."
+            ) from None
+        raise _missing(name, raw, files, download, reason) from None
 
     def to_tensors(ds):
         return ds.data.unsqueeze(1).float().div_(255.0), ds.targets.long()
@@ -91,8 +97,12 @@ def _read_cifar_batches(folder: Path, names: list[str], label_key: bytes) -> tup
     for n in names:
         with open(folder / n, "rb") as fh:
             entry = pickle.load(fh, encoding="bytes")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{n} holds a {type(entry).__name__}, not a dict of b'data' and labels")
         xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        if len(xs[-1]) != len(ys[-1]):
+            raise ValueError(f"{n} holds {len(xs[-1])} images but {len(ys[-1])} labels")
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 

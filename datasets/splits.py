@@ -86,4 +86,6 @@ def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = Tru
     tx, ty, ex, ey, num_classes = _CACHE[key]
     vs = default_val_size(len(tx)) if val_size is None else val_size
     tr, va = split_train_val(len(tx), vs, seed)
-    return Splits(name, tx[tr], ty[tr], tx[va], ty[va], ex, ey, num_classes, tr, va)
+    # Copies (indexing copies train/val too), so a caller changing its tensors in place
+    # cannot change what the next load_dataset call returns.
+    return Splits(name, tx[tr], ty[tr], tx[va], ty[va], ex.clone(), ey.clone(), num_classes, tr, va)

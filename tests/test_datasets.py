@@ -380,12 +380,7 @@ def _label_count_mismatch(entry: dict) -> bytes:
 
 @pytest.mark.parametrize("corrupt", [
     _garbage, _truncated, _no_data_key, _wrong_image_size, _str_keys, _empty,
-    pytest.param(_not_a_dict, marks=pytest.mark.xfail(
-        strict=True, raises=TypeError,
-        reason="datasets/sources.py _cifar catches no TypeError: a pickle that is not a dict escapes as a traceback")),
-    pytest.param(_label_count_mismatch, marks=pytest.mark.xfail(
-        strict=True, raises=IndexError,
-        reason="datasets/sources.py _read_cifar_batches never checks len(labels) == len(data)")),
+    _not_a_dict, _label_count_mismatch,
 ], ids=lambda f: f.__name__.lstrip("_"))
 def test_corrupt_cifar_batch_is_user_error(tmp_path, fresh_cache, corrupt):
     write_cifar(tmp_path, "cifar10")

@@ -54,6 +54,7 @@ class Config:
     parity_model_init: str = "random"   # "random" or "base" (start F_P from F's weights)
     augment: Optional[bool] = None      # random crop + flip on encoder inputs (default: on for CIFAR)
     progress: bool = True               # per-epoch progress bar
+    num_threads: Optional[int] = None   # CPU threads for torch (default: torch's, one per core)
 
 
 CHOICES = {"parity_model_init": ("random", "base")}
@@ -155,6 +156,8 @@ def _check_values(cfg: Config, source: str) -> None:
     for pair in cfg.enc_dec_types:
         if len(pair) != 2:
             raise bad("enc_dec_types", f"must hold [encoder, decoder] pairs; got {json.dumps(pair)}.")
+    if cfg.num_threads is not None and cfg.num_threads < 1:
+        raise bad("num_threads", f"must be 1 or more; got {cfg.num_threads}.")
     for key in ("batch_size", "eval_batch_size", "base_model_epochs"):
         if getattr(cfg, key) < 1:
             raise bad(key, f"must be 1 or more; got {getattr(cfg, key)}.")

@@ -29,7 +29,7 @@ from train.checkpoint import load_checkpoint, load_module_state, save_checkpoint
 from train.config import Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, summary_line
-from train.scenarios import apply_scenarios, enumerate_scenarios, gather_unavailable, unavailable_data
+from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, UserError
 from util.util import atomic_write_text, resolve_device
@@ -85,6 +85,8 @@ class CodedRun:
         self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
         self.k, self.r = spec.k, spec.r
         self.device = resolve_device(cfg.device)
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
         self.config = run_config(cfg, spec)
         dev = self.device
 
@@ -122,6 +124,7 @@ class CodedRun:
 
         self.available = enumerate_scenarios(self.k, self.r).to(dev)
         self.unavailable = unavailable_data(self.available, self.k)
+        self.pairs = unavailable_pairs(self.unavailable)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.best_val = -1.0
@@ -176,9 +179,9 @@ class CodedRun:
 
     def select_unavailable(self, recon: torch.Tensor, fx: torch.Tensor, y: torch.Tensor):
         """The reconstructions of unavailable data outputs with their targets: ``(M, n), (M, n), (M,)``."""
-        return (gather_unavailable(recon, self.unavailable),
-                gather_unavailable(fx, self.unavailable, shared=True),
-                gather_unavailable(y, self.unavailable, shared=True))
+        return (gather_pairs(recon, self.pairs),
+                gather_pairs(fx, self.pairs, shared=True),
+                gather_pairs(y, self.pairs, shared=True))
 
     def loss(self, recon_sel, fx_sel, y_sel, fp, fx) -> torch.Tensor:
         total = recon_sel.new_zeros(())
@@ -213,7 +216,7 @@ class CodedRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        tally.add(sel[0], sel[1], sel[2], loss.item())
+        tally.add(sel[0], sel[1], sel[2], loss.detach())
 
     def train_epoch(self) -> dict:
         x, _, _ = self.data["train"]
@@ -227,8 +230,9 @@ class CodedRun:
         for n_step, i in enumerate(bar):
             self.step(groups[i:i + bs], tally)
             if n_step % 20 == 0:
-                bar.set_postfix(loss=f"{tally.loss_sum / max(tally.loss_n, 1):.4g}",
-                                recon=f"{tally.hits['recon_acc'] / max(tally.n, 1):.3f}", refresh=False)
+                running = tally.result("train", float("nan"))
+                bar.set_postfix(loss=f"{running['train_loss']:.4g}", recon=f"{running['train_recon_acc']:.3f}",
+                                refresh=False)
         self.train_mode(False)
         return tally.result("train", self.base_accuracy("train"))
 
@@ -248,7 +252,7 @@ class CodedRun:
             idx = groups[i:i + self.cfg.eval_batch_size]
             recon, fp = self.forward_groups(x[idx], fx[idx])
             sel = self.select_unavailable(recon, fx[idx], y[idx])
-            tally.add(*sel, self.loss(*sel, fp, fx[idx]).item())
+            tally.add(*sel, self.loss(*sel, fp, fx[idx]))
         return tally.result(split, self.base_accuracy(split))
 
     # -- state -------------------------------------------------------------------------------------

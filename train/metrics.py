@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,38 +13,40 @@ FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "b
 COLUMNS = ["epoch", "seconds"] + [f"{s}_{f}" for s in SPLITS for f in FIELDS]
 
 
-def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> tuple[int, int]:
-    """Top-1 and top-k hit counts of ``scores`` ``(M, n)`` against class indices ``(M,)``."""
+def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-1 and top-k hit counts of ``scores`` ``(M, n)`` against class indices ``(M,)``, as a tensor."""
     k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    hit = top == target[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(1).sum())
+    hit = scores.topk(k, dim=1).indices == target[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
 
 
-@dataclass
 class Tally:
-    """Running sums over reconstructed (unavailable) outputs of one split."""
+    """Running sums over reconstructed (unavailable) outputs of one split.
 
-    loss_sum: float = 0.0
-    loss_n: int = 0
-    n: int = 0
-    hits: dict = field(default_factory=lambda: dict.fromkeys(FIELDS[1:5], 0))
+    Sums stay on the device and are read once, in :meth:`result`, so counting
+    never makes a GPU wait.
+    """
 
-    def add(self, recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor, loss: float) -> None:
+    def __init__(self):
+        self.sums = None  # [loss * M, recon top-1, recon top-5, degraded top-1, degraded top-5]
+        self.n = 0
+
+    def add(self, recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
         """``recon`` and ``base_out`` are ``(M, n)``, ``labels`` ``(M,)``, for the M reconstructions."""
         recon = recon.detach()
-        r1, r5 = topk_hits(recon, base_out.detach().argmax(1), 5)
-        d1, d5 = topk_hits(recon, labels, 5)
-        for key, v in zip(FIELDS[1:5], (r1, r5, d1, d5)):
-            self.hits[key] += v
-        self.n += len(recon)
-        self.loss_sum += loss * len(recon)
-        self.loss_n += len(recon)
+        m = len(recon)
+        row = torch.cat([(torch.as_tensor(loss).detach().float() * m).reshape(1),
+                         topk_hits(recon, base_out.detach().argmax(1), 5).float(),
+                         topk_hits(recon, labels, 5).float()])
+        self.sums = row if self.sums is None else self.sums + row
+        self.n += m
 
     def result(self, prefix: str, base_acc: float) -> dict:
-        out = {f"{prefix}_loss": self.loss_sum / max(self.loss_n, 1)}
-        for key, v in self.hits.items():
-            out[f"{prefix}_{key}"] = v / max(self.n, 1)
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * 5
+        n = max(self.n, 1)
+        out = {f"{prefix}_loss": sums[0] / n}
+        for key, v in zip(FIELDS[1:5], sums[1:]):
+            out[f"{prefix}_{key}"] = v / n
         out[f"{prefix}_base_acc"] = base_acc
         return out
 

@@ -46,17 +46,31 @@ def apply_scenarios(outputs: torch.Tensor, available: torch.Tensor) -> torch.Ten
     return masked.reshape(s * b, m, n)
 
 
-def gather_unavailable(values: torch.Tensor, unavailable: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """Pick the entries of unavailable data outputs, scenario-major.
+def unavailable_pairs(unavailable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scenario, position)`` index pairs of the True entries of ``unavailable`` ``(S, k)``.
+
+    Computed once per run: integer gathers, unlike boolean masks, never make a
+    GPU wait for the host.
+    """
+    return unavailable.nonzero(as_tuple=True)
+
+
+def gather_pairs(values: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor], shared: bool = False) -> torch.Tensor:
+    """Pick the entries of unavailable data outputs, ordered (pair, group).
 
     ``values`` is ``(S, B, k, ...)``, one slice per scenario, or with
     ``shared=True`` ``(B, k, ...)`` used by every scenario (F's outputs,
-    labels); ``unavailable`` is ``(S, k)``. Returns ``(M, ...)`` where M counts
-    the (scenario, group, position) triples that must be reconstructed.
-    Losses and accuracies only ever see these entries.
+    labels). Returns ``(U * B, ...)`` for the U pairs: exactly the outputs that
+    must be reconstructed. Losses and accuracies only ever see these entries.
     """
-    s, k = unavailable.shape
+    s_idx, j_idx = pairs
     if shared:
-        values = values.unsqueeze(0).expand(s, *values.shape)
-    b = values.shape[1]
-    return values[unavailable[:, None, :].expand(s, b, k)]
+        picked = values[:, j_idx].transpose(0, 1)      # (U, B, ...)
+    else:
+        picked = values[s_idx, :, j_idx]               # (U, B, ...)
+    return picked.reshape(-1, *values.shape[(2 if shared else 3):])
+
+
+def gather_unavailable(values: torch.Tensor, unavailable: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """:func:`gather_pairs` for a boolean ``(S, k)`` mask of unavailable data outputs."""
+    return gather_pairs(values, unavailable_pairs(unavailable), shared)
