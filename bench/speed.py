@@ -86,7 +86,9 @@ def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int)
 
 
 def epoch_groups(run) -> int:
-    return len(run.data["train"][0]) // run.k
+    """Groups one training epoch draws (depends on the config's ``epoch_groups``)."""
+    n = len(run.data["train"][0]) // run.k
+    return n * run.k if run.cfg.epoch_groups == "images" else n
 
 
 def step_flops(run, batch: int) -> int:
@@ -107,8 +109,8 @@ def time_steps(run, steps: int, warmup: int) -> float:
     from train.metrics import Tally
 
     bs = run.cfg.batch_size
-    g = epoch_groups(run)
-    perm = torch.randperm(g * run.k, generator=torch.Generator().manual_seed(1)).view(g, run.k).to(run.device)
+    perm = run.epoch_groups()
+    g = len(perm)
     run.train_mode(True)
     tally = Tally()
     for i in range(warmup):

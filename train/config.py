@@ -39,6 +39,8 @@ class Config:
     # -- optional --
     r_vals: list[int] = field(default_factory=lambda: [1])  # numbers of parities to sweep
     batch_size: int = 64                # groups of k inputs per training step
+    epoch_groups: str = "images"        # "images": N groups per epoch (each image leads one group and
+                                        # sits in k); "disjoint": N/k groups (each image once)
     eval_batch_size: int = 1024         # groups per evaluation step
     optimizer: Spec = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_OPTIMIZER)))
     seed: int = 0                       # same seed: same splits, same initialisation, same numbers
@@ -57,7 +59,7 @@ class Config:
     num_threads: Optional[int] = None   # CPU threads for torch (default: torch's, one per core)
 
 
-CHOICES = {"parity_model_init": ("random", "base")}
+CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint")}
 REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]
 

@@ -218,10 +218,22 @@ class CodedRun:
         self.optimizer.step()
         tally.add(sel[0], sel[1], sel[2], loss.detach())
 
+    def epoch_groups(self) -> torch.Tensor:
+        """This epoch's training groups ``(G, k)``, drawn with the run's generator.
+
+        ``"disjoint"``: one shuffle cut into N/k groups, each image once.
+        ``"images"``: k shuffles, so N groups and every image sits in k groups
+        (the amount of training per epoch of the original research code).
+        """
+        n = len(self.data["train"][0])
+        g = n // self.k
+        passes = self.k if self.cfg.epoch_groups == "images" else 1
+        groups = [torch.randperm(n, generator=self.gen)[: g * self.k].view(g, self.k) for _ in range(passes)]
+        return torch.cat(groups).to(self.device)
+
     def train_epoch(self) -> dict:
-        x, _, _ = self.data["train"]
-        g = len(x) // self.k
-        groups = torch.randperm(len(x), generator=self.gen)[: g * self.k].view(g, self.k).to(self.device)
+        groups = self.epoch_groups()
+        g = len(groups)
         bs = self.cfg.batch_size
         tally = Tally()
         self.train_mode(True)
@@ -229,7 +241,7 @@ class CodedRun:
                    disable=not self.cfg.progress, file=sys.stderr)
         for n_step, i in enumerate(bar):
             self.step(groups[i:i + bs], tally)
-            if n_step % 20 == 0:
+            if self.cfg.progress and n_step % 20 == 0:
                 running = tally.result("train", float("nan"))
                 bar.set_postfix(loss=f"{running['train_loss']:.4g}", recon=f"{running['train_recon_acc']:.3f}",
                                 refresh=False)
