@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from util.classpath import spec_name
 from util.errors import EXIT_USER_ERROR
 
 METRICS_FILE = "metrics.jsonl"
@@ -44,13 +45,6 @@ COLUMNS = [
 
 class RunReadError(ValueError):
     """A run folder whose metrics or config cannot be used; the report skips it."""
-
-
-def _name(spec: Any) -> str:
-    """Short name of a component spec: the class name of a class path or of ``{"class": ...}``."""
-    if isinstance(spec, dict):
-        spec = spec.get("class", "?")
-    return str(spec).rpartition(".")[2]
 
 
 def find_runs(save_dir: str | Path) -> list[Path]:
@@ -119,13 +113,13 @@ def summarize_run(folder: str | Path) -> dict:
     f_acc = _number(best.get("test_base_acc"))
     degraded = _number(best.get("test_degraded_acc"))
     return {
-        "dataset": _name(config["dataset"]),
-        "model": _name(config["model"]),
+        "dataset": spec_name(config["dataset"]),
+        "model": spec_name(config["model"]),
         "k": config["k"],
         "r": config["r"],
-        "loss": _name(config["loss"]),
-        "encoder": _name(config["encoder"]),
-        "decoder": _name(config["decoder"]),
+        "loss": spec_name(config["loss"]),
+        "encoder": spec_name(config["encoder"]),
+        "decoder": spec_name(config["decoder"]),
         "f_test_acc": f_acc,
         "epochs_run": max(r["epoch"] for r in rows),
         "best_epoch": best["epoch"],
