@@ -106,3 +106,15 @@ def test_cli_invalid_json_and_missing_file(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     assert main([str(tmp_path / "none.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_data_stops_the_sweep_before_the_first_run(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path.write_text(json.dumps({**BASE, "datasets": ["digits", "mnist"], "data_dir": str(empty),
+                                "download": False, "save_dir": str(tmp_path / "save")}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty / "MNIST" / "raw") in err and "Traceback" not in err
+    assert not (tmp_path / "save").exists(), "no run started"

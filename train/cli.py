@@ -49,11 +49,12 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     out = out or sys.stdout
     from train.config import expand_runs, load_config
     from train.engine import CodedRun
-    from train.preflight import preflight
+    from train.preflight import check_data, preflight
 
     cfg = load_config(config_path, overrides)
     runs = expand_runs(cfg)
     preflight(cfg, runs)
+    check_data(cfg)
     results = []
     for i, spec in enumerate(runs, 1):
         print(f"[run {i}/{len(runs)}]", file=out)

@@ -30,7 +30,7 @@ class Config:
     num_epoch: int                      # training epochs per run (0: evaluate only)
     k_vals: list[int]                   # numbers of data inputs per group to sweep
     enc_dec_types: list[list[Spec]]     # [encoder, decoder] class-path pairs to sweep
-    datasets: list[Spec]                # digits, mnist, fashion-mnist, cifar10, cifar100 or a class path
+    datasets: list[str]                 # digits, mnist, fashion-mnist, cifar10, cifar100 or a class path
     models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18 or a class path
     losses: list[Spec]                  # mse, kl, xent or a class path such as torch.nn.MSELoss
     train_encoder: bool = True          # update the encoder's parameters

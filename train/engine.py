@@ -91,11 +91,10 @@ class CodedRun:
         dev = self.device
 
         self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
-        dataset_name = spec.dataset if isinstance(spec.dataset, str) else spec_name(spec.dataset)
         self.base = freeze(load_or_train(
             spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
             device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress).to(dev))
-        self.augment = cfg.augment if cfg.augment is not None else dataset_name in AUGMENTED
+        self.augment = cfg.augment if cfg.augment is not None else spec.dataset in AUGMENTED
 
         # Data on the device; F's outputs on it computed once, not per step.
         self.data = {}

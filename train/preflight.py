@@ -71,3 +71,12 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
                     build_coders(run, known[0], known[1])
             except (NotImplementedError, RuntimeError):
                 build_coders(run, known[0], known[1])  # a coder computing its constants needs real tensors
+
+
+def check_data(cfg: Config) -> None:
+    """Load every dataset of the sweep once (cached for the runs), so a missing
+    file stops the command before the first run rather than in the middle."""
+    from datasets import load_dataset
+
+    for spec in cfg.datasets:
+        load_dataset(spec, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
