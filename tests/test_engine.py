@@ -231,3 +231,20 @@ def test_command_line_exit_code_and_message(tmp_path):
     assert proc.returncode == 2
     assert "coders.nope" in proc.stderr and "enc_dec_types" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_and_only_test_from_a_moved_run_folder(digits_config, tmp_path, capsys):
+    path = digits_config(num_epoch=1)
+    run_all(str(path), {})
+    folder = next(Path(load_config(path).save_dir).rglob("current.pt")).parent
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    rows = run_all(str(moved), {"num_epoch": 2}, resume=True)[0]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert torch.load(moved / "current.pt", weights_only=True)["epoch"] == 2
+    capsys.readouterr()
+    assert main([str(moved), "--only-test"]) == 0
+    assert str(moved) in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

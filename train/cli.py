@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from util.errors import EXIT_USER_ERROR, UserError
@@ -25,7 +26,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="train.py", description="Train learned codes for every combination in a config.")
-    ap.add_argument("config", help="JSON config file, e.g. conf/digits_learned.json")
+    ap.add_argument("config", help="JSON config file (e.g. conf/digits_learned.json), or one run's folder")
     ap.add_argument("--resume", action="store_true", help="continue runs from their current.pt")
     ap.add_argument("--overwrite", action="store_true", help="start runs again even if their folder has checkpoints")
     ap.add_argument("--only-test", action="store_true", help="evaluate each run's best.pt on the test split")
@@ -46,19 +47,27 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
             only_test: bool = False, out=None) -> list:
+    """Run (or, with ``only_test``, evaluate) every combination of a config.
+
+    ``config_path`` may also be a run folder: its ``config.json`` then
+    rebuilds that one run, in that folder, wherever the folder now lives.
+    """
     out = out or sys.stdout
-    from train.config import expand_runs, load_config
+    from train.config import expand_runs, load_config, load_run_folder
     from train.engine import CodedRun
     from train.preflight import check_data, preflight
 
-    cfg = load_config(config_path, overrides)
+    if Path(config_path).is_dir():
+        cfg, folder = load_run_folder(config_path, overrides)
+    else:
+        cfg, folder = load_config(config_path, overrides), None
     runs = expand_runs(cfg)
     preflight(cfg, runs)
     check_data(cfg)
     results = []
     for i, spec in enumerate(runs, 1):
         print(f"[run {i}/{len(runs)}]", file=out)
-        run = CodedRun(cfg, spec)
+        run = CodedRun(cfg, spec, folder)
         if only_test:
             run.load_state(run.folder / "best.pt")
             metrics = run.evaluate("test")

@@ -211,6 +211,29 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
     return validate_dict(raw, source=f"config '{path}'")
 
 
+RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
+
+
+def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tuple[Config, Path]:
+    """The one-run config stored in a run folder's ``config.json``, and the folder."""
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"'{folder}' is a folder without config.json, so it is not a run folder. Fix: pass "
+                          f"a config file, or the folder that holds the run's config.json and checkpoints.")
+    try:
+        saved = json.loads(path.read_text())
+        raw = {key: saved[key] for key in get_type_hints(Config) if key in saved}
+        for one, many in RUN_KEYS.items():
+            raw[many] = [saved[one]]
+        raw["enc_dec_types"] = [[saved["encoder"], saved["decoder"]]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"Run config '{path}' is damaged ({exc!r}). Fix: restore it, or rerun the "
+                          f"original config file with --resume.") from None
+    raw.update(overrides or {})
+    return validate_dict(raw, source=f"run config '{path}'"), folder
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
