@@ -28,7 +28,10 @@ from util.util import atomic_save, atomic_write_text, resolve_device
 DEFAULT_ROOT = "base_model_trained_files"
 
 
-def build_base_model(spec: Any, splits: Splits, key: str = "models") -> nn.Module:
+def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optional[int] = None) -> nn.Module:
+    """F for ``splits``; with ``seed``, its initial weights are drawn from that seed."""
+    if seed is not None:
+        torch.manual_seed(seed)
     return build(spec, key, aliases=MODEL_ALIASES, in_shape=splits.input_shape, num_classes=splits.num_classes)
 
 
@@ -141,7 +144,7 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     An explicit ``path`` that does not exist is an error rather than a reason
     to train, since the user asked for those weights.
     """
-    model = build_base_model(spec, splits)
+    model = build_base_model(spec, splits, seed=seed)
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -185,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = load_state(build_base_model(args.model, splits, "--model"), path)
             print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
             return 0
-        model = build_base_model(args.model, splits, "--model")
+        model = build_base_model(args.model, splits, "--model", seed=args.seed)
         model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
                                           lr=args.lr, device=args.device, seed=args.seed)
         save_base_model(model, metrics, path)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     print(f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.datasets:
         splits = load_dataset(name, args.data_dir, download=False, seed=args.seed)
-        model = build_base_model(args.model, splits)
+        model = build_base_model(args.model, splits, seed=args.seed)
         _, m = train_base_model(model, splits, epochs=args.epochs, seed=args.seed, progress=False)
         target = TARGETS.get(name)
         verdict = "" if target is None else f"{100 * target:.1f}% {'met' if m['test_acc'] >= target else 'MISSED'}"

@@ -179,6 +179,18 @@ def test_load_or_train_writes_then_reuses(digits, tmp_path, monkeypatch, one_thr
     assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_training_f_is_reproducible_from_the_seed(digits, tmp_path, one_thread):
+    def trained(root, seed):
+        torch.manual_seed(1234 + seed * 7 + len(str(root)))  # whatever the global RNG held before
+        return bt.load_or_train("base-mlp", digits, root=str(root), device="cpu", epochs=2, seed=seed,
+                                progress=False).state_dict()
+
+    a, b = trained(tmp_path / "a", 0), trained(tmp_path / "bb", 0)
+    c = trained(tmp_path / "c", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_load_or_train_explicit_missing_path_is_user_error(digits, tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(UserError, match="base_model_file") as info:
