@@ -95,6 +95,7 @@ class CodedRun:
             spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
             device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress).to(dev))
         self.augment = cfg.augment if cfg.augment is not None else spec.dataset in AUGMENTED
+        self.config["augment"] = self.augment  # the resolved config records what "auto" chose
 
         # Data on the device; F's outputs on it computed once, not per step.
         self.data = {}
