@@ -248,3 +248,26 @@ def test_resume_and_only_test_from_a_moved_run_folder(digits_config, tmp_path, c
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_a_killed_process_resumes_to_the_same_numbers(digits_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    full = run_all(str(digits_config(num_epoch=6, save_dir=str(tmp_path / "a"))), {})[0]
+    path = digits_config(num_epoch=6, save_dir=str(tmp_path / "b"))
+    log = tmp_path / "b/digits/base-mlp/k2/r1/MSELoss/MLPEncoder/MLPDecoder/metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)  # no clean-up: the worst case
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.fail("the run finished before it could be killed; make it longer")
+    resumed = run_all(str(path), {}, resume=True)[0]
+    assert _numbers(resumed) == _numbers(full)
