@@ -118,3 +118,15 @@ def test_missing_data_stops_the_sweep_before_the_first_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(empty / "MNIST" / "raw") in err and "Traceback" not in err
     assert not (tmp_path / "save").exists(), "no run started"
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+    import re
+
+    from train.config import Config
+
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.M))
+    keys = {f.name for f in dataclasses.fields(Config)}
+    assert keys <= documented, f"undocumented config keys: {sorted(keys - documented)}"
