@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from train.cli import main, run_all
 from train.config import expand_runs, load_config
 from train.engine import CodedRun
 from train.metrics import Tally
-from train.scenarios import enumerate_scenarios, gather_unavailable, unavailable_data
+from train.scenarios import gather_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 """Parity models (paradigm 2) and training-free codes inside the trainer."""
 import itertools
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ with evaluation, metrics and checkpoints around it.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from base_models import MODEL_ALIASES
 from base_models.train import build_base_model, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED

@@ -1,7 +1,6 @@
 """Shape, device and file helpers shared across packages."""
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -65,7 +64,3 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def num_combinations(n: int, r: int) -> int:
-    return math.comb(n, r)
