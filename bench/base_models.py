@@ -28,8 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(f"| dataset | model | epochs | best epoch | train acc | val acc | test acc | target | seconds |")
-    print(f"| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| dataset | model | epochs | best epoch | train acc | val acc | test acc | target | seconds |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.datasets:
         splits = load_dataset(name, args.data_dir, download=False, seed=args.seed)
         model = build_base_model(args.model, splits, seed=args.seed)
