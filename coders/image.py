@@ -11,9 +11,9 @@ tiles side by side, k = 3 and k = 4 give 2 x 2 quadrants. Every tile is
 ``H / rows`` by ``W / cols`` pixels, so H must be divisible by ``rows`` and W
 by ``cols``.
 
-Resizing uses ``interpolate(mode="area")``: with integer shrink factors it is
-exactly the mean over each ``rows x cols`` block of pixels, which is
-anti-aliased and has no parameters.
+Resizing takes the mean over each ``rows x cols`` block of pixels, which is
+what ``interpolate(mode="area")`` computes for these integer shrink factors:
+anti-aliased and without parameters.
 """
 from __future__ import annotations
 
