@@ -57,6 +57,8 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
     return modules[0], modules[1]
 
 
+_DATA_CACHE: dict = {}
+
 FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
@@ -95,12 +97,19 @@ class CodedRun:
         self.augment = cfg.augment if cfg.augment is not None else spec.dataset in AUGMENTED
         self.config["augment"] = self.augment  # the resolved config records what "auto" chose
 
-        # Data on the device; F's outputs on it computed once, not per step.
-        self.data = {}
-        for split in ("train", "val", "test"):
-            x, y = self.splits.split(split)
-            x, y = x.to(dev), y.to(dev)
-            self.data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
+        # Data on the device with F's outputs on it, computed once per dataset and F
+        # (shared by every run of a sweep that uses them), never per step.
+        key = (spec.dataset, json.dumps(spec.model, sort_keys=True), cfg.base_model_file, cfg.base_model_dir,
+               cfg.data_dir, cfg.val_size, cfg.seed, str(dev))
+        if key not in _DATA_CACHE:
+            _DATA_CACHE.clear()  # one dataset at a time on the device
+            data = {}
+            for split in ("train", "val", "test"):
+                x, y = self.splits.split(split)
+                x, y = x.to(dev), y.to(dev)
+                data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
+            _DATA_CACHE[key] = data
+        self.data = _DATA_CACHE[key]
         self.n_out = self.data["test"][2].shape[1]
         self.in_shape = self.splits.input_shape
 
