@@ -271,3 +271,15 @@ def test_a_killed_process_resumes_to_the_same_numbers(digits_config, tmp_path):
         pytest.fail("the run finished before it could be killed; make it longer")
     resumed = run_all(str(path), {}, resume=True)[0]
     assert _numbers(resumed) == _numbers(full)
+
+
+def test_f_runs_on_the_data_once_per_sweep(digits_config, monkeypatch):
+    import train.engine as engine
+
+    calls = []
+    real = engine.predict
+    monkeypatch.setattr(engine, "predict", lambda model, x, bs: calls.append(len(x)) or real(model, x, bs))
+    engine._DATA_CACHE.clear()
+    rows = run_all(str(digits_config(num_epoch=1, k_vals=[2, 3], r_vals=[1, 2])), {})
+    assert len(rows) == 4
+    assert len(calls) == 3, "train, val and test outputs of F once, shared by the four runs"
