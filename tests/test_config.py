@@ -82,6 +82,10 @@ def test_missing_required_key():
     ({"enc_dec_types": [["coders.image.ConcatenationEncoder", "coders.summation.SubtractionDecoder"]],
       "k_vals": [5]}, "k=5"),
     ({"base_model_file": "/nonexistent/model.pt"}, "'base_model_file'"),
+    ({"enc_dec_types": [[{"class": "coders.mlp.MLPEncoder", "args": {"width": 3}}, "coders.mlp.MLPDecoder"]]},
+     "'enc_dec_types'"),
+    ({"models": [{"class": "base-mlp", "args": {"depth": 3}}]}, "'models'"),
+    ({"losses": [{"class": "mse", "args": {"bogus": 1}}]}, "'losses'"),
 ])
 def test_preflight_catches_problems_before_work(bad, needle):
     cfg = validate_dict({**BASE, **bad})

@@ -54,6 +54,9 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
         except ValueError as exc:
             raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} cannot serve k={spec.k}, "
                               f"r={spec.r} with input size {dim}: {exc} Fix: change k_vals/r_vals or the coder.") from None
+        except TypeError as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} could not be built ({exc}). "
+                              f"Fix: check its 'args' against its constructor (ec_k, ec_r, in_dim, ...).") from None
     return modules[0], modules[1]
 
 

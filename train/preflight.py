@@ -64,8 +64,18 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
                 raise ConfigError(f"Config key 'enc_dec_types': {split_spec(cspec, 'enc_dec_types')[0]} is not "
                                   f"an nn.Module subclass (see coders/coder.py for the contract).")
-        known = KNOWN_SHAPES.get(run.dataset) if isinstance(run.dataset, str) else None
+        known = KNOWN_SHAPES.get(run.dataset)
         if known is not None:
+            for key, mspec in (("models", run.model), ("parity_model", cfg.parity_model)):
+                if mspec is None:
+                    continue
+                try:
+                    with torch.device("meta"):
+                        build(mspec, key, aliases=MODEL_ALIASES, in_shape=known[0], num_classes=known[1])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"Config key '{key}': {split_spec(mspec, key)[0]} could not be built for "
+                                      f"{run.dataset} ({exc}). Fix: check its 'args'; base models are built as "
+                                      f"cls(in_shape=(C, H, W), num_classes=n, **args).") from None
             try:
                 with torch.device("meta"):  # checks shapes and arguments without allocating weights
                     build_coders(run, known[0], known[1])
