@@ -160,30 +160,48 @@ def profile_steps(run, steps: int = 20, top: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=top)
 
 
-def bench_training(name: str, args, rate: float) -> Optional[dict]:
-    try:
-        with tempfile.TemporaryDirectory() as save_dir:
-            t0 = time.perf_counter()
-            run = build_run(name, args.data_dir, save_dir, args.device, args.epochs)
-            setup_s = time.perf_counter() - t0
-            groups = epoch_groups(run)
-            bs = run.cfg.batch_size
-            n_steps = math.ceil(groups / bs)
-            # FLOPs grow linearly with the batch, so one full step scales to the epoch by groups.
-            flops = step_flops(run, bs) * groups / bs
-            if args.quick:
-                per_step = time_steps(run, steps=args.steps, warmup=3)
-                seconds, how = per_step * n_steps, f"{args.steps} steps x {n_steps}"
-            else:
-                time_steps(run, steps=1, warmup=5)
-                seconds, how = time_epochs(run, args.epochs), f"best of {args.epochs} epoch(s)"
-            profile = profile_steps(run) if args.profile else None
-    except ImportError as exc:  # a coder module not written yet
-        print(f"skipping '{name}': {exc}", file=sys.stderr)
-        return None
+def copy_rate(device: torch.device, mib: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s from copying a ``mib`` MiB tensor (read + write counted), best of ``repeats``."""
+    a = torch.empty(mib * 2 ** 18, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def optimizer_bytes(run) -> int:
+    """Bytes one Adam step must move: parameter, gradient and both moments read, three of them written."""
+    return sum(p.numel() * p.element_size() for p in run.trainable) * 7
+
+
+def bench_training(name: str, args, rate: float, bandwidth: float) -> dict:
+    with tempfile.TemporaryDirectory() as save_dir:
+        t0 = time.perf_counter()
+        run = build_run(name, args.data_dir, save_dir, args.device, args.epochs)
+        setup_s = time.perf_counter() - t0
+        groups = epoch_groups(run)
+        bs = run.cfg.batch_size
+        n_steps = math.ceil(groups / bs)
+        # FLOPs grow linearly with the batch, so one full step scales to the epoch by groups.
+        flops = step_flops(run, bs) * groups / bs
+        if args.quick:
+            per_step = time_steps(run, steps=args.steps, warmup=3)
+            seconds, how = per_step * n_steps, f"{args.steps} steps x {n_steps}"
+        else:
+            time_steps(run, steps=1, warmup=5)
+            seconds, how = time_epochs(run, args.epochs), f"best of {args.epochs} epoch(s)"
+        profile = profile_steps(run) if args.profile else None
+        optimizer_s = n_steps * optimizer_bytes(run) / bandwidth
     bound = flops / rate
     return {"name": name, "seconds": seconds, "how": how, "groups": groups, "steps": n_steps,
             "groups_per_s": groups / seconds, "flops": flops, "bound": bound, "ratio": seconds / bound,
+            "roofline": seconds / (bound + optimizer_s),
             "original": ORIGINAL_SECONDS[name], "setup_s": setup_s, "profile": profile}
 
 
@@ -268,21 +286,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"warning: load average {load:.1f} on {cores} cores; CPU figures are inflated by other "
               f"processes (try --threads 1, or an idle machine)")
     rate = matmul_rate(device)
-    print(f"dense fp32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s\n")
+    bandwidth = copy_rate(device)
+    print(f"dense fp32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s; memory copy: {bandwidth / 1e9:.1f} GB/s\n")
 
     if args.only != "infer":
-        results = [r for r in (bench_training(name, args, rate) for name in SETUPS) if r is not None]
+        results = [bench_training(name, args, rate, bandwidth) for name in SETUPS]
         if results:
             print("Training: MNIST, base-mlp, k=2 r=1, MSE, batch 64")
             print(table(
-                ["setup", "groups/epoch", "s/epoch", "groups/s", "GFLOP/epoch", "FLOP-bound s", "x bound", "original s",
+                ["setup", "groups/epoch", "s/epoch", "groups/s", "GFLOP/epoch", "FLOP-bound s", "x bound",
+                 "x bound+Adam", "original s",
                  "speed-up", "timed as"],
                 [[r["name"], str(r["groups"]), f"{r['seconds']:.2f}", f"{r['groups_per_s']:.0f}", f"{r['flops'] / 1e9:.1f}",
-                  f"{r['bound']:.2f}", f"{r['ratio']:.1f}", f"{r['original']:.1f}",
+                  f"{r['bound']:.2f}", f"{r['ratio']:.1f}", f"{r['roofline']:.1f}", f"{r['original']:.1f}",
                   f"{r['original'] / r['seconds']:.2f}x", r["how"]] for r in results]))
             print("GFLOP/epoch: matmuls and convolutions of E, F (or F_P) on the parities and D, forward and "
                   "backward, from FlopCounterMode;\n  optimizer and element-wise work are not counted. "
-                  "x bound = s/epoch / FLOP-bound s. speed-up = original s / s/epoch.\n")
+                  "x bound = s/epoch / FLOP-bound s;\n  x bound+Adam adds the optimizer's memory traffic "
+                  "(7 x 4 bytes per parameter per step) at the copy rate. speed-up = original s / s/epoch.\n")
             for r in results:
                 if r["profile"]:
                     print(f"profile of 20 training steps, '{r['name']}':\n{r['profile']}\n")
