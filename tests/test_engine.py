@@ -283,3 +283,21 @@ def test_f_runs_on_the_data_once_per_sweep(digits_config, monkeypatch):
     rows = run_all(str(digits_config(num_epoch=1, k_vals=[2, 3], r_vals=[1, 2])), {})
     assert len(rows) == 4
     assert len(calls) == 3, "train, val and test outputs of F once, shared by the four runs"
+
+
+@pytest.mark.parametrize("module,body,needle", [
+    ("bad_shape", "return x[:, :1, :5]", "returned (2, 1, 5)"),
+    ("bad_view", "return x.view(3, 7)", "failed on an input of shape (2, 2, 64)"),
+])
+def test_a_coder_breaking_the_shape_contract_is_a_config_error(digits_config, tmp_path, capsys, module, body, needle):
+    (tmp_path / f"{module}.py").write_text(
+        "import torch\n"
+        "from coders.coder import Encoder\n"
+        "class Bad(Encoder):\n"
+        "    def forward(self, x):\n"
+        f"        {body}\n"
+    )
+    path = digits_config(enc_dec_types=[[f"{module}.Bad", "coders.mlp.MLPDecoder"]])
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Bad" in err and needle in err and "Traceback" not in err

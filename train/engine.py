@@ -75,6 +75,33 @@ def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
     return cls(params, **args)
 
 
+@torch.no_grad()
+def check_contract(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int, device) -> None:
+    """Run E and D once on zeros and compare their output shapes with the contract in coders/coder.py,
+    so a user's coder that returns the wrong shape fails with a sentence, not deep inside a step."""
+    available = enumerate_scenarios(k, r)[:1].expand(2, -1).to(device)
+    checks = (("encoder", encoder, (torch.zeros(2, k, d, device=device),), (2, r, d)),
+              ("decoder", decoder, (torch.zeros(2, k + r, n, device=device),), (2, k, n)))
+    for which, module, args, expected in checks:
+        if which == "decoder" and getattr(module, "needs_availability", False):
+            args = args + (available,)
+        name = type(module).__name__
+        was_training = module.training
+        module.eval()  # no BatchNorm statistics or dropout draws from the check
+        try:
+            out = module(*args)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
+                              f"{tuple(args[0].shape)} ({str(exc).splitlines()[0]}). The contract in coders/coder.py: "
+                              f"an encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to (B, k, n).") from None
+        finally:
+            module.train(was_training)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"Config key 'enc_dec_types': {which} {name} returned {got} for an input of shape "
+                              f"{tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
+
+
 def run_config(cfg: Config, spec: RunSpec) -> dict:
     """The resolved config of one run: the whole config plus this run's choices."""
     return {**to_dict(cfg), **asdict(spec)}
@@ -120,6 +147,8 @@ class CodedRun:
         encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
         self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
+        d = self.in_shape[1] * self.in_shape[2] if len(self.in_shape) == 3 else self.in_shape[0]
+        check_contract(self.encoder, self.decoder, self.k, self.r, d, self.n_out, dev)
         self.parity_models = self._build_parity_models().to(dev) if cfg.train_parity_model else None
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
