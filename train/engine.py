@@ -30,7 +30,7 @@ from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, UserError
-from util.util import atomic_write_text, resolve_device
+from util.util import atomic_write_text, get_flattened_dim, resolve_device
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -147,8 +147,8 @@ class CodedRun:
         encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
         self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
-        d = self.in_shape[1] * self.in_shape[2] if len(self.in_shape) == 3 else self.in_shape[0]
-        check_contract(self.encoder, self.decoder, self.k, self.r, d, self.n_out, dev)
+        check_contract(self.encoder, self.decoder, self.k, self.r, get_flattened_dim([-1, *self.in_shape]),
+                       self.n_out, dev)
         self.parity_models = self._build_parity_models().to(dev) if cfg.train_parity_model else None
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
@@ -351,14 +351,13 @@ class CodedRun:
         if current.exists() and resume:
             self.load_state(current)
             self.log.truncate(self.epoch)
-            atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.folder / "config.json")
-            return
-        if current.exists() and not overwrite:
+        elif current.exists() and not overwrite:
             raise UserError(f"Run folder '{self.folder}' already holds a checkpoint. Fix: pass --resume to "
                             f"continue it, --overwrite to start again, or set another 'save_dir'.")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for name in ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl"):
-            (self.folder / name).unlink(missing_ok=True)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for name in ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl"):
+                (self.folder / name).unlink(missing_ok=True)
         atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.folder / "config.json")
 
     def fit(self, resume: bool = False, overwrite: bool = False, out=None) -> list[dict]:
