@@ -13,11 +13,15 @@ FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "b
 COLUMNS = ["epoch", "seconds"] + [f"{s}_{f}" for s in SPLITS for f in FIELDS]
 
 
-def topk_hits(scores: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-1 and top-k hit counts of ``scores`` ``(M, n)`` against class indices ``(M,)``, as a tensor."""
+def topk_hits(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Hit counts of ``scores`` ``(M, n)`` against T columns of class indices ``targets`` ``(M, T)``.
+
+    Returns ``(T, 2)``: per target column, the top-1 and the top-k hits. One
+    ``topk`` serves every column (this runs on every training step).
+    """
     k = min(k, scores.shape[1])
-    hit = scores.topk(k, dim=1).indices == target[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    hit = scores.topk(k, dim=1).indices[:, :, None] == targets[:, None, :]  # (M, k, T)
+    return torch.stack([hit[:, 0].sum(0), hit.any(1).sum(0)], 1)
 
 
 class Tally:
@@ -35,9 +39,9 @@ class Tally:
         """``recon`` and ``base_out`` are ``(M, n)``, ``labels`` ``(M,)``, for the M reconstructions."""
         recon = recon.detach()
         m = len(recon)
+        targets = torch.stack([base_out.detach().argmax(1), labels], 1)
         row = torch.cat([(torch.as_tensor(loss).detach().float() * m).reshape(1),
-                         topk_hits(recon, base_out.detach().argmax(1), 5).float(),
-                         topk_hits(recon, labels, 5).float()])
+                         topk_hits(recon, targets, 5).flatten().float()])
         self.sums = row if self.sums is None else self.sums + row
         self.n += m
 
