@@ -260,9 +260,11 @@ class CodedRun:
     def epoch_groups(self) -> torch.Tensor:
         """This epoch's training groups ``(G, k)``, drawn with the run's generator.
 
-        ``"disjoint"``: one shuffle cut into N/k groups, each image once.
+        ``"disjoint"``: one shuffle cut into N/k groups, each image once (the
+        original research code's epoch).
         ``"images"``: k shuffles, so N groups and every image sits in k groups
-        (the amount of training per epoch of the original research code).
+        (twice the steps; the default, which matches the original's accuracy
+        per epoch).
         """
         n = len(self.data["train"][0])
         g = n // self.k
