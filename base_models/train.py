@@ -128,6 +128,9 @@ def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batc
         "val_acc": best_val,
         "test_acc": accuracy(model, splits.test_x.to(dev), splits.test_y.to(dev)),
         "seconds": round(time.time() - t0, 2),
+        "seed": seed,
+        "val_size": len(splits.val_y),
+        "val_split": splits.val_fingerprint(),  # which images F never trained on
     }
     return model, metrics
 
@@ -135,6 +138,29 @@ def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batc
 def save_base_model(model: nn.Module, metrics: dict, path: Path) -> None:
     atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, path)
     atomic_write_text(json.dumps(metrics, indent=2) + "\n", path.with_name("metrics.json"))
+
+
+def warn_split_mismatch(model: nn.Module, path: Path, splits: Splits, seed: int) -> nn.Module:
+    """Warn when F (per the ``metrics.json`` beside ``path``) was trained on part of this run's validation split.
+
+    Another seed or ``val_size`` holds out other images, some of which F then
+    trained on: F's validation accuracy reads high and the best-validation epoch
+    is picked on images F has learned. Test figures are not affected.
+    """
+    try:
+        info = json.loads(path.with_name("metrics.json").read_text())
+    except (OSError, ValueError):
+        return model  # weights from elsewhere (e.g. the reference files): nothing recorded
+    recorded = info.get("val_split") if isinstance(info, dict) else None
+    if recorded and recorded != splits.val_fingerprint():
+        print(f"Warning: the base model '{path}' was trained with seed {info.get('seed')} and "
+              f"{info.get('val_size')} validation images, a different split from this run's (seed {seed}, "
+              f"{len(splits.val_y)} validation images), so part of this run's validation set was in F's "
+              f"training set: validation accuracy is inflated and best-epoch selection is biased (test "
+              f"figures are not). Fix: use seed {info.get('seed')} and the same val_size, or retrain F for "
+              f"this split (python -m base_models.train --dataset {splits.name} --seed {seed} --force) or "
+              f"point 'base_model_file' at weights trained on it.", file=sys.stderr)
+    return model
 
 
 def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root: str = DEFAULT_ROOT,
@@ -152,10 +178,10 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
                 f"Config key 'base_model_file': '{p}' does not exist. Fix: correct the path, or remove the "
                 f"key so lcc trains F itself and stores it under '{root}/'."
             )
-        return load_state(model, p)
+        return warn_split_mismatch(load_state(model, p), p, splits, seed)
     p = default_path(splits.name, spec, root)
     if p.exists():
-        return load_state(model, p)
+        return warn_split_mismatch(load_state(model, p), p, splits, seed)
     if progress:
         print(f"No trained base model at '{p}': training {type(model).__name__} on {splits.name} first.",
               file=sys.stderr)

@@ -1,6 +1,7 @@
 """Seeded train / validation / test splits held as tensors."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -45,6 +46,11 @@ class Splits:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
+
+    def val_fingerprint(self) -> str:
+        """A short hash of which training images are held out for validation (order-free)."""
+        idx = self.val_idx.sort().values.to(torch.int64).cpu().numpy().tobytes()
+        return hashlib.sha1(idx).hexdigest()[:16]
 
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""

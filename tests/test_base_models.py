@@ -191,6 +191,23 @@ def test_training_f_is_reproducible_from_the_seed(digits, tmp_path, one_thread):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_f_from_another_split_warns_once_loaded(digits, tmp_path, capsys, one_thread):
+    root = str(tmp_path / "models")
+    bt.load_or_train("base-mlp", digits, root=root, device="cpu", epochs=1, seed=0, progress=False)
+    metrics = json.loads((tmp_path / "models" / "digits" / "base-mlp" / "metrics.json").read_text())
+    assert metrics["val_split"] == digits.val_fingerprint() and metrics["seed"] == 0
+    capsys.readouterr()
+
+    bt.load_or_train("base-mlp", digits, root=root, device="cpu", seed=0, progress=False)
+    assert "Warning" not in capsys.readouterr().err  # the split F was trained on
+
+    other = load_dataset("digits", seed=1)
+    assert other.val_fingerprint() != digits.val_fingerprint()
+    bt.load_or_train("base-mlp", other, root=root, device="cpu", seed=1, progress=False)
+    err = capsys.readouterr().err
+    assert "Warning" in err and "seed 0" in err and "seed 1" in err and "Fix:" in err
+
+
 def test_load_or_train_explicit_missing_path_is_user_error(digits, tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(UserError, match="base_model_file") as info:
