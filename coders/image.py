@@ -67,9 +67,15 @@ class ConcatenationEncoder(Encoder):
     def forward(self, in_data: torch.Tensor) -> torch.Tensor:
         b, k, _ = in_data.shape
         # The mean over each rows x cols block is what area interpolation computes for
-        # whole-number shrink factors; as a reshape it costs a fraction of a pooling call.
+        # whole-number shrink factors. Adding the rows x cols strided views runs several
+        # times faster on CPU than a pooling call or a reduction over the tiny block dims.
         blocks = in_data.reshape(b, k, self.tile_height, self.rows, self.tile_width, self.cols)
-        tiles = blocks.mean(dim=(3, 5))
+        tiles = blocks[:, :, :, 0, :, 0].clone()
+        for i in range(self.rows):
+            for j in range(self.cols):
+                if i or j:
+                    tiles.add_(blocks[:, :, :, i, :, j])
+        tiles.mul_(1.0 / (self.rows * self.cols))
         unused = self.rows * self.cols - k
         if unused:
             tiles = torch.cat([tiles, tiles.new_zeros(b, unused, self.tile_height, self.tile_width)], dim=1)
