@@ -126,6 +126,23 @@ def test_user_encoder_in_a_module_next_to_the_config_trains(digits_config, tmp_p
     assert not torch.equal(state["encoder"]["w"], torch.ones(1, 2)), "the user's encoder was trained"
 
 
+def test_resume_from_the_run_folder_alone_finds_the_users_module(digits_config, tmp_path):
+    # A fresh process given only the run folder: the module beside the config must still import.
+    (tmp_path / "my_decoders.py").write_text(
+        "from coders.mlp import MLPDecoder\n"
+        "class MyDecoder(MLPDecoder):\n"
+        "    pass\n"
+    )
+    path = digits_config(enc_dec_types=[["coders.mlp.MLPEncoder", "my_decoders.MyDecoder"]], num_epoch=1)
+    run_all(str(path), {})
+    folder = next(Path(load_config(path).save_dir).rglob("current.pt")).parent
+    assert str(tmp_path.resolve()) in json.loads((folder / "config.json").read_text())["code_dirs"]
+    proc = subprocess.run([sys.executable, "train.py", str(folder), "--resume", "--set", "num_epoch=2"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.load(folder / "current.pt", weights_only=True)["epoch"] == 2
+
+
 def _numbers(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 

@@ -205,10 +205,21 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
                           f"column {exc.colno}.") from None
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
-    folder = str(path.resolve().parent)
+    add_code_dir(str(path.resolve().parent))
+    return validate_dict(raw, source=f"config '{path}'")
+
+
+# Folders of the config files read in this process. Each goes on sys.path, so a
+# user's module beside a config imports by class path, and each run records
+# them in its config.json, so resuming from the run folder alone finds it again.
+CODE_DIRS: list[str] = []
+
+
+def add_code_dir(folder: str) -> None:
+    if folder not in CODE_DIRS:
+        CODE_DIRS.append(folder)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    return validate_dict(raw, source=f"config '{path}'")
 
 
 RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
@@ -231,6 +242,10 @@ def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tup
         raise ConfigError(f"Run config '{path}' is damaged ({exc!r}). Fix: restore it, or rerun the "
                           f"original config file with --resume.") from None
     raw.update(overrides or {})
+    code_dirs = saved.get("code_dirs", [])
+    for code_dir in code_dirs if isinstance(code_dirs, list) else []:
+        if isinstance(code_dir, str) and Path(code_dir).is_dir():
+            add_code_dir(code_dir)
     return validate_dict(raw, source=f"run config '{path}'"), folder
 
 

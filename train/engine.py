@@ -24,7 +24,7 @@ from datasets import load_dataset
 from datasets.splits import AUGMENTED
 from train.augment import random_crop_flip
 from train.checkpoint import load_checkpoint, load_module_state, save_checkpoint
-from train.config import Config, RunSpec, to_dict
+from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
@@ -103,8 +103,9 @@ def check_contract(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: in
 
 
 def run_config(cfg: Config, spec: RunSpec) -> dict:
-    """The resolved config of one run: the whole config plus this run's choices."""
-    return {**to_dict(cfg), **asdict(spec)}
+    """The resolved config of one run: the whole config, this run's choices, and the
+    folders its user code may live in (see :data:`train.config.CODE_DIRS`)."""
+    return {**to_dict(cfg), **asdict(spec), "code_dirs": list(CODE_DIRS)}
 
 
 class CodedRun:
