@@ -143,6 +143,34 @@ def test_resume_from_the_run_folder_alone_finds_the_users_module(digits_config, 
     assert torch.load(folder / "current.pt", weights_only=True)["epoch"] == 2
 
 
+def test_a_diverging_run_stops_cleanly_and_the_sweep_goes_on(digits_config, capsys):
+    path = digits_config(num_epoch=3, k_vals=[2, 3], optimizer={"class": "torch.optim.SGD", "args": {"lr": 1e8}})
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("diverged in epoch 1") == 2, err  # the second run was still tried
+    assert "Fix:" in err and "2 run(s) failed" in err and "Traceback" not in err
+    checkpoints = list(Path(load_config(path).save_dir).rglob("current.pt"))
+    assert len(checkpoints) == 2
+    for ckpt in checkpoints:
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 0  # no checkpoint of the diverged epoch
+        rows = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [0]
+
+
+def test_resume_takes_the_optimizer_settings_from_the_config(digits_config):
+    adam = {"class": "torch.optim.Adam", "args": {"lr": 1e-3, "weight_decay": 1e-5}}
+    path = digits_config(num_epoch=1, optimizer=adam)
+    run_all(str(path), {})
+    lower = {"class": "torch.optim.Adam", "args": {"lr": 2.5e-4, "weight_decay": 0.0}}
+    run_all(str(path), {"num_epoch": 2, "optimizer": lower}, resume=True)
+    ckpt = next(Path(load_config(path).save_dir).rglob("current.pt"))
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2
+    group = state["optimizer"]["param_groups"][0]
+    assert group["lr"] == 2.5e-4 and group["weight_decay"] == 0.0
+    assert state["optimizer"]["state"], "the moments carried over from epoch 1"
+
+
 def _numbers(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from util.errors import EXIT_USER_ERROR, UserError
+from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, RunDiverged, UserError
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -33,8 +33,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set num_epoch=3")
     args = ap.parse_args(argv)
+    failed: list = []
     try:
-        run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite, args.only_test)
+        run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite, args.only_test,
+                failed=failed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -42,15 +44,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted: the last finished epoch is in current.pt; rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    if failed:
+        print(f"{len(failed)} run(s) failed; the others finished:\n" + "\n".join(f"  {f}" for f in failed),
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
-            only_test: bool = False, out=None) -> list:
+            only_test: bool = False, out=None, failed: Optional[list] = None) -> list:
     """Run (or, with ``only_test``, evaluate) every combination of a config.
 
     ``config_path`` may also be a run folder: its ``config.json`` then
     rebuilds that one run, in that folder, wherever the folder now lives.
+
+    A run that diverges is reported on stderr and the sweep goes on; with
+    ``failed`` given, its folder is appended there, otherwise the error is raised.
     """
     out = out or sys.stdout
     from train.config import expand_runs, load_config, load_run_folder
@@ -74,5 +83,12 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
             print(json.dumps({"run": str(run.folder), "epoch": run.epoch, **metrics}), file=out)
             results.append(metrics)
         else:
-            results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
+            try:
+                results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
+            except RunDiverged as exc:
+                if failed is None:
+                    raise
+                print(f"error: {exc}", file=sys.stderr)
+                failed.append(str(run.folder))
+                results.append(run.log.rows())
     return results

@@ -29,7 +29,7 @@ from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
-from util.errors import ConfigError, UserError
+from util.errors import ConfigError, RunDiverged, UserError
 from util.util import atomic_write_text, get_flattened_dim, resolve_device
 
 
@@ -330,7 +330,17 @@ class CodedRun:
         if self.parity_models is not None:
             load_module_state(self.parity_models, state["parity_models"], "parity models", path)
         if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            # The config, not the checkpoint, sets the hyperparameters (lr, weight decay, ...):
+            # a run resumed after changing them continues with the new values.
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as exc:
+                raise UserError(f"Checkpoint '{path}' holds optimizer state that does not fit the configured "
+                                f"optimizer ({exc}). Fix: resume with the optimizer class that made it, or "
+                                f"rerun with --overwrite.") from None
+            for group, values in zip(self.optimizer.param_groups, configured):
+                group.update(values)
         torch.set_rng_state(state["rng"]["torch"])
         self.gen.set_state(state["rng"]["shuffle"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -382,6 +392,12 @@ class CodedRun:
         while self.epoch < self.cfg.num_epoch:
             t0 = time.time()
             row = self.train_epoch()
+            if not math.isfinite(row["train_loss"]):
+                raise RunDiverged(
+                    f"Run '{self.folder}' diverged in epoch {self.epoch + 1}: its training loss is "
+                    f"{row['train_loss']}. current.pt still holds epoch {self.epoch}. Fix: lower the learning "
+                    f"rate in 'optimizer' (e.g. --set optimizer='{{\"class\": \"torch.optim.Adam\", \"args\": "
+                    f"{{\"lr\": 1e-4}}}}'), then continue with --resume or start again with --overwrite.")
             self.epoch += 1
             row = {"epoch": self.epoch, "seconds": time.time() - t0, **row,
                    **self.evaluate("val"), **self.evaluate("test")}

@@ -7,6 +7,7 @@ traceback.
 """
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 
 
 class UserError(Exception):
@@ -15,3 +16,7 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key that is unknown, of the wrong type or of an impossible value."""
+
+
+class RunDiverged(UserError):
+    """A run whose training loss stopped being finite; the sweep goes on with the next run."""
