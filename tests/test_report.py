@@ -111,6 +111,19 @@ def test_report_uses_best_validation_epoch_not_last(tmp_path):
     assert row["F test acc (%)"] == "95.00"
 
 
+def test_seconds_per_epoch_is_the_median_training_epoch(tmp_path):
+    rows = [epoch_row(e, 0.5, 0.5, 0.5) for e in range(4)]
+    for row, seconds in zip(rows, (40.0, 3.0, 9.0, 4.0)):  # epoch 0 only evaluates: left out
+        row["seconds"] = seconds
+    write_run(tmp_path / "save" / "run", rows)
+    write_run(tmp_path / "save" / "untrained", [epoch_row(0, 0.3, 0.3, 0.3)], encoder="coders.berrut.BerrutEncoder")
+    code, out, _ = run_report([str(tmp_path / "save"), "--no-plots"])
+    assert code == 0
+    by_encoder = {r["encoder"]: r for r in (dict(zip(header(out), cells)) for cells in table_rows(out))}
+    assert by_encoder["MLPEncoder"]["s / epoch"] == "4.0"
+    assert by_encoder["BerrutEncoder"]["s / epoch"] == "n/a"
+
+
 def test_rows_sorted_with_k_as_a_number(tmp_path):
     save = tmp_path / "save"
     for k, enc in ((10, "B"), (2, "B"), (2, "A"), (3, "A")):

@@ -40,6 +40,7 @@ COLUMNS = [
     ("test_recon_acc", "test recon acc (%)", "pct"),
     ("test_degraded_acc", "test degraded acc (%)", "pct"),
     ("acc_lost", "accuracy lost vs F (points)", "pct"),
+    ("epoch_seconds", "s / epoch", "sec"),
 ]
 
 
@@ -111,6 +112,8 @@ def summarize_run(folder: str | Path) -> dict:
     rows = sorted(read_rows(folder / METRICS_FILE), key=lambda r: r["epoch"])
     best = best_row(rows)
     f_acc = _number(best.get("test_base_acc"))
+    # Epoch 0 only evaluates the untrained code; the others train, evaluate and checkpoint.
+    seconds = sorted(v for v in (_number(r.get("seconds")) for r in rows if r["epoch"] > 0) if v is not None)
     degraded = _number(best.get("test_degraded_acc"))
     return {
         "dataset": spec_name(config["dataset"]),
@@ -126,6 +129,7 @@ def summarize_run(folder: str | Path) -> dict:
         "test_recon_acc": _number(best.get("test_recon_acc")),
         "test_degraded_acc": degraded,
         "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
+        "epoch_seconds": seconds[len(seconds) // 2] if seconds else None,  # the median epoch
         "folder": str(folder),
         "history": [(r["epoch"], _number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
                     for r in rows],
@@ -142,6 +146,8 @@ def _cell(value: Any, kind: str) -> str:
         return "n/a"
     if kind == "pct":
         return f"{100 * value:.2f}"
+    if kind == "sec":
+        return f"{value:.1f}"
     return str(value).replace("|", "\\|")
 
 
