@@ -207,6 +207,18 @@ def test_existing_run_needs_resume_or_overwrite(digits_config, capsys):
     assert main([str(path), "--overwrite"]) == 0
 
 
+def test_a_sweep_with_an_old_run_stops_before_training_its_new_ones(digits_config, capsys):
+    path = digits_config(num_epoch=1)
+    assert main([str(path)]) == 0  # k = 2
+    save = Path(load_config(path).save_dir)
+    assert main([str(path), "--set", "k_vals=[3, 2]"]) == 2
+    err = capsys.readouterr().err
+    assert "1 of this config's 2 run folders" in err and "k2" in err and "--resume" in err
+    assert not any("k3" in p.parts for p in save.rglob("config.json")), "k = 3 ran before the error"
+    assert main([str(path), "--set", "k_vals=[3, 2]", "--resume"]) == 0  # trains k = 3, keeps k = 2
+    assert len(list(save.rglob("current.pt"))) == 2
+
+
 def test_corrupt_and_foreign_checkpoints_are_clear_errors(digits_config, capsys):
     path = digits_config(num_epoch=1)
     assert main([str(path)]) == 0

@@ -51,6 +51,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def check_folders_free(cfg, runs: list, folder: Optional[Path], allowed: bool) -> None:
+    """Before any work: runs whose folder already holds a checkpoint need --resume or --overwrite.
+
+    Checked up front so that a sweep does not train its new runs and then stop
+    at the first old one.
+    """
+    if allowed:
+        return
+    taken = [str(f) for f in ([folder] if folder is not None else [spec.folder(cfg.save_dir) for spec in runs])
+             if (Path(f) / "current.pt").exists()]
+    if taken:
+        shown = ", ".join(f"'{f}'" for f in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise UserError(f"{len(taken)} of this config's {len(runs)} run folders already hold a checkpoint: "
+                        f"{shown}. Fix: pass --resume to continue them (finished runs are kept as they are), "
+                        f"--overwrite to start them again, or set another 'save_dir'.")
+
+
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
             only_test: bool = False, out=None, failed: Optional[list] = None) -> list:
     """Run (or, with ``only_test``, evaluate) every combination of a config.
@@ -72,6 +89,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         cfg, folder = load_config(config_path, overrides), None
     runs = expand_runs(cfg)
     preflight(cfg, runs)
+    check_folders_free(cfg, runs, folder, resume or overwrite or only_test)
     check_data(cfg)
     results = []
     for i, spec in enumerate(runs, 1):
