@@ -358,3 +358,18 @@ def test_a_coder_breaking_the_shape_contract_is_a_config_error(digits_config, tm
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "Bad" in err and needle in err and "Traceback" not in err
+
+
+def test_cpu_runs_keep_freed_memory_for_reuse(digits_config, monkeypatch):
+    import platform
+
+    import train.engine as engine
+    from util.util import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(True) or glibc)
+    cfg = load_config(digits_config(num_epoch=1))
+    CodedRun(cfg, expand_runs(cfg)[0])
+    assert calls == [True]

@@ -30,7 +30,7 @@ from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
-from util.util import atomic_write_text, get_flattened_dim, resolve_device
+from util.util import atomic_write_text, get_flattened_dim, keep_freed_memory, resolve_device
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -116,6 +116,8 @@ class CodedRun:
         self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
         self.k, self.r = spec.k, spec.r
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.config = run_config(cfg, spec)
