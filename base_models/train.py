@@ -158,7 +158,8 @@ def warn_split_mismatch(model: nn.Module, path: Path, splits: Splits, seed: int)
               f"{len(splits.val_y)} validation images), so part of this run's validation set was in F's "
               f"training set: validation accuracy is inflated and best-epoch selection is biased (test "
               f"figures are not). Fix: use seed {info.get('seed')} and the same val_size, or retrain F for "
-              f"this split (python -m base_models.train --dataset {splits.name} --seed {seed} --force) or "
+              f"this split (python -m base_models.train --dataset {splits.name} --seed {seed} --val-size "
+              f"{len(splits.val_y)} --force) or "
               f"point 'base_model_file' at weights trained on it.", file=sys.stderr)
     return model
 
@@ -197,7 +198,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the validation split and of F's initial weights")
+    ap.add_argument("--val-size", type=int, default=None,
+                    help="validation images held out of training (default N/12, as in train.py)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--no-download", action="store_true")
     ap.add_argument("--root", default=DEFAULT_ROOT, help="where trained weights are written")
@@ -206,8 +209,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         ap.error("--epochs and --batch-size must be 1 or more")
+    if args.val_size is not None and args.val_size < 1:
+        ap.error("--val-size must be 1 or more")
     try:
-        splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, seed=args.seed)
+        splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
+                              seed=args.seed)
         path = default_path(args.dataset, args.model, args.root)
         if path.exists() and not args.force:
             print(f"{path} exists; reusing it (pass --force to retrain).")

@@ -232,6 +232,19 @@ def test_cli_trains_writes_and_reuses(tmp_path, capsys, one_thread):
     assert weights.stat().st_mtime_ns == stamp
 
 
+def test_cli_val_size_sets_the_split_f_is_trained_on(tmp_path, capsys, one_thread):
+    root = tmp_path / "models"
+    argv = ["--dataset", "digits", "--root", str(root), "--epochs", "1", "--device", "cpu", "--seed", "3",
+            "--val-size", "200"]
+    assert bt.main(argv) == 0
+    metrics = json.loads((root / "digits" / "base-mlp" / "metrics.json").read_text())
+    assert metrics["val_size"] == 200 and metrics["seed"] == 3
+    assert metrics["val_split"] == load_dataset("digits", val_size=200, seed=3).val_fingerprint()
+    with pytest.raises(SystemExit) as info:  # argparse refuses an empty validation split
+        bt.main(argv[:-1] + ["0"])
+    assert info.value.code == 2 and "--val-size" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, value", [("--dataset", "digitz"), ("--model", "base-mpl")])
 def test_cli_unknown_name_exits_2(tmp_path, capsys, flag, value):
     argv = ["--dataset", "digits", "--model", "base-mlp", "--root", str(tmp_path), "--epochs", "1"]
