@@ -148,7 +148,7 @@ def test_a_diverging_run_stops_cleanly_and_the_sweep_goes_on(digits_config, caps
     assert main([str(path)]) == 1
     err = capsys.readouterr().err
     assert err.count("diverged in epoch 1") == 2, err  # the second run was still tried
-    assert "Fix:" in err and "2 run(s) failed" in err and "Traceback" not in err
+    assert "Fix:" in err and "2 of 2 runs diverged" in err and "Traceback" not in err
     checkpoints = list(Path(load_config(path).save_dir).rglob("current.pt"))
     assert len(checkpoints) == 2
     for ckpt in checkpoints:

@@ -35,8 +35,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     failed: list = []
     try:
-        run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite, args.only_test,
-                failed=failed)
+        results = run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite,
+                          args.only_test, failed=failed)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 130
     if failed:
-        print(f"{len(failed)} run(s) failed; the others finished:\n" + "\n".join(f"  {f}" for f in failed),
+        print(f"{len(failed)} of {len(results)} runs diverged (see above):\n" + "\n".join(f"  {f}" for f in failed),
               file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
@@ -63,9 +63,10 @@ def check_folders_free(cfg, runs: list, folder: Optional[Path], allowed: bool) -
              if (Path(f) / "current.pt").exists()]
     if taken:
         shown = ", ".join(f"'{f}'" for f in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-        raise UserError(f"{len(taken)} of this config's {len(runs)} run folders already hold a checkpoint: "
-                        f"{shown}. Fix: pass --resume to continue them (finished runs are kept as they are), "
-                        f"--overwrite to start them again, or set another 'save_dir'.")
+        which = (f"The run folder {shown} already holds a checkpoint" if len(runs) == 1 else
+                 f"{len(taken)} of this config's {len(runs)} run folders already hold a checkpoint: {shown}")
+        raise UserError(f"{which}. Fix: pass --resume to continue (finished runs are kept as they are), "
+                        f"--overwrite to start again, or set another 'save_dir'.")
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
