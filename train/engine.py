@@ -395,11 +395,12 @@ class CodedRun:
             t0 = time.time()
             row = self.train_epoch()
             if not math.isfinite(row["train_loss"]):
+                lr = self.optimizer.param_groups[0].get("lr")
                 raise RunDiverged(
                     f"Run '{self.folder}' diverged in epoch {self.epoch + 1}: its training loss is "
                     f"{row['train_loss']}. current.pt still holds epoch {self.epoch}. Fix: lower the learning "
-                    f"rate in 'optimizer' (e.g. --set optimizer='{{\"class\": \"torch.optim.Adam\", \"args\": "
-                    f"{{\"lr\": 1e-4}}}}'), then continue with --resume or start again with --overwrite.")
+                    f"rate ('lr' in the config key 'optimizer', now {lr}), then continue with --resume or "
+                    f"start again with --overwrite.")
             self.epoch += 1
             row = {"epoch": self.epoch, "seconds": time.time() - t0, **row,
                    **self.evaluate("val"), **self.evaluate("test")}
