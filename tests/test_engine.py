@@ -373,3 +373,17 @@ def test_cpu_runs_keep_freed_memory_for_reuse(digits_config, monkeypatch):
     cfg = load_config(digits_config(num_epoch=1))
     CodedRun(cfg, expand_runs(cfg)[0])
     assert calls == [True]
+
+
+def test_shards_split_a_sweep_between_processes(digits_config, capsys):
+    path = digits_config(num_epoch=1, k_vals=[2, 3, 4])
+    save = Path(load_config(path).save_dir)
+    ks = lambda: sorted(p.parts[-6] for p in save.rglob("current.pt"))  # noqa: E731 (.../k<k>/r1/loss/enc/dec)
+    assert main([str(path), "--shard", "2/2"]) == 0
+    assert ks() == ["k3"]
+    assert main([str(path), "--shard", "1/2"]) == 0  # the other shard's folder does not count as occupied
+    assert ks() == ["k2", "k3", "k4"]
+    capsys.readouterr()
+    for bad in ("3/2", "0/2", "1-2", "a/b"):
+        assert main([str(path), "--shard", bad]) == 2
+        assert "--shard expects I/N" in capsys.readouterr().err

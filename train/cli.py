@@ -24,6 +24,18 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: the second of every four runs."""
+    i, sep, n = text.partition("/")
+    try:
+        shard = int(i), int(n)
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 1 <= shard[0] <= shard[1]:
+        raise UserError(f"--shard expects I/N with 1 <= I <= N, such as --shard 1/4; got '{text}'.")
+    return shard
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="train.py", description="Train learned codes for every combination in a config.")
     ap.add_argument("config", help="JSON config file (e.g. conf/digits_learned.json), or one run's folder")
@@ -32,11 +44,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only-test", action="store_true", help="evaluate each run's best.pt on the test split")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set num_epoch=3")
+    ap.add_argument("--shard", metavar="I/N", help="run only the I-th of every N runs of the sweep (1 <= I <= N), "
+                    "so N processes or machines can share it")
     args = ap.parse_args(argv)
     failed: list = []
     try:
+        shard = parse_shard(args.shard) if args.shard else None
         results = run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite,
-                          args.only_test, failed=failed)
+                          args.only_test, failed=failed, shard=shard)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -70,7 +85,8 @@ def check_folders_free(cfg, runs: list, folder: Optional[Path], allowed: bool) -
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
-            only_test: bool = False, out=None, failed: Optional[list] = None) -> list:
+            only_test: bool = False, out=None, failed: Optional[list] = None,
+            shard: Optional[tuple[int, int]] = None) -> list:
     """Run (or, with ``only_test``, evaluate) every combination of a config.
 
     ``config_path`` may also be a run folder: its ``config.json`` then
@@ -78,6 +94,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
 
     A run that diverges is reported on stderr and the sweep goes on; with
     ``failed`` given, its folder is appended there, otherwise the error is raised.
+    ``shard=(i, n)`` keeps runs i, i + n, i + 2n, ... (1-based) of the sweep's order.
     """
     out = out or sys.stdout
     from train.config import expand_runs, load_config, load_run_folder
@@ -89,7 +106,10 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     else:
         cfg, folder = load_config(config_path, overrides), None
     runs = expand_runs(cfg)
-    preflight(cfg, runs)
+    preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
+    if shard is not None:
+        total, runs = len(runs), runs[shard[0] - 1::shard[1]]
+        print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)
     check_folders_free(cfg, runs, folder, resume or overwrite or only_test)
     check_data(cfg)
     results = []
