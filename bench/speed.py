@@ -85,7 +85,8 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int):
+def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
+              base_model_file: Optional[str] = None):
     """A :class:`CodedRun` of setup ``name`` built from a validated config, as train.py would."""
     from train.config import expand_runs, validate_dict
     from train.engine import CodedRun
@@ -93,7 +94,8 @@ def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int)
     cfg = validate_dict({
         "num_epoch": epochs, "k_vals": [2], "r_vals": [1], "datasets": ["mnist"], "models": ["base-mlp"],
         "losses": ["torch.nn.MSELoss"], "batch_size": 64, "data_dir": data_dir, "download": False,
-        "save_dir": save_dir, "base_model_dir": str(ROOT / "base_model_trained_files"), "device": device,
+        "save_dir": save_dir, "base_model_dir": str(ROOT / "base_model_trained_files"),
+        "base_model_file": base_model_file, "device": device,
         "progress": False, **SETUPS[name]}, source=f"bench '{name}'")
     (spec,) = expand_runs(cfg)
     return CodedRun(cfg, spec)
@@ -218,7 +220,7 @@ def optimizer_bytes(run) -> int:
 def bench_training(name: str, args, rate: float, bandwidth: float) -> dict:
     with tempfile.TemporaryDirectory() as save_dir:
         t0 = time.perf_counter()
-        run = build_run(name, args.data_dir, save_dir, args.device, args.epochs)
+        run = build_run(name, args.data_dir, save_dir, args.device, args.epochs, args.base_model_file)
         setup_s = time.perf_counter() - t0
         groups = epoch_groups(run)
         bs = run.cfg.batch_size
@@ -298,6 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=15, help="steps timed with --quick")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--base-model-file", help="F's MNIST base-mlp weights (default: the trained file under "
+                    "base_model_trained_files/, trained first when missing)")
     ap.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     ap.add_argument("--only", choices=["train", "infer"], help="run one half only")
     args = ap.parse_args(argv)
