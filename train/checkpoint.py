@@ -50,3 +50,19 @@ def load_module_state(module: torch.nn.Module, state: dict, what: str, path: Pat
         raise UserError(f"Checkpoint '{path}': the saved {what} does not fit the configured one "
                         f"({str(exc).strip().splitlines()[0]}). Fix: use the config that made the "
                         f"checkpoint, or rerun with --overwrite.") from None
+
+
+def refuse_occupied(folders: list[Path], total: int) -> None:
+    """A UserError if any of ``folders`` (``total`` runs in all) already holds ``current.pt``.
+
+    Starting afresh over a checkpoint needs --overwrite, continuing it --resume;
+    the command line checks every run of a sweep with this before any trains.
+    """
+    taken = [str(f) for f in folders if (Path(f) / "current.pt").exists()]
+    if not taken:
+        return
+    shown = ", ".join(f"'{f}'" for f in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+    which = (f"The run folder {shown} already holds a checkpoint" if total == 1 else
+             f"{len(taken)} of this config's {total} run folders already hold a checkpoint: {shown}")
+    raise UserError(f"{which}. Fix: pass --resume to continue (finished runs are kept as they are), "
+                    f"--overwrite to start again, or set another 'save_dir'.")

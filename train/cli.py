@@ -66,24 +66,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def check_folders_free(cfg, runs: list, folder: Optional[Path], allowed: bool) -> None:
-    """Before any work: runs whose folder already holds a checkpoint need --resume or --overwrite.
-
-    Checked up front so that a sweep does not train its new runs and then stop
-    at the first old one.
-    """
-    if allowed:
-        return
-    taken = [str(f) for f in ([folder] if folder is not None else [spec.folder(cfg.save_dir) for spec in runs])
-             if (Path(f) / "current.pt").exists()]
-    if taken:
-        shown = ", ".join(f"'{f}'" for f in taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
-        which = (f"The run folder {shown} already holds a checkpoint" if len(runs) == 1 else
-                 f"{len(taken)} of this config's {len(runs)} run folders already hold a checkpoint: {shown}")
-        raise UserError(f"{which}. Fix: pass --resume to continue (finished runs are kept as they are), "
-                        f"--overwrite to start again, or set another 'save_dir'.")
-
-
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
             only_test: bool = False, out=None, failed: Optional[list] = None,
             shard: Optional[tuple[int, int]] = None) -> list:
@@ -97,6 +79,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     ``shard=(i, n)`` keeps runs i, i + n, i + 2n, ... (1-based) of the sweep's order.
     """
     out = out or sys.stdout
+    from train.checkpoint import refuse_occupied
     from train.config import expand_runs, load_config, load_run_folder
     from train.engine import CodedRun
     from train.preflight import check_data, preflight
@@ -110,7 +93,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)
-    check_folders_free(cfg, runs, folder, resume or overwrite or only_test)
+    if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
+        refuse_occupied([folder] if folder is not None else [spec.folder(cfg.save_dir) for spec in runs], len(runs))
     check_data(cfg)
     results = []
     for i, spec in enumerate(runs, 1):

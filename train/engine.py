@@ -23,7 +23,7 @@ from base_models.train import build_base_model, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED
 from train.augment import random_crop_flip
-from train.checkpoint import load_checkpoint, load_module_state, save_checkpoint
+from train.checkpoint import load_checkpoint, load_module_state, refuse_occupied, save_checkpoint
 from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, summary_line
@@ -306,9 +306,10 @@ class CodedRun:
         self.train_mode(False)
         for i in range(0, len(groups), self.cfg.eval_batch_size):
             idx = groups[i:i + self.cfg.eval_batch_size]
-            recon, fp = self.forward_groups(x[idx], fx[idx])
-            sel = self.select_unavailable(recon, fx[idx], y[idx])
-            tally.add(*sel, self.loss(*sel, fp, fx[idx]))
+            fx_idx = fx[idx]
+            recon, fp = self.forward_groups(x[idx], fx_idx)
+            sel = self.select_unavailable(recon, fx_idx, y[idx])
+            tally.add(*sel, self.loss(*sel, fp, fx_idx))
         return tally.result(split, self.base_accuracy(split))
 
     # -- state -------------------------------------------------------------------------------------
@@ -366,10 +367,9 @@ class CodedRun:
         if current.exists() and resume:
             self.load_state(current)
             self.log.truncate(self.epoch)
-        elif current.exists() and not overwrite:
-            raise UserError(f"Run folder '{self.folder}' already holds a checkpoint. Fix: pass --resume to "
-                            f"continue it, --overwrite to start again, or set another 'save_dir'.")
         else:
+            if not overwrite:
+                refuse_occupied([self.folder], 1)
             self.folder.mkdir(parents=True, exist_ok=True)
             for name in ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl"):
                 (self.folder / name).unlink(missing_ok=True)
