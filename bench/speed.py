@@ -101,12 +101,6 @@ def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
     return CodedRun(cfg, spec)
 
 
-def epoch_groups(run) -> int:
-    """Groups one training epoch draws (depends on the config's ``epoch_groups``)."""
-    n = len(run.data["train"][0]) // run.k
-    return n * run.k if run.cfg.epoch_groups == "images" else n
-
-
 def step_flops(run, batch: int) -> int:
     """FLOPs of one training step on ``batch`` groups (matmuls and convolutions, forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,11 +114,11 @@ def step_flops(run, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def time_steps(run, steps: int, warmup: int) -> float:
-    """Seconds per training step of ``batch_size`` groups, after ``warmup`` steps."""
+def time_steps(run, steps: int, warmup: int, batch: Optional[int] = None) -> float:
+    """Seconds per training step of ``batch`` groups (default the config's ``batch_size``), after ``warmup`` steps."""
     from train.metrics import Tally
 
-    bs = run.cfg.batch_size
+    bs = batch or run.cfg.batch_size
     perm = run.epoch_groups()
     g = len(perm)
     run.train_mode(True)
@@ -147,21 +141,9 @@ def split_step_cost(run, small: int, large: int, steps: int) -> tuple[float, flo
     The fixed part is what a step costs whatever its batch: the optimizer's pass
     over the weights and the per-operation overhead of the framework.
     """
-    from train.metrics import Tally
-
-    perm = run.epoch_groups()
-    run.train_mode(True)
     best = {}
     for bs in (small, large) * 2:  # interleaved, so a slow spell of the machine hits both
-        for i in range(3):
-            run.step(perm[i * bs:(i + 1) * bs], Tally())
-        sync(run.device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            run.step(perm[i * bs:(i + 1) * bs], Tally())
-        sync(run.device)
-        best[bs] = min(best.get(bs, math.inf), (time.perf_counter() - t0) / steps)
-    run.train_mode(False)
+        best[bs] = min(best.get(bs, math.inf), time_steps(run, steps, warmup=3, batch=bs))
     per_group = max(best[large] - best[small], 0.0) / (large - small)
     return max(best[small] - small * per_group, 0.0), per_group
 
@@ -222,7 +204,7 @@ def bench_training(name: str, args, rate: float, bandwidth: float) -> dict:
         t0 = time.perf_counter()
         run = build_run(name, args.data_dir, save_dir, args.device, args.epochs, args.base_model_file)
         setup_s = time.perf_counter() - t0
-        groups = epoch_groups(run)
+        groups = len(run.epoch_groups())  # one draw of the run's own epoch
         bs = run.cfg.batch_size
         n_steps = math.ceil(groups / bs)
         # FLOPs grow linearly with the batch, so one full step scales to the epoch by groups.
