@@ -32,6 +32,13 @@ def make(alias: str, dataset: str) -> nn.Module:
     return build(alias, "models", aliases=MODEL_ALIASES, in_shape=in_shape, num_classes=classes)
 
 
+def seeded_model_and_batch(alias: str, dataset: str) -> tuple[nn.Module, torch.Tensor, int]:
+    """The architecture built from seed 0, a random batch of its input shape, and its class count."""
+    torch.manual_seed(0)
+    in_shape, classes = SHAPES[dataset]
+    return make(alias, dataset), torch.rand(BATCH, *in_shape), classes
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0)
@@ -51,10 +58,7 @@ def one_thread():
 
 @pytest.mark.parametrize("alias, dataset", CASES)
 def test_forward_shape(alias, dataset):
-    torch.manual_seed(0)
-    in_shape, classes = SHAPES[dataset]
-    model = make(alias, dataset)
-    x = torch.rand(BATCH, *in_shape)
+    model, x, classes = seeded_model_and_batch(alias, dataset)
     out = model(x)
     assert out.shape == (BATCH, classes)
     assert torch.isfinite(out).all()
@@ -66,10 +70,7 @@ def test_forward_shape(alias, dataset):
 
 @pytest.mark.parametrize("alias, dataset", CASES)
 def test_backward_reaches_every_parameter(alias, dataset):
-    torch.manual_seed(0)
-    in_shape, classes = SHAPES[dataset]
-    model = make(alias, dataset)
-    x = torch.rand(BATCH, *in_shape)
+    model, x, classes = seeded_model_and_batch(alias, dataset)
     loss = nn.functional.cross_entropy(model(x), torch.arange(BATCH) % classes)
     loss.backward()
     named = list(model.named_parameters())
