@@ -62,6 +62,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load a state dict file into ``model``; a corrupt or mismatched file is a UserError."""
+    if path.is_dir():
+        names = sorted(q.name for q in path.iterdir())[:5]
+        raise UserError(
+            f"Base-model weights '{path}' is a folder, not a weights file (it holds: {', '.join(names) or 'nothing'}). "
+            f"Fix: point 'base_model_file' at the state-dict file itself."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file

@@ -15,10 +15,12 @@ from pathlib import Path
 
 from base_models.train import build_base_model, train_base_model
 from datasets import load_dataset
+from util.errors import exits_on_user_error
 
 TARGETS = {"mnist": 0.975, "fashion-mnist": 0.87, "digits": 0.90}
 
 
+@exits_on_user_error
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("LCC_DATA_DIR")

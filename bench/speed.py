@@ -38,6 +38,8 @@ from typing import Callable, Optional
 
 import torch
 
+from util.errors import exits_on_user_error
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Seconds per MNIST training epoch of the original implementation on this
@@ -273,6 +275,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(headers), fmt(["-" * wd for wd in widths]), *map(fmt, rows)])
 
 
+@exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=default_data_dir(), help="folder with MNIST/ (default $LCC_DATA_DIR "

@@ -24,3 +24,11 @@ def test_speed_benchmark_prints_every_setup_and_the_inference_table(data_dir, an
     for model in ("base-mlp", "resnet18"):
         row = next(ln for ln in out.splitlines() if ln.startswith(model + " "))
         assert float(row.split()[-1]) > 0  # (E+D)/F
+
+
+def test_speed_benchmark_reports_a_bad_weights_path_as_one_error(data_dir, anchor_dir, capsys):
+    code = speed.main(["--quick", "--steps", "1", "--only", "train", "--data-dir", str(data_dir), "--device", "cpu",
+                       "--base-model-file", str(anchor_dir / "mnist")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and "is a folder" in err and "Traceback" not in err

@@ -20,3 +20,20 @@ class ConfigError(UserError):
 
 class RunDiverged(UserError):
     """A run whose training loss stopped being finite; the sweep goes on with the next run."""
+
+
+def exits_on_user_error(main):
+    """Wrap a command's ``main`` so a UserError prints as one paragraph and
+    returns EXIT_USER_ERROR instead of ending in a traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+    return wrapped
