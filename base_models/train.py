@@ -198,7 +198,7 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m base_models.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--model", default="base-mlp", help="short name or class path")
     ap.add_argument("--epochs", type=int, default=20)
@@ -215,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         ap.error("--epochs and --batch-size must be 1 or more")
+    if not 0 <= args.seed < 2 ** 63:
+        ap.error("--seed must be from 0 to 2**63 - 1")
     if args.val_size is not None and args.val_size < 1:
         ap.error("--val-size must be 1 or more")
     try:

@@ -22,7 +22,7 @@ TARGETS = {"mnist": 0.975, "fashion-mnist": 0.87, "digits": 0.90}
 
 @exits_on_user_error
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.base_models", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("LCC_DATA_DIR")
                     or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])

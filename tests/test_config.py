@@ -56,6 +56,8 @@ def test_every_combination_runs_into_its_own_folder():
     ({"enc_dec_types": [["coders.mlp.MLPEncoder"]]}, "[encoder, decoder] pairs"),
     ({"parity_model_init": "copy"}, "'parity_model_init'"),
     ({"optimizer": {"klass": "torch.optim.SGD"}}, "'optimizer'"),
+    ({"seed": -1}, "'seed' must be an integer from 0"),
+    ({"seed": 2 ** 64}, "'seed' must be an integer from 0"),
 ])
 def test_bad_values_name_the_key(bad, needle):
     with pytest.raises(ConfigError) as err:

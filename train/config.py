@@ -163,6 +163,8 @@ def _check_values(cfg: Config, source: str) -> None:
     for key in ("batch_size", "eval_batch_size", "base_model_epochs"):
         if getattr(cfg, key) < 1:
             raise bad(key, f"must be 1 or more; got {getattr(cfg, key)}.")
+    if not 0 <= cfg.seed < 2 ** 63:  # torch's generators take a 64-bit seed; a negative one aliases another
+        raise bad("seed", f"must be an integer from 0 to 2**63 - 1; got {cfg.seed}.")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise bad("val_size", f"must be 1 or more; got {cfg.val_size}.")
     for key, allowed in CHOICES.items():
