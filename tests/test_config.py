@@ -88,6 +88,8 @@ def test_missing_required_key():
      "'enc_dec_types'"),
     ({"models": [{"class": "base-mlp", "args": {"depth": 3}}]}, "'models'"),
     ({"losses": [{"class": "mse", "args": {"bogus": 1}}]}, "'losses'"),
+    ({"losses": ["torch.nn.ReLU"]}, "torch.nn.ReLU is not usable as a loss"),
+    ({"losses": [{"class": "mse", "args": {"reduction": "none"}}]}, "must return one differentiable number"),
 ])
 def test_preflight_catches_problems_before_work(bad, needle):
     cfg = validate_dict({**BASE, **bad})
@@ -136,3 +138,30 @@ def test_readme_documents_every_config_key():
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.M))
     keys = {f.name for f in dataclasses.fields(Config)}
     assert keys <= documented, f"undocumented config keys: {sorted(keys - documented)}"
+
+
+def test_every_shipped_loss_passes_the_probe():
+    cfg = validate_dict({**BASE, "losses": ["mse", "kl", "xent", "torch.nn.L1Loss", "torch.nn.NLLLoss",
+                                            "torch.nn.SmoothL1Loss", "torch.nn.MultiMarginLoss"]})
+    preflight(cfg, expand_runs(cfg))
+
+
+def test_a_sum_code_with_more_inputs_than_training_images_is_refused(tmp_path, base_model_dir):
+    from train.engine import CodedRun
+
+    cfg = validate_dict({**BASE, "k_vals": [1400], "save_dir": str(tmp_path), "base_model_dir": str(base_model_dir),
+                         "enc_dec_types": [["coders.summation.AdditionEncoder", "coders.summation.SubtractionDecoder"]],
+                         "train_encoder": False, "train_decoder": False, "train_parity_model": True})
+    with pytest.raises(ConfigError, match=r"k=1400 needs at least k training images.*digits has 1318"):
+        CodedRun(cfg, expand_runs(cfg)[0])
+
+
+def test_a_code_too_big_for_memory_is_refused_before_allocation(monkeypatch):
+    import train.preflight as pf
+
+    monkeypatch.setattr(pf, "memory_bytes", lambda: 10 * 2 ** 20)  # a 10 MiB machine
+    small = validate_dict(BASE)  # k=2 on digits: about 17,000 coder parameters, 0.3 MB with Adam's state
+    preflight(small, expand_runs(small))
+    big = validate_dict({**BASE, "k_vals": [20]})  # 1.7 million parameters, 28 MB with Adam's state
+    with pytest.raises(ConfigError, match=r"'k_vals'.*k=20, r=1.*more than this machine's"):
+        preflight(big, expand_runs(big))

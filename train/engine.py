@@ -124,6 +124,10 @@ class CodedRun:
         dev = self.device
 
         self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
+        n_train = len(self.splits.train_y)
+        if n_train < self.k:
+            raise ConfigError(f"Config key 'k_vals': k={self.k} needs at least k training images to form one group, "
+                              f"but {spec.dataset} has {n_train} after the validation split. Fix: lower k_vals.")
         self.base = freeze(load_or_train(
             spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
             device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress).to(dev))

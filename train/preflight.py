@@ -1,6 +1,7 @@
 """Checks that run before any work: every class path imports and every coder accepts its k, r and sizes."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 from base_models import MODEL_ALIASES
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
-from train.losses import LOSS_ALIASES
+from train.losses import LOSS_ALIASES, target_kind
 from util.classpath import build, import_class, split_spec
 from util.errors import ConfigError
 
@@ -41,6 +42,7 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             raise ConfigError(f"Config key 'losses': {spec!r} could not be built ({exc}).") from None
         if not callable(loss):
             raise ConfigError(f"Config key 'losses': {spec!r} is not a loss module.")
+        probe_loss(loss, spec)
     opt_cls = _importable(cfg.optimizer, "optimizer")
     if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
         raise ConfigError(f"Config key 'optimizer': {split_spec(cfg.optimizer, 'optimizer')[0]} is not a "
@@ -78,9 +80,62 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
                                       f"cls(in_shape=(C, H, W), num_classes=n, **args).") from None
             try:
                 with torch.device("meta"):  # checks shapes and arguments without allocating weights
-                    build_coders(run, known[0], known[1])
+                    coders = build_coders(run, known[0], known[1])
             except (NotImplementedError, RuntimeError):
-                build_coders(run, known[0], known[1])  # a coder computing its constants needs real tensors
+                coders = build_coders(run, known[0], known[1])  # a coder computing its constants needs real tensors
+            check_coder_size(run, coders)
+
+
+def probe_loss(loss, spec) -> None:
+    """Call ``loss`` once as the engine will, so a module that is not a loss (or wants
+    other targets) fails here with its key named rather than in the first step."""
+    kind = target_kind(loss)
+    name = split_spec(spec, "losses")[0]
+    if kind not in ("base", "label"):
+        raise ConfigError(f"Config key 'losses': {name} has target_kind {kind!r}; it must be \"base\" (compared "
+                          f"with F's outputs) or \"label\" (compared with class indices).")
+    recon = torch.randn(4, 10, requires_grad=True)
+    target = torch.randn(4, 10) if kind == "base" else torch.arange(4)
+    try:
+        out = loss(recon, target)
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            out.backward()
+    except Exception as exc:  # a foreign module can raise anything here
+        raise ConfigError(f"Config key 'losses': {name} is not usable as a loss: called as loss(reconstruction "
+                          f"(4, 10), {'outputs of F (4, 10)' if kind == 'base' else 'labels (4,)'}) it raised "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: name a "
+                          f"loss class (see the config reference in README.md).") from None
+    if not (isinstance(out, torch.Tensor) and out.numel() == 1 and out.requires_grad):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"Config key 'losses': {name} returned {got} for a batch of 4 rows; a loss must return "
+                          f"one differentiable number (use reduction 'mean' or 'sum').")
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.0f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.0f} MiB"
+
+
+def check_coder_size(run: RunSpec, coders) -> None:
+    """Refuse a run whose encoder and decoder cannot fit in memory with their gradients and
+    Adam's two moments (4 copies), e.g. an MLP code with a huge k, before anything is allocated."""
+    numel = sum(p.numel() for m in coders for p in m.parameters())
+    need = 4 * numel * 4
+    have = memory_bytes()
+    if have and need > have:
+        raise ConfigError(f"Config key 'k_vals': the run with k={run.k}, r={run.r} and "
+                          f"{split_spec(run.encoder, 'enc_dec_types')[0].rsplit('.', 1)[-1]}/"
+                          f"{split_spec(run.decoder, 'enc_dec_types')[0].rsplit('.', 1)[-1]} on {run.dataset} has "
+                          f"{numel:,} coder parameters, about {_size(need)} with gradients and optimizer "
+                          f"state, more than this machine's {_size(have)}. Fix: lower k_vals or r_vals, or "
+                          f"pick a smaller coder.")
 
 
 def check_data(cfg: Config) -> None:
