@@ -22,7 +22,7 @@ from tqdm import tqdm
 from base_models import MODEL_ALIASES
 from datasets import Splits, load_dataset
 from util.classpath import build, spec_name
-from util.errors import EXIT_USER_ERROR, UserError
+from util.errors import EXIT_USER_ERROR, ConfigError, UserError
 from util.util import atomic_save, atomic_write_text, resolve_device
 
 DEFAULT_ROOT = "base_model_trained_files"
@@ -62,12 +62,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load a state dict file into ``model``; a corrupt or mismatched file is a UserError."""
-    if path.is_dir():
-        names = sorted(q.name for q in path.iterdir())[:5]
-        raise UserError(
-            f"Base-model weights '{path}' is a folder, not a weights file (it holds: {', '.join(names) or 'nothing'}). "
-            f"Fix: point 'base_model_file' at the state-dict file itself."
-        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
@@ -170,6 +164,23 @@ def warn_split_mismatch(model: nn.Module, path: Path, splits: Splits, seed: int)
     return model
 
 
+def check_weights_path(path: str, root: str = DEFAULT_ROOT) -> Path:
+    """``path`` as a Path when it is a file; else the error for config key 'base_model_file'."""
+    p = Path(path)
+    if p.is_dir():
+        names = sorted(q.name for q in p.iterdir())[:5]
+        raise ConfigError(
+            f"Config key 'base_model_file': '{p}' is a folder, not a weights file (it holds: "
+            f"{', '.join(names) or 'nothing'}). Fix: point it at the state-dict file itself."
+        )
+    if not p.exists():
+        raise ConfigError(
+            f"Config key 'base_model_file': '{p}' does not exist. Fix: correct the path, or remove the "
+            f"key so lcc trains F itself and stores it under '{root}/'."
+        )
+    return p
+
+
 def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root: str = DEFAULT_ROOT,
                   device: str = "auto", seed: int = 0, epochs: int = 20, progress: bool = True) -> nn.Module:
     """F for ``splits``: loaded from ``path`` (or the default file), trained first when missing.
@@ -179,12 +190,7 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     """
     model = build_base_model(spec, splits, seed=seed)
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise UserError(
-                f"Config key 'base_model_file': '{p}' does not exist. Fix: correct the path, or remove the "
-                f"key so lcc trains F itself and stores it under '{root}/'."
-            )
+        p = check_weights_path(path, root)
         return warn_split_mismatch(load_state(model, p), p, splits, seed)
     p = default_path(splits.name, spec, root)
     if p.exists():

@@ -128,12 +128,7 @@ def _not_a_state_dict(anchor_dir: Path, path: Path) -> None:
     torch.save(torch.zeros(3), path)
 
 
-def _a_folder(anchor_dir: Path, path: Path) -> None:
-    (path / "base-mlp").mkdir(parents=True)  # e.g. anchor_models/mnist passed instead of its model.t7
-
-
-@pytest.mark.parametrize("spoil", [_garbage, _truncated, _logistic_into_mlp, _wrong_shape, _not_a_state_dict,
-                                   _a_folder],
+@pytest.mark.parametrize("spoil", [_garbage, _truncated, _logistic_into_mlp, _wrong_shape, _not_a_state_dict],
                          ids=lambda f: f.__name__.lstrip("_"))
 def test_bad_weights_file_is_user_error(anchor_dir, tmp_path, spoil):
     path = tmp_path / "weights.pt"

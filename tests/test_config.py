@@ -165,3 +165,10 @@ def test_a_code_too_big_for_memory_is_refused_before_allocation(monkeypatch):
     big = validate_dict({**BASE, "k_vals": [20]})  # 1.7 million parameters, 28 MB with Adam's state
     with pytest.raises(ConfigError, match=r"'k_vals'.*k=20, r=1.*more than this machine's"):
         preflight(big, expand_runs(big))
+
+
+def test_a_folder_as_base_model_file_is_refused_up_front(tmp_path):
+    (tmp_path / "mnist" / "base-mlp").mkdir(parents=True)  # the anchor folder passed instead of its model.t7
+    cfg = validate_dict({**BASE, "base_model_file": str(tmp_path / "mnist")})
+    with pytest.raises(ConfigError, match=r"'base_model_file'.*is a folder.*holds: base-mlp"):
+        preflight(cfg, expand_runs(cfg))

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from base_models import MODEL_ALIASES
+from base_models.train import check_weights_path
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
@@ -51,9 +51,8 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
         build(cfg.optimizer, "optimizer", [nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Config key 'optimizer': its 'args' are not accepted ({exc}).") from None
-    if cfg.base_model_file is not None and not Path(cfg.base_model_file).is_file():
-        raise ConfigError(f"Config key 'base_model_file': '{cfg.base_model_file}' does not exist. Fix: correct "
-                          f"the path, or remove the key so lcc trains F itself under '{cfg.base_model_dir}/'.")
+    if cfg.base_model_file is not None:
+        check_weights_path(cfg.base_model_file, cfg.base_model_dir)
     if cfg.train_parity_model and cfg.parity_model_init == "base" and cfg.parity_model is not None \
             and any(cfg.parity_model != m for m in cfg.models):
         raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
