@@ -24,7 +24,7 @@ output :meth:`BerrutDecoder.combine_labels`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ def check_berrut_sizes(name: str, ec_k: int, ec_r: int) -> None:
         raise ValueError(f"{name} supports any ec_k >= 1 and ec_r >= 1; got ec_k = {ec_k}, ec_r = {ec_r}.")
 
 
-def berrut_nodes(ec_k: int, ec_r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def berrut_nodes(ec_k: int, ec_r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(data_nodes (k,), parity_nodes (r,))``, float64, each ascending."""
     check_berrut_sizes("berrut_nodes", ec_k, ec_r)
     n = ec_k + ec_r

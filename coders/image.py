@@ -18,7 +18,7 @@ anti-aliased and without parameters.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Sequence
 
 import torch
 
@@ -26,14 +26,14 @@ from coders.coder import Encoder
 from coders.summation import check_single_parity
 
 
-def tile_grid(ec_k: int) -> Tuple[int, int]:
+def tile_grid(ec_k: int) -> tuple[int, int]:
     """``(rows, cols)`` of the grid holding k tiles."""
     cols = math.ceil(math.sqrt(ec_k))
     rows = math.ceil(ec_k / cols)
     return rows, cols
 
 
-def tile_size(ec_k: int, height: int, width: int) -> Tuple[int, int]:
+def tile_size(ec_k: int, height: int, width: int) -> tuple[int, int]:
     """``(tile_height, tile_width)``; ``ValueError`` if the grid does not divide the image."""
     rows, cols = tile_grid(ec_k)
     if height < rows or width < cols or height % rows or width % cols:
@@ -43,7 +43,7 @@ def tile_size(ec_k: int, height: int, width: int) -> Tuple[int, int]:
     return height // rows, width // cols
 
 
-def tile_slices(ec_k: int, height: int, width: int) -> List[Tuple[slice, slice]]:
+def tile_slices(ec_k: int, height: int, width: int) -> list[tuple[slice, slice]]:
     """``(row_slice, col_slice)`` of the tile holding input i, for i in 0..k-1."""
     _, cols = tile_grid(ec_k)
     th, tw = tile_size(ec_k, height, width)
