@@ -387,3 +387,27 @@ def test_shards_split_a_sweep_between_processes(digits_config, capsys):
     for bad in ("3/2", "0/2", "1-2", "a/b"):
         assert main([str(path), "--shard", bad]) == 2
         assert "--shard expects I/N" in capsys.readouterr().err
+
+
+def test_list_shows_each_runs_progress_and_trains_nothing(digits_config, capsys):
+    path = digits_config(num_epoch=2, k_vals=[2, 3])
+    save = Path(load_config(path).save_dir)
+    assert main([str(path), "--list"]) == 0
+    assert not save.exists()  # listing trained and wrote nothing
+    assert "2 runs: 0 done, 0 part-trained, 2 new" in capsys.readouterr().out
+
+    assert main([str(path), "--shard", "1/2"]) == 0  # train the k=2 run only
+    capsys.readouterr()
+    folder = next(save.rglob("current.pt")).parent
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda r: (r["val_recon_acc"], -r["epoch"]))
+    best_text = f"best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+
+    assert main([str(path), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["1", "done,", "2"] and best_text in lines[1] and str(folder) in lines[1]
+    assert lines[2].split()[:2] == ["2", "new"] and "/k3/" in lines[2]
+    assert lines[-1] == "2 runs: 1 done, 0 part-trained, 1 new"
+
+    assert main([str(path), "--list", "--set", "num_epoch=5"]) == 0
+    assert f"at epoch 2/5; {best_text}" in capsys.readouterr().out

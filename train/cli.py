@@ -1,4 +1,4 @@
-"""Command line: ``python train.py CONFIG.json [--resume] [--only-test] [--set key=value ...]``."""
+"""Command line: ``python train.py CONFIG.json [--resume] [--only-test] [--list] [--set key=value ...]``."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--only-test", action="store_true", help="evaluate each run's best.pt on the test split")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set num_epoch=3")
+    ap.add_argument("--list", dest="list_only", action="store_true",
+                    help="print each run of the sweep with its folder and progress, and train nothing")
     ap.add_argument("--shard", metavar="I/N", help="run only the I-th of every N runs of the sweep (1 <= I <= N), "
                     "so N processes or machines can share it")
     args = ap.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         shard = parse_shard(args.shard) if args.shard else None
         results = run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite,
-                          args.only_test, failed=failed, shard=shard)
+                          args.only_test, failed=failed, shard=shard, list_only=args.list_only)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -66,9 +68,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def run_status(folder: Path, num_epoch: int) -> str:
+    """One phrase on how far the run in ``folder`` has got, from its checkpoint and metrics.jsonl."""
+    from util.report import METRICS_FILE, RunReadError, best_row, read_rows
+
+    folder = Path(folder)
+    if not (folder / "current.pt").exists():
+        return "new"
+    try:
+        rows = read_rows(folder / METRICS_FILE)
+        best = best_row(rows)
+    except RunReadError as exc:
+        return f"has a checkpoint; metrics unreadable ({exc})"
+    last = max(r["epoch"] for r in rows)
+    state = f"done, {last} epochs" if last >= num_epoch else f"at epoch {last}/{num_epoch}"
+    return f"{state}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+
+
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
             only_test: bool = False, out=None, failed: Optional[list] = None,
-            shard: Optional[tuple[int, int]] = None) -> list:
+            shard: Optional[tuple[int, int]] = None, list_only: bool = False) -> list:
     """Run (or, with ``only_test``, evaluate) every combination of a config.
 
     ``config_path`` may also be a run folder: its ``config.json`` then
@@ -77,6 +96,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     A run that diverges is reported on stderr and the sweep goes on; with
     ``failed`` given, its folder is appended there, otherwise the error is raised.
     ``shard=(i, n)`` keeps runs i, i + n, i + 2n, ... (1-based) of the sweep's order.
+    ``list_only`` prints each run's progress (see :func:`run_status`) and
+    returns those lines instead of training.
     """
     out = out or sys.stdout
     from train.checkpoint import refuse_occupied
@@ -93,6 +114,15 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)
+    if list_only:
+        lines = []
+        for i, spec in enumerate(runs, 1):
+            where = folder if folder is not None else spec.folder(cfg.save_dir)
+            lines.append(f"{i:>4}  {run_status(where, cfg.num_epoch):<52}  {where}")
+        counts = {word: sum(line.split()[1].startswith(word) for line in lines) for word in ("new", "done", "at")}
+        print(f"{'run':>4}  {'progress':<52}  folder", *lines, file=out, sep="\n")
+        print(f"{len(lines)} runs: {counts['done']} done, {counts['at']} part-trained, {counts['new']} new", file=out)
+        return lines
     if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
         refuse_occupied([folder] if folder is not None else [spec.folder(cfg.save_dir) for spec in runs], len(runs))
     check_data(cfg)
