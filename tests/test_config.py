@@ -58,6 +58,10 @@ def test_every_combination_runs_into_its_own_folder():
     ({"optimizer": {"klass": "torch.optim.SGD"}}, "'optimizer'"),
     ({"seed": -1}, "'seed' must be an integer from 0"),
     ({"seed": 2 ** 64}, "'seed' must be an integer from 0"),
+    ({"seeds": []}, "'seeds' must list distinct integers"),
+    ({"seeds": [1, 1]}, "'seeds' must list distinct integers"),
+    ({"seeds": [0, -2]}, "'seeds' must list distinct integers"),
+    ({"seeds": 3}, "'seeds' must be a list of integers or null"),
 ])
 def test_bad_values_name_the_key(bad, needle):
     with pytest.raises(ConfigError) as err:

@@ -411,3 +411,18 @@ def test_list_shows_each_runs_progress_and_trains_nothing(digits_config, capsys)
 
     assert main([str(path), "--list", "--set", "num_epoch=5"]) == 0
     assert f"at epoch 2/5; {best_text}" in capsys.readouterr().out
+
+
+def test_a_seeds_sweep_gives_each_seed_its_folder_and_seed_0_the_plain_runs_numbers(digits_config, tmp_path):
+    plain = run_all(str(digits_config(num_epoch=1, save_dir=str(tmp_path / "plain"))), {})[0]
+    path = digits_config(num_epoch=1, seeds=[0, 1], save_dir=str(tmp_path / "sweep"))
+    sweep = run_all(str(path), {})
+    assert _numbers(sweep[0]) == _numbers(plain)  # the seed shapes initialisation and order; same splits and F
+    assert _numbers(sweep[1]) != _numbers(plain)
+    assert sweep[1][0]["val_base_acc"] == plain[0]["val_base_acc"]  # the same validation split and F
+    folders = sorted(p.parent.name for p in (tmp_path / "sweep").rglob("current.pt"))
+    assert folders == ["seed0", "seed1"]
+    seed1 = next((tmp_path / "sweep").rglob("seed1"))
+    assert json.loads((seed1 / "config.json").read_text())["run_seed"] == 1
+    resumed = run_all(str(seed1), {"num_epoch": 2}, resume=True)  # the run folder alone rebuilds that seed
+    assert len(resumed) == 1 and _numbers(resumed[0][:2]) == _numbers(sweep[1])

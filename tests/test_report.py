@@ -192,3 +192,43 @@ def test_plots_skipped_without_matplotlib(tmp_path, monkeypatch):
     assert code == 0 and len(table_rows(out)) == 1
     assert "matplotlib is not installed" in err
     assert not (tmp_path / "plots").exists()
+
+
+def test_a_seed_sweep_is_one_row_of_mean_and_std_and_each_seed_lists_them(tmp_path):
+    import statistics
+
+    sweep = tmp_path / "save" / "digits" / "base-mlp" / "k2" / "r1" / "MSELoss" / "MLPEncoder" / "MLPDecoder"
+    tests = {0: (0.90, 0.85), 1: (0.80, 0.70), 2: (0.95, 0.90)}  # seed: (test recon, test degraded)
+    for seed, (recon, degraded) in tests.items():
+        # The best validation epoch is 1 for seeds 0 and 2, 2 for seed 1; epoch 2 of seeds 0/2 must not count.
+        rows = [epoch_row(0, 0.1, 0.1, 0.1), epoch_row(1, 0.6 if seed != 1 else 0.4, recon, degraded),
+                epoch_row(2, 0.5 if seed != 1 else 0.6, 0.0 if seed != 1 else recon, 0.0 if seed != 1 else degraded)]
+        write_run(sweep / f"seed{seed}", rows, run_seed=seed)
+    write_run(tmp_path / "save" / "other", [epoch_row(0, 0.2, 0.3, 0.25), epoch_row(1, 0.4, 0.5, 0.45)],
+              encoder="coders.conv.ConvEncoder")  # not part of a sweep: its own row, no std
+
+    code, out, err = run_report([str(tmp_path / "save"), "--no-plots"])
+    assert code == 0, err
+    cols = header(out)
+    rows = {r[cols.index("encoder")]: r for r in table_rows(out)}
+    assert len(rows) == 2 and cols[cols.index("decoder") + 1] == "seeds"
+    merged = rows["MLPEncoder"]
+    assert merged[cols.index("seeds")] == "3"
+    for col, values in (("test recon acc (%)", [v[0] for v in tests.values()]),
+                        ("test degraded acc (%)", [v[1] for v in tests.values()]),
+                        ("accuracy lost vs F (points)", [0.95 - v[1] for v in tests.values()])):
+        mean, std = merged[cols.index(col)].split(" ± ")
+        assert float(mean) == pytest.approx(100 * statistics.fmean(values), abs=0.006)
+        assert float(std) == pytest.approx(100 * statistics.stdev(values), abs=0.006)
+    assert merged[cols.index("F test acc (%)")] == "95.00"
+    assert merged[cols.index("best epoch")] == "1-2"
+    assert rows["ConvEncoder"][cols.index("seeds")] == "1"
+    assert "±" not in rows["ConvEncoder"][cols.index("test recon acc (%)")]
+
+    code, out, err = run_report([str(tmp_path / "save"), "--no-plots", "--each-seed"])
+    assert code == 0, err
+    cols = header(out)
+    listed = [r for r in table_rows(out) if r[cols.index("encoder")] == "MLPEncoder"]
+    assert [r[cols.index("seed")] for r in listed] == ["0", "1", "2"]
+    for r, (recon, _) in zip(listed, tests.values()):
+        assert r[cols.index("test recon acc (%)")] == f"{100 * recon:.2f}"

@@ -12,7 +12,7 @@ from util.util import atomic_save
 FORMAT = 1
 # Keys of a run's resolved config that must match for a checkpoint to be resumed.
 IDENTITY_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder",
-                 "train_encoder", "train_decoder", "train_parity_model", "parity_model", "seed")
+                 "train_encoder", "train_decoder", "train_parity_model", "parity_model", "seed", "run_seed")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -44,6 +44,8 @@ class Config:
     eval_batch_size: int = 1024         # groups per evaluation step
     optimizer: Spec = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_OPTIMIZER)))
     seed: int = 0                       # same seed: same splits, same initialisation, same numbers
+    seeds: Optional[list[int]] = None   # sweep these training seeds (coder initialisation, data order);
+                                        # each gets a seed<s> folder; splits and F stay those of 'seed'
     data_dir: Optional[str] = None      # dataset folder; else $LCC_DATA_DIR; else ./data
     download: bool = True               # download missing datasets through torchvision
     save_dir: str = "save"              # run folders go under save_dir/<dataset>/<model>/k<k>/r<r>/...
@@ -75,14 +77,22 @@ class RunSpec:
     loss: Spec
     encoder: Spec
     decoder: Spec
+    run_seed: Optional[int] = None  # one of the config's 'seeds'; None when it sweeps none
 
     def folder(self, save_dir: str) -> Path:
         parts = [self.dataset, self.model, f"k{self.k}", f"r{self.r}", self.loss, self.encoder, self.decoder]
+        if self.run_seed is not None:
+            parts.append(f"seed{self.run_seed}")
         return Path(save_dir, *[spec_name(p) if not isinstance(p, int) else str(p) for p in parts])
 
     def describe(self) -> str:
         return (f"{spec_name(self.dataset)} {spec_name(self.model)} k={self.k} r={self.r} "
-                f"{spec_name(self.loss)} {spec_name(self.encoder)}/{spec_name(self.decoder)}")
+                f"{spec_name(self.loss)} {spec_name(self.encoder)}/{spec_name(self.decoder)}"
+                + (f" seed={self.run_seed}" if self.run_seed is not None else ""))
+
+    def train_seed(self, cfg: "Config") -> int:
+        """The seed of this run's coder initialisation and data order."""
+        return self.run_seed if self.run_seed is not None else cfg.seed
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -165,6 +175,9 @@ def _check_values(cfg: Config, source: str) -> None:
             raise bad(key, f"must be 1 or more; got {getattr(cfg, key)}.")
     if not 0 <= cfg.seed < 2 ** 63:  # torch's generators take a 64-bit seed; a negative one aliases another
         raise bad("seed", f"must be an integer from 0 to 2**63 - 1; got {cfg.seed}.")
+    if cfg.seeds is not None:
+        if not cfg.seeds or any(not 0 <= s < 2 ** 63 for s in cfg.seeds) or len(set(cfg.seeds)) < len(cfg.seeds):
+            raise bad("seeds", f"must list distinct integers from 0 to 2**63 - 1 (or be null); got {cfg.seeds}.")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise bad("val_size", f"must be 1 or more; got {cfg.val_size}.")
     for key, allowed in CHOICES.items():
@@ -240,6 +253,7 @@ def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tup
         for one, many in RUN_KEYS.items():
             raw[many] = [saved[one]]
         raw["enc_dec_types"] = [[saved["encoder"], saved["decoder"]]]
+        raw["seeds"] = [saved["run_seed"]] if saved.get("run_seed") is not None else None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ConfigError(f"Run config '{path}' is damaged ({exc!r}). Fix: restore it, or rerun the "
                           f"original config file with --resume.") from None
@@ -258,7 +272,7 @@ def to_dict(cfg: Config) -> dict:
 def expand_runs(cfg: Config) -> list[RunSpec]:
     """Every combination of the config's lists, in a stable order."""
     return [
-        RunSpec(dataset, model, k, r, loss, enc, dec)
-        for dataset, model, k, r, loss, (enc, dec) in itertools.product(
-            cfg.datasets, cfg.models, cfg.k_vals, cfg.r_vals, cfg.losses, cfg.enc_dec_types)
+        RunSpec(dataset, model, k, r, loss, enc, dec, seed)
+        for dataset, model, k, r, loss, (enc, dec), seed in itertools.product(
+            cfg.datasets, cfg.models, cfg.k_vals, cfg.r_vals, cfg.losses, cfg.enc_dec_types, cfg.seeds or [None])
     ]

@@ -6,7 +6,9 @@ A run folder is any folder under SAVE_DIR holding ``metrics.jsonl`` and
 ``config.json`` (what :class:`train.engine.CodedRun` writes). Each run is
 reported at its *best validation epoch* -- the highest validation
 reconstruction accuracy, the earliest on ties -- because that is the epoch
-``best.pt`` holds; the last epoch may have overfit.
+``best.pt`` holds; the last epoch may have overfit. The runs of a ``seeds``
+sweep become one row of mean ± standard deviation (``--each-seed`` lists
+them one by one).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -130,10 +133,41 @@ def summarize_run(folder: str | Path) -> dict:
         "test_degraded_acc": degraded,
         "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
         "epoch_seconds": seconds[len(seconds) // 2] if seconds else None,  # the median epoch
+        "seed": config.get("run_seed"),
+        # The runs of one 'seeds' sweep share the folder above their seed<s> folders.
+        "group": str(folder.parent if config.get("run_seed") is not None else folder),
         "folder": str(folder),
         "history": [(r["epoch"], _number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
                     for r in rows],
     }
+
+
+def merge_seeds(rows: Sequence[dict]) -> list[dict]:
+    """One row per seed sweep: the runs that differ only in their seed (one ``group``) become a
+    row holding each figure's mean, with its sample standard deviation under ``<key>_std`` and
+    the number of runs under ``seeds``. Runs outside a sweep pass through with ``seeds`` 1."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    merged = []
+    for members in groups.values():
+        row = {**members[0], "seeds": len(members)}
+        if len(members) > 1:
+            row["seed"] = None
+            for key, _, kind in COLUMNS:
+                values = [m.get(key) for m in members]
+                if kind == "pct":
+                    known = [v for v in values if v is not None]
+                    row[key] = statistics.fmean(known) if known else None
+                    if key != "f_test_acc":  # one F for the whole sweep: its spread is no news
+                        row[f"{key}_std"] = statistics.stdev(known) if len(known) > 1 else None
+                elif kind == "sec":
+                    known = sorted(v for v in values if v is not None)
+                    row[key] = known[len(known) // 2] if known else None
+                elif key in ("epochs_run", "best_epoch") and len(set(values)) > 1:
+                    row[key] = f"{min(values)}-{max(values)}"
+        merged.append(row)
+    return merged
 
 
 def sort_key(row: dict) -> tuple:
@@ -141,23 +175,32 @@ def sort_key(row: dict) -> tuple:
     return tuple(row[k] for k in SORT_KEYS)
 
 
-def _cell(value: Any, kind: str) -> str:
+def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
     if value is None:
         return "n/a"
     if kind == "pct":
-        return f"{100 * value:.2f}"
+        return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
     if kind == "sec":
         return f"{value:.1f}"
     return str(value).replace("|", "\\|")
 
 
 def markdown_table(rows: Iterable[dict]) -> str:
-    """A markdown table of ``rows`` (as from :func:`summarize_run`), stably sorted by :func:`sort_key`."""
-    rows = sorted(rows, key=sort_key)
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if kind == "str" else "---:" for _, _, kind in COLUMNS) + "|"]
+    """A markdown table of ``rows`` (as from :func:`summarize_run` or :func:`merge_seeds`), stably
+    sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
+    then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one."""
+    rows = sorted(rows, key=lambda r: (sort_key(r), r.get("seed") or 0))
+    columns = list(COLUMNS)
+    at = [key for key, _, _ in columns].index("decoder") + 1
+    if any(r.get("seeds", 1) > 1 for r in rows):
+        columns.insert(at, ("seeds", "seeds", "str"))
+    elif any(r.get("seed") is not None for r in rows):
+        columns.insert(at, ("seed", "seed", "str"))
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+             "|" + "|".join("---" if kind == "str" else "---:" for _, _, kind in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key), kind) for key, _, kind in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(key), kind, row.get(f"{key}_std")) for key, _, kind in columns)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +223,7 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
               "(pip install matplotlib to get them)", file=err)
         return []
     groups: dict[tuple, list[dict]] = {}
-    for row in sorted(rows, key=sort_key):
+    for row in sorted(rows, key=lambda r: (sort_key(r), r.get("seed") or 0)):
         groups.setdefault(sort_key(row)[:4], []).append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +231,8 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
     for (dataset, model, k, r), runs in groups.items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
         for run in runs:
-            label = f"{run['loss']} {run['encoder']}/{run['decoder']}"
+            label = f"{run['loss']} {run['encoder']}/{run['decoder']}" + (
+                f" seed {run['seed']}" if run.get("seed") is not None else "")
             epochs = [e for e, _, _ in run["history"]]
             for ax, i in zip(axes, (1, 2)):
                 values = [100 * h[i] if h[i] is not None else float("nan") for h in run["history"]]
@@ -229,6 +273,8 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     ap.add_argument("--plots", metavar="DIR", help="folder for the PNG plots (default SAVE_DIR/plots)")
     ap.add_argument("--no-plots", action="store_true", help="write the table only")
     ap.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
+    ap.add_argument("--each-seed", action="store_true",
+                    help="a row per run of a 'seeds' sweep instead of one row of mean ± std per sweep")
     args = ap.parse_args(argv)
 
     save_dir = Path(args.save_dir)
@@ -245,7 +291,7 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
         print(f"error: every run folder under '{save_dir}' was unreadable (see the warnings above).", file=err)
         return EXIT_USER_ERROR
 
-    table = markdown_table(rows)
+    table = markdown_table(rows if args.each_seed else merge_seeds(rows))
     print(table, end="", file=out)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
