@@ -228,15 +228,22 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
     for (dataset, model, k, r), runs in groups.items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        codes: dict[str, int] = {}  # the seeds of one code share its colour, each with its own line style
+        seen: dict[str, int] = {}
         for run in runs:
-            label = f"{run['loss']} {run['encoder']}/{run['decoder']}" + (
-                f" seed {run['seed']}" if run.get("seed") is not None else "")
+            code = f"{run['loss']} {run['encoder']}/{run['decoder']}"
+            color = colors[codes.setdefault(code, len(codes)) % len(colors)]
+            style = styles[seen.get(code, 0) % len(styles)]
+            seen[code] = seen.get(code, 0) + 1
+            label = code + (f" seed {run['seed']}" if run.get("seed") is not None else "")
             epochs = [e for e, _, _ in run["history"]]
             for ax, i in zip(axes, (1, 2)):
                 values = [100 * h[i] if h[i] is not None else float("nan") for h in run["history"]]
-                ax.plot(epochs, values, marker="o", markersize=3, label=label)
+                ax.plot(epochs, values, marker="o", markersize=3, label=label, color=color, linestyle=style)
         for ax, what in zip(axes, ("reconstruction", "degraded-mode")):
             ax.set_title(f"validation {what} accuracy")
             ax.set_xlabel("epoch")
