@@ -22,7 +22,7 @@ from tqdm import tqdm
 from base_models import MODEL_ALIASES
 from datasets import Splits, load_dataset
 from util.classpath import build, spec_name
-from util.errors import EXIT_USER_ERROR, ConfigError, UserError
+from util.errors import ConfigError, UserError, exits_on_user_error
 from util.util import atomic_save, atomic_write_text, resolve_device
 
 DEFAULT_ROOT = "base_model_trained_files"
@@ -203,6 +203,7 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     return model.cpu()
 
 
+@exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m base_models.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="digits")
@@ -225,22 +226,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--seed must be from 0 to 2**63 - 1")
     if args.val_size is not None and args.val_size < 1:
         ap.error("--val-size must be 1 or more")
-    try:
-        splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
-                              seed=args.seed)
-        path = default_path(args.dataset, args.model, args.root)
-        if path.exists() and not args.force:
-            print(f"{path} exists; reusing it (pass --force to retrain).")
-            model = load_state(build_base_model(args.model, splits, "--model"), path)
-            print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
-            return 0
-        model = build_base_model(args.model, splits, "--model", seed=args.seed)
-        model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
-                                          lr=args.lr, device=args.device, seed=args.seed)
-        save_base_model(model, metrics, path)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
+                          seed=args.seed)
+    path = default_path(args.dataset, args.model, args.root)
+    if path.exists() and not args.force:
+        print(f"{path} exists; reusing it (pass --force to retrain).")
+        model = load_state(build_base_model(args.model, splits, "--model"), path)
+        print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
+        return 0
+    model = build_base_model(args.model, splits, "--model", seed=args.seed)
+    model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
+                                      lr=args.lr, device=args.device, seed=args.seed)
+    save_base_model(model, metrics, path)
     print(json.dumps(metrics))
     print(f"wrote {path}")
     return 0

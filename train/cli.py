@@ -68,21 +68,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def run_status(folder: Path, num_epoch: int) -> str:
-    """One phrase on how far the run in ``folder`` has got, from its checkpoint and metrics.jsonl."""
+def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
+    """How far the run in ``folder`` has got, from its checkpoint and metrics.jsonl:
+    ``(state, phrase)`` with state "new", "part", "done" or "unreadable"."""
     from util.report import METRICS_FILE, RunReadError, best_row, read_rows
 
     folder = Path(folder)
     if not (folder / "current.pt").exists():
-        return "new"
+        return "new", "new"
     try:
         rows = read_rows(folder / METRICS_FILE)
         best = best_row(rows)
     except RunReadError as exc:
-        return f"has a checkpoint; metrics unreadable ({exc})"
+        return "unreadable", f"has a checkpoint; metrics unreadable ({exc})"
     last = max(r["epoch"] for r in rows)
-    state = f"done, {last} epochs" if last >= num_epoch else f"at epoch {last}/{num_epoch}"
-    return f"{state}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+    state = "done" if last >= num_epoch else "part"
+    phrase = f"done, {last} epochs" if state == "done" else f"at epoch {last}/{num_epoch}"
+    return state, f"{phrase}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
@@ -114,17 +116,16 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)
+    folders = [folder if folder is not None else spec.folder(cfg.save_dir) for spec in runs]
     if list_only:
-        lines = []
-        for i, spec in enumerate(runs, 1):
-            where = folder if folder is not None else spec.folder(cfg.save_dir)
-            lines.append(f"{i:>4}  {run_status(where, cfg.num_epoch):<52}  {where}")
-        counts = {word: sum(line.split()[1].startswith(word) for line in lines) for word in ("new", "done", "at")}
+        statuses = [run_status(where, cfg.num_epoch) for where in folders]
+        lines = [f"{i:>4}  {phrase:<52}  {where}" for i, ((_, phrase), where) in enumerate(zip(statuses, folders), 1)]
+        count = [state for state, _ in statuses].count
         print(f"{'run':>4}  {'progress':<52}  folder", *lines, file=out, sep="\n")
-        print(f"{len(lines)} runs: {counts['done']} done, {counts['at']} part-trained, {counts['new']} new", file=out)
+        print(f"{len(lines)} runs: {count('done')} done, {count('part')} part-trained, {count('new')} new", file=out)
         return lines
     if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
-        refuse_occupied([folder] if folder is not None else [spec.folder(cfg.save_dir) for spec in runs], len(runs))
+        refuse_occupied(folders, len(runs))
     check_data(cfg)
     results = []
     for i, spec in enumerate(runs, 1):

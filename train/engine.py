@@ -150,7 +150,8 @@ class CodedRun:
         self.n_out = self.data["test"][2].shape[1]
         self.in_shape = self.splits.input_shape
 
-        torch.manual_seed(spec.train_seed(cfg))
+        train_seed = spec.train_seed(cfg)
+        torch.manual_seed(train_seed)
         encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
         self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
@@ -171,7 +172,7 @@ class CodedRun:
         self.available = enumerate_scenarios(self.k, self.r).to(dev)
         self.unavailable = unavailable_data(self.available, self.k)
         self.pairs = unavailable_pairs(self.unavailable)
-        self.gen = torch.Generator().manual_seed(spec.train_seed(cfg))
+        self.gen = torch.Generator().manual_seed(train_seed)
         self.epoch = 0
         self.best_val = -1.0
         self.log = MetricsLog(self.folder)

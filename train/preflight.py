@@ -11,7 +11,7 @@ from base_models.train import check_weights_path
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
-from util.classpath import build, import_class, split_spec
+from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError
 
 # Input shapes and class counts of the shipped datasets, so coders can be
@@ -129,12 +129,10 @@ def check_coder_size(run: RunSpec, coders) -> None:
     need = 4 * numel * 4
     have = memory_bytes()
     if have and need > have:
-        raise ConfigError(f"Config key 'k_vals': the run with k={run.k}, r={run.r} and "
-                          f"{split_spec(run.encoder, 'enc_dec_types')[0].rsplit('.', 1)[-1]}/"
-                          f"{split_spec(run.decoder, 'enc_dec_types')[0].rsplit('.', 1)[-1]} on {run.dataset} has "
-                          f"{numel:,} coder parameters, about {_size(need)} with gradients and optimizer "
-                          f"state, more than this machine's {_size(have)}. Fix: lower k_vals or r_vals, or "
-                          f"pick a smaller coder.")
+        raise ConfigError(f"Config key 'k_vals': the run with k={run.k}, r={run.r} and {spec_name(run.encoder)}/"
+                          f"{spec_name(run.decoder)} on {run.dataset} has {numel:,} coder parameters, about "
+                          f"{_size(need)} with gradients and optimizer state, more than this machine's "
+                          f"{_size(have)}. Fix: lower k_vals or r_vals, or pick a smaller coder.")
 
 
 def check_data(cfg: Config) -> None:

@@ -5,6 +5,8 @@ that belongs to another run) is raised as :class:`UserError`; the command
 line prints its message as one paragraph and exits with code 2 instead of a
 traceback.
 """
+import functools
+import sys
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -25,8 +27,6 @@ class RunDiverged(UserError):
 def exits_on_user_error(main):
     """Wrap a command's ``main`` so a UserError prints as one paragraph and
     returns EXIT_USER_ERROR instead of ending in a traceback."""
-    import functools
-    import sys
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):

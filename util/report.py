@@ -116,7 +116,7 @@ def summarize_run(folder: str | Path) -> dict:
     best = best_row(rows)
     f_acc = _number(best.get("test_base_acc"))
     # Epoch 0 only evaluates the untrained code; the others train, evaluate and checkpoint.
-    seconds = sorted(v for v in (_number(r.get("seconds")) for r in rows if r["epoch"] > 0) if v is not None)
+    seconds = [v for v in (_number(r.get("seconds")) for r in rows if r["epoch"] > 0) if v is not None]
     degraded = _number(best.get("test_degraded_acc"))
     return {
         "dataset": spec_name(config["dataset"]),
@@ -132,7 +132,7 @@ def summarize_run(folder: str | Path) -> dict:
         "test_recon_acc": _number(best.get("test_recon_acc")),
         "test_degraded_acc": degraded,
         "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
-        "epoch_seconds": seconds[len(seconds) // 2] if seconds else None,  # the median epoch
+        "epoch_seconds": statistics.median_high(seconds) if seconds else None,  # the median epoch
         "seed": config.get("run_seed"),
         # The runs of one 'seeds' sweep share the folder above their seed<s> folders.
         "group": str(folder.parent if config.get("run_seed") is not None else folder),
@@ -162,8 +162,8 @@ def merge_seeds(rows: Sequence[dict]) -> list[dict]:
                     if key != "f_test_acc":  # one F for the whole sweep: its spread is no news
                         row[f"{key}_std"] = statistics.stdev(known) if len(known) > 1 else None
                 elif kind == "sec":
-                    known = sorted(v for v in values if v is not None)
-                    row[key] = known[len(known) // 2] if known else None
+                    known = [v for v in values if v is not None]
+                    row[key] = statistics.median_high(known) if known else None
                 elif key in ("epochs_run", "best_epoch") and len(set(values)) > 1:
                     row[key] = f"{min(values)}-{max(values)}"
         merged.append(row)
@@ -171,8 +171,8 @@ def merge_seeds(rows: Sequence[dict]) -> list[dict]:
 
 
 def sort_key(row: dict) -> tuple:
-    """(dataset, model, k, r, loss, encoder, decoder), k and r compared as numbers."""
-    return tuple(row[k] for k in SORT_KEYS)
+    """(dataset, model, k, r, loss, encoder, decoder, seed), k and r compared as numbers."""
+    return (*(row[k] for k in SORT_KEYS), row.get("seed") or 0)
 
 
 def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
@@ -189,7 +189,7 @@ def markdown_table(rows: Iterable[dict]) -> str:
     """A markdown table of ``rows`` (as from :func:`summarize_run` or :func:`merge_seeds`), stably
     sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
     then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one."""
-    rows = sorted(rows, key=lambda r: (sort_key(r), r.get("seed") or 0))
+    rows = sorted(rows, key=sort_key)
     columns = list(COLUMNS)
     at = [key for key, _, _ in columns].index("decoder") + 1
     if any(r.get("seeds", 1) > 1 for r in rows):
@@ -223,7 +223,7 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
               "(pip install matplotlib to get them)", file=err)
         return []
     groups: dict[tuple, list[dict]] = {}
-    for row in sorted(rows, key=lambda r: (sort_key(r), r.get("seed") or 0)):
+    for row in sorted(rows, key=sort_key):
         groups.setdefault(sort_key(row)[:4], []).append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
