@@ -176,3 +176,15 @@ def test_a_folder_as_base_model_file_is_refused_up_front(tmp_path):
     cfg = validate_dict({**BASE, "base_model_file": str(tmp_path / "mnist")})
     with pytest.raises(ConfigError, match=r"'base_model_file'.*is a folder.*holds: base-mlp"):
         preflight(cfg, expand_runs(cfg))
+
+
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"num_epoch": 1, "num_epoch": 5}')
+    with pytest.raises(ConfigError, match="'num_epoch' more than once"):
+        load_config(path)
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps(BASE)[:-1] + ', "optimizer": {"class": "torch.optim.SGD", '
+                      '"args": {"lr": 0.1, "lr": 0.2}}}')
+    with pytest.raises(ConfigError, match="'lr' more than once"):
+        load_config(nested)

@@ -131,15 +131,29 @@ def _type_name(hint: Any) -> str:
 
 def validate_dict(raw: Any, source: str = "config") -> Config:
     """Check ``raw`` against the schema and return a :class:`Config`; raise ConfigError otherwise."""
+    cfg = validate_schema(raw, Config, source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def validate_schema(raw: Any, schema: type, source: str = "config"):
+    """Build the dataclass ``schema`` from ``raw`` after checking its keys and types.
+
+    The machinery every lcc config shares (training, serving): unknown keys get a
+    did-you-mean, missing required keys and wrong types a sentence naming the key.
+    Value checks beyond types are the caller's.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a JSON object of keys; got {type(raw).__name__}.")
-    hints = get_type_hints(Config)
+    hints = get_type_hints(schema)
+    required = [f.name for f in dataclasses.fields(schema) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
     for key in raw:
         if key not in hints:
             close = difflib.get_close_matches(key, hints, n=1)
             maybe = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown config key '{key}'.{maybe} Known keys: {', '.join(hints)}.")
-    missing = [k for k in REQUIRED if k not in raw]
+    missing = [k for k in required if k not in raw]
     if missing:
         raise ConfigError(f"{source}: missing required config key(s) {', '.join(missing)}. "
                           f"See the config reference in README.md.")
@@ -147,9 +161,7 @@ def validate_dict(raw: Any, source: str = "config") -> Config:
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{source}: config key '{key}' must be {_type_name(hints[key])}; "
                               f"got {json.dumps(value)}.")
-    cfg = Config(**raw)
-    _check_values(cfg, source)
-    return cfg
+    return schema(**raw)
 
 
 def _check_values(cfg: Config, source: str) -> None:
@@ -210,18 +222,41 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
     the config file can be named by class path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Fix: pass the path of a JSON file, "
-                          f"such as conf/digits_learned.json.")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"Config file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, "
-                          f"column {exc.colno}.") from None
+    raw = read_json_config(path, "such as conf/digits_learned.json")
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
     add_code_dir(str(path.resolve().parent))
     return validate_dict(raw, source=f"config '{path}'")
+
+
+def _refuse_duplicates(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def read_json_config(path: Path, example: str) -> Any:
+    """The parsed JSON of a config file; a missing file, bad JSON or a key given twice
+    (JSON would silently keep the last) is a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Fix: pass the path of a JSON file, {example}.")
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=_refuse_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                          f"column {exc.colno}.") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"Config file '{path}' gives the key '{exc}' more than once (JSON would keep only the "
+                          f"last). Fix: keep one of them.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file '{path}' is not text (UTF-8). Fix: pass a JSON file, {example}.") from None
 
 
 # Folders of the config files read in this process. Each goes on sys.path, so a
