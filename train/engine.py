@@ -23,20 +23,15 @@ from base_models.train import build_base_model, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED
 from train.augment import random_crop_flip
+from train.code import Code, freeze
 from train.checkpoint import load_checkpoint, load_module_state, refuse_occupied, save_checkpoint
 from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, summary_line
-from train.scenarios import apply_scenarios, enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
+from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
 from util.util import atomic_write_text, get_flattened_dim, keep_freed_memory, resolve_device
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Freeze F for real: no gradients, eval mode (BatchNorm statistics stay put)."""
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def eval_groups(n: int, k: int, device) -> torch.Tensor:
@@ -58,6 +53,23 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
             raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} could not be built ({exc}). "
                               f"Fix: check its 'args' against its constructor (ec_k, ec_r, in_dim, ...).") from None
     return modules[0], modules[1]
+
+
+def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module) -> nn.ModuleList:
+    """The r parity models F_P of a run (architecture 'parity_model', else F's)."""
+    arch = cfg.parity_model or spec.model
+    models = []
+    for _ in range(spec.r):
+        m = build_base_model(arch, splits, "parity_model")
+        if cfg.parity_model_init == "base":
+            try:
+                m.load_state_dict(base.state_dict())
+            except RuntimeError:
+                raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights, but the "
+                                  f"parity model {spec_name(arch)} has a different architecture from F. "
+                                  "Fix: use \"random\" or the same architecture.") from None
+        models.append(m)
+    return nn.ModuleList(models)
 
 
 _DATA_CACHE: dict = {}
@@ -157,7 +169,10 @@ class CodedRun:
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
         check_contract(self.encoder, self.decoder, self.k, self.r, get_flattened_dim([-1, *self.in_shape]),
                        self.n_out, dev)
-        self.parity_models = self._build_parity_models().to(dev) if cfg.train_parity_model else None
+        self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base).to(dev)
+                              if cfg.train_parity_model else None)
+        # The computation, shared with evaluation and serving (train/code.py).
+        self.code = Code(self.base, self.encoder, self.decoder, self.parity_models, self.k, self.r).to(dev)
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
         self.parity_loss = (self.parity_models is not None and self.loss_kind == "base"
@@ -177,52 +192,20 @@ class CodedRun:
         self.best_val = -1.0
         self.log = MetricsLog(self.folder)
 
-    def _build_parity_models(self) -> nn.ModuleList:
-        spec = self.cfg.parity_model or self.spec.model
-        models = []
-        for _ in range(self.r):
-            m = build_base_model(spec, self.splits, "parity_model")
-            if self.cfg.parity_model_init == "base":
-                try:
-                    m.load_state_dict(self.base.state_dict())
-                except RuntimeError:
-                    raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights, but the "
-                                      f"parity model {spec_name(spec)} has a different architecture from F. "
-                                      "Fix: use \"random\" or the same architecture.") from None
-            models.append(m)
-        return nn.ModuleList(models)
-
-    # -- the computation ---------------------------------------------------------------------------
+    # -- the computation (train/code.py) -----------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, k, C, H, W) -> (B, r, C, H, W)``, channels folded into the encoder's batch."""
-        b, k, c = x.shape[:3]
-        spatial = x.shape[3:]
-        flat = x.reshape(b, k, c, -1).transpose(1, 2).reshape(b * c, k, -1)
-        parities = self.encoder(flat)
-        return parities.reshape(b, c, self.r, -1).transpose(1, 2).reshape(b, self.r, c, *spatial)
+        return self.code.encode(x)
 
     def parity_outputs(self, parities: torch.Tensor) -> torch.Tensor:
-        """``(B, r, C, H, W) -> (B, r, n)``: F itself, or parity model j on parity j."""
-        b = parities.shape[0]
-        if self.parity_models is None:
-            return self.base(parities.reshape(b * self.r, *parities.shape[2:])).view(b, self.r, -1)
-        return torch.stack([m(parities[:, j]) for j, m in enumerate(self.parity_models)], 1)
+        return self.code.parity_outputs(parities)
 
     def decode(self, outputs: torch.Tensor) -> torch.Tensor:
         """``(B, k + r, n)`` -> reconstructions ``(S, B, k, n)`` for all S scenarios in one call."""
-        b = outputs.shape[0]
-        s = self.available.shape[0]
-        dec_in = apply_scenarios(outputs, self.available)
-        if getattr(self.decoder, "needs_availability", False):
-            out = self.decoder(dec_in, self.available.repeat_interleave(b, 0))
-        else:
-            out = self.decoder(dec_in)
-        return out.view(s, b, self.k, -1)
+        return self.code.decode_scenarios(outputs)
 
     def forward_groups(self, x: torch.Tensor, fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Data ``(B, k, C, H, W)`` and F's outputs on it ``(B, k, n)`` -> (reconstructions, parity outputs)."""
-        fp = self.parity_outputs(self.encode(x))
-        return self.decode(torch.cat([fx, fp], 1)), fp
+        return self.code.forward_groups(x, fx)
 
     def select_unavailable(self, recon: torch.Tensor, fx: torch.Tensor, y: torch.Tensor):
         """The reconstructions of unavailable data outputs with their targets: ``(M, n), (M, n), (M,)``."""
