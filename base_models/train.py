@@ -23,7 +23,7 @@ from base_models import MODEL_ALIASES
 from datasets import Splits, load_dataset
 from util.classpath import build, spec_name
 from util.errors import ConfigError, UserError, exits_on_user_error
-from util.util import atomic_save, atomic_write_text, resolve_device
+from util.util import atomic_save, atomic_write_text, count_subnormal, flush_denormals, resolve_device
 
 DEFAULT_ROOT = "base_model_trained_files"
 
@@ -79,7 +79,23 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
             f"Base-model weights '{path}' do not fit {type(model).__name__} on this dataset ({first}). "
             f"Fix: check that the file belongs to this dataset and model, or delete it so lcc retrains it."
         ) from None
+    report_subnormal(model, path)
     return model
+
+
+_SUBNORMAL_REPORTED: set = set()  # weights files already reported, so a sweep says it once
+
+
+def report_subnormal(model: nn.Module, path: Path) -> int:
+    """Count the subnormal values in F's loaded weights and say so (once per file) when there are any."""
+    n = count_subnormal(model.state_dict().values())
+    key = str(Path(path).resolve())
+    if n and key not in _SUBNORMAL_REPORTED:
+        _SUBNORMAL_REPORTED.add(key)
+        print(f"Note: the base-model weights '{path}' hold {n} subnormal values (non-zero, below about "
+              f"1.2e-38). CPU arithmetic on them is many times slower; runs read them as zero unless the config "
+              f"sets \"flush_denormal\": false.", file=sys.stderr)
+    return n
 
 
 def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batch_size: int = 128,
@@ -220,6 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--force", action="store_true", help="retrain even if the weights file exists")
     args = ap.parse_args(argv)
+    flush_denormals(True)  # as train.py's runs do by default: subnormals slow CPU arithmetic many times
     if args.epochs < 1 or args.batch_size < 1:
         ap.error("--epochs and --batch-size must be 1 or more")
     if not 0 <= args.seed < 2 ** 63:

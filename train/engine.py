@@ -31,7 +31,7 @@ from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
-from util.util import atomic_write_text, get_flattened_dim, keep_freed_memory, resolve_device
+from util.util import atomic_write_text, flush_denormals, get_flattened_dim, keep_freed_memory, resolve_device
 
 
 def eval_groups(n: int, k: int, device) -> torch.Tensor:
@@ -132,6 +132,7 @@ class CodedRun:
             keep_freed_memory()
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
+        flush_denormals(cfg.flush_denormal)  # process-wide, after the thread count: see README, Benchmarks
         self.config = run_config(cfg, spec)
         dev = self.device
 
