@@ -1,5 +1,6 @@
 """The training step, the frozen base model, custom coders, resume and a short real run."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -168,7 +169,11 @@ def test_resume_takes_the_optimizer_settings_from_the_config(digits_config):
     assert state["epoch"] == 2
     group = state["optimizer"]["param_groups"][0]
     assert group["lr"] == 2.5e-4 and group["weight_decay"] == 0.0
-    assert state["optimizer"]["state"], "the moments carried over from epoch 1"
+    # Adam's moments went on from epoch 1's: its step count covers both epochs
+    # (tests/test_catchers.py compares the loaded moments with the checkpoint's, tensor by tensor).
+    steps = [float(s["step"]) for s in state["optimizer"]["state"].values()]
+    groups_per_epoch = 2 * (len(make_run(path).splits.split("train")[1]) // 2)  # "images": k shuffles
+    assert steps and all(s == 2 * math.ceil(groups_per_epoch / 16) for s in steps)
 
 
 def _numbers(rows):
@@ -260,15 +265,19 @@ def test_same_seed_same_numbers(digits_config, tmp_path):
 @pytest.mark.parametrize("loss", ["mse", "kl", "xent"])
 def test_every_loss_trains(digits_config, loss):
     rows = run_all(str(digits_config(num_epoch=2, losses=[loss])), {})[0]
-    assert rows[-1]["train_loss"] < rows[1]["train_loss"] * 1.5
-    assert rows[-1]["val_recon_acc"] > rows[0]["val_recon_acc"]
+    # on digits the losses fall by 15-50% per epoch and accuracy climbs from 8% to 39-49%
+    assert rows[2]["train_loss"] < 0.95 * rows[1]["train_loss"]
+    assert rows[2]["val_loss"] < rows[1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[2]["val_recon_acc"] > rows[0]["val_recon_acc"] + 0.2
 
 
 def test_r2_learned_code_covers_all_scenarios(digits_config):
-    rows = run_all(str(digits_config(num_epoch=1, k_vals=[2], r_vals=[2])), {})[0]
+    rows = run_all(str(digits_config(num_epoch=2, k_vals=[2], r_vals=[2])), {})[0]
     run = make_run(digits_config(k_vals=[2], r_vals=[2]))
     assert len(run.available) == 5
-    assert rows[-1]["val_recon_acc"] > 0
+    # every scenario is trained: two epochs take validation (all five scenarios) from 16% to 32%
+    assert rows[2]["val_loss"] < 0.6 * rows[0]["val_loss"]
+    assert rows[2]["val_recon_acc"] > rows[0]["val_recon_acc"] + 0.08
 
 
 def test_quickstart_digits_learned_code_beats_chance_by_far(digits_config, tmp_path):
@@ -276,8 +285,9 @@ def test_quickstart_digits_learned_code_beats_chance_by_far(digits_config, tmp_p
     path = digits_config(**{k: v for k, v in cfg.items() if k not in ("save_dir",)})
     rows = run_all(str(path), {"progress": False})[0]
     best = max(rows, key=lambda r: r["val_recon_acc"])
-    assert best["test_recon_acc"] >= 0.80
-    assert best["test_degraded_acc"] >= 0.75
+    # 91-93% / 86-88% over the last epochs (README); the original code's parity-path bug gave about 77%
+    assert best["test_recon_acc"] >= 0.89
+    assert best["test_degraded_acc"] >= 0.84
 
 
 def test_command_line_exit_code_and_message(tmp_path):
