@@ -1,0 +1,1 @@
+"""Serving trained codes: a Ray runtime with injected stragglers, and a simulator (``python -m serve``)."""

@@ -1,0 +1,151 @@
+"""``python -m serve CONFIG.json [--set KEY=VALUE ...]``: serve trained codes under injected stragglers.
+
+Every setting of the config (runs x rates x delays) runs each strategy on
+the same seeded queries, then writes, under ``out_dir/<setting>/``:
+``setting.json``, ``<strategy>/queries.csv`` (one row per query),
+``<strategy>/requests.csv`` (one row per request an instance served),
+``<strategy>/summary.json``, and ``cdf.png``; the summary tables are
+printed as markdown (``python -m serve.report OUT_DIR`` prints them again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from serve.config import ServeConfig, expand_settings, load_serve_config
+from serve.plan import ROLE_F, build_plan, make_queries, parity_per_model, pool_roles
+from serve.results import markdown_table, plot_cdf, summarize, write_strategy
+from train.cli import parse_overrides
+from util.errors import ConfigError, UserError, exits_on_user_error
+from util.util import atomic_write_text
+
+
+def load_codes(cfg: ServeConfig) -> dict:
+    """Each run folder's trained code, loaded once (a bad folder is a UserError before any serving)."""
+    from train.code import load_code
+
+    codes = {}
+    for run in cfg.runs:
+        if run not in codes:
+            codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
+    return codes
+
+
+def check_failures(cfg: ServeConfig, codes: dict) -> None:
+    for run, loaded in codes.items():
+        k, r = loaded.code.k, loaded.code.r
+        for strategy in cfg.strategies:
+            size = len(pool_roles(strategy, cfg.instances, k, r))
+            for f in cfg.failures:
+                if f["instance"] >= size:
+                    raise ConfigError(f"Config key 'failures': instance {f['instance']} does not exist under "
+                                      f"strategy '{strategy}' for run '{run}' (k={k}, r={r}), which has {size} "
+                                      f"instances numbered from 0. Fix: name a smaller instance number.")
+        if cfg.interference is not None:
+            for i in cfg.interference["instances"]:
+                if i >= cfg.instances:
+                    raise ConfigError(f"Config key 'interference': instance {i} is not one of the {cfg.instances} "
+                                      f"instances every strategy has (0..{cfg.instances - 1}).")
+
+
+def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
+    """Run every setting and strategy; returns ``[(setting record, [summary per strategy]), ...]``."""
+    out = out or sys.stdout
+    codes = load_codes(cfg)
+    check_failures(cfg, codes)
+    settings = expand_settings(cfg)
+    started = False
+    if cfg.engine == "ray":
+        from serve.runtime import start_ray
+
+        started = start_ray(cfg.address, cfg.num_cpus)
+    results = []
+    try:
+        pools = {}
+        for setting in settings:
+            loaded = codes[setting.run]
+            results.append(serve_setting(cfg, setting, loaded, pools, out))
+        for pool in pools.values():
+            pool.shutdown()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return results
+
+
+def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[dict, list[dict]]:
+    code = loaded.code
+    k, r = code.k, code.r
+    x, y = loaded.splits.split(cfg.split)
+    with torch.no_grad():
+        pad_output = code.base(torch.zeros(1, *x.shape[1:]))[0]
+    queries = make_queries(cfg, setting.rate, y.numpy())
+    folder = Path(cfg.out_dir) / setting.name
+    record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
+              "delay": setting.delay, "k": k, "r": r, "strategies": list(cfg.strategies), "engine": cfg.engine,
+              "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
+    print(f"== {setting.name}: {setting.describe()} (k={k}, r={r}, m={cfg.instances}, engine {cfg.engine})",
+          file=out, flush=True)
+    summaries, curves = [], {}
+    for si, strategy in enumerate(cfg.strategies):
+        plan = build_plan(cfg, strategy, k, r, queries, setting.delay, si)
+        if cfg.engine == "ray":
+            outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
+        else:
+            from serve.sim import simulate
+
+            outcome = simulate(plan, cfg, code=code, inputs=x)
+        summary = summarize(outcome, strategy, plan.num_instances, cfg.warmup_queries)
+        write_strategy(folder / strategy, outcome, summary)
+        summaries.append(summary)
+        curves[strategy] = ((outcome.done - outcome.arrival) * 1000.0)[cfg.warmup_queries:]
+        print(f"  {strategy}: p50 {summary['p50_ms']:.1f} ms, p99.9 {summary['p99.9_ms']:.1f} ms, "
+              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}", file=out, flush=True)
+    atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
+    if cfg.plot:
+        plot_cdf(curves, folder / "cdf.png", setting.describe())
+    print(markdown_table(summaries), file=out, flush=True)
+    return record, summaries
+
+
+def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
+    from serve.runtime import Frontend, Pool
+
+    code = loaded.code
+    if setting.run not in pools:
+        num_f = max(sum(1 for role in pool_roles(s, cfg.instances, code.k, code.r) if role == ROLE_F)
+                    for s in cfg.strategies)
+        per = parity_per_model(cfg.instances, code.k) if "coded" in cfg.strategies else 0
+        pools[setting.run] = Pool(code, cfg, num_f, [per] * code.r)
+    pool = pools[setting.run]
+    actors = pool.actors_for(plan.roles)
+    frontend = Frontend(plan, actors, code, x, pad_output)
+    outcome = frontend.run(cfg.interference)
+    pool.replace_dead({actors[i] for i in frontend.dead})
+    return outcome
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="JSON serving config, e.g. conf/serve_digits.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set rates=[100]")
+    args = ap.parse_args(argv)
+    cfg = load_serve_config(args.config, parse_overrides(args.overrides))
+    if cfg.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ConfigError("Config key 'engine': \"ray\" needs Ray, which is not installed. Fix: "
+                              "pip install -e \".[serve]\", or set \"engine\": \"sim\".") from None
+    serve_all(cfg)
+    return 0

@@ -1,0 +1,216 @@
+"""The serving config: one declared schema, shared by the Ray runtime and the simulator.
+
+Every key is declared once in :class:`ServeConfig`, checked by the same
+machinery as the training config (:func:`train.config.validate_schema`:
+unknown keys with a did-you-mean, wrong types), then by :func:`check_values`.
+The lists ``runs``, ``rates`` and ``delays`` sweep: every combination is one
+*setting*, and every setting runs each of ``strategies`` on the same seeded
+arrivals and delays, so the strategies are compared on equal terms.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from train.config import read_json_config, validate_schema
+from util.errors import ConfigError
+
+STRATEGIES = ("none", "equal-resources", "replicate", "coded")
+ENGINES = ("ray", "sim")
+DISTRIBUTIONS = {
+    # name: (required parameters, optional parameters)
+    "none": ((), ()),
+    "constant": (("ms",), ()),
+    "exponential": (("mean_ms",), ()),
+    "shifted-exponential": (("shift_ms", "mean_ms"), ()),
+    "pareto": (("scale_ms", "alpha"), ()),
+    "file": (("path",), ("column",)),
+}
+COMMON_DELAY_KEYS = ("dist", "probability", "instances")
+
+
+@dataclass
+class ServeConfig:
+    runs: list[str]                     # run folders written by train.py (config.json + checkpoint), swept
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))  # compared in each setting
+    rates: list[float] = field(default_factory=lambda: [50.0])  # query arrival rates (queries/s, Poisson), swept
+    delays: list[dict] = field(default_factory=lambda: [{"dist": "none"}])  # injected delay models, swept
+    num_queries: int = 1000             # queries per strategy and setting
+    warmup_queries: int = 0             # leading queries served but left out of the figures
+    instances: int = 2                  # m: instances serving queries without redundancy
+    group_timeout_ms: float = 20.0      # longest a coded query waits for its group of k to fill
+    slowdown: Optional[dict] = None     # {"fraction", "factor", "period_ms"}: instances slowed for periods
+    interference: Optional[dict] = None  # {"instances": [i, ...], "processes": p}: real CPU competition (ray)
+    failures: list[dict] = field(default_factory=list)  # [{"instance": i, "at_ms": t}]: fail-stop kills
+    split: str = "test"                 # the dataset split the queries come from
+    checkpoint: str = "best.pt"         # which checkpoint of each run folder is served
+    seed: int = 0                       # same seed: same queries, arrivals, delays, slow periods
+    engine: str = "ray"                 # "ray": real actors; "sim": the discrete-event simulator
+    address: Optional[str] = None       # Ray cluster to join ("auto", "ray://host:10001"); null: a local Ray
+    num_cpus: Optional[int] = None      # CPUs of the embedded local Ray (default: this machine's)
+    instance_cpus: float = 0.0          # CPUs reserved per instance actor on the cluster (0: pack freely)
+    instance_threads: int = 1           # torch threads inside each instance
+    device: str = "cpu"                 # where instances run F: "cpu" or "cuda" (one GPU share per instance)
+    flush_denormal: bool = True         # flush subnormal floats to zero in every instance (CPU speed)
+    data_dir: Optional[str] = None      # dataset folder (default: the run's)
+    out_dir: str = "serve_results"      # results go under out_dir/<setting>/<strategy>/
+    plot: bool = True                   # latency CDF per setting (needs matplotlib)
+    profile: Optional[str] = None       # sim: per-instance service times (ms) measured by a ray run, a CSV
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One combination of the swept lists."""
+
+    index: int
+    run: str
+    rate: float
+    delay: dict
+
+    @property
+    def name(self) -> str:
+        return f"setting{self.index:02d}"
+
+    def describe(self) -> str:
+        return f"{self.run} | {self.rate:g} queries/s | delay {describe_delay(self.delay)}"
+
+
+def describe_delay(delay: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in delay.items() if k != "dist")
+    return delay["dist"] + (f" ({params})" if params else "")
+
+
+def _bad(source: str, key: str, msg: str) -> ConfigError:
+    return ConfigError(f"{source}: config key '{key}' {msg}")
+
+
+def check_delay(delay: dict, source: str, key: str = "delays") -> None:
+    dist = delay.get("dist")
+    if dist not in DISTRIBUTIONS:
+        raise _bad(source, key, f"needs \"dist\" set to one of {', '.join(DISTRIBUTIONS)}; got {delay}.")
+    required, optional = DISTRIBUTIONS[dist]
+    unknown = set(delay) - set(required) - set(optional) - set(COMMON_DELAY_KEYS)
+    missing = [p for p in required if p not in delay]
+    if unknown or missing:
+        raise _bad(source, key, f"entry {delay}: \"{dist}\" takes {', '.join(required) or 'no parameters'}"
+                   f"{' (and ' + ', '.join(optional) + ')' if optional else ''}, plus optional \"probability\" "
+                   f"and \"instances\"; {'unknown ' + ', '.join(sorted(unknown)) if unknown else 'missing ' + ', '.join(missing)}.")
+    for p in required:
+        if p == "path":
+            if not isinstance(delay[p], str) or not Path(delay[p]).is_file():
+                raise _bad(source, key, f"entry {delay}: \"path\" must name an existing file of measured "
+                           f"latencies in milliseconds (one per line, or a CSV column).")
+        elif not _number(delay[p]) or delay[p] < 0 or (p in ("mean_ms", "scale_ms", "alpha") and delay[p] == 0):
+            raise _bad(source, key, f"entry {delay}: \"{p}\" must be a positive number; got {delay[p]!r}.")
+    prob = delay.get("probability", 1.0)
+    if not _number(prob) or not 0 <= prob <= 1:
+        raise _bad(source, key, f"entry {delay}: \"probability\" must be a number from 0 to 1; got {prob!r}.")
+    inst = delay.get("instances")
+    if inst is not None and not (isinstance(inst, list) and all(_index(i) for i in inst)):
+        raise _bad(source, key, f"entry {delay}: \"instances\" must be a list of instance numbers (0, 1, ...) "
+                   f"or absent for every instance; got {inst!r}.")
+    if dist == "file" and "column" in delay and not isinstance(delay["column"], str):
+        raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_values(cfg: ServeConfig, source: str) -> None:
+    """Every value check beyond types; raises ConfigError naming the key and the fix."""
+    if not cfg.runs:
+        raise _bad(source, "runs", "must list at least one run folder written by train.py.")
+    for run in cfg.runs:
+        folder = Path(run)
+        if not (folder / "config.json").is_file():
+            raise _bad(source, "runs", f"names '{run}', which is not a run folder (no config.json there). Fix: "
+                       f"give the folder train.py wrote, such as save/digits/base-mlp/k2/r1/MSELoss/MLPEncoder/"
+                       f"MLPDecoder.")
+        if not (folder / cfg.checkpoint).is_file():
+            raise _bad(source, "checkpoint", f"'{cfg.checkpoint}' is not in the run folder '{run}'. Fix: train "
+                       f"the run first, or set 'checkpoint' to a file the folder holds (best.pt, current.pt).")
+    if not cfg.strategies or len(set(cfg.strategies)) < len(cfg.strategies) \
+            or any(s not in STRATEGIES for s in cfg.strategies):
+        raise _bad(source, "strategies", f"must list distinct strategies from {', '.join(STRATEGIES)}; "
+                   f"got {cfg.strategies}.")
+    if not cfg.rates or any(not _number(r) or r <= 0 for r in cfg.rates):
+        raise _bad(source, "rates", f"must list positive arrival rates in queries per second; got {cfg.rates}.")
+    if not cfg.delays:
+        raise _bad(source, "delays", "must list at least one delay model, e.g. [{\"dist\": \"none\"}].")
+    for delay in cfg.delays:
+        check_delay(delay, source)
+    if cfg.num_queries < 1:
+        raise _bad(source, "num_queries", f"must be 1 or more; got {cfg.num_queries}.")
+    if not 0 <= cfg.warmup_queries < cfg.num_queries:
+        raise _bad(source, "warmup_queries", f"must be from 0 to num_queries - 1; got {cfg.warmup_queries}.")
+    if cfg.instances < 1:
+        raise _bad(source, "instances", f"must be 1 or more; got {cfg.instances}.")
+    if not _number(cfg.group_timeout_ms) or cfg.group_timeout_ms < 0:
+        raise _bad(source, "group_timeout_ms", f"must be 0 or more; got {cfg.group_timeout_ms}.")
+    if cfg.slowdown is not None:
+        s = cfg.slowdown
+        if set(s) != {"fraction", "factor", "period_ms"} or not all(_number(v) for v in s.values()) \
+                or not 0 <= s["fraction"] <= 1 or s["factor"] < 1 or s["period_ms"] <= 0:
+            raise _bad(source, "slowdown", f"must be null or {{\"fraction\": 0..1, \"factor\": >= 1, "
+                       f"\"period_ms\": > 0}}; got {s}.")
+    if cfg.interference is not None:
+        i = cfg.interference
+        if set(i) != {"instances", "processes"} or not isinstance(i["instances"], list) \
+                or not all(_index(v) for v in i["instances"]) or not _index(i["processes"]) or i["processes"] < 1:
+            raise _bad(source, "interference", f"must be null or {{\"instances\": [i, ...], \"processes\": "
+                       f"p >= 1}}; got {i}.")
+    for f in cfg.failures:
+        if not isinstance(f, dict) or set(f) != {"instance", "at_ms"} or not _index(f["instance"]) \
+                or not _number(f["at_ms"]) or f["at_ms"] < 0:
+            raise _bad(source, "failures", f"entries must be {{\"instance\": i, \"at_ms\": t >= 0}}; got {f}.")
+    if len({f["instance"] for f in cfg.failures}) < len(cfg.failures):
+        raise _bad(source, "failures", "names one instance twice; an instance fails once.")
+    if cfg.split not in ("train", "val", "test"):
+        raise _bad(source, "split", f"must be \"train\", \"val\" or \"test\"; got {cfg.split!r}.")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise _bad(source, "seed", f"must be an integer from 0 to 2**63 - 1; got {cfg.seed}.")
+    if cfg.engine not in ENGINES:
+        raise _bad(source, "engine", f"must be one of {', '.join(ENGINES)}; got {cfg.engine!r}.")
+    if cfg.num_cpus is not None and cfg.num_cpus < 1:
+        raise _bad(source, "num_cpus", f"must be 1 or more (or null); got {cfg.num_cpus}.")
+    if not _number(cfg.instance_cpus) or cfg.instance_cpus < 0:
+        raise _bad(source, "instance_cpus", f"must be 0 or more; got {cfg.instance_cpus}.")
+    if cfg.instance_threads < 1:
+        raise _bad(source, "instance_threads", f"must be 1 or more; got {cfg.instance_threads}.")
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
+    if cfg.profile is not None and not Path(cfg.profile).is_file():
+        raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
+                   f"profile.csv a ray run wrote under out_dir, or set it to null.")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")
+
+
+def validate(raw: Any, source: str = "serve config") -> ServeConfig:
+    cfg = validate_schema(raw, ServeConfig, source)
+    check_values(cfg, source)
+    return cfg
+
+
+def load_serve_config(path: str | Path, overrides: Optional[dict] = None) -> ServeConfig:
+    """Read and check a serving config file; ``overrides`` (``--set``) replace its keys first."""
+    path = Path(path)
+    raw = read_json_config(path, "such as conf/serve_digits.json")
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
+    return validate(raw, source=f"serve config '{path}'")
+
+
+def expand_settings(cfg: ServeConfig) -> list[Setting]:
+    """Every combination of ``runs`` x ``rates`` x ``delays``, in a stable order."""
+    return [Setting(i, run, float(rate), delay) for i, (run, rate, delay)
+            in enumerate(itertools.product(cfg.runs, cfg.rates, cfg.delays))]

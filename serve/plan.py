@@ -1,0 +1,258 @@
+"""What a strategy does with a seeded stream of queries, decided before anything runs.
+
+A :class:`Plan` lists every request a strategy sends: when (dispatch time),
+to which instance, for which query or parity, with which injected delay and
+slow-down factor. Arrivals, groups, routing, delays and slow periods all
+follow from the config's seed and the queries' arrival times alone, never
+from wall-clock timing, so the Ray runtime (``serve/runtime.py``) and the
+simulator execute the very same plan and a seed reproduces it exactly.
+
+Instances of a strategy, numbered as the config's ``instances`` lists refer
+to them (m = ``instances``, p = r * ceil(m / k) parity instances):
+
+* ``none``: 0..m-1 hold F; query q goes to instance q mod m (round robin).
+* ``equal-resources``: 0..m+p-1 hold F, the coded strategy's instance count
+  spent on load balancing; query q goes to q mod (m + p).
+* ``replicate``: 0..2m-1 hold F; query q goes to 2q mod 2m and 2q+1 mod 2m,
+  the first answer wins.
+* ``coded``: 0..m-1 hold F for the data queries (q mod m); instances
+  m + j*ceil(m/k) .. m + (j+1)*ceil(m/k) - 1 serve parity j (F itself, or
+  parity model j), group g's parity j going to the (g mod ceil(m/k))-th.
+
+Queries form groups of k in arrival order: a group closes when its k-th
+query arrives or ``group_timeout_ms`` after its first, whichever is first;
+a group closed early is padded with blank (all-zero) inputs whose outputs
+the frontend knows in advance, so they count as available at once.
+An instance that has failed gets no more requests: a request that would go
+to it goes to the next live instance of the same role.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from serve.config import ServeConfig
+from util.errors import ConfigError, UserError
+
+ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
+
+
+def parity_per_model(m: int, k: int) -> int:
+    return math.ceil(m / k)
+
+
+def pool_roles(strategy: str, m: int, k: int, r: int) -> list[int]:
+    """The role of each instance of ``strategy``: ROLE_F, or j for parity j."""
+    per = parity_per_model(m, k)
+    if strategy == "none":
+        return [ROLE_F] * m
+    if strategy == "equal-resources":
+        return [ROLE_F] * (m + r * per)
+    if strategy == "replicate":
+        return [ROLE_F] * (2 * m)
+    if strategy == "coded":
+        return [ROLE_F] * m + [j for j in range(r) for _ in range(per)]
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+@dataclass
+class Queries:
+    """The seeded query stream of one setting, shared by every strategy."""
+
+    arrival: np.ndarray     # (N,) seconds from the start, ascending
+    index: np.ndarray       # (N,) which image of the split each query sends
+    label: np.ndarray       # (N,) that image's label
+
+
+@dataclass
+class Plan:
+    """Every request of one strategy; request arrays are ordered by dispatch time."""
+
+    strategy: str
+    k: int
+    r: int
+    roles: list[int]                # per instance
+    queries: Queries
+    # per request
+    time: np.ndarray                # dispatch time (s)
+    instance: np.ndarray            # target instance
+    query: np.ndarray               # query number, or -1 for a parity
+    group: np.ndarray               # group number (coded), else -1
+    slot: np.ndarray                # coded: position 0..k+r-1 in the group; replicate: copy 0/1; else 0
+    delay: np.ndarray               # injected delay (s)
+    factor: np.ndarray              # slow-down factor (>= 1)
+    # per group (coded only): members (G, k), -1 where padded; close time (G,)
+    members: Optional[np.ndarray] = None
+    closed: Optional[np.ndarray] = None
+    failures: dict = field(default_factory=dict)  # instance -> failure time (s)
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.roles)
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+def streams(seed: int):
+    """Independent generators for the parts of a plan, so adding one part never shifts another."""
+    names = ("arrivals", "images", "delays", "slowdown", "retries")
+    return {name: np.random.default_rng([seed, i]) for i, name in enumerate(names)}
+
+
+def make_queries(cfg: ServeConfig, rate: float, labels: np.ndarray) -> Queries:
+    """Poisson arrivals at ``rate`` and a seeded draw of images (each image once before any repeats)."""
+    rng = streams(cfg.seed)
+    n = cfg.num_queries
+    arrival = np.cumsum(rng["arrivals"].exponential(1.0 / rate, n))
+    order = np.concatenate([rng["images"].permutation(len(labels)) for _ in range(math.ceil(n / len(labels)))])[:n]
+    return Queries(arrival, order, labels[order])
+
+
+def form_groups(arrival: np.ndarray, k: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of up to k consecutive queries: ``(members (G, k) padded with -1, close times (G,))``."""
+    n = len(arrival)
+    starts, ends = [], []
+    i = 0
+    limit = np.searchsorted(arrival, arrival + timeout_s, side="right")  # first query too late for i's group
+    while i < n:
+        end = min(i + k, int(limit[i]))
+        starts.append(i)
+        ends.append(end)
+        i = end
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    members = starts[:, None] + np.arange(k)[None, :]
+    members = np.where(members < ends[:, None], members, -1)
+    full = ends - starts == k
+    closed = np.where(full, arrival[np.maximum(ends - 1, 0)], arrival[starts] + timeout_s)
+    return members, closed
+
+
+def sample_delays(delay: dict, instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Injected delay (s) per request to ``instance``, from the config's delay model."""
+    n = len(instance)
+    dist = delay["dist"]
+    if dist == "none":
+        ms = np.zeros(n)
+    elif dist == "constant":
+        ms = np.full(n, float(delay["ms"]))
+    elif dist == "exponential":
+        ms = rng.exponential(delay["mean_ms"], n)
+    elif dist == "shifted-exponential":
+        ms = delay["shift_ms"] + rng.exponential(delay["mean_ms"], n)
+    elif dist == "pareto":
+        ms = delay["scale_ms"] * (1.0 + rng.pareto(delay["alpha"], n))
+    elif dist == "file":
+        ms = rng.choice(read_latency_file(delay["path"], delay.get("column")), n)
+    else:  # check_delay refuses others
+        raise ValueError(dist)
+    hit = rng.random(n) < delay.get("probability", 1.0)
+    if delay.get("instances") is not None:
+        hit &= np.isin(instance, delay["instances"])
+    return np.where(hit, ms, 0.0) / 1000.0
+
+
+def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
+    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column``."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if column is not None:
+            col = rows[0].index(column)
+            values = [float(row[col]) for row in rows[1:] if row]
+        else:
+            values = [float(row[0]) for row in rows if row and row[0].strip()]
+    except (OSError, ValueError, IndexError) as exc:
+        raise ConfigError(f"Config key 'delays': the latency file '{path}' could not be read as milliseconds "
+                          f"({type(exc).__name__}: {exc}). Fix: one number per line, or a CSV with a header and "
+                          f"\"column\" naming the column.") from None
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ConfigError(f"Config key 'delays': the latency file '{path}' must hold finite, non-negative "
+                          f"milliseconds; it holds {arr.size} values.")
+    return arr
+
+
+def slow_factors(cfg: ServeConfig, instance: np.ndarray, time: np.ndarray, num_instances: int) -> np.ndarray:
+    """The slow-down factor of each request: ``factor`` when its instance is in a slow period."""
+    if cfg.slowdown is None:
+        return np.ones(len(instance))
+    s = cfg.slowdown
+    period = s["period_ms"] / 1000.0
+    n_periods = int(time.max() // period) + 1 if len(time) else 1
+    slow = streams(cfg.seed)["slowdown"].random((n_periods, max(num_instances, 1))) < s["fraction"]
+    return np.where(slow[(time // period).astype(int), instance], float(s["factor"]), 1.0)
+
+
+def reroute(instance: np.ndarray, time: np.ndarray, roles: list[int], failures: dict) -> np.ndarray:
+    """Send each request whose instance has failed by its dispatch time to the next live one of the same role."""
+    if not failures:
+        return instance
+    instance = instance.copy()
+    roles_arr = np.asarray(roles)
+    fail_at = np.full(len(roles), np.inf)
+    for i, t in failures.items():
+        fail_at[i] = t
+    for n in np.nonzero(time >= fail_at[instance])[0]:
+        same = np.nonzero(roles_arr == roles_arr[instance[n]])[0]
+        start = int(np.searchsorted(same, instance[n]))
+        for step in range(1, len(same) + 1):
+            cand = same[(start + step) % len(same)]
+            if time[n] < fail_at[cand]:
+                instance[n] = cand
+                break
+        else:
+            instance[n] = -1  # no live instance of this role: the request is never sent
+    return instance
+
+
+def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries, delay: dict,
+               strategy_index: int = 0) -> Plan:
+    """The requests of ``strategy`` for ``queries``; see the module docstring for the routing."""
+    m = cfg.instances
+    roles = pool_roles(strategy, m, k, r)
+    failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
+    bad = [i for i in failures if i >= len(roles)]
+    if bad:
+        raise UserError(f"Config key 'failures': instance {bad[0]} does not exist under strategy '{strategy}', "
+                        f"which has {len(roles)} instances (0..{len(roles) - 1}). Fix: name an instance below "
+                        f"{min(len(pool_roles(s, m, k, r)) for s in cfg.strategies)}, or drop that strategy.")
+    n = len(queries.arrival)
+    q = np.arange(n)
+    members = closed = None
+    if strategy in ("none", "equal-resources"):
+        time, inst, query = queries.arrival, q % len(roles), q
+        group, slot = np.full(n, -1), np.zeros(n, dtype=int)
+    elif strategy == "replicate":
+        time = np.repeat(queries.arrival, 2)
+        query = np.repeat(q, 2)
+        slot = np.tile([0, 1], n)
+        inst = (2 * query + slot) % len(roles)
+        group = np.full(2 * n, -1)
+    else:  # coded
+        members, closed = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0)
+        g = len(closed)
+        per = parity_per_model(m, k)
+        data_g, data_slot = np.nonzero(members >= 0)
+        data_q = members[data_g, data_slot]
+        # A data query goes out on arrival; parities when the group closes (the encoder needs all k).
+        par_g = np.repeat(np.arange(g), r)
+        par_j = np.tile(np.arange(r), g)
+        time = np.concatenate([queries.arrival[data_q], closed[par_g]])
+        inst = np.concatenate([data_q % m, m + par_j * per + par_g % per])
+        query = np.concatenate([data_q, np.full(len(par_g), -1)])
+        group = np.concatenate([data_g, par_g])
+        slot = np.concatenate([data_slot, k + par_j])
+    order = np.argsort(time, kind="stable")
+    time, inst, query, group, slot = time[order], inst[order], query[order], group[order], slot[order]
+    inst = reroute(inst, time, roles, failures)
+    rng = np.random.default_rng([cfg.seed, 2, strategy_index])
+    delays = sample_delays(delay, inst, rng)
+    factor = slow_factors(cfg, inst, time, len(roles))
+    return Plan(strategy, k, r, roles, queries, time, inst, query, group, slot, delays, factor,
+                members, closed, failures)
