@@ -173,6 +173,7 @@ class Outcome:
     frontend_s: dict          # seconds the frontend spent encoding, dispatching and decoding
     requests: dict            # per request: instance, role, sent, done, compute, delay, factor, ok
     answers: np.ndarray       # how many times each query was answered (1 when all is well)
+    outputs: Optional[np.ndarray] = None  # (N, n): each query's served answer (F's output or a reconstruction)
 
 
 class Frontend:
@@ -189,6 +190,7 @@ class Frontend:
         self.reconstructed = np.zeros(n, dtype=bool)
         self.retried = np.zeros(n, dtype=bool)
         self.predicted = np.full(n, -1)
+        self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
         self.k, self.r = plan.k, plan.r
         self.pad = pad_output
         self.cost = {"encode": 0.0, "dispatch": 0.0, "decode": 0.0}
@@ -239,6 +241,7 @@ class Frontend:
         self.done[q] = now
         self.reconstructed[q] = reconstructed
         self.predicted[q] = int(output.argmax())
+        self.served[q] = output.numpy()
 
     def try_decode(self, g: int, now: float) -> None:
         members = self.plan.members[g]
@@ -379,7 +382,7 @@ class Frontend:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
         return Outcome(q.arrival, self.done, self.reconstructed, self.retried, self.predicted, q.label, q.index,
-                       dict(self.cost), {k: np.asarray(v) for k, v in self.req.items()}, self.answers)
+                       dict(self.cost), {k: np.asarray(v) for k, v in self.req.items()}, self.answers, self.served)
 
     def log_request(self, actor_index, sent, now, compute, delay, factor, ok) -> None:
         for name, v in (("instance", actor_index), ("role", self.plan.roles[actor_index]), ("sent", sent),
