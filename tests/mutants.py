@@ -1,0 +1,302 @@
+"""Plant one-line bugs in the core and see which ones the tests notice.
+
+    python tests/mutants.py                 # every mutant, on a copy of the working tree as it is now
+    python tests/mutants.py kl_reversed ... # only these
+    python tests/mutants.py --list          # names, targets and the tests each one runs
+    python tests/mutants.py --from-head     # copy the last commit instead of the working tree
+
+Each mutant replaces one exact piece of source text (a line or part of one) in
+the core modules (``train/``, ``coders/``, ``datasets/``, ``base_models/``,
+``util/``). The replacement is made in a temporary copy of the repository,
+never in the working tree, and only the few tests meant to catch that bug run
+against it. A mutant is *killed* when one of them turns red, *survived* when
+all stay green, and *not applied* when its text is no longer found exactly
+once (the core moved on: update the mutant). Tests already red before any
+mutant is planted are reported and ignored.
+
+Not part of CI (``pytest`` does not collect this file): run it after changing
+the core or the tests. The exit status is 1 when a mutant survived.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ("train", "coders", "datasets", "base_models", "util")
+
+CATCH = "tests/test_catchers.py::"
+ENGINE = "tests/test_engine.py::"
+PARITY = "tests/test_parity_coders.py::"
+TRAINING = "tests/test_parity_training.py::"
+
+
+@dataclass
+class Mutant:
+    name: str
+    old: str            # exact text, found once in the core (or in ``path``)
+    new: str
+    tests: list[str]    # pytest node ids, the fastest that should catch it
+    path: str = ""      # the file, when the text alone is not unique across the core
+    why: str = ""
+    applied_to: str = field(default="", init=False)
+
+
+MUTANTS = [
+    # -- the survivors of the first mutation run (issue 13) --
+    Mutant("kl_reversed",
+           "F.kl_div(F.log_softmax(recon, dim=-1), F.log_softmax(target, dim=-1),",
+           "F.kl_div(F.log_softmax(target, dim=-1), F.log_softmax(recon, dim=-1),",
+           [CATCH + "test_kl_base_is_kl_of_f_outputs_against_the_reconstruction",
+            CATCH + "test_kl_loss_in_a_run_is_kl_base", ENGINE + "test_every_loss_trains"],
+           why="KL-Base computed as KL(reconstruction || F)"),
+    Mutant("augment_clean_targets",
+           "fx = self.base(x.flatten(0, 1)).view(b, k, -1)", "fx = fx_all[idx]",
+           [CATCH + "test_under_augmentation_the_targets_are_f_on_the_augmented_images",
+            "tests/test_augment_channels.py::test_conv_encoder_on_colour_images_with_augmentation_trains"],
+           why="the encoder trained against F's outputs on the un-augmented images"),
+    Mutant("best_val_not_restored",
+           'self.epoch, self.best_val = state["epoch"], state["best_val"]', 'self.epoch = state["epoch"]',
+           [CATCH + "test_resume_remembers_the_best_validation_accuracy",
+            ENGINE + "test_resume_reproduces_an_uninterrupted_run"],
+           why="resume forgets the best validation accuracy; the next epoch overwrites best.pt"),
+    Mutant("torch_rng_not_restored",
+           'torch.set_rng_state(state["rng"]["torch"])', "pass",
+           [CATCH + "test_resume_restores_the_global_torch_generator",
+            ENGINE + "test_resume_reproduces_an_uninterrupted_run"],
+           why="resume leaves torch's global generator where initialisation left it"),
+    Mutant("berrut_parity_nodes_at_end",
+           "parity_index = [(j + 1) * (n - 1) // (ec_r + 1) for j in range(ec_r)]",
+           "parity_index = [ec_k + j for j in range(ec_r)]",
+           [CATCH + "test_berrut_parity_nodes_sit_among_the_data_nodes",
+            CATCH + "test_berrut_two_data_one_parity_is_the_mean",
+            CATCH + "test_berrut_code_matches_the_closed_form_interpolant",
+            TRAINING + "test_berrut_needs_no_training"],
+           why="Berrut's parity nodes at the end of [-1, 1] instead of among the data nodes"),
+    Mutant("best_tie_to_later_epoch",
+           "improved = val is not None and val > self.best_val",
+           "improved = val is not None and val >= self.best_val",
+           [CATCH + "test_a_tie_for_the_best_validation_accuracy_goes_to_the_earlier_epoch",
+            ENGINE + "test_best_checkpoint_and_only_test"],
+           why="a tie for the best validation accuracy won by the later epoch"),
+    # -- bugs that had a single catcher --
+    Mutant("loss_over_available_outputs",
+           "return ~available[:, :ec_k]", "return torch.ones_like(available[:, :ec_k])",
+           [CATCH + "test_unavailable_outputs_reach_neither_the_decoder_nor_the_loss",
+            ENGINE + "test_loss_only_counts_unavailable_reconstructions", "tests/test_scenarios.py"],
+           why="losses and accuracies over every data output, available ones included"),
+    Mutant("mask_first_of_r_only",
+           "row[list(missing)] = False", "row[list(missing)[:1]] = False",
+           [CATCH + "test_unavailable_outputs_reach_neither_the_decoder_nor_the_loss",
+            ENGINE + "test_decoder_sees_exactly_the_masked_outputs", "tests/test_scenarios.py"],
+           why="with r > 1, only the first unavailable output of a scenario is masked"),
+    Mutant("metrics_targets_swapped",
+           "targets = torch.stack([base_out.detach().argmax(1), labels], 1)",
+           "targets = torch.stack([labels, base_out.detach().argmax(1)], 1)",
+           [CATCH + "test_accuracies_of_a_run_count_f_and_label_targets_in_the_top_1_and_top_5",
+            "tests/test_metrics.py"],
+           why="reconstruction accuracy counted against the labels, degraded-mode against F"),
+    Mutant("top5_is_top1",
+           "return torch.stack([hit[:, 0].sum(0), hit.any(1).sum(0)], 1)",
+           "return torch.stack([hit[:, 0].sum(0), hit[:, 0].sum(0)], 1)",
+           [CATCH + "test_accuracies_of_a_run_count_f_and_label_targets_in_the_top_1_and_top_5",
+            "tests/test_metrics.py"],
+           why="top-5 accuracy counts top-1 hits only"),
+    Mutant("concat_tiles_reversed",
+           "grid = tiles.view(b, self.rows, self.cols,", "grid = tiles.flip(1).view(b, self.rows, self.cols,",
+           [CATCH + "test_concatenation_tiles_by_hand", PARITY + "test_concatenation_places_each_image_in_its_tile"],
+           why="the concatenation code puts input i in another input's tile"),
+    Mutant("images_epoch_one_pass",
+           'passes = self.k if self.cfg.epoch_groups == "images" else 1', "passes = 1",
+           [CATCH + "test_an_epoch_draws_each_training_image_k_times_or_once",
+            ENGINE + "test_resume_takes_the_optimizer_settings_from_the_config"],
+           why='the "images" epoch draws each image once, like "disjoint"'),
+    # -- more of the first run's bugs, kept so that they stay caught --
+    Mutant("kl_summed_over_rows",
+           'reduction="batchmean", log_target=True)', 'reduction="sum", log_target=True)',
+           [CATCH + "test_kl_base_is_kl_of_f_outputs_against_the_reconstruction",
+            CATCH + "test_kl_loss_in_a_run_is_kl_base"],
+           why="KL-Base summed over the batch instead of averaged over rows"),
+    Mutant("parity_only_scenario_kept",
+           "if missing == parity_only:", "if False:",
+           ["tests/test_scenarios.py", CATCH + "test_unavailable_outputs_reach_neither_the_decoder_nor_the_loss"],
+           why="the scenario with only parities missing is trained and scored too"),
+    Mutant("f_not_frozen",
+           "model.requires_grad_(False)", "model.requires_grad_(True)", path="train/code.py",
+           tests=[ENGINE + "test_step_reaches_every_coder_parameter_and_never_touches_f",
+                  ENGINE + "test_f_stays_frozen_over_a_whole_fit"],
+           why="F's weights take gradients"),
+    Mutant("parity_outputs_dropped",
+           "return self.decode_scenarios(torch.cat([fx, fp], 1)), fp",
+           "return self.decode_scenarios(torch.cat([fx, torch.zeros_like(fp)], 1)), fp",
+           [CATCH + "test_unavailable_outputs_reach_neither_the_decoder_nor_the_loss",
+            ENGINE + "test_decoder_sees_exactly_the_masked_outputs", TRAINING + "test_berrut_needs_no_training"],
+           why="the decoder never sees the parity outputs"),
+    Mutant("berrut_weights_not_alternating",
+           "sign = 1 - 2 * ((used.cumsum(dim=-1) - 1) % 2)", "sign = torch.ones_like(used)",
+           [CATCH + "test_berrut_code_matches_the_closed_form_interpolant",
+            PARITY + "test_berrut_weights_alternate_over_used_nodes_by_location"],
+           why="Berrut's weights all +1 (a plain inverse-distance average)"),
+    Mutant("subtraction_adds",
+           "missing = in_data[:, self.ec_k:] - data.sum(dim=1, keepdim=True)",
+           "missing = in_data[:, self.ec_k:] + data.sum(dim=1, keepdim=True)",
+           [PARITY + "test_subtraction_decoder_solves_by_hand", PARITY + "test_linear_model_is_reconstructed_exactly"],
+           why="the subtraction decoder adds the available outputs"),
+    Mutant("mds_nodes_repeated",
+           "nodes = 1.0 - 0.5 * torch.cos((2 * i + 1) * math.pi / (2 * ec_k))",
+           "nodes = 1.0 - 0.5 * torch.cos((2 * (i // 2) + 1) * math.pi / (2 * ec_k))",
+           [PARITY + "test_mds_every_choice_of_k_outputs_is_invertible",
+            PARITY + "test_linear_model_is_reconstructed_exactly"],
+           why="two MDS coefficient columns coincide: some choices of k outputs cannot be inverted"),
+    Mutant("adam_moments_not_loaded",
+           'self.optimizer.load_state_dict(state["optimizer"])', "pass",
+           [CATCH + "test_resume_carries_the_optimizer_moments_over_exactly",
+            ENGINE + "test_resume_takes_the_optimizer_settings_from_the_config"],
+           why="resume starts Adam's moments from zero"),
+    Mutant("shuffle_rng_not_restored",
+           'self.gen.set_state(state["rng"]["shuffle"])', "pass",
+           [ENGINE + "test_resume_reproduces_an_uninterrupted_run"],
+           why="resume reshuffles the data with the generator as initialisation left it"),
+]
+
+
+def snapshot(dest: Path, from_head: bool) -> None:
+    """Copy the repository into ``dest``: the working tree's files as they are now, or the last commit."""
+    if from_head:
+        archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():  # a file deleted in the tree but still in the index is skipped
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def locate(tree: Path, mutant: Mutant) -> tuple[Path | None, str]:
+    """The one file of ``tree`` holding ``mutant.old`` exactly once, or ``(None, reason)``."""
+    files = [tree / mutant.path] if mutant.path else sorted(p for d in CORE for p in (tree / d).rglob("*.py"))
+    hits = [(p, p.read_text().count(mutant.old)) for p in files if p.is_file()]
+    hits = [(p, n) for p, n in hits if n]
+    if not hits:
+        return None, "text not found"
+    if len(hits) > 1 or hits[0][1] > 1:
+        where = ", ".join(f"{p.relative_to(tree)} x{n}" for p, n in hits)
+        return None, f"text not unique ({where}); give the mutant a path"
+    return hits[0][0], ""
+
+
+def run_tests(tree: Path, tests: list[str], timeout: float) -> tuple[str, set[str], str]:
+    """Run ``tests`` in ``tree``: ``(outcome, red test ids, output tail)``, outcome one of
+    "green", "red", "timeout", "error" (pytest could not run them)."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--no-header", *tests]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", set(), ""
+    out = proc.stdout + proc.stderr
+    red = {m.group(1).split("[")[0] for m in re.finditer(r"^(?:FAILED|ERROR) (\S+)", out, re.M)}
+    if proc.returncode == 0:
+        return "green", red, out
+    if proc.returncode == 1 or red:
+        return "red", red, out
+    return "error", red, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python tests/mutants.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to plant (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the mutants and their tests, run nothing")
+    ap.add_argument("--from-head", action="store_true", help="mutate the last commit, not the working tree")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant's test run (default 900)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copy and print where it is")
+    args = ap.parse_args(argv)
+
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown mutant(s) {', '.join(unknown)}; --list shows them")
+    chosen = [by_name[n] for n in args.names] or MUTANTS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.why}\n    {m.path or 'core'}: {m.old!r}\n    -> {m.new!r}")
+            print("".join(f"    test {t}\n" for t in m.tests))
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="lcc-mutants-"))
+    tree = tmp / "repo"
+    tree.mkdir()
+    try:
+        snapshot(tree, args.from_head)
+        print(f"copy of {'HEAD' if args.from_head else 'the working tree'} in {tree}", flush=True)
+        where = subprocess.run([sys.executable, "-c", "import train.losses; print(train.losses.__file__)"],
+                               cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                               capture_output=True, text=True).stdout.strip()
+        if not where.startswith(str(tree)):
+            print(f"error: the copy imports the core from {where or '(nowhere)'}, not from {tree}", file=sys.stderr)
+            return 2
+
+        every_test = sorted({t for m in chosen for t in m.tests})
+        t0 = time.time()
+        outcome, red_before, out = run_tests(tree, every_test, args.timeout * 2)
+        print(f"unmutated: {len(every_test)} test ids {outcome} ({time.time() - t0:.0f}s)", flush=True)
+        if outcome in ("error", "timeout"):
+            print(out[-3000:], file=sys.stderr)
+            return 2
+        if red_before:
+            print("  red before any mutant, ignored below: " + ", ".join(sorted(red_before)), flush=True)
+
+        results = []
+        for m in chosen:
+            target, reason = locate(tree, m)
+            if target is None:
+                results.append((m, "not applied", reason))
+                print(f"{m.name:<32} not applied: {reason}", flush=True)
+                continue
+            original = target.read_text()
+            target.write_text(original.replace(m.old, m.new))
+            t0 = time.time()
+            try:
+                outcome, red, out = run_tests(tree, m.tests, args.timeout)
+            finally:
+                target.write_text(original)
+            red -= red_before
+            if outcome == "timeout":
+                verdict, detail = "killed", "timeout"
+            elif outcome == "error":
+                verdict, detail = "error", out.strip().splitlines()[-1] if out.strip() else "pytest failed"
+            elif red:
+                verdict, detail = "killed", ", ".join(sorted(t.split("::")[-1] for t in red))
+            else:
+                verdict, detail = "SURVIVED", f"{len(m.tests)} test ids green"
+            results.append((m, verdict, detail))
+            print(f"{m.name:<32} {verdict:<8} {time.time() - t0:5.0f}s  [{target.relative_to(tree)}] {detail}",
+                  flush=True)
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    count = lambda v: sum(verdict == v for _, verdict, _ in results)  # noqa: E731
+    print(f"\n{len(results)} mutants: {count('killed')} killed, {count('SURVIVED')} survived, "
+          f"{count('not applied')} not applied, {count('error')} errors")
+    survivors = [m.name for m, verdict, _ in results if verdict == "SURVIVED"]
+    if survivors:
+        print("survived: " + ", ".join(survivors))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
