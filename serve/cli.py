@@ -94,11 +94,12 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
     print(f"== {setting.name}: {setting.describe()} (k={k}, r={r}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
-    summaries, curves = [], {}
+    summaries, curves, measured = [], {}, []
     for si, strategy in enumerate(cfg.strategies):
         plan = build_plan(cfg, strategy, k, r, queries, setting.delay, si)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
+            measured.append((plan.roles, outcome.requests))
         else:
             from serve.sim import simulate
 
@@ -110,6 +111,10 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         print(f"  {strategy}: p50 {summary['p50_ms']:.1f} ms, p99.9 {summary['p99.9_ms']:.1f} ms, "
               f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
+    if measured:  # what the simulator's "profile" key reads: compute and overhead per request and instance
+        from serve.sim import write_profile
+
+        write_profile(folder / "profile.csv", measured)
     if cfg.plot:
         plot_cdf(curves, folder / "cdf.png", setting.describe())
     print(markdown_table(summaries), file=out, flush=True)

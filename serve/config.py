@@ -59,6 +59,7 @@ class ServeConfig:
     out_dir: str = "serve_results"      # results go under out_dir/<setting>/<strategy>/
     plot: bool = True                   # latency CDF per setting (needs matplotlib)
     profile: Optional[str] = None       # sim: per-instance service times (ms) measured by a ray run, a CSV
+    service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,18 @@ def check_delay(delay: dict, source: str, key: str = "delays") -> None:
         raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
 
 
+def check_service(service: dict, source: str) -> None:
+    """``service``: a distribution like a delay model's, drawn for every request (no probability, no instances)."""
+    if not isinstance(service, dict):
+        raise _bad(source, "service", f"must be an object such as {{\"dist\": \"exponential\", \"mean_ms\": 1.0}}; "
+                   f"got {service!r}.")
+    shared = [key for key in ("probability", "instances") if key in service]
+    if shared:
+        raise _bad(source, "service", f"entry {service}: every request has a service time, so \"{shared[0]}\" "
+                   f"does not apply; give only \"dist\" and its parameters.")
+    check_delay(service, source, "service")
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -124,9 +137,12 @@ def _index(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def check_values(cfg: ServeConfig, source: str) -> None:
-    """Every value check beyond types; raises ConfigError naming the key and the fix."""
-    if not cfg.runs:
+def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
+    """Every value check beyond types; raises ConfigError naming the key and the fix.
+
+    ``need_runs=False`` (the simulator's map, which sweeps k and r itself) accepts a config without run folders.
+    """
+    if not cfg.runs and need_runs:
         raise _bad(source, "runs", "must list at least one run folder written by train.py.")
     for run in cfg.runs:
         folder = Path(run)
@@ -187,6 +203,7 @@ def check_values(cfg: ServeConfig, source: str) -> None:
         raise _bad(source, "instance_threads", f"must be 1 or more; got {cfg.instance_threads}.")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
+    check_service(cfg.service, source)
     if cfg.profile is not None and not Path(cfg.profile).is_file():
         raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")
@@ -195,9 +212,11 @@ def check_values(cfg: ServeConfig, source: str) -> None:
         raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")
 
 
-def validate(raw: Any, source: str = "serve config") -> ServeConfig:
+def validate(raw: Any, source: str = "serve config", need_runs: bool = True) -> ServeConfig:
+    if not need_runs and isinstance(raw, dict):
+        raw = {"runs": [], **raw}
     cfg = validate_schema(raw, ServeConfig, source)
-    check_values(cfg, source)
+    check_values(cfg, source, need_runs)
     return cfg
 
 

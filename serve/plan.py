@@ -115,15 +115,17 @@ def make_queries(cfg: ServeConfig, rate: float, labels: np.ndarray) -> Queries:
 def form_groups(arrival: np.ndarray, k: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray]:
     """Groups of up to k consecutive queries: ``(members (G, k) padded with -1, close times (G,))``."""
     n = len(arrival)
-    starts, ends = [], []
-    i = 0
     limit = np.searchsorted(arrival, arrival + timeout_s, side="right")  # first query too late for i's group
-    while i < n:
-        end = min(i + k, int(limit[i]))
-        starts.append(i)
-        ends.append(end)
-        i = end
-    starts, ends = np.asarray(starts), np.asarray(ends)
+    # The group starting at query i ends before nxt[i] = min(i + k, limit[i]); groups start at
+    # 0, nxt[0], nxt[nxt[0]], ... That orbit is found by doubling: jump holds nxt applied 2**j
+    # times, and each round appends the next len(starts) starts at once (n is a sink).
+    jump = np.append(np.minimum(np.arange(n) + k, limit), n)
+    starts = np.zeros(1, dtype=np.int64)
+    while starts[-1] < n:
+        starts = np.concatenate([starts, jump[starts]])
+        jump = jump[jump]
+    starts = starts[starts < n]
+    ends = np.append(starts[1:], n)[:len(starts)]
     members = starts[:, None] + np.arange(k)[None, :]
     members = np.where(members < ends[:, None], members, -1)
     full = ends - starts == k
@@ -193,21 +195,24 @@ def reroute(instance: np.ndarray, time: np.ndarray, roles: list[int], failures: 
     """Send each request whose instance has failed by its dispatch time to the next live one of the same role."""
     if not failures:
         return instance
-    instance = instance.copy()
+    original, instance = instance, instance.copy()
     roles_arr = np.asarray(roles)
     fail_at = np.full(len(roles), np.inf)
     for i, t in failures.items():
         fail_at[i] = t
-    for n in np.nonzero(time >= fail_at[instance])[0]:
-        same = np.nonzero(roles_arr == roles_arr[instance[n]])[0]
-        start = int(np.searchsorted(same, instance[n]))
-        for step in range(1, len(same) + 1):
-            cand = same[(start + step) % len(same)]
-            if time[n] < fail_at[cand]:
-                instance[n] = cand
-                break
-        else:
-            instance[n] = -1  # no live instance of this role: the request is never sent
+    moved = time >= fail_at[original]
+    for i in np.unique(original[moved]):
+        # Candidates: the other instances of i's role, cyclically after i. A request at time t
+        # goes to the first one still live at t, i.e. the first whose running maximum of failure
+        # times exceeds t.
+        same = np.nonzero(roles_arr == roles_arr[i])[0]
+        start = int(np.searchsorted(same, i))
+        cand = same[(start + np.arange(1, len(same) + 1)) % len(same)]
+        reach = np.maximum.accumulate(fail_at[cand])
+        rows = np.nonzero(moved & (original == i))[0]
+        pick = np.searchsorted(reach, time[rows], side="right")
+        # -1: no live instance of this role, the request is never sent
+        instance[rows] = np.where(pick < len(cand), cand[np.minimum(pick, len(cand) - 1)], -1)
     return instance
 
 

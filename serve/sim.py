@@ -1,0 +1,462 @@
+"""A discrete-event simulator of a serving plan: the Ray runtime's behaviour, with no model run for latency.
+
+It executes the same :class:`serve.plan.Plan` as ``serve/runtime.py`` and
+returns the same :class:`serve.runtime.Outcome`, so a config moves between the
+two by its key ``engine``. What it models:
+
+* **Service.** A request holds its instance for ``(compute + delay) x factor``
+  seconds, as the runtime's actor does: ``delay`` and ``factor`` come from the
+  plan, ``compute`` is drawn from the config's ``service`` distribution, or,
+  when ``profile`` names a CSV written by a ray run, from the compute times
+  measured on the same instance (same role, same position among its role).
+  A profile also gives each request a response overhead, drawn from the
+  overheads measured there: the time Ray takes to carry a request to an idle
+  actor and its answer back, which delays the answer but does not hold the
+  instance.
+* **Queueing.** Each instance serves one request at a time in dispatch order
+  (an actor's FIFO): completion_i = max(dispatch_i, completion_{i-1}) +
+  service_i, computed for every instance at once with cumulative sums and a
+  running maximum (no Python per request).
+* **Answers.** ``none`` / ``equal-resources``: the request's own output;
+  ``replicate``: the first of its two copies; ``coded``: the earlier of its
+  own output and the moment its group has k outputs (blank padding counts
+  from the start), the latter being a reconstruction.
+* **Failures.** An instance failing at T loses every request it has not
+  finished by T; a request with no live instance of its role (plan instance
+  -1) is lost at dispatch. As in the runtime, a lost request is recovered by
+  decoding when its group still gets k outputs (more than r lost slots
+  otherwise), else its query is sent again at the loss time, with no
+  injected delay, to the next live instance holding F after the failed one;
+  a retry joins that instance's queue. A query of ``replicate`` is sent
+  again when both copies are lost. Retries and queues depend on each other,
+  so the simulation repeats until the set of retries no longer changes.
+* **Served accuracy** (when ``code`` and ``inputs`` are given): F's argmax
+  for queries answered by their own output, and the trained decoder's
+  reconstruction, from exactly the outputs in hand at the decoding moment,
+  for reconstructed ones, computed offline in batches. Without a code,
+  predictions are -1 and accuracy reads n/a.
+
+Randomness (compute and overhead draws) comes from its own seeded streams,
+so the same config and seed give the same figures.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from serve.config import STRATEGIES, ServeConfig
+from serve.plan import ROLE_F, Plan, sample_delays
+from serve.runtime import Outcome
+from util.errors import ConfigError, UserError
+from util.util import atomic_write_text
+
+MAX_ROUNDS = 50  # retries and queues settle in a few rounds; more means something oscillates
+PROFILE_COLUMNS = ["role", "actor", "compute_ms", "overhead_ms"]
+
+
+# -- queues -------------------------------------------------------------------------------------------
+def fifo_completion(instance: np.ndarray, arrival: np.ndarray, service: np.ndarray) -> np.ndarray:
+    """Completion time of each request when every instance serves its requests one at a time.
+
+    Requests must be ordered by arrival; among equal arrivals at one instance the
+    earlier in the arrays is served first. Per instance, with S the cumulative
+    service, completion_i = S_i + max_{j <= i} (arrival_j - S_{j-1}) (Lindley's
+    recursion unrolled); the running maximum restarts at every instance by adding
+    a per-instance offset larger than the values' whole range.
+    """
+    n = len(instance)
+    if n == 0:
+        return np.zeros(0)
+    # A stable sort on a small integer type is a radix sort in numpy: fast.
+    small = instance.astype(np.int16) if instance.max() < 2 ** 15 else instance
+    order = np.argsort(small, kind="stable")
+    inst, t, s = instance[order], arrival[order], service[order]
+    first = np.empty(n, dtype=bool)
+    first[0] = True
+    np.not_equal(inst[1:], inst[:-1], out=first[1:])
+    segment = np.cumsum(first) - 1
+    total = np.cumsum(s)
+    before = (total - s)[first][segment]       # service of earlier instances' requests
+    s_incl = total - before
+    key = t - (s_incl - s)
+    offset = segment * (float(key.max() - key.min()) + 1.0)
+    best = np.maximum.accumulate(key + offset) - offset
+    out = np.empty(n)
+    out[order] = best + s_incl
+    return out
+
+
+# -- service times ------------------------------------------------------------------------------------
+def role_positions(roles: list[int]) -> np.ndarray:
+    """Each instance's position among the instances of its role: the actor it is in the Ray pool."""
+    roles_arr = np.asarray(roles)
+    pos = np.zeros(len(roles), dtype=int)
+    for role in np.unique(roles_arr):
+        idx = np.nonzero(roles_arr == role)[0]
+        pos[idx] = np.arange(len(idx))
+    return pos
+
+
+def read_profile(path: str) -> dict:
+    """A profile CSV as arrays: role, actor, compute_ms, overhead_ms (NaN where not measured)."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or any(c not in rows[0] for c in PROFILE_COLUMNS):
+            raise ValueError(f"needs the columns {', '.join(PROFILE_COLUMNS)} and at least one row")
+        out = {c: np.array([float(row[c]) if row[c] != "" else np.nan for row in rows]) for c in PROFILE_COLUMNS}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"Config key 'profile': '{path}' could not be read as a service profile ({exc}). Fix: "
+                          f"name the profile.csv that a run with \"engine\": \"ray\" wrote under out_dir/<setting>/.") \
+            from None
+    compute = out["compute_ms"]
+    if np.all(np.isnan(compute)) or np.any(compute[~np.isnan(compute)] < 0):
+        raise ConfigError(f"Config key 'profile': '{path}' holds no non-negative compute_ms values.")
+    return out
+
+
+def draw_from_pools(keys: np.ndarray, pool_keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
+                    fallback: np.ndarray) -> np.ndarray:
+    """For each entry of ``keys``, a random value among ``values`` whose pool key matches; keys with no
+    measured value draw from ``fallback``."""
+    ok = ~np.isnan(values)
+    pool_keys, values = pool_keys[ok], values[ok]
+    order = np.argsort(pool_keys, kind="stable")
+    pool_keys, values = pool_keys[order], values[order]
+    lo = np.searchsorted(pool_keys, keys, side="left")
+    hi = np.searchsorted(pool_keys, keys, side="right")
+    u = rng.random(len(keys))
+    own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
+        else np.zeros(len(keys))
+    other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
+    return np.where(hi > lo, own, other)
+
+
+class ServiceModel:
+    """Compute time and response overhead (seconds) of requests to given instances."""
+
+    def __init__(self, cfg: ServeConfig, roles: list[int]):
+        self.cfg = cfg
+        self.roles = np.asarray(roles)
+        self.profile = read_profile(cfg.profile) if cfg.profile else None
+        if self.profile is not None:
+            pos = role_positions(roles)
+            width = int(max(pos.max(), self.profile["actor"].max())) + 1
+            self.width = width
+            self.inst_key = (self.roles + 1) * width + pos        # (role, actor) as one integer
+            self.prof_key = (self.profile["role"].astype(int) + 1) * width + self.profile["actor"].astype(int)
+
+    def draw(self, instance: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if self.profile is None:
+            return sample_delays(self.cfg.service, instance, rng), np.zeros(len(instance))
+        p = self.profile
+        keys = self.inst_key[instance]
+        same_role = p["role"].astype(int)
+        out = []
+        for column in ("compute_ms", "overhead_ms"):
+            values = p[column]
+            # An actor missing from the profile draws from its role, a role missing from every row.
+            by_role = draw_from_pools(self.roles[instance], same_role, values, rng,
+                                      values[~np.isnan(values)])
+            fallback_rows = values[~np.isnan(values)]
+            drawn = draw_from_pools(keys, self.prof_key, values, rng, fallback_rows)
+            has_actor = np.isin(keys, self.prof_key[~np.isnan(values)])
+            out.append(np.where(has_actor, drawn, by_role) / 1000.0)
+        return out[0], out[1]
+
+
+# -- the simulation -----------------------------------------------------------------------------------
+def next_live_f(roles: np.ndarray, fail_at: np.ndarray, after: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """For each (failed instance ``after``, time ``t``): the next instance holding F, cyclically after it,
+    that is still live at ``t``; -1 where none is."""
+    num = len(roles)
+    steps = np.arange(1, num + 1)
+    cand = (np.asarray(after)[:, None] + steps[None, :]) % num          # (R, num), small R: retries are rare
+    live = (roles[cand] == ROLE_F) & (fail_at[cand] > np.asarray(t)[:, None])
+    first = live.argmax(axis=1)
+    return np.where(live.any(axis=1), cand[np.arange(len(cand)), first], -1)
+
+
+class _Run:
+    """The state of one simulation: the plan's requests with their draws, and the retries found so far."""
+
+    def __init__(self, plan: Plan, cfg: ServeConfig):
+        self.plan, self.cfg = plan, cfg
+        index = STRATEGIES.index(plan.strategy) if plan.strategy in STRATEGIES else len(STRATEGIES)
+        self.roles = np.asarray(plan.roles)
+        self.fail_at = np.full(len(plan.roles), np.inf)
+        for i, t in plan.failures.items():
+            self.fail_at[i] = t
+        self.model = ServiceModel(cfg, plan.roles)
+        rng = np.random.default_rng([cfg.seed, 8, index])
+        live_inst = np.maximum(plan.instance, 0)
+        self.compute, self.overhead = self.model.draw(live_inst, rng)
+        self.service = (self.compute + plan.delay) * plan.factor
+        # Retries draw compute per query from their own stream, once, so rounds agree.
+        self.retry_rng_seed = [cfg.seed, 9, index]
+        self.retry_compute: Optional[np.ndarray] = None
+        self.retry_overhead: Optional[np.ndarray] = None
+
+    def retry_draws(self, query: np.ndarray, instance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.retry_compute is None:
+            n = len(self.plan.queries.arrival)
+            rng = np.random.default_rng(self.retry_rng_seed)
+            f_instances = np.nonzero(self.roles == ROLE_F)[0]
+            # One draw per query, as if served by F instance (q mod #F): stable across rounds.
+            self.retry_compute, self.retry_overhead = self.model.draw(f_instances[np.arange(n) % len(f_instances)],
+                                                                      rng)
+        return self.retry_compute[query], self.retry_overhead[query]
+
+    def serve(self, retries: dict) -> dict:
+        """Completion of every plan request and retry: when its output reaches the frontend, or inf if lost
+        (then ``lost_at``: when the frontend learns of it)."""
+        p = self.plan
+        n_plan = len(p)
+        inst = np.concatenate([p.instance, retries["instance"]])
+        time = np.concatenate([p.time, retries["time"]])
+        r_compute, r_overhead = self.retry_draws(retries["query"], retries["instance"])
+        service = np.concatenate([self.service, r_compute])
+        overhead = np.concatenate([self.overhead, r_overhead])
+        sent = inst >= 0
+        order = np.nonzero(sent)[0]
+        if len(retries["time"]):
+            order = order[np.argsort(time[order], kind="stable")]
+        finish = np.full(len(inst), np.inf)
+        finish[order] = fifo_completion(inst[order], time[order], service[order])
+        fail = np.where(sent, self.fail_at[np.maximum(inst, 0)], -np.inf)
+        lost = finish > fail
+        lost_at = np.where(lost, np.where(sent, fail, time), np.inf)
+        arrive = np.where(lost, np.inf, finish + overhead)
+        return {"arrive": arrive[:n_plan], "lost_at": lost_at[:n_plan], "finish": finish,
+                "r_arrive": arrive[n_plan:], "r_lost_at": lost_at[n_plan:], "inst": inst, "time": time,
+                "compute": np.concatenate([self.compute, r_compute]), "lost": lost}
+
+    def first_retries(self, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Queries whose plan requests leave them unanswered: (query, time, failed instance, answer time or inf),
+        plus the answer times of every query from the plan alone."""
+        p = self.plan
+        n = len(p.queries.arrival)
+        arrive, lost_at = state["arrive"], state["lost_at"]
+        if p.strategy in ("none", "equal-resources"):
+            answer = np.full(n, np.inf)
+            answer[p.query] = arrive
+            need = np.nonzero(np.isinf(arrive))[0]
+            return p.query[need], lost_at[need], p.instance[need], answer
+        if p.strategy == "replicate":
+            answer = np.full(n, np.inf)
+            np.minimum.at(answer, p.query, arrive)
+            copies = np.full((n, 2), np.inf)
+            copies[p.query, p.slot] = lost_at
+            rows = np.full((n, 2), -1)
+            rows[p.query, p.slot] = np.arange(len(p))
+            need = np.nonzero(np.isinf(answer))[0]
+            later = copies[need].argmax(axis=1)  # the copy lost last triggers the retry
+            req = rows[need, later]
+            return need, lost_at[req], p.instance[req], answer
+        return self.coded_retries(state)
+
+    def coded_retries(self, state: dict):
+        p = self.plan
+        k, r = p.k, p.r
+        n = len(p.queries.arrival)
+        g_count = len(p.closed)
+        slots = np.full((g_count, k + r), -np.inf)  # blank padding: available from the start
+        slots[p.group, p.slot] = state["arrive"]
+        lost = np.full((g_count, k + r), np.inf)
+        lost[p.group, p.slot] = state["lost_at"]
+        decode = np.partition(slots, k - 1, axis=1)[:, k - 1]
+        own = np.full(n, np.inf)
+        data = p.query >= 0
+        own[p.query[data]] = state["arrive"][data]
+        group_of = np.full(n, -1)
+        group_of[p.query[data]] = p.group[data]
+        answer = np.minimum(own, decode[group_of])
+        self.decode_time, self.own, self.group_of, self.slot_arrive = decode, own, group_of, slots
+        # A group that loses more than r of its k + r slots cannot decode: at the loss that makes it r + 1
+        # (time t_star), every member lost so far is sent again; members lost later, at their own loss.
+        n_lost = np.isfinite(lost).sum(axis=1)
+        bad = np.nonzero(n_lost > r)[0]
+        if len(bad) == 0:
+            return np.zeros(0, int), np.zeros(0), np.zeros(0, int), answer
+        req_of = np.full((g_count, k + r), -1)
+        req_of[p.group, p.slot] = np.arange(len(p))
+        qs, ts, frm = [], [], []
+        for g in bad:  # rare: only groups hit by failures beyond r
+            order = np.argsort(lost[g], kind="stable")
+            star = order[r]
+            t_star = lost[g, star]
+            for s in range(k):
+                q = p.members[g, s]
+                if q < 0 or not np.isfinite(lost[g, s]):
+                    continue
+                if lost[g, s] <= t_star:
+                    qs.append(q), ts.append(t_star), frm.append(p.instance[req_of[g, star]])
+                else:
+                    qs.append(q), ts.append(lost[g, s]), frm.append(p.instance[req_of[g, s]])
+        return np.asarray(qs, int), np.asarray(ts, float), np.asarray(frm, int), answer
+
+    def run(self) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+        empty = {"query": np.zeros(0, int), "time": np.zeros(0), "instance": np.zeros(0, int)}
+        retries = empty
+        for _ in range(MAX_ROUNDS):
+            state = self.serve(retries)
+            q, t, frm, answer = self.first_retries(state)
+            # Chains: a retry lost to a later failure is sent again at that failure, after its instance.
+            found_q, found_t, found_i = [], [], []
+            done = answer.copy()
+            retried = np.zeros(len(done), dtype=bool)
+            prev_q = retries["query"]
+            prev_inst, prev_arrive, prev_lost = retries["instance"], state["r_arrive"], state["r_lost_at"]
+            level_q, level_t, level_from = q, t, frm
+            while len(level_q):
+                target = next_live_f(self.roles, self.fail_at, np.maximum(level_from, 0), level_t)
+                if np.any(target < 0):
+                    raise UserError("Every instance holding F has failed, so some queries cannot be answered. "
+                                    "Fix: fail fewer instances in 'failures'.")
+                found_q.append(level_q), found_t.append(level_t), found_i.append(target)
+                retried[level_q] = True
+                # Outcome of these retries in the last round's simulation, when it held the same retry.
+                got_arrive, got_lost = self._lookup(level_q, level_t, target, prev_q, retries["time"], prev_inst,
+                                                    prev_arrive, prev_lost)
+                ok = np.isfinite(got_arrive)
+                np.minimum.at(done, level_q[ok], got_arrive[ok])
+                again = ~ok & np.isfinite(got_lost)
+                level_q, level_t, level_from = level_q[again], got_lost[again], target[again]
+            new = {"query": np.concatenate(found_q) if found_q else empty["query"],
+                   "time": np.concatenate(found_t) if found_t else empty["time"],
+                   "instance": np.concatenate(found_i) if found_i else empty["instance"]}
+            if self._same(new, retries):
+                return done, retried, state, retries
+            retries = new
+        raise UserError("The simulator's retries did not settle (failures keep moving load between instances). "
+                        "Fix: report the config; fewer 'failures' avoid it.")
+
+    @staticmethod
+    def _lookup(q, t, inst, prev_q, prev_t, prev_inst, prev_arrive, prev_lost):
+        """Arrival / loss of retries (q, t, inst) in the previous round; unknown ones read (inf, nan): not yet
+        simulated, so the next round adds them."""
+        arrive = np.full(len(q), np.inf)
+        lost = np.full(len(q), np.nan)
+        if len(prev_q) == 0:
+            return arrive, lost
+        index = {(int(a), float(b), int(c)): i for i, (a, b, c) in enumerate(zip(prev_q, prev_t, prev_inst))}
+        for j, key in enumerate(zip(q.tolist(), t.tolist(), inst.tolist())):
+            i = index.get(key)
+            if i is not None:
+                arrive[j], lost[j] = prev_arrive[i], prev_lost[i]
+        return arrive, lost
+
+    @staticmethod
+    def _same(a: dict, b: dict) -> bool:
+        if len(a["query"]) != len(b["query"]):
+            return False
+        key_a = sorted(zip(a["query"].tolist(), a["time"].tolist(), a["instance"].tolist()))
+        key_b = sorted(zip(b["query"].tolist(), b["time"].tolist(), b["instance"].tolist()))
+        return key_a == key_b
+
+
+def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 2048) -> Outcome:
+    """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a train.code.Code) and
+    ``inputs`` (the split's images) add served predictions; without them predictions are -1."""
+    run = _Run(plan, cfg)
+    done, retried, state, retries = run.run()
+    n = len(plan.queries.arrival)
+    if np.any(np.isinf(done)):
+        raise UserError("The simulation left a query unanswered; this is a bug in serve/sim.py.")
+    reconstructed = np.zeros(n, dtype=bool)
+    if plan.strategy == "coded":
+        decoded = run.decode_time[run.group_of]
+        reconstructed = (decoded < run.own) & ~retried
+    predicted = np.full(n, -1)
+    if code is not None and inputs is not None:
+        predicted = predictions(plan, run, reconstructed, code, inputs, batch)
+    q = plan.queries
+    n_plan = len(plan)
+    inst = state["inst"]
+    sent = inst >= 0
+    roles = np.where(sent, run.roles[np.maximum(inst, 0)], ROLE_F)
+    requests = {
+        "instance": inst[sent], "role": roles[sent], "sent": state["time"][sent],
+        "done": np.where(state["lost"], np.where(sent, run.fail_at[np.maximum(inst, 0)], state["time"]),
+                         np.concatenate([state["arrive"], state["r_arrive"]]))[sent],
+        "compute": state["compute"][sent],
+        "delay": np.concatenate([plan.delay, np.zeros(len(inst) - n_plan)])[sent],
+        "factor": np.concatenate([plan.factor, np.ones(len(inst) - n_plan)])[sent],
+        "ok": ~state["lost"][sent],
+    }
+    return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
+                   np.ones(n, dtype=int))
+
+
+def predictions(plan: Plan, run: _Run, reconstructed: np.ndarray, code, inputs, batch: int) -> np.ndarray:
+    """F's argmax for own answers; the decoder's reconstruction from the outputs in hand for reconstructed ones."""
+    import torch
+
+    q = plan.queries
+    images, where = np.unique(q.index, return_inverse=True)
+    with torch.no_grad():
+        fx = torch.cat([code.base(inputs[torch.as_tensor(images[i:i + 4096])]) for i in range(0, len(images), 4096)])
+        pad_output = code.base(torch.zeros(1, *inputs.shape[1:]))[0]
+    predicted = fx.argmax(1).numpy()[where]
+    if not reconstructed.any():
+        return predicted
+    k, r = plan.k, plan.r
+    groups = np.unique(run.group_of[reconstructed])
+    for lo in range(0, len(groups), batch):
+        g = groups[lo:lo + batch]
+        members = plan.members[g]                                      # (B, k)
+        real = members >= 0
+        img = np.where(real, q.index[np.maximum(members, 0)], 0)
+        x = inputs[torch.as_tensor(img.reshape(-1))].reshape(len(g), k, *inputs.shape[1:]).clone()
+        x[torch.as_tensor(~real)] = 0.0
+        with torch.no_grad():
+            own = fx[torch.as_tensor(where[np.maximum(members, 0)].reshape(-1))].reshape(len(g), k, -1).clone()
+            own[torch.as_tensor(~real)] = pad_output
+            parity = code.parity_outputs(code.encode(x))
+            available = torch.as_tensor(run.slot_arrive[g] <= run.decode_time[g][:, None])
+            recon = code.decode(torch.cat([own, parity], 1), available)
+        pick = real & reconstructed[np.maximum(members, 0)]
+        rows, cols = np.nonzero(pick)
+        predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
+    return predicted
+
+
+# -- profiles measured by the ray runtime ------------------------------------------------------------
+def profile_rows(roles: list[int], requests: dict) -> list[list]:
+    """Rows (role, actor, compute_ms, overhead_ms) of one strategy's served requests on Ray.
+
+    ``overhead_ms`` is what the runtime added beyond the instance's service, measured only on requests that
+    found their instance idle (its previous answer was back before they were sent), so no queueing is in it.
+    """
+    if not len(requests.get("instance", [])):
+        return []
+    pos = role_positions(roles)
+    inst = np.asarray(requests["instance"])
+    sent, done = np.asarray(requests["sent"]), np.asarray(requests["done"])
+    compute, delay, factor = (np.asarray(requests[c], dtype=float) for c in ("compute", "delay", "factor"))
+    ok = np.asarray(requests["ok"], dtype=bool)
+    rows = []
+    for i in np.unique(inst):
+        idx = np.nonzero((inst == i) & ok)[0]
+        idx = idx[np.argsort(sent[idx], kind="stable")]
+        prev_done = np.concatenate([[-np.inf], done[idx][:-1]])
+        idle = sent[idx] >= prev_done
+        overhead = (done[idx] - sent[idx]) - (compute[idx] + delay[idx]) * factor[idx]
+        for j, n in enumerate(idx):
+            rows.append([int(roles[i]), int(pos[i]), f"{1000 * compute[n]:.4f}",
+                         f"{1000 * max(overhead[j], 0.0):.4f}" if idle[j] else ""])
+    return rows
+
+
+def write_profile(path: Path, strategies: list[tuple[list[int], dict]]) -> None:
+    """``profile.csv`` of one setting from every strategy's requests on Ray (``[(roles, requests), ...]``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(PROFILE_COLUMNS)
+    for roles, requests in strategies:
+        w.writerows(profile_rows(roles, requests))
+    atomic_write_text(buf.getvalue(), path)
