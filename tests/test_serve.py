@@ -1,0 +1,217 @@
+"""Serving on Ray (serve/): plans, routing, stragglers, failures and bad configs.
+
+The tests that serve for real share one local Ray for the whole module
+(``ray.init`` costs about 10 s) and inject delays of hundreds of
+milliseconds, far above Ray's own few-millisecond latency on this machine.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve.cli import main as serve_main
+from serve.cli import serve_all
+from serve.config import load_serve_config, validate
+from serve.plan import build_plan, form_groups, make_queries, pool_roles
+from train.cli import run_all
+from train.code import load_code
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory, base_model_dir) -> str:
+    """A digits learned code, k = 2, r = 1, trained for two epochs."""
+    tmp = tmp_path_factory.mktemp("serve_run")
+    cfg = {"num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
+           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
+    path = tmp / "train.json"
+    path.write_text(json.dumps(cfg))
+    run_all(str(path), {}, out=open("/dev/null", "w"))
+    return str(next((tmp / "save").rglob("best.pt")).parent)
+
+
+def serve_config(tmp_path, run_folder, **overrides):
+    raw = {"runs": [run_folder], "rates": [20], "num_queries": 20, "instances": 2, "num_cpus": 2,
+           "out_dir": str(tmp_path / "out"), "plot": False, **overrides}
+    return validate(raw)
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# -- plans (no Ray) --------------------------------------------------------------------------------
+
+def plan_for(tmp_path, run_folder, strategy, n=40, **overrides):
+    cfg = serve_config(tmp_path, run_folder, num_queries=n, **overrides)
+    queries = make_queries(cfg, 50.0, np.arange(100) % 10)
+    return build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], 0), cfg
+
+
+def test_strategies_route_as_documented(tmp_path, run_folder):
+    none, _ = plan_for(tmp_path, run_folder, "none")
+    assert np.array_equal(none.instance, np.arange(40) % 2) and none.num_instances == 2
+    er, _ = plan_for(tmp_path, run_folder, "equal-resources")
+    assert np.array_equal(er.instance, np.arange(40) % 3) and er.num_instances == 3
+    rep, _ = plan_for(tmp_path, run_folder, "replicate")
+    assert rep.num_instances == 4 and len(rep) == 80
+    for q in range(40):
+        copies = rep.instance[rep.query == q]
+        assert len(copies) == 2 and copies[0] != copies[1]
+    coded, _ = plan_for(tmp_path, run_folder, "coded", group_timeout_ms=10_000)
+    assert coded.num_instances == 3 and pool_roles("coded", 2, 2, 1) == [-1, -1, 0]
+    data = coded.query >= 0
+    assert np.array_equal(coded.instance[data], coded.query[data] % 2)
+    assert set(coded.instance[~data]) == {2} and (~data).sum() == 20  # one parity per group of two
+
+
+def test_groups_close_at_the_kth_arrival_or_the_timeout():
+    arrival = np.array([0.0, 0.001, 0.5, 0.6, 0.601, 0.602, 2.0])
+    members, closed = form_groups(arrival, 3, 0.2)
+    assert members.tolist() == [[0, 1, -1], [2, 3, 4], [5, -1, -1], [6, -1, -1]]
+    assert np.allclose(closed, [0.2, 0.601, 0.802, 2.2])
+
+
+def test_a_seed_reproduces_arrivals_images_and_delays(tmp_path, run_folder):
+    delay = {"delays": [{"dist": "pareto", "scale_ms": 5, "alpha": 1.5, "probability": 0.3}],
+             "slowdown": {"fraction": 0.3, "factor": 4, "period_ms": 100}}
+    a, _ = plan_for(tmp_path, run_folder, "coded", **delay)
+    b, _ = plan_for(tmp_path, run_folder, "coded", **delay)
+    c, _ = plan_for(tmp_path, run_folder, "coded", seed=1, **delay)
+    for field in ("time", "instance", "query", "delay", "factor"):
+        assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert not np.array_equal(a.delay, c.delay) and not np.array_equal(a.time, c.time)
+    assert (a.delay > 0).any() and (a.delay == 0).any() and (a.factor > 1).any()
+
+
+def test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role(tmp_path, run_folder):
+    plan, _ = plan_for(tmp_path, run_folder, "coded", n=200, failures=[{"instance": 0, "at_ms": 1000}])
+    late = plan.time >= 1.0
+    assert late.any() and not np.any(plan.instance[late] == 0)
+    assert np.all(plan.instance[late & (plan.query >= 0)] == 1)  # data requests stay on F instances
+    assert np.any(plan.instance[~late] == 0)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, key", [
+    ({"rate": [10]}, "'rate'"),
+    ({"delays": [{"dist": "gamma", "mean_ms": 3}]}, "'delays'"),
+    ({"delays": [{"dist": "exponential"}]}, "'delays'"),
+    ({"strategies": ["coded", "raid"]}, "'strategies'"),
+    ({"failures": [{"instance": 9, "at_ms": 10}]}, "'failures'"),
+    ({"rates": [0]}, "'rates'"),
+    ({"runs": ["/nonexistent/run"]}, "'runs'"),
+    ({"checkpoint": "epoch7.pt"}, "'checkpoint'"),
+])
+def test_bad_configs_exit_2_naming_the_key(tmp_path, run_folder, capsys, bad, key):
+    raw = {"runs": [run_folder], "out_dir": str(tmp_path / "out"), **bad}
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(raw))
+    assert serve_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_bad_config_is_one_paragraph_from_the_command_line(tmp_path):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [str(tmp_path)], "num_querys": 5}))
+    proc = subprocess.run([sys.executable, "-m", "serve", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "num_querys" in proc.stderr and "num_queries" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- serving for real, on one local Ray -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    from serve.runtime import start_ray
+
+    start_ray(None, 2)
+    yield ray
+    ray.shutdown()
+
+
+def outcome_files(cfg, strategy):
+    folder = Path(cfg.out_dir) / "setting00" / strategy
+    return rows(folder / "queries.csv"), rows(folder / "requests.csv"), json.loads((folder / "summary.json").read_text())
+
+
+def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_path, run_folder):
+    # Groups always fill (long timeout), so slot 0 of every group goes to instance 0, which is 400 ms slow.
+    cfg = serve_config(tmp_path, run_folder, strategies=["coded"], num_queries=16, group_timeout_ms=10_000,
+                       delays=[{"dist": "constant", "ms": 400, "instances": [0]}])
+    serve_all(cfg, out=open("/dev/null", "w"))
+    queries, requests, summary = outcome_files(cfg, "coded")
+    assert [int(r["query"]) for r in queries] == list(range(16))
+    recon = [int(r["reconstructed"]) for r in queries]
+    assert recon == [1, 0] * 8  # every query of instance 0, and none of the others
+    assert summary["reconstructed"] == 0.5
+
+    # The served answers equal the decoder's output computed offline from the other k outputs.
+    code = load_code(run_folder).code
+    x, _ = load_code(run_folder).splits.split("test")
+    images = torch.tensor([int(r["image"]) for r in queries])
+    predicted = torch.tensor([int(r["predicted"]) for r in queries])
+    groups = x[images].view(8, 2, *x.shape[1:])
+    offline = code(groups, torch.tensor([[False, True, True]] * 8))
+    assert torch.equal(predicted.view(8, 2), offline.argmax(-1))
+    assert {int(r["instance"]) for r in requests} == {0, 1, 2}
+
+
+def test_every_strategy_answers_every_query_exactly_once(local_ray, tmp_path, run_folder):
+    from serve.runtime import Frontend, Pool
+
+    cfg = serve_config(tmp_path, run_folder, num_queries=30, rates=[40],
+                       delays=[{"dist": "exponential", "mean_ms": 60, "probability": 0.3}])
+    loaded = load_code(run_folder)
+    x, y = loaded.splits.split("test")
+    queries = make_queries(cfg, 40.0, y.numpy())
+    pool = Pool(loaded.code, cfg, 4, [1])
+    pad = loaded.code.base(torch.zeros(1, *x.shape[1:]))[0].detach()
+    try:
+        for i, strategy in enumerate(("none", "equal-resources", "replicate", "coded")):
+            plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], i)
+            outcome = Frontend(plan, pool.actors_for(plan.roles), loaded.code, x, pad).run()
+            assert outcome.answers.tolist() == [1] * 30, strategy
+            assert np.all(outcome.done >= outcome.arrival)
+            served = outcome.requests["instance"]
+            expected = {"none": {0, 1}, "equal-resources": {0, 1, 2}, "replicate": {0, 1, 2, 3},
+                        "coded": {0, 1, 2}}[strategy]
+            assert set(served.tolist()) <= expected
+            # Own outputs are F's argmax on the query's image.
+            own = ~outcome.reconstructed
+            with torch.no_grad():
+                f_pred = loaded.code.base(x[outcome.image[own]]).argmax(1).numpy()
+            assert np.array_equal(outcome.predicted[own], f_pred)
+    finally:
+        pool.shutdown()
+
+
+def test_a_killed_instance_loses_no_query(local_ray, tmp_path, run_folder):
+    # Instance 0 is slow, so requests queue on it, and it is killed while they wait.
+    cfg = serve_config(tmp_path, run_folder, strategies=["none", "coded"], num_queries=30, rates=[30],
+                       delays=[{"dist": "constant", "ms": 150, "instances": [0]}],
+                       failures=[{"instance": 0, "at_ms": 300}])
+    serve_all(cfg, out=open("/dev/null", "w"))
+    for strategy in ("none", "coded"):
+        queries, requests, _ = outcome_files(cfg, strategy)
+        assert sorted(int(r["query"]) for r in queries) == list(range(30))
+        failed = [r for r in requests if r["ok"] == "0"]
+        assert failed and all(r["instance"] == "0" for r in failed), strategy
+        if strategy == "none":
+            assert any(r["retried"] == "1" for r in queries)
+        else:  # the group's other outputs suffice: recovered by reconstruction, not sent again
+            assert any(r["reconstructed"] == "1" for r in queries)
+        late = [r for r in requests if float(r["sent_s"]) > 0.35]
+        assert late and all(r["instance"] != "0" for r in late)
