@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Learning-based coded computation: learned erasure codes around neural networks",
     python_requires=">=3.9",
-    packages=["coders", "base_models", "datasets", "train", "util", "bench"],
+    packages=["coders", "base_models", "datasets", "train", "util", "bench", "serve"],
     py_modules=[],
     install_requires=[
         "torch>=2.0,<2.15",
@@ -17,6 +17,7 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
+        "serve": ["ray[default]==2.60.0"],
     },
-    entry_points={"console_scripts": ["lcc-train=train.cli:main"]},
+    entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main"]},
 )
