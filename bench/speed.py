@@ -1,6 +1,7 @@
 """Training and inference speed of the learned code and the concatenation parity model.
 
-``python -m bench.speed [--data-dir DIR] [--epochs N] [--quick] [--profile] [--device DEV]``
+``python -m bench.speed [--data-dir DIR] [--epochs N] [--quick] [--fit N] [--profile] [--device DEV]
+[--base-model-file PATH|trained ...] [--flush-denormal on|off|both] [--setup NAME ...] [--threads T]``
 
 Training (MNIST, base-mlp F, k = 2, r = 1, MSE, 64 groups per step): seconds
 per epoch of :meth:`train.engine.CodedRun.train_epoch`, groups per second,
@@ -22,13 +23,25 @@ for base-mlp on MNIST shapes and ResNet-18 on CIFAR shapes, and E + D as a
 fraction of F -- the overhead the code adds to every prediction.
 
 ``--quick`` times a few steps and extrapolates to the epoch, so the whole
-script takes well under a minute on a laptop.
+script takes well under a minute on a laptop. ``--fit N`` also trains N whole
+epochs through :meth:`train.engine.CodedRun.fit`, the code path of
+``train.py`` (evaluation and checkpoints included, in a temporary folder),
+prints that epoch time next to the other, and warns when they differ by more
+than 20%: a short extrapolation can miss what only whole runs meet.
+
+F is the reference MNIST base-mlp (``$LCC_ANCHOR_DIR`` or
+``../shared/anchor_models``: the weights users load, which hold subnormal
+values) when present, else the one lcc trains; ``--base-model-file`` names
+others (``trained`` for lcc's own), one set of rows each. ``--flush-denormal
+off`` (or ``both``) times the runs with subnormal arithmetic left as the CPU
+does it (config key ``flush_denormal``).
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -67,6 +80,23 @@ def default_data_dir() -> str:
     return os.environ.get("LCC_DATA_DIR") or str(ROOT.parent / "shared" / "data")
 
 
+def reference_weights() -> Optional[Path]:
+    """The reference MNIST base-mlp weights of the original research code, when this machine has them."""
+    root = Path(os.environ.get("LCC_ANCHOR_DIR") or ROOT.parent / "shared" / "anchor_models")
+    path = root / "mnist" / "base-mlp" / "model.t7"
+    return path if path.is_file() else None
+
+
+def f_label(base_model_file: Optional[str]) -> str:
+    """How the tables name an F: the reference weights, lcc's own trained file, or the file given."""
+    if base_model_file is None:
+        return "lcc-trained"
+    ref = reference_weights()
+    if ref is not None and Path(base_model_file).resolve() == ref.resolve():
+        return "reference"
+    return Path(base_model_file).name
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,7 +118,7 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
-              base_model_file: Optional[str] = None):
+              base_model_file: Optional[str] = None, flush_denormal: bool = True):
     """A :class:`CodedRun` of setup ``name`` built from a validated config, as train.py would."""
     from train.config import expand_runs, validate_dict
     from train.engine import CodedRun
@@ -97,7 +127,7 @@ def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
         "num_epoch": epochs, "k_vals": [2], "r_vals": [1], "datasets": ["mnist"], "models": ["base-mlp"],
         "losses": ["torch.nn.MSELoss"], "batch_size": 64, "data_dir": data_dir, "download": False,
         "save_dir": save_dir, "base_model_dir": str(ROOT / "base_model_trained_files"),
-        "base_model_file": base_model_file, "device": device,
+        "base_model_file": base_model_file, "device": device, "flush_denormal": flush_denormal,
         "progress": False, **SETUPS[name]}, source=f"bench '{name}'")
     (spec,) = expand_runs(cfg)
     return CodedRun(cfg, spec)
@@ -162,6 +192,42 @@ def time_epochs(run, epochs: int) -> float:
     return best
 
 
+class EpochClock:
+    """A text stream for :meth:`CodedRun.fit`'s ``out`` that notes the moment each epoch's summary line comes."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def write(self, text: str) -> int:
+        if re.match(r"epoch \d+/\d+", text):
+            self.times.append(time.perf_counter())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def time_fit(name: str, args, base_model_file: Optional[str], flush: bool, epochs: int) -> dict:
+    """Seconds per epoch of ``epochs`` whole epochs through :meth:`CodedRun.fit`, as ``train.py`` runs them.
+
+    ``fit_s`` is the median wall time from one epoch's summary line to the
+    next (training, evaluation on validation and test, checkpoints, logs);
+    ``fit_train_s`` the median of the training part the run itself records.
+    """
+    with tempfile.TemporaryDirectory() as save_dir:
+        run = build_run(name, args.data_dir, save_dir, args.device, epochs, base_model_file, flush)
+        clock = EpochClock()
+        t0 = time.perf_counter()
+        rows = run.fit(out=clock)
+        total = time.perf_counter() - t0
+        del run
+    walls = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    if len(walls) != epochs:  # the summary lines changed shape: the whole fit, epoch 0's evaluation included
+        walls = [total / epochs]
+    return {"fit_s": statistics.median(walls),
+            "fit_train_s": statistics.median(r["seconds"] for r in rows if r["epoch"] > 0)}
+
+
 def profile_steps(run, steps: int = 20, top: int = 15) -> str:
     """torch.profiler table of ``steps`` training steps, sorted by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -201,10 +267,11 @@ def optimizer_bytes(run) -> int:
     return sum(p.numel() * p.element_size() for p in run.trainable) * 7
 
 
-def bench_training(name: str, args, rate: float, bandwidth: float) -> dict:
+def bench_training(name: str, args, rate: float, bandwidth: float, base_model_file: Optional[str] = None,
+                   flush: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as save_dir:
         t0 = time.perf_counter()
-        run = build_run(name, args.data_dir, save_dir, args.device, args.epochs, args.base_model_file)
+        run = build_run(name, args.data_dir, save_dir, args.device, args.epochs, base_model_file, flush)
         setup_s = time.perf_counter() - t0
         groups = len(run.epoch_groups())  # one draw of the run's own epoch
         bs = run.cfg.batch_size
@@ -220,8 +287,11 @@ def bench_training(name: str, args, rate: float, bandwidth: float) -> dict:
         fixed_s, group_s = split_step_cost(run, bs, 4 * bs, steps=max(args.steps // 2, 5))
         profile = profile_steps(run) if args.profile else None
         optimizer_s = n_steps * optimizer_bytes(run) / bandwidth
+        del run
+    fit = time_fit(name, args, base_model_file, flush, args.fit) if args.fit else {}
     bound = flops / rate
-    return {"name": name, "seconds": seconds, "how": how, "groups": groups, "steps": n_steps,
+    return {"name": name, "F": f_label(base_model_file), "subnormals": "flushed" if flush else "kept", **fit,
+            "seconds": seconds, "how": how, "groups": groups, "steps": n_steps,
             "groups_per_s": groups / seconds, "flops": flops, "bound": bound, "ratio": seconds / bound,
             "roofline": seconds / (bound + optimizer_s),
             "original": ORIGINAL_SECONDS[name], "vs_original": groups / seconds / (ORIGINAL_GROUPS / ORIGINAL_SECONDS[name]),
@@ -242,10 +312,11 @@ def median_latency(fn: Callable[[], torch.Tensor], device: torch.device, repeats
 
 
 @torch.inference_mode()
-def bench_inference(model_name: str, device: torch.device, repeats: int) -> dict:
-    """Batch-1 latency of E, F and D for one group (k = 2, r = 1)."""
+def bench_inference(model_name: str, device: torch.device, repeats: int, base_model_file: Optional[str] = None) -> dict:
+    """Batch-1 latency of E, F and D for one group (k = 2, r = 1); base-mlp with ``base_model_file``'s weights."""
     from base_models.mlp import BaseMLP
     from base_models.resnet import ResNet18
+    from base_models.train import load_state
     from coders.conv import ConvEncoder
     from coders.mlp import MLPDecoder, MLPEncoder
 
@@ -257,6 +328,8 @@ def bench_inference(model_name: str, device: torch.device, repeats: int) -> dict
     c, h, w = shape
     enc = enc_cls(k, r, [-1, *shape]).to(device).eval()
     dec = MLPDecoder(k, r, [-1, n]).to(device).eval()
+    if model_name == "base-mlp" and base_model_file is not None:
+        load_state(f, Path(base_model_file))
     f = f.to(device).eval()
     # As in CodedRun.encode: channels are folded into the encoder's batch.
     enc_in = torch.randn(c, k, h * w, device=device)
@@ -266,7 +339,22 @@ def bench_inference(model_name: str, device: torch.device, repeats: int) -> dict
     f_s = median_latency(lambda: f(f_in), device, repeats)
     d_s = median_latency(lambda: dec(dec_in), device, repeats)
     return {"model": model_name, "encoder": enc_cls.__name__, "E": e_s, "F": f_s, "D": d_s,
+            "weights": f_label(base_model_file) if model_name == "base-mlp" else "random",
             "overhead": (e_s + d_s) / f_s}
+
+
+def fit_disagreements(results: list[dict], tolerance: float = 0.2) -> list[str]:
+    """A warning for each row whose whole-epoch time through fit differs from s/epoch by more than ``tolerance``."""
+    lines = []
+    for r in results:
+        gap = r["fit_s"] / r["seconds"] - 1
+        if abs(gap) > tolerance:
+            lines.append(
+                f"warning: '{r['name']}' (F {r['F']}, subnormals {r['subnormals']}): an epoch through fit takes "
+                f"{r['fit_s']:.2f} s, {100 * gap:+.0f}% from the {r['seconds']:.2f} s timed as {r['how']} "
+                f"(its training part {r['fit_train_s']:.2f} s, evaluation and checkpoints "
+                f"{r['fit_s'] - r['fit_train_s']:.2f} s).")
+    return lines
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -277,6 +365,16 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
+    from util.util import denormals_flushed, flush_denormals
+
+    flushed = denormals_flushed()
+    try:
+        return run_benchmarks(argv)
+    finally:
+        flush_denormals(flushed)  # the runs set it process-wide; a caller (a test) gets its own back
+
+
+def run_benchmarks(argv: Optional[list[str]]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=default_data_dir(), help="folder with MNIST/ (default $LCC_DATA_DIR "
                     "or ../shared/data)")
@@ -285,8 +383,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=15, help="steps timed with --quick")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--base-model-file", help="F's MNIST base-mlp weights (default: the trained file under "
-                    "base_model_trained_files/, trained first when missing)")
+    ap.add_argument("--base-model-file", action="append", metavar="PATH",
+                    help="F's MNIST base-mlp weights, or 'trained' for the file lcc trains under "
+                    "base_model_trained_files/ (trained first when missing); repeat for more rows (default: the "
+                    "reference weights when present, else 'trained')")
+    ap.add_argument("--flush-denormal", choices=["on", "off", "both"], default="on",
+                    help="the runs' config key flush_denormal (default on, as in train.py); both: one row each")
+    ap.add_argument("--fit", type=int, default=0, metavar="N",
+                    help="also train N whole epochs through CodedRun.fit, as train.py does, and compare")
+    ap.add_argument("--setup", action="append", choices=list(SETUPS), help="time this setup only (repeatable)")
     ap.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     ap.add_argument("--only", choices=["train", "infer"], help="run one half only")
     args = ap.parse_args(argv)
@@ -294,8 +399,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.threads < 1:
             ap.error("--threads must be 1 or more")
         torch.set_num_threads(args.threads)
-    if args.epochs < 1 or args.steps < 1:
-        ap.error("--epochs and --steps must be 1 or more")
+    if args.epochs < 1 or args.steps < 1 or args.fit < 0:
+        ap.error("--epochs and --steps must be 1 or more, --fit 0 or more")
+    if args.base_model_file:
+        f_files = [None if f == "trained" else f for f in args.base_model_file]
+    else:
+        ref = reference_weights()
+        f_files = [str(ref) if ref is not None else None]
+    flushes = {"on": [True], "off": [False], "both": [True, False]}[args.flush_denormal]
     if not (Path(args.data_dir) / "MNIST").is_dir() and args.only != "infer":
         print(f"error: no MNIST/ under '{args.data_dir}'. Fix: pass --data-dir or set LCC_DATA_DIR.", file=sys.stderr)
         return 2
@@ -316,15 +427,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"dense fp32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s; memory copy: {bandwidth / 1e9:.1f} GB/s\n")
 
     if args.only != "infer":
-        results = [bench_training(name, args, rate, bandwidth) for name in SETUPS]
+        results = [bench_training(name, args, rate, bandwidth, f_file, flush)
+                   for name in (args.setup or SETUPS) for f_file in f_files for flush in flushes]
         if results:
+            fit_cols = ["fit s/epoch", "fit train s"] if args.fit else []
             print("Training: MNIST, base-mlp, k=2 r=1, MSE, batch 64")
             print(table(
                 ["setup", "groups/epoch", "s/epoch", "groups/s", "vs original", "GFLOP/epoch", "FLOP-bound s",
-                 "x bound", "x bound+Adam", "fixed ms/step", "us/group", "timed as"],
+                 "x bound", "x bound+Adam", "fixed ms/step", "us/group", "F", "subnormals", *fit_cols, "timed as"],
                 [[r["name"], str(r["groups"]), f"{r['seconds']:.2f}", f"{r['groups_per_s']:.0f}",
                   f"{r['vs_original']:.2f}x", f"{r['flops'] / 1e9:.1f}", f"{r['bound']:.2f}", f"{r['ratio']:.1f}",
-                  f"{r['roofline']:.1f}", f"{r['fixed_ms']:.2f}", f"{r['group_us']:.1f}", r["how"]]
+                  f"{r['roofline']:.1f}", f"{r['fixed_ms']:.2f}", f"{r['group_us']:.1f}", r["F"], r["subnormals"],
+                  *([f"{r['fit_s']:.2f}", f"{r['fit_train_s']:.2f}"] if args.fit else []), r["how"]]
                  for r in results]))
             print("vs original: groups/s over the original code's (27,500 groups in 18 s learned, 5.5 s concat):\n"
                   "  the speed-up at equal work; for the disjoint setup it is also the speed-up per epoch.\n"
@@ -334,20 +448,34 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "(7 x 4 bytes per parameter per step) at the copy rate.\n"
                   "fixed ms/step and us/group: the step time split by timing batches of 64 and 256 groups; "
                   "the fixed part (optimizer,\n  per-operation overhead) does not shrink with more groups per "
-                  "step.\n")
+                  "step.\n"
+                  "F: 'reference' is the original code's MNIST weights (they hold subnormal values), 'lcc-trained' "
+                  "the file lcc trains;\n  subnormals: 'flushed' reads them as zero (flush_denormal, the default), "
+                  "'kept' computes with them.")
+            if args.fit:
+                print(f"fit s/epoch: median wall time of an epoch over {args.fit} epoch(s) of CodedRun.fit "
+                      "(training, evaluation on val and test,\n  checkpoints), as train.py runs it; fit train s: "
+                      "its training part.")
+                for line in fit_disagreements(results):
+                    print(line)
+            print()
             for r in results:
                 if r["profile"]:
                     print(f"profile of 20 training steps, '{r['name']}':\n{r['profile']}\n")
 
     if args.only != "train":
+        from util.util import flush_denormals
+
         repeats = 50 if args.quick else 300
-        inf = [bench_inference(m, device, repeats if m == "base-mlp" else max(repeats // 5, 10))
+        flush_denormals(flushes[0])  # as a serving process would set it (the training runs above changed it)
+        inf = [bench_inference(m, device, repeats if m == "base-mlp" else max(repeats // 5, 10), f_files[0])
                for m in ("base-mlp", "resnet18")]
         print(f"Inference: one group at batch 1, k=2 r=1, median of {repeats} (ResNet-18: "
-              f"{max(repeats // 5, 10)}) repeats, inference_mode")
-        print(table(["F", "E", "E ms", "F ms", "D ms", "(E+D)/F"],
+              f"{max(repeats // 5, 10)}) repeats, inference_mode, subnormals "
+              f"{'flushed' if flushes[0] else 'kept'}")
+        print(table(["F", "E", "E ms", "F ms", "D ms", "(E+D)/F", "F weights"],
                     [[r["model"], r["encoder"], f"{1e3 * r['E']:.3f}", f"{1e3 * r['F']:.3f}",
-                      f"{1e3 * r['D']:.3f}", f"{r['overhead']:.2f}"] for r in inf]))
+                      f"{1e3 * r['D']:.3f}", f"{r['overhead']:.2f}", r["weights"]] for r in inf]))
     return 0
 
 

@@ -21,9 +21,10 @@ def test_speed_benchmark_prints_every_setup_and_the_inference_table(data_dir, an
         assert float(seconds) > 0 and float(gflop) > 0
         assert abs(float(per_s) - int(groups) / float(seconds)) <= 0.01 * float(per_s)  # s/epoch is rounded
         assert vs_original.endswith("x") and float(vs_original[:-1]) > 0
-    for model in ("base-mlp", "resnet18"):
+    for model, weights in (("base-mlp", "reference"), ("resnet18", "random")):
         row = next(ln for ln in out.splitlines() if ln.startswith(model + " "))
-        assert float(row.split()[-1]) > 0  # (E+D)/F
+        cells = row.split()
+        assert float(cells[5]) > 0 and cells[6] == weights  # (E+D)/F, and which weights F had
 
 
 def test_speed_benchmark_reports_a_bad_weights_path_as_one_error(data_dir, anchor_dir, capsys):
@@ -32,3 +33,27 @@ def test_speed_benchmark_reports_a_bad_weights_path_as_one_error(data_dir, ancho
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and "is a folder" in err and "Traceback" not in err
+
+
+def test_fit_mode_times_whole_epochs_and_names_the_f_and_the_subnormal_mode(data_dir, anchor_dir, capsys):
+    weights = anchor_dir / "mnist" / "base-mlp" / "model.t7"
+    code = speed.main(["--quick", "--steps", "2", "--fit", "1", "--setup", "concat parity model", "--only", "train",
+                       "--data-dir", str(data_dir), "--device", "cpu", "--base-model-file", str(weights),
+                       "--flush-denormal", "both"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [re.split(r"\s{2,}", ln.strip()) for ln in out.splitlines() if ln.startswith("concat parity model ")]
+    assert [row[11:13] for row in rows] == [["reference", "flushed"], ["reference", "kept"]]
+    for row in rows:
+        fit_s, fit_train_s = float(row[13]), float(row[14])
+        assert fit_s > fit_train_s > 0  # the epoch through fit includes its evaluation and checkpoints
+
+
+def test_fit_disagreement_is_reported_beyond_twenty_percent():
+    row = {"name": "learned MLP", "F": "reference", "subnormals": "kept", "how": "15 steps x 860",
+           "seconds": 10.0, "fit_train_s": 11.0}
+    assert speed.fit_disagreements([{**row, "fit_s": 11.9}, {**row, "fit_s": 8.1}]) == []
+    (slow,) = speed.fit_disagreements([{**row, "fit_s": 40.0}])
+    assert "+300%" in slow and "'learned MLP' (F reference, subnormals kept)" in slow
+    (fast,) = speed.fit_disagreements([{**row, "fit_s": 7.0}])
+    assert "-30%" in fast
