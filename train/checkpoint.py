@@ -1,18 +1,89 @@
 """Atomic checkpoints holding everything a run needs to continue exactly."""
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from util.errors import UserError
-from util.util import atomic_save
+from util.util import atomic_save, remove_stale_temps
 
 FORMAT = 1
+# What a run folder holds (besides its lock file, train/lock.py); each is written atomically.
+RUN_FILES = ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.json")
 # Keys of a run's resolved config that must match for a checkpoint to be resumed.
 IDENTITY_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder",
                  "train_encoder", "train_decoder", "train_parity_model", "parity_model", "seed", "run_seed")
+# Besides these, F's weights and the dataset's content are recorded when a run starts (see
+# :func:`fingerprint`) and checked on every resume. Paths such as 'data_dir' and 'base_model_file'
+# are not compared as strings, since the same files may be named another way (a relative path, a
+# moved folder); what they hold is.
+_DATA_DIGESTS: dict = {}
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over names, dtypes, shapes and the bytes of ``named`` tensors, in the given order."""
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def fingerprint(base: torch.nn.Module, splits, base_model_path: str, data_path: str, data_key: Any = None) -> dict:
+    """What a run's numbers depend on beyond its config: F's weights and the dataset's content
+    (train, validation and test tensors), with the paths they came from for messages.
+    ``data_key`` names the data for a per-process cache, so a sweep hashes each dataset once."""
+    data = _DATA_DIGESTS.get(data_key) if data_key is not None else None
+    if data is None:
+        data = tensors_digest((f"{s}_{xy}", getattr(splits, f"{s}_{xy}"))
+                              for s in ("train", "val", "test") for xy in ("x", "y"))
+        if data_key is not None:
+            _DATA_DIGESTS[data_key] = data
+    return {"base_model_digest": tensors_digest(sorted(base.state_dict().items())),
+            "data_digest": data,
+            "data_sizes": [len(splits.train_y), len(splits.val_y), len(splits.test_y)],
+            "base_model_path": str(base_model_path), "data_path": str(data_path)}
+
+
+def check_fingerprint(saved: dict, now: dict, path: Path) -> None:
+    """A UserError naming what changed when the run that wrote checkpoint ``path`` (config
+    ``saved``) had another F or other data than this one (``now``). Checkpoints from before
+    fingerprints were recorded are let through."""
+    changes, keys = [], []
+    if saved.get("base_model_digest") not in (None, now.get("base_model_digest")):
+        changes.append(f"F's weights are not the ones the run started with ({_path_change(saved, now, 'base_model_path', 'F')}"
+                       f"; weights digest {saved['base_model_digest'][:12]} then, {now['base_model_digest'][:12]} now)")
+        keys.append("'base_model_file'")
+    if saved.get("data_digest") not in (None, now.get("data_digest")):
+        if saved.get("val_size") != now.get("val_size") or saved.get("data_sizes") != now.get("data_sizes"):
+            where = (f"'val_size' was {_shown(saved.get('val_size'))}, now {_shown(now.get('val_size'))}: train/val/test images "
+                     f"{saved.get('data_sizes')} then, {now.get('data_sizes')} now")
+            keys.append("'val_size'")
+        else:
+            where = _path_change(saved, now, "data_path", "the dataset")
+            keys.append("'data_dir'")
+        changes.append(f"the dataset is not the one the run started with ({where})")
+    if changes:
+        raise UserError(f"Checkpoint '{path}' was made by a run with other inputs: {'; and '.join(changes)}. "
+                        f"Continuing would mix two runs in one metrics file. Fix: set {' and '.join(keys)} back "
+                        f"to what the run started with, or start it again with --overwrite (or another 'save_dir').")
+
+
+def _shown(value) -> str:
+    return "null (the default)" if value is None else json.dumps(value)
+
+
+def _path_change(saved: dict, now: dict, key: str, what: str) -> str:
+    before, after = saved.get(key), now.get(key)
+    if before == after:
+        return f"{what} is still read from '{after}', whose content changed"
+    return f"{what} was read from '{before}', now from '{after}'"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -40,7 +111,16 @@ def load_checkpoint(path: Path, expected: dict | None = None) -> dict[str, Any]:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {expected.get(k)!r}" for k in diff)
             raise UserError(f"Checkpoint '{path}' belongs to a different run ({detail}). "
                             f"Fix: resume with the config that made it, or rerun with --overwrite.")
+        check_fingerprint(saved, expected, path)
     return state
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete the temporary files that a writer killed mid-write left in a run folder
+    (call with the folder's lock held, so no live writer's file goes)."""
+    removed = remove_stale_temps(folder, RUN_FILES)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write", file=sys.stderr)
 
 
 def load_module_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
@@ -52,12 +132,19 @@ def load_module_state(module: torch.nn.Module, state: dict, what: str, path: Pat
                         f"checkpoint, or rerun with --overwrite.") from None
 
 
-def refuse_occupied(folders: list[Path], total: int) -> None:
-    """A UserError if any of ``folders`` (``total`` runs in all) already holds ``current.pt``.
+def refuse_occupied(folders: list[Path], total: int, busy_check: bool = True) -> None:
+    """A UserError if any of ``folders`` (``total`` runs in all) already holds ``current.pt``, or
+    (with ``busy_check``) is being written by another process now.
 
     Starting afresh over a checkpoint needs --overwrite, continuing it --resume;
     the command line checks every run of a sweep with this before any trains.
     """
+    from train.lock import busy_error, holder
+
+    for f in folders if busy_check else []:  # a folder another process is writing now: say so
+        who = holder(f)
+        if who is not None:
+            raise busy_error(Path(f), who)
     taken = [str(f) for f in folders if (Path(f) / "current.pt").exists()]
     if not taken:
         return

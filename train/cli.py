@@ -51,6 +51,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     failed: list = []
     try:
+        if args.resume and args.overwrite:
+            raise UserError("--resume continues runs from their checkpoints and --overwrite deletes them to start "
+                            "again: pass one of the two.")
         shard = parse_shard(args.shard) if args.shard else None
         results = run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite,
                           args.only_test, failed=failed, shard=shard, list_only=args.list_only)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -19,14 +20,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from base_models.train import build_base_model, load_or_train, predict
+from base_models.train import build_base_model, default_path, load_or_train, predict
 from datasets import load_dataset
-from datasets.splits import AUGMENTED
+from datasets.splits import AUGMENTED, resolve_data_dir
 from train.augment import random_crop_flip
 from train.code import Code, freeze
-from train.checkpoint import load_checkpoint, load_module_state, refuse_occupied, save_checkpoint
+from train.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
+                              remove_partial_writes, save_checkpoint)
 from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
+from train.lock import FolderLock
 from train.metrics import MetricsLog, Tally, summary_line
 from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
@@ -315,7 +318,19 @@ class CodedRun:
             "config": self.config,
         }
 
+    def record_fingerprint(self) -> None:
+        """Add F's and the dataset's digests to the run's config (see train.checkpoint.fingerprint):
+        written into every checkpoint, and compared with the checkpoint's on resume."""
+        if "base_model_digest" in self.config:
+            return
+        cfg = self.cfg
+        f_path = cfg.base_model_file or default_path(self.splits.name, self.spec.model, cfg.base_model_dir)
+        data_path = os.path.abspath(resolve_data_dir(cfg.data_dir))
+        self.config.update(fingerprint(self.base, self.splits, os.path.abspath(f_path), data_path,
+                                       data_key=(json.dumps(self.spec.dataset), data_path, cfg.val_size, cfg.seed)))
+
     def load_state(self, path: Path) -> None:
+        self.record_fingerprint()
         state = load_checkpoint(path, expected=self.config)
         load_module_state(self.encoder, state["encoder"], "encoder", path)
         load_module_state(self.decoder, state["decoder"], "decoder", path)
@@ -346,25 +361,45 @@ class CodedRun:
         if improved:
             self.best_val = val
         state = self.state()
-        save_checkpoint(state, self.folder / "current.pt")
-        if improved:
+        if improved:  # best.pt first: a kill in between leaves current.pt an epoch behind, which resume redoes
             save_checkpoint(state, self.folder / "best.pt")
+        save_checkpoint(state, self.folder / "current.pt")
 
     # -- the loop ----------------------------------------------------------------------------------
+    @property
+    def folder_lock(self) -> FolderLock:
+        """The run folder's one-writer lock (train/lock.py): taken by prepare_folder, released when fit ends."""
+        if getattr(self, "_folder_lock", None) is None:
+            self._folder_lock = FolderLock(self.folder)
+        return self._folder_lock
+
     def prepare_folder(self, resume: bool, overwrite: bool) -> None:
+        """Lock the folder for this process, remove what a killed writer left (temporary files),
+        then load the checkpoint (``resume``) or clear the folder for a fresh start."""
+        self.folder_lock.acquire()
+        remove_partial_writes(self.folder)
+        self.record_fingerprint()
         current = self.folder / "current.pt"
         if current.exists() and resume:
             self.load_state(current)
             self.log.truncate(self.epoch)
         else:
             if not overwrite:
-                refuse_occupied([self.folder], 1)
+                refuse_occupied([self.folder], 1, busy_check=False)  # the lock is ours
             self.folder.mkdir(parents=True, exist_ok=True)
-            for name in ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl"):
-                (self.folder / name).unlink(missing_ok=True)
+            for name in RUN_FILES:
+                if name != "config.json":
+                    (self.folder / name).unlink(missing_ok=True)
         atomic_write_text(json.dumps(self.config, indent=2) + "\n", self.folder / "config.json")
 
     def fit(self, resume: bool = False, overwrite: bool = False, out=None) -> list[dict]:
+        """Train to ``num_epoch`` (see :meth:`_fit`), holding the run folder's lock until the end."""
+        try:
+            return self._fit(resume, overwrite, out)
+        finally:
+            self.folder_lock.release()
+
+    def _fit(self, resume: bool, overwrite: bool, out) -> list[dict]:
         """Train to ``num_epoch``, evaluating and checkpointing after every epoch.
 
         Epoch 0 is the untrained code (or a training-free one such as Berrut),

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
 import torch
+
+from util.report import whole_lines
+from util.util import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "base_acc")
@@ -56,24 +60,36 @@ class Tally:
 
 
 class MetricsLog:
-    """One row per epoch in ``metrics.csv`` and ``metrics.jsonl``; rows past a resumed epoch are dropped."""
+    """One row per epoch in ``metrics.csv`` and ``metrics.jsonl``; rows past a resumed epoch are dropped.
+
+    ``metrics.jsonl`` is the record (the CSV is its copy for spreadsheets). Rows
+    are appended as whole lines; a rewrite goes through a temporary file and a
+    rename, so a process killed at any moment leaves every finished epoch's row.
+    """
+
+    NAMES = ("metrics.csv", "metrics.jsonl")
 
     def __init__(self, folder: Path):
         self.csv = folder / "metrics.csv"
         self.jsonl = folder / "metrics.jsonl"
 
     def rows(self) -> list[dict]:
+        """The rows of ``metrics.jsonl``, up to its last whole line (a kill mid-append leaves half a one)."""
         if not self.jsonl.exists():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in whole_lines(self.jsonl.read_text()) if line.strip()]
 
     def truncate(self, last_epoch: int) -> None:
-        """Keep rows up to ``last_epoch`` (the checkpoint's), rewriting both files."""
+        """Keep rows up to ``last_epoch`` (the checkpoint's), rewriting both files atomically."""
         kept = [r for r in self.rows() if r["epoch"] <= last_epoch]
-        self.csv.unlink(missing_ok=True)
-        self.jsonl.unlink(missing_ok=True)
+        # The record first: a kill between the two leaves a CSV that the next resume rewrites again.
+        atomic_write_text("".join(json.dumps(row) + "\n" for row in kept), self.jsonl)
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
         for row in kept:
-            self.append(row)
+            writer.writerow({c: _fmt(row.get(c)) for c in COLUMNS})
+        atomic_write_text(out.getvalue(), self.csv)
 
     def append(self, row: dict) -> None:
         new = not self.csv.exists()

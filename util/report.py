@@ -57,14 +57,30 @@ def find_runs(save_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(METRICS_FILE) if (p.parent / CONFIG_FILE).is_file())
 
 
+def whole_lines(text: str) -> list[str]:
+    """The lines of ``text``, less a last one that lacks its newline and is not a whole JSON
+    object: what a write cut short by a kill leaves."""
+    lines = text.split("\n")
+    last = lines.pop()  # "" when the text ends with a newline
+    if last.strip():
+        try:
+            if isinstance(json.loads(last), dict):
+                lines.append(last)
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The epoch rows of a metrics.jsonl; :class:`RunReadError` if it is empty or not JSON lines."""
+    """The epoch rows of a metrics.jsonl up to its last whole line; :class:`RunReadError` if it is
+    empty or a line before the last is not a JSON row."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise RunReadError(f"cannot read {path.name}: {exc}") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # A file being appended to, or cut by a kill mid-append, ends in half a line: read up to the last whole row.
+    for n, line in enumerate(whole_lines(text), 1):
         if not line.strip():
             continue
         try:

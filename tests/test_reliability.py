@@ -1,0 +1,197 @@
+"""Nothing lost, nothing misleading: kills, concurrent writers and changed inputs, as a user meets them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.cli import main, run_all
+from train.lock import FolderLock, holder
+from train.metrics import MetricsLog
+from util.report import read_rows, summarize_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "digits/base-mlp/k2/r1/MSELoss/MLPEncoder/MLPDecoder"
+
+# Runs train.py's main in a fresh process and SIGKILLs it at its KILL_AT-th file-system write
+# (open for writing, rename, delete) touching a metrics file: a kill at an exact point of the
+# rewrite, whatever the implementation, with no hook in lcc itself.
+KILLER = """
+import os, signal, sys
+kill_at, argv = int(sys.argv[1]), sys.argv[2:]
+count = 0
+
+def hook(event, args):
+    global count
+    if event == "open":
+        path, mode, flags = args
+        writes = any(c in (mode or "") for c in "wax+") if mode else bool(flags & (os.O_WRONLY | os.O_RDWR))
+    elif event in ("os.rename", "os.remove"):
+        path, writes = args[0], True
+    else:
+        return
+    if writes and os.path.basename(str(path)).startswith("metrics."):
+        count += 1
+        if count == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+from train.cli import main
+sys.addaudithook(hook)
+sys.exit(main(argv))
+"""
+
+
+def _folder(cfg_path: Path) -> Path:
+    return Path(json.loads(cfg_path.read_text())["save_dir"]) / RUN
+
+
+def _numbers(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _csv_epochs(folder: Path) -> list[int]:
+    lines = (folder / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,"), "the CSV keeps its header"
+    return [int(line.split(",")[0]) for line in lines[1:]]
+
+
+def test_a_resume_killed_while_rewriting_the_metrics_keeps_the_history(digits_config, tmp_path):
+    whole = run_all(str(digits_config(num_epoch=2, save_dir=str(tmp_path / "whole"))), {})[0]
+    path = digits_config(num_epoch=1)
+    run_all(str(path), {})
+    folder = _folder(path)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    # 1: the first write of the rewrite; 3: after one of the two files was rewritten, before the other.
+    for kill_at in (1, 3):
+        proc = subprocess.run([sys.executable, str(script), str(kill_at), str(path), "--resume", "--set",
+                               "num_epoch=2", "--set", "num_threads=1"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert [r["epoch"] for r in MetricsLog(folder).rows()] == [0, 1], f"killed at write {kill_at}"
+        assert _csv_epochs(folder) == [0, 1]
+    resumed = run_all(str(path), {"num_epoch": 2}, resume=True)[0]
+    assert _numbers(resumed) == _numbers(whole)
+    assert _csv_epochs(folder) == [0, 1, 2]
+    assert not list(folder.glob("*.tmp")), "the next start removes what the killed writes left"
+
+
+def test_a_metrics_file_cut_mid_line_is_read_up_to_its_last_whole_row(digits_config):
+    path = digits_config(num_epoch=1)
+    run_all(str(path), {})
+    folder = _folder(path)
+    with open(folder / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 2, "val_recon_a')  # what a kill in the middle of an append leaves
+    assert [r["epoch"] for r in MetricsLog(folder).rows()] == [0, 1]
+    assert [r["epoch"] for r in read_rows(folder / "metrics.jsonl")] == [0, 1]
+    assert summarize_run(folder)["epochs_run"] == 1
+    rows = run_all(str(path), {"num_epoch": 2}, resume=True)[0]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_results_files_get_ordinary_permissions_and_stale_temporaries_go(digits_config, base_model_dir):
+    path = digits_config(num_epoch=1)
+    run_all(str(path), {})
+    folder = _folder(path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (folder / "current.pt", folder / "best.pt", folder / "config.json",
+              base_model_dir / "digits/base-mlp/model.pt"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    left = folder / "current.pt.k3j_x8.tmp"
+    left.write_bytes(b"half a checkpoint")
+    run_all(str(path), {"num_epoch": 2}, resume=True)
+    assert not left.exists()
+
+
+def _wait_for_rows(log: Path, proc: subprocess.Popen, n: int) -> None:
+    deadline = time.time() + 300
+    while len(MetricsLog(log.parent).rows()) < n:
+        assert proc.poll() is None, "the first writer stopped early"
+        assert time.time() < deadline, "the first writer made no progress"
+        time.sleep(0.05)
+
+
+def test_a_run_folder_has_one_writer(digits_config):
+    path = digits_config(num_epoch=400, num_threads=1)  # the first writer still runs when the others start
+    folder = _folder(path)
+    first = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_rows(folder / "metrics.jsonl", first, 1)
+        for flags in (["--resume"], []):
+            proc = subprocess.run([sys.executable, "train.py", str(path), *flags], cwd=ROOT,
+                                  capture_output=True, text=True)
+            assert proc.returncode == 2, (flags, proc.stderr[-2000:])
+            assert f"in use by process {first.pid}" in proc.stderr and "Traceback" not in proc.stderr
+        assert holder(folder) is not None
+    finally:
+        first.kill()  # SIGKILL: the kernel frees the lock however the holder dies
+        first.wait()
+    assert holder(folder) is None
+    done = [r["epoch"] for r in MetricsLog(folder).rows()]
+    rows = run_all(str(path), {"num_epoch": max(done) + 1, "num_threads": None}, resume=True)[0]
+    assert [r["epoch"] for r in rows] == list(range(max(done) + 2)), "every epoch once: nobody interleaved"
+
+
+def test_two_fresh_starts_at_once_only_one_trains(digits_config):
+    path = digits_config(num_epoch=1, num_threads=1)
+    procs = [subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = sorted((p.wait(), p.stderr.read()) for p in procs)
+    assert [code for code, _ in results] == [0, 2], results[1][1][-2000:]
+    assert "Traceback" not in results[1][1]
+    assert [r["epoch"] for r in MetricsLog(_folder(path)).rows()] == [0, 1]
+
+
+def test_the_lock_names_its_holder_and_frees_on_release(tmp_path):
+    lock = FolderLock(tmp_path / "run").acquire()
+    assert f"process {os.getpid()}" in holder(tmp_path / "run")
+    lock.release()
+    assert holder(tmp_path / "run") is None
+    with FolderLock(tmp_path / "run"):
+        pass
+
+
+def test_resume_refuses_a_swapped_f_or_other_data(digits_config, base_model_dir, tmp_path, capsys):
+    run_all(str(digits_config(num_epoch=0, save_dir=str(tmp_path / "f"))), {})  # F exists from here on
+    weights = tmp_path / "f.pt"
+    weights.write_bytes((base_model_dir / "digits/base-mlp/model.pt").read_bytes())
+    path = digits_config(num_epoch=1, base_model_file=str(weights))
+    run_all(str(path), {})
+    folder = _folder(path)
+    before = (folder / "metrics.jsonl").read_text()
+
+    state = torch.load(weights, weights_only=True)
+    torch.save({k: v.flip(0) for k, v in state.items()}, weights)  # "retrained" in place
+    capsys.readouterr()
+    assert main([str(path), "--resume", "--set", "num_epoch=2"]) == 2
+    err = capsys.readouterr().err
+    assert "F's weights are not the ones the run started with" in err and str(weights.resolve()) in err
+    assert "'base_model_file'" in err
+    torch.save(state, weights)
+
+    assert main([str(path), "--resume", "--set", "num_epoch=2", "--set", "val_size=200"]) == 2
+    err = capsys.readouterr().err
+    assert "'val_size' was null (the default), now 200" in err and "F's weights" not in err
+    assert (folder / "metrics.jsonl").read_text() == before, "a refused resume writes nothing"
+
+    # The same weights under another name, and another spelling of data_dir: the same run, so it goes on.
+    moved = tmp_path / "elsewhere" / "f.pt"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    assert main([str(path), "--resume", "--set", "num_epoch=2", "--set", f"base_model_file=\"{moved}\"",
+                 "--set", f"data_dir=\"{tmp_path}/x/../data\""]) == 0
+    assert [r["epoch"] for r in MetricsLog(folder).rows()] == [0, 1, 2]
+
+
+def test_resume_and_overwrite_together_are_refused(digits_config, capsys):
+    assert main([str(digits_config()), "--resume", "--overwrite"]) == 2
+    assert "pass one of the two" in capsys.readouterr().err
