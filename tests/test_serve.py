@@ -100,6 +100,17 @@ def test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role(tmp_pat
     assert np.any(plan.instance[~late] == 0)
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "serve").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_serving_configs_follow_the_schema(path):
+    from serve.config import ServeConfig, check_delay
+    from train.config import read_json_config, validate_schema
+
+    cfg = validate_schema(read_json_config(path, ""), ServeConfig, str(path))
+    for delay in cfg.delays:
+        check_delay(delay, str(path))
+    assert cfg.runs and set(cfg.strategies) <= {"none", "equal-resources", "replicate", "coded"}
+
+
 # -- bad input --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, key", [
