@@ -7,6 +7,7 @@ milliseconds, far above Ray's own few-millisecond latency on this machine.
 import csv
 import json
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -226,3 +227,47 @@ def test_a_killed_instance_loses_no_query(local_ray, tmp_path, run_folder):
             assert any(r["reconstructed"] == "1" for r in queries)
         late = [r for r in requests if float(r["sent_s"]) > 0.35]
         assert late and all(r["instance"] != "0" for r in late)
+
+
+def test_interference_processes_compete_while_on_and_are_gone_after():
+    from serve.runtime import Instance
+
+    inst = Instance(torch.nn.Linear(4, 3), threads=1, flush=True, device="cpu")
+    assert inst.start_interference(2) == 2
+    procs = list(inst.busy)
+    time.sleep(0.2)
+    assert all(p.poll() is None for p in procs)  # still running, competing for the CPU
+    inst.stop_interference()
+    assert all(p.poll() is not None for p in procs) and inst.busy == []
+
+
+def test_an_instance_serves_its_module_with_the_injected_delay_and_factor():
+    from serve.runtime import Instance
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    inst = Instance(module, threads=1, flush=True, device="cpu")
+    x = np.random.default_rng(0).random(4, dtype=np.float32)
+    t = time.perf_counter()
+    out, compute = inst.infer(x, 0.05, 3.0)
+    took = time.perf_counter() - t
+    assert np.allclose(out, module(torch.from_numpy(x)[None])[0].detach().numpy())
+    assert took >= 0.15 and compute < took  # (compute + delay) x factor, slept rather than computed
+
+
+def test_measured_latency_files_are_read_as_milliseconds(tmp_path):
+    from serve.plan import read_latency_file, sample_delays
+    from util.errors import ConfigError
+
+    plain = tmp_path / "lat.txt"
+    plain.write_text("1.5\n2.5\n\n10\n")
+    assert read_latency_file(str(plain)).tolist() == [1.5, 2.5, 10.0]
+    table = tmp_path / "lat.csv"
+    table.write_text("instance,latency_ms\n0,3\n1,4\n")
+    assert read_latency_file(str(table), "latency_ms").tolist() == [3.0, 4.0]
+    drawn = sample_delays({"dist": "file", "path": str(plain)}, np.zeros(500, dtype=int), np.random.default_rng(0))
+    assert set(np.round(drawn * 1000, 6)) == {1.5, 2.5, 10.0}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("fast\n")
+    with pytest.raises(ConfigError, match="bad.txt"):
+        read_latency_file(str(bad))
