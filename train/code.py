@@ -116,11 +116,11 @@ class TrainedCode:
 
 
 def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cpu",
-              splits=None) -> TrainedCode:
+              data_dir: Optional[str] = None) -> TrainedCode:
     """Rebuild the code of a ``train.py`` run folder from its ``config.json`` and ``checkpoint``.
 
     F's weights come from the file the run used; they are never trained here
-    (a missing file is a UserError). ``splits`` reuses an already loaded dataset.
+    (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder.
     """
     from base_models.train import build_base_model, check_weights_path, default_path, load_state
     from datasets import load_dataset
@@ -135,8 +135,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     path = folder / checkpoint
     state = load_checkpoint(path)
     dev = resolve_device(device)
-    if splits is None:
-        splits = load_dataset(spec.dataset, cfg.data_dir, False, cfg.val_size, cfg.seed)
+    splits = load_dataset(spec.dataset, data_dir or cfg.data_dir, False, cfg.val_size, cfg.seed)
     if cfg.base_model_file is not None:
         weights = check_weights_path(cfg.base_model_file, cfg.base_model_dir)
     else:
