@@ -473,3 +473,54 @@ def test_bad_sim_config_exits_2_naming_the_key(tmp_path, run_folder):
     path.write_text(json.dumps({"runs": [run_folder], "engine": "sim", "service": {"dist": "gamma"}}))
     proc = subprocess.run([sys.executable, "-m", "serve", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "'service'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the map --------------------------------------------------------------------------------------------
+
+def write_map_config(tmp_path, **overrides) -> Path:
+    raw = {"instances": 20, "num_queries": 20000, "service": {"dist": "exponential", "mean_ms": 1.0},
+           "delays": [{"dist": "constant", "ms": 20}], "group_timeout_ms": 5.0, "out_dir": str(tmp_path / "map"),
+           "strategies": ["equal-resources", "replicate", "coded"],
+           "map": {"loads": [0.2, 0.8], "straggler_rates": [0.01], "k_vals": [2], "r_vals": [2]}, **overrides}
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def test_the_map_compares_at_equal_cost_and_finds_where_coding_wins(tmp_path, capsys):
+    from serve.map import main as map_main
+
+    assert map_main([str(write_map_config(tmp_path))]) == 0
+    rows = query_rows(tmp_path / "map" / "map.csv")
+    assert len(rows) == 2 and (tmp_path / "map" / "map.png").is_file()
+    for row in rows:
+        budget = int(row["budget"])  # m + r ceil(m / k) = 20 + 2 * 10
+        assert budget == 40 and int(row["coded_instances"]) == int(row["equal-resources_instances"]) == budget
+        assert int(row["replicate_instances"]) == budget
+        p999 = {s: float(row[f"{s}_p99.9_ms"]) for s in ("equal-resources", "replicate", "coded")}
+        ranked = sorted(p999, key=p999.get)
+        assert row["winner"] == ranked[0]
+        assert float(row["factor"]) == pytest.approx(p999[ranked[1]] / p999[ranked[0]])
+    low, high = sorted(rows, key=lambda r: float(r["load"]))
+    # Light load: a straggler is rebuilt from the group's other outputs, so coding wins the tail. At 0.8 of
+    # the budget the data instances alone carry 0.8 x 40 / 20 = 1.6 of their capacity: coding loses badly.
+    assert low["winner"] == "coded" and float(low["factor"]) > 1.3
+    assert high["winner"] == "equal-resources" and float(high["coded_gain"]) < 0.3
+    assert "wins p99.9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"map": {"loads": [0]}}, "'map.loads'"),
+    ({"map": {"k_vals": [2.5]}}, "'map.k_vals'"),
+    ({"map": {"straggler_rate": [0.1]}}, "'map.straggler_rate'"),
+    ({"rates": [10]}, "'rates'"),
+    ({"delays": [{"dist": "none"}]}, "'delays'"),
+    ({"strategies": ["none", "coded"]}, "'strategies'"),
+    ({"service": {"dist": "pareto", "scale_ms": 1, "alpha": 0.5}}, "'service'"),
+])
+def test_bad_map_configs_exit_2_naming_the_key(tmp_path, capsys, change, key):
+    from serve.map import main as map_main
+
+    assert map_main([str(write_map_config(tmp_path, **change))]) == 2
+    err = capsys.readouterr().err
+    assert key in err and not (tmp_path / "map" / "map.csv").exists()

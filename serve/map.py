@@ -1,0 +1,260 @@
+"""``python -m serve.map CONFIG.json [--set KEY=VALUE ...]``: where coding wins p99.9 at equal cost.
+
+The config is a serving config (the simulator's keys: ``instances``,
+``num_queries``, ``service`` or ``profile``, ``delays``, ``group_timeout_ms``,
+``slowdown``, ``failures``, ``seed``, ``out_dir``, ``strategies``) plus a
+``map`` object of sweep lists:
+
+* ``loads``: utilisation of the equal-cost budget, i.e. arrival rate x mean
+  work per request (service + injected delay) / B, where B = m + r ceil(m/k)
+  is the coded strategy's instance count;
+* ``straggler_rates``: the probability that a request gets the injected delay
+  of the one model in ``delays`` (its own ``probability`` is replaced);
+* ``k_vals``, ``r_vals``: the code's shape.
+
+In every cell the strategies get the same B instances: ``coded`` m data +
+r ceil(m/k) parity instances, ``equal-resources`` B, ``replicate`` B/2
+pairs (rounded down); ``none`` keeps m and is shown for reference, but it
+never wins (it has fewer instances). The table names the strategy with the
+lowest p99.9 latency and the factor by which it beats the runner-up; the
+heatmap (``out_dir/map.png``, one panel per k and r, load against straggler
+rate) colours log2(best other p99.9 / coded p99.9): positive where coding
+wins. ``out_dir/map.csv`` holds every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from serve.config import STRATEGIES, ServeConfig, validate
+from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
+from serve.sim import read_profile, simulate
+from train.cli import parse_overrides
+from train.config import read_json_config
+from util.errors import ConfigError, exits_on_user_error
+from util.util import atomic_write_text
+
+MAP_KEYS = {
+    "loads": ([0.2, 0.4, 0.6], "utilisations of the equal-cost budget, each above 0"),
+    "straggler_rates": ([0.001, 0.01, 0.05], "probabilities of a straggling request, from 0 to 1"),
+    "k_vals": ([2, 4], "numbers of data queries per group, each 1 or more"),
+    "r_vals": ([1, 2], "numbers of parities per group, each 1 or more"),
+}
+REFUSED = {"runs": "the map sweeps k and r itself and runs no trained code",
+           "rates": "the map derives arrival rates from \"map\": {\"loads\"}"}
+EQUAL_COST = ("equal-resources", "replicate", "coded")
+
+
+def mean_ms(dist: dict, key: str) -> float:
+    """Mean of a delay or service distribution (its ``probability`` left out), in ms."""
+    name = dist["dist"]
+    if name == "none":
+        return 0.0
+    if name == "constant":
+        return float(dist["ms"])
+    if name == "exponential":
+        return float(dist["mean_ms"])
+    if name == "shifted-exponential":
+        return float(dist["shift_ms"] + dist["mean_ms"])
+    if name == "pareto":
+        if dist["alpha"] <= 1:
+            raise ConfigError(f"Config key '{key}': a Pareto distribution with alpha <= 1 has no mean, so a load "
+                              f"cannot be set from it. Fix: alpha > 1.")
+        return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
+    return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
+
+
+def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
+    path = Path(path)
+    source = f"map config '{path}'"
+    raw = read_json_config(path, "such as conf/serve/map.json")
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a JSON object of keys.")
+    raw = dict(raw)
+    sweep = raw.pop("map", {})
+    for key, why in REFUSED.items():
+        if key in raw:
+            raise ConfigError(f"{source}: config key '{key}' does not apply to the map: {why}. Fix: remove it.")
+    cfg = validate({**raw, "engine": "sim"}, source, need_runs=False)
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{source}: config key 'map' must be an object with the lists "
+                          f"{', '.join(MAP_KEYS)}; got {sweep!r}.")
+    unknown = set(sweep) - set(MAP_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: config key 'map.{sorted(unknown)[0]}' is unknown; the map sweeps "
+                          f"{', '.join(MAP_KEYS)}.")
+    lists = {}
+    for key, (default, what) in MAP_KEYS.items():
+        values = sweep.get(key, default)
+        ok = isinstance(values, list) and values and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if ok and key == "loads":
+            ok = all(v > 0 for v in values)
+        elif ok and key == "straggler_rates":
+            ok = all(0 <= v <= 1 for v in values)
+        elif ok:
+            ok = all(isinstance(v, int) and v >= 1 for v in values)
+        if not ok:
+            raise ConfigError(f"{source}: config key 'map.{key}' must be a non-empty list of {what}; got "
+                              f"{values!r}.")
+        lists[key] = [float(v) for v in values] if key in ("loads", "straggler_rates") else list(values)
+    if len(cfg.delays) != 1:
+        raise ConfigError(f"{source}: config key 'delays' must hold exactly one delay model for the map (the "
+                          f"straggler's delay; its probability is swept by 'map.straggler_rates'); got "
+                          f"{len(cfg.delays)}.")
+    if cfg.delays[0]["dist"] == "none":
+        raise ConfigError(f"{source}: config key 'delays' gives no delay (\"dist\": \"none\"), so no request can "
+                          f"straggle. Fix: a delay model such as {{\"dist\": \"constant\", \"ms\": 50}}.")
+    if "coded" not in cfg.strategies or not {"equal-resources", "replicate"} & set(cfg.strategies):
+        raise ConfigError(f"{source}: config key 'strategies' must include \"coded\" and one of "
+                          f"\"equal-resources\", \"replicate\" for the map to compare; got {cfg.strategies}.")
+    return cfg, lists
+
+
+def mean_work_ms(cfg: ServeConfig, straggler_rate: float) -> float:
+    """Mean time a request holds an instance: compute plus the expected injected delay."""
+    if cfg.profile:
+        compute = read_profile(cfg.profile)["compute_ms"]
+        base = float(np.nanmean(compute))
+    else:
+        base = mean_ms(cfg.service, "service")
+    return base + straggler_rate * mean_ms(cfg.delays[0], "delays")
+
+
+def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> dict:
+    m = cfg.instances
+    budget = m + r * parity_per_model(m, k)
+    work_s = mean_work_ms(cfg, rate_s) / 1000.0
+    arrival_rate = load * budget / work_s
+    delay = {**cfg.delays[0], "probability": rate_s}
+    n = cfg.num_queries
+    arrivals = np.cumsum(np.random.default_rng([cfg.seed, 0]).exponential(1.0 / arrival_rate, n))
+    queries = Queries(arrivals, np.zeros(n, dtype=int), np.zeros(n, dtype=int))
+    row: dict[str, Any] = {"load": load, "straggler_rate": rate_s, "k": k, "r": r, "budget": budget,
+                           "arrival_rate": arrival_rate}
+    for strategy in cfg.strategies:
+        instances = budget // 2 if strategy == "replicate" else m
+        scfg = replace(cfg, instances=max(instances, 1))
+        plan = build_plan(scfg, strategy, k, r, queries, delay, STRATEGIES.index(strategy))
+        out = simulate(plan, scfg)
+        latency = (out.done - out.arrival)[cfg.warmup_queries:] * 1000.0
+        row[f"{strategy}_instances"] = plan.num_instances
+        row[f"{strategy}_p50_ms"] = float(np.percentile(latency, 50))
+        row[f"{strategy}_p99.9_ms"] = float(np.percentile(latency, 99.9))
+    contenders = sorted((row[f"{s}_p99.9_ms"], s) for s in cfg.strategies if s in EQUAL_COST)
+    row["winner"] = contenders[0][1]
+    row["factor"] = contenders[1][0] / contenders[0][0] if len(contenders) > 1 else float("nan")
+    others = [p for p, s in contenders if s != "coded"]
+    row["coded_gain"] = min(others) / row["coded_p99.9_ms"] if others else float("nan")
+    return row
+
+
+def sweep(cfg: ServeConfig, lists: dict, out=None) -> list[dict]:
+    out = out or sys.stdout
+    rows = []
+    for k, r, load, rate_s in itertools.product(lists["k_vals"], lists["r_vals"], lists["loads"],
+                                                lists["straggler_rates"]):
+        rows.append(run_cell(cfg, load, rate_s, k, r))
+        print(format_row(rows[-1], cfg.strategies), file=out, flush=True)
+    return rows
+
+
+def header(strategies: list[str]) -> str:
+    cols = ["k", "r", "load", "straggler rate", "instances (B)"] + [f"{s} p99.9 (ms)" for s in strategies] + \
+        ["wins p99.9", "by (x runner-up)"]
+    return "| " + " | ".join(cols) + " |\n|" + "|".join("---:" for _ in cols) + "|"
+
+
+def format_row(row: dict, strategies: list[str]) -> str:
+    cells = [row["k"], row["r"], f"{row['load']:g}", f"{row['straggler_rate']:g}", row["budget"]] + \
+        [f"{row[f'{s}_p99.9_ms']:.1f}" for s in strategies] + [row["winner"], f"{row['factor']:.2f}"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[Path]:
+    """One panel per (k, r): load (rows) x straggler rate (columns), colour log2(best other / coded)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ks, rs, loads, rates = lists["k_vals"], lists["r_vals"], lists["loads"], lists["straggler_rates"]
+    fig, axes = plt.subplots(len(ks), len(rs), figsize=(3.2 * len(rs) + 1.2, 2.6 * len(ks) + 0.8), squeeze=False)
+    index = {(row["k"], row["r"], row["load"], row["straggler_rate"]): row for row in rows}
+    limit = max(1.0, max(abs(math.log2(row["coded_gain"])) for row in rows if row["coded_gain"] > 0))
+    image = None
+    for a, k in enumerate(ks):
+        for b, r in enumerate(rs):
+            ax = axes[a][b]
+            grid = np.array([[math.log2(index[(k, r, ld, rt)]["coded_gain"]) for rt in rates] for ld in loads])
+            image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
+            for i, ld in enumerate(loads):
+                for j, rt in enumerate(rates):
+                    row = index[(k, r, ld, rt)]
+                    ax.text(j, i, f"{row['winner'][:3]}\n{row['factor']:.2f}x", ha="center", va="center", fontsize=7,
+                            color="white" if abs(grid[i, j]) > 0.6 * limit else "black")
+            ax.set_xticks(range(len(rates)), [f"{v:g}" for v in rates], fontsize=7)
+            ax.set_yticks(range(len(loads)), [f"{v:g}" for v in loads], fontsize=7)
+            ax.set_title(f"k = {k}, r = {r}", fontsize=9)
+            if a == len(ks) - 1:
+                ax.set_xlabel("straggler rate", fontsize=8)
+            if b == 0:
+                ax.set_ylabel("load", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="log2(best other p99.9 / coded p99.9)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve.map", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="a serving config with a \"map\" object, e.g. conf/serve/map.json")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable), e.g. --set num_queries=100000")
+    args = ap.parse_args(argv)
+    cfg, lists = read_map_config(args.config, parse_overrides(args.overrides))
+    d = cfg.delays[0]
+    params = ", ".join(f"{key}={v}" for key, v in d.items() if key not in ("dist", "probability"))
+    service = f"profile {cfg.profile}" if cfg.profile else \
+        f"{cfg.service['dist']} service ({', '.join(f'{a}={v}' for a, v in cfg.service.items() if a != 'dist')})"
+    title = (f"m = {cfg.instances} data instances, {service}, stragglers {d['dist']} ({params}), "
+             f"{cfg.num_queries:,} queries per cell")
+    print(f"{title}\n", flush=True)
+    print(header(cfg.strategies), flush=True)
+    rows = sweep(cfg, lists)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "map.csv")
+    wins = sum(row["winner"] == "coded" for row in rows)
+    print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
+    if cfg.plot and plot_map(rows, lists, out / "map.png", title):
+        print(f"heatmap: {out / 'map.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
