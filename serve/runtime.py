@@ -375,6 +375,9 @@ class Frontend:
                 else:
                     self.on_failure(key, actor_index)
             unanswered = int(np.sum(self.answers == 0))
+        if np.any(self.answers == 0):  # every path above answers or re-sends; this would be a bug
+            raise RuntimeError(f"{int(np.sum(self.answers == 0))} queries of strategy {p.strategy} were never "
+                               f"answered and nothing is left to wait for")
         # Late outputs are dropped, but the next strategy must find the instances idle.
         if self.pending:
             ray.wait(list(self.pending), num_returns=len(self.pending), timeout=60)
