@@ -76,7 +76,7 @@ def mean_ms(dist: dict, key: str) -> float:
 def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
     path = Path(path)
     source = f"map config '{path}'"
-    raw = read_json_config(path, "such as conf/serve/map.json")
+    raw = read_json_config(path, "such as conf/map/stragglers.json")
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
     if not isinstance(raw, dict):
@@ -232,7 +232,7 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.map", description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="a serving config with a \"map\" object, e.g. conf/serve/map.json")
+    ap.add_argument("config", help="a serving config with a \"map\" object, e.g. conf/map/stragglers.json")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable), e.g. --set num_queries=100000")
     args = ap.parse_args(argv)

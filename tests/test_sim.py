@@ -524,3 +524,11 @@ def test_bad_map_configs_exit_2_naming_the_key(tmp_path, capsys, change, key):
     assert map_main([str(write_map_config(tmp_path, **change))]) == 2
     err = capsys.readouterr().err
     assert key in err and not (tmp_path / "map" / "map.csv").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "map").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_map_configs_are_valid(path):
+    from serve.map import read_map_config
+
+    cfg, lists = read_map_config(path)
+    assert cfg.engine == "sim" and all(lists.values())
