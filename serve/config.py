@@ -204,6 +204,10 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
     check_service(cfg.service, source)
+    if cfg.engine == "sim" and cfg.interference is not None:
+        raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
+                   "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
+                   "'slowdown' or 'delays'.")
     if cfg.profile is not None and not Path(cfg.profile).is_file():
         raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")

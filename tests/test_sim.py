@@ -532,3 +532,10 @@ def test_shipped_map_configs_are_valid(path):
 
     cfg, lists = read_map_config(path)
     assert cfg.engine == "sim" and all(lists.values())
+
+
+def test_interference_is_refused_by_the_simulator():
+    from util.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'interference'"):
+        sim_config(interference={"instances": [0], "processes": 1})
