@@ -48,6 +48,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="print each run of the sweep with its folder and progress, and train nothing")
     ap.add_argument("--shard", metavar="I/N", help="run only the I-th of every N runs of the sweep (1 <= I <= N), "
                     "so N processes or machines can share it")
+    ap.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                    help="run every run of the sweep as a Ray task: on a local Ray, or on the cluster at ADDRESS "
+                    "(e.g. auto, ray://host:10001); see train/ray_sweep.py")
     args = ap.parse_args(argv)
     failed: list = []
     try:
@@ -56,7 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "again: pass one of the two.")
         shard = parse_shard(args.shard) if args.shard else None
         results = run_all(args.config, parse_overrides(args.overrides), args.resume, args.overwrite,
-                          args.only_test, failed=failed, shard=shard, list_only=args.list_only)
+                          args.only_test, failed=failed, shard=shard, list_only=args.list_only,
+                          ray_address=args.ray)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -92,7 +96,8 @@ def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
             only_test: bool = False, out=None, failed: Optional[list] = None,
-            shard: Optional[tuple[int, int]] = None, list_only: bool = False) -> list:
+            shard: Optional[tuple[int, int]] = None, list_only: bool = False,
+            ray_address: Optional[str] = None) -> list:
     """Run (or, with ``only_test``, evaluate) every combination of a config.
 
     ``config_path`` may also be a run folder: its ``config.json`` then
@@ -103,6 +108,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     ``shard=(i, n)`` keeps runs i, i + n, i + 2n, ... (1-based) of the sweep's order.
     ``list_only`` prints each run's progress (see :func:`run_status`) and
     returns those lines instead of training.
+    ``ray_address`` (``""`` for a local Ray) runs the runs as Ray tasks (train/ray_sweep.py).
     """
     out = out or sys.stdout
     from train.checkpoint import refuse_occupied
@@ -130,6 +136,9 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
         refuse_occupied(folders, len(runs))
     check_data(cfg)
+    if ray_address is not None:
+        from train.ray_sweep import run_sweep
+        return run_sweep(cfg, runs, folder, ray_address or None, resume, overwrite, only_test, out, failed)
     results = []
     for i, spec in enumerate(runs, 1):
         print(f"[run {i}/{len(runs)}]", file=out)
