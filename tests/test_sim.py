@@ -539,3 +539,15 @@ def test_interference_is_refused_by_the_simulator():
 
     with pytest.raises(ConfigError, match="'interference'"):
         sim_config(interference={"instances": [0], "processes": 1})
+
+
+def test_a_failure_loses_only_unfinished_requests_and_the_retry_queues_behind_the_live_instances_work():
+    # Four queries at t = 0 on two instances (100 ms each): instance 0 serves q0 (done 0.1 s), then q2.
+    # It fails at 0.1005 s: q0 is already answered, q2 is lost and sent again to instance 1, where it waits
+    # for q1 and q3 (done 0.1 and 0.2 s) and is answered at 0.3 s.
+    cfg = sim_config(instances=2, service={"dist": "constant", "ms": 100.0},
+                     failures=[{"instance": 0, "at_ms": 100.5}])
+    out = simulate(build_plan(cfg, "none", 2, 1, bursts(1, 4), cfg.delays[0]), cfg)
+    assert np.allclose(out.done, [0.1, 0.1, 0.3, 0.2])
+    assert out.retried.tolist() == [False, False, True, False]
+    assert out.requests["ok"].tolist() == [True, True, False, True, True]
