@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from base_models.train import build_base_model, default_path, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED, resolve_data_dir
+from train import distributed
 from train.augment import random_crop_flip
 from train.code import Code, freeze
 from train.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
@@ -131,12 +132,17 @@ class CodedRun:
         self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
         self.k, self.r = spec.k, spec.r
         self.device = resolve_device(cfg.device)
+        self.dist = distributed.current(self.device)  # torchrun's process group (train/distributed.py), else None
+        if self.dist is not None:
+            self.device = self.dist.device(self.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         flush_denormals(cfg.flush_denormal)  # process-wide, after the thread count: see README, Benchmarks
         self.config = run_config(cfg, spec)
+        if self.dist is not None and not self.dist.is_main:  # one progress bar: rank 0's
+            cfg = self.cfg = replace(cfg, progress=False)
         dev = self.device
 
         self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
@@ -144,9 +150,11 @@ class CodedRun:
         if n_train < self.k:
             raise ConfigError(f"Config key 'k_vals': k={self.k} needs at least k training images to form one group, "
                               f"but {spec.dataset} has {n_train} after the validation split. Fix: lower k_vals.")
-        self.base = freeze(load_or_train(
-            spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
-            device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress).to(dev))
+        def load_base():
+            return load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
+                                 device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
+        # Under torchrun rank 0 trains a missing F before the other ranks read its file.
+        self.base = freeze((self.dist.main_first(load_base) if self.dist is not None else load_base()).to(dev))
         self.augment = cfg.augment if cfg.augment is not None else spec.dataset in AUGMENTED
         self.config["augment"] = self.augment  # the resolved config records what "auto" chose
 
@@ -237,20 +245,26 @@ class CodedRun:
         """One step on the groups ``idx`` ``(B, k)``: data -> loss -> backward -> optimizer step."""
         x_all, y_all, fx_all = self.data["train"]
         x, y = x_all[idx], y_all[idx]
-        if self.augment:
-            b, k = idx.shape
+        if self.augment:  # drawn for the whole step on every rank, so the draws do not depend on the ranks
             x = random_crop_flip(x.flatten(0, 1), self.gen).view_as(x)
-            with torch.no_grad():  # F's targets must follow the augmented inputs
-                fx = self.base(x.flatten(0, 1)).view(b, k, -1)
-        else:
-            fx = fx_all[idx]
-        recon, fp = self.forward_groups(x, fx)
-        sel = self.select_unavailable(recon, fx, y)
-        loss = self.loss(*sel, fp, fx)
+        share = self.dist.share(len(idx)) if self.dist is not None else None
+        if share is not None:  # torchrun: this rank's groups of the step (train/distributed.py)
+            idx, x, y = idx[share.part], x[share.part], y[share.part]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if len(idx):
+            if self.augment:
+                with torch.no_grad():  # F's targets must follow the augmented inputs
+                    fx = self.base(x.flatten(0, 1)).view(*idx.shape, -1)
+            else:
+                fx = fx_all[idx]
+            recon, fp = self.forward_groups(x, fx)
+            sel = self.select_unavailable(recon, fx, y)
+            loss = self.loss(*sel, fp, fx)
+            loss.backward()
+            tally.add(sel[0], sel[1], sel[2], loss.detach())
+        if share is not None:  # the gradient of the whole step's loss, on every rank
+            self.dist.combine_gradients(self.trainable, share.weight)
         self.optimizer.step()
-        tally.add(sel[0], sel[1], sel[2], loss.detach())
 
     def epoch_groups(self) -> torch.Tensor:
         """This epoch's training groups ``(G, k)``, drawn with the run's generator.
@@ -282,6 +296,8 @@ class CodedRun:
                 bar.set_postfix(loss=f"{running['train_loss']:.4g}", recon=f"{running['train_recon_acc']:.3f}",
                                 refresh=False)
         self.train_mode(False)
+        if self.dist is not None:  # the sums of every rank's share
+            self.dist.sum_tally(tally)
         return tally.result("train", self.base_accuracy("train"))
 
     # -- evaluation --------------------------------------------------------------------------------
@@ -294,6 +310,8 @@ class CodedRun:
         """Loss, reconstruction and degraded-mode accuracy over every group and every scenario of ``split``."""
         x, y, fx = self.data[split]
         groups = eval_groups(len(x), self.k, self.device)
+        if self.dist is not None:  # torchrun: each rank scores its share; the sums are added below
+            groups = groups[self.dist.part(len(groups))]
         tally = Tally()
         self.train_mode(False)
         for i in range(0, len(groups), self.cfg.eval_batch_size):
@@ -302,6 +320,8 @@ class CodedRun:
             recon, fp = self.forward_groups(x[idx], fx_idx)
             sel = self.select_unavailable(recon, fx_idx, y[idx])
             tally.add(*sel, self.loss(*sel, fp, fx_idx))
+        if self.dist is not None:
+            self.dist.sum_tally(tally)
         return tally.result(split, self.base_accuracy(split))
 
     # -- state -------------------------------------------------------------------------------------
@@ -360,6 +380,8 @@ class CodedRun:
         improved = val is not None and val > self.best_val
         if improved:
             self.best_val = val
+        if self.dist is not None and not self.dist.is_main:  # torchrun: rank 0 alone writes the folder
+            return
         state = self.state()
         if improved:  # best.pt first: a kill in between leaves current.pt an epoch behind, which resume redoes
             save_checkpoint(state, self.folder / "best.pt")
@@ -406,7 +428,10 @@ class CodedRun:
         evaluated on validation and test before the first step.
         """
         out = out or sys.stdout
-        self.prepare_folder(resume, overwrite)
+        if self.dist is not None:  # rank 0 prepares the folder, the others load its checkpoint
+            self.dist.prepare_folder(self, resume, overwrite)
+        else:
+            self.prepare_folder(resume, overwrite)
         print(f"== {self.spec.describe()} -> {self.folder}", file=out)
         if self.epoch == 0 and not self.log.rows():
             t0 = time.time()
@@ -432,6 +457,7 @@ class CodedRun:
         return self.log.rows()
 
     def finish_epoch(self, row: dict, out) -> None:
-        self.log.append(row)
+        if self.dist is None or self.dist.is_main:
+            self.log.append(row)
         self.checkpoint(row)
         print(summary_line(row, self.cfg.num_epoch), file=out, flush=True)
