@@ -132,6 +132,7 @@ def test_a_run_folder_has_one_writer(digits_config):
             assert proc.returncode == 2, (flags, proc.stderr[-2000:])
             assert f"in use by process {first.pid}" in proc.stderr and "Traceback" not in proc.stderr
         assert holder(folder) is not None
+        assert "being written now" in run_all(str(path), {}, list_only=True)[0]
     finally:
         first.kill()  # SIGKILL: the kernel frees the lock however the holder dies
         first.wait()
@@ -195,3 +196,67 @@ def test_resume_refuses_a_swapped_f_or_other_data(digits_config, base_model_dir,
 def test_resume_and_overwrite_together_are_refused(digits_config, capsys):
     assert main([str(digits_config()), "--resume", "--overwrite"]) == 2
     assert "pass one of the two" in capsys.readouterr().err
+
+
+# -- every user error is exit 2, a paragraph, and comes before any run trains ---------------------------------------
+ENCODER = "from coders.mlp import MLPEncoder\nclass Enc(MLPEncoder):\n"
+DATASET = ("import torch\nfrom datasets.sources import digits as _digits\n"
+           "def data(data_dir, download):\n    tx, ty, ex, ey, n = _digits(data_dir, download)\n")
+MLP = [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]]
+
+
+@pytest.mark.parametrize("module, overrides, needles", [
+    ("def broken(:\n", {"enc_dec_types": [["user_mod.Enc", "coders.mlp.MLPDecoder"]]},
+     ["'enc_dec_types'", "SyntaxError", "user_mod.py"]),
+    ("raise RuntimeError('no licence server')\n", {"losses": ["user_mod.Loss"]},
+     ["'losses'", "RuntimeError: no licence server"]),
+    (ENCODER + "    def forward(self, x):\n        if self.training:\n            return self.missing(x)\n"
+     "        return super().forward(x)\n", {"enc_dec_types": MLP + [["user_mod.Enc", "coders.mlp.MLPDecoder"]]},
+     ["'enc_dec_types'", "in training mode: AttributeError", "AttributeError"]),
+    (ENCODER + "    def forward(self, x):\n        return super().forward(x)[:2]\n",
+     {"enc_dec_types": MLP + [["user_mod.Enc", "coders.mlp.MLPDecoder"]]},
+     ["'enc_dec_types'", "Enc returned (2, 1, 64)", "(3, 1, 64)"]),
+    ("import torch\nclass Loss(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+     "        raise KeyError('weights')\n", {"losses": ["user_mod.Loss"]}, ["'losses'", "KeyError"]),
+    ("import torch\nclass F(torch.nn.Module):\n    def __init__(self, in_shape, num_classes):\n        super().__init__()\n"
+     "    def forward(self, x):\n        return x.nope()\n", {"models": ["user_mod.F"]}, ["'models'", "AttributeError"]),
+    (DATASET + "    return tx, ty, ex, ey\n", {"datasets": ["user_mod.data"]}, ["'datasets'", "ValueError"]),
+    (DATASET + "    return (tx * 255).to(torch.uint8), ty, ex, ey, n\n", {"datasets": ["user_mod.data"]},
+     ["'datasets'", "torch.uint8"]),
+    (DATASET + "    return tx, ty + 1, ex, ey, n\n", {"datasets": ["user_mod.data"]}, ["'datasets'", "labels from 1 to 10"]),
+    ("", {"optimizer": "torch.optim.LBFGS"}, ["'optimizer'", "LBFGS"]),
+    ("", {"optimizer": "torch.optim.SparseAdam"}, ["'optimizer'", "SparseAdam"]),
+    ("", {"device": "meta"}, ["'device'", "meta"]),
+    ("", {"device": "mps"}, ["'device'", "mps"]),
+    ("", {"num_threads": 100000}, ["'num_threads'"]),
+    ("", {"k_vals": [20], "r_vals": [20]}, ["C(40, 20) - 1 = 137,846,528,819", "GiB"]),
+    ("", {"save_dir": "FILE"}, ["'save_dir'", "is a file"]),
+    ("", {"base_model_dir": "FILE/sub"}, ["'base_model_dir'", "is a file"]),
+])
+def test_a_bad_component_or_setting_is_exit_2_before_anything_runs(digits_config, tmp_path, capsys, monkeypatch,
+                                                                    module, overrides, needles):
+    import datasets.splits
+
+    monkeypatch.setattr(datasets.splits, "_CACHE", {})  # each case's user_mod.data is another function
+    (tmp_path / "user_mod.py").write_text(module)
+    (tmp_path / "FILE").write_text("not a folder")
+    overrides = {k: (str(tmp_path / v) if k.endswith("_dir") else v) for k, v in overrides.items()}
+    path = digits_config(**overrides)
+    sys.modules.pop("user_mod", None)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one paragraph, no traceback
+    for needle in needles:
+        assert needle in err
+    assert not (tmp_path / "save").exists(), "nothing ran"
+
+
+def test_f_giving_nan_is_named_as_the_cause(digits_config, base_model_dir, tmp_path, capsys):
+    run_all(str(digits_config(num_epoch=0, save_dir=str(tmp_path / "f"))), {})  # F exists from here on
+    state = torch.load(base_model_dir / "digits/base-mlp/model.pt", weights_only=True)
+    weights = tmp_path / "nan.pt"
+    torch.save({k: torch.full_like(v, float("nan")) for k, v in state.items()}, weights)
+    assert main([str(digits_config(base_model_file=str(weights)))]) == 2
+    err = capsys.readouterr().err
+    assert "F (" in err and "NaN" in err and str(weights) in err and "learning rate" not in err
+    assert not (tmp_path / "save").exists()

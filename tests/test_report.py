@@ -151,7 +151,8 @@ def test_corrupt_metrics_skipped_with_warning(tmp_path):
     write_run(save / "good", [epoch_row(0, 0.2, 0.3, 0.4)])
     bad = write_run(save / "bad", [], k=3)
     broken = write_run(save / "broken", [], k=4)
-    (broken / "metrics.jsonl").write_text('{"epoch": 0, "val_recon_acc": 0.1}\n{"epoch": 1, "val_re')
+    # A damaged line before the last (a cut last line is only an append in progress: read up to it).
+    (broken / "metrics.jsonl").write_text('{"epoch": 0, "val_recon_acc": 0.1}\n{"epoch": 1, "val_re\n{"epoch": 2}\n')
     code, out, err = run_report([str(save), "--no-plots"])
     assert code == 0
     assert len(table_rows(out)) == 1 and table_rows(out)[0][header(out).index("k")] == "2"

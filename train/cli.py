@@ -77,10 +77,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
     """How far the run in ``folder`` has got, from its checkpoint and metrics.jsonl:
-    ``(state, phrase)`` with state "new", "part", "done" or "unreadable"."""
+    ``(state, phrase)`` with state "new", "part", "done" or "unreadable"; the phrase says when
+    another process is writing the run now."""
+    from train.lock import holder
+
+    state, phrase = _run_progress(Path(folder), num_epoch)
+    return state, phrase + ("; being written now" if holder(folder) is not None else "")
+
+
+def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
     from util.report import METRICS_FILE, RunReadError, best_row, read_rows
 
-    folder = Path(folder)
     if not (folder / "current.pt").exists():
         return "new", "new"
     try:
@@ -135,7 +142,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         return lines
     if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
         refuse_occupied(folders, len(runs))
-    check_data(cfg)
+    check_data(cfg, runs)
     if ray_address is not None:
         from train.ray_sweep import run_sweep
         return run_sweep(cfg, runs, folder, ray_address or None, resume, overwrite, only_test, out, failed)

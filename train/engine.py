@@ -395,6 +395,18 @@ class CodedRun:
             self._folder_lock = FolderLock(self.folder)
         return self._folder_lock
 
+    def check_base_outputs(self) -> None:
+        """A UserError naming F when its outputs on the data are not finite: every loss and
+        accuracy would be meaningless, and the run would only seem to diverge."""
+        for split, (_, _, fx) in self.data.items():
+            bad = int((~torch.isfinite(fx)).any(1).sum())
+            if bad:
+                f_path = self.cfg.base_model_file or default_path(self.splits.name, self.spec.model,
+                                                                  self.cfg.base_model_dir)
+                raise UserError(f"F ('{f_path}') outputs NaN or infinite values on {bad} of the {len(fx)} {split} "
+                                f"images, so nothing can be trained or scored against it. Fix: retrain F (python "
+                                f"-m base_models.train ... --force) or point 'base_model_file' at sound weights.")
+
     def prepare_folder(self, resume: bool, overwrite: bool) -> None:
         """Lock the folder for this process, remove what a killed writer left (temporary files),
         then load the checkpoint (``resume``) or clear the folder for a fresh start."""
@@ -428,6 +440,7 @@ class CodedRun:
         evaluated on validation and test before the first step.
         """
         out = out or sys.stdout
+        self.check_base_outputs()
         if self.dist is not None:  # rank 0 prepares the folder, the others load its checkpoint
             self.dist.prepare_folder(self, resume, overwrite)
         else:

@@ -105,6 +105,12 @@ class FolderLock:
             pass
         os.close(fd)  # closing the last descriptor drops the flock
 
+    def __del__(self) -> None:  # a lock object dropped without release() frees the folder too
+        try:
+            self.release()
+        except Exception:  # at interpreter exit; the kernel frees the lock with the process anyway
+            pass
+
     def __enter__(self) -> "FolderLock":
         return self.acquire()
 

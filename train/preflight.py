@@ -1,7 +1,11 @@
 """Checks that run before any work: every class path imports and every coder accepts its k, r and sizes."""
 from __future__ import annotations
 
+import json
+import math
 import os
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -11,8 +15,9 @@ from base_models.train import check_weights_path
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
-from util.classpath import build, import_class, spec_name, split_spec
+from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.errors import ConfigError
+from util.util import get_flattened_dim
 
 # Input shapes and class counts of the shipped datasets, so coders can be
 # checked before a dataset is read.
@@ -28,7 +33,11 @@ def _importable(spec, key: str, aliases=None):
 
 
 def preflight(cfg: Config, runs: list[RunSpec]) -> None:
-    """Raise ConfigError for the first problem found in ``cfg``; build nothing that costs memory."""
+    """Raise ConfigError for the first problem found in ``cfg``, for every run of the sweep, before
+    any data or F is loaded; coders and base models are built and called on a few inputs."""
+    check_machine(cfg)
+    for run in runs:
+        check_scenario_count(run, cfg)
     for spec in cfg.datasets:
         _importable(spec, "datasets", DATASET_ALIASES)
     for spec in cfg.models:
@@ -36,21 +45,16 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
     if cfg.parity_model is not None:
         _importable(cfg.parity_model, "parity_model", MODEL_ALIASES)
     for spec in cfg.losses:
+        name = split_spec(spec, "losses")[0]
         try:
-            loss = build(spec, "losses", aliases=LOSS_ALIASES)
+            loss = call_user("losses", f"building the loss {name}", build, spec, "losses", aliases=LOSS_ALIASES,
+                             fix="check its 'args' against its constructor.")
         except TypeError as exc:
             raise ConfigError(f"Config key 'losses': {spec!r} could not be built ({exc}).") from None
         if not callable(loss):
             raise ConfigError(f"Config key 'losses': {spec!r} is not a loss module.")
         probe_loss(loss, spec)
-    opt_cls = _importable(cfg.optimizer, "optimizer")
-    if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
-        raise ConfigError(f"Config key 'optimizer': {split_spec(cfg.optimizer, 'optimizer')[0]} is not a "
-                          f"torch.optim.Optimizer class.")
-    try:
-        build(cfg.optimizer, "optimizer", [nn.Parameter(torch.zeros(1))])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"Config key 'optimizer': its 'args' are not accepted ({exc}).") from None
+    check_optimizer(cfg)
     if cfg.base_model_file is not None:
         check_weights_path(cfg.base_model_file, cfg.base_model_dir)
     if cfg.train_parity_model and cfg.parity_model_init == "base" and cfg.parity_model is not None \
@@ -59,6 +63,7 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
                           "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
     from train.engine import build_coders
 
+    probed: set = set()
     for run in runs:
         for cspec in (run.encoder, run.decoder):
             cls = _importable(cspec, "enc_dec_types")
@@ -68,21 +73,194 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
         known = KNOWN_SHAPES.get(run.dataset)
         if known is not None:
             for key, mspec in (("models", run.model), ("parity_model", cfg.parity_model)):
-                if mspec is None:
-                    continue
-                try:
-                    with torch.device("meta"):
-                        build(mspec, key, aliases=MODEL_ALIASES, in_shape=known[0], num_classes=known[1])
-                except (TypeError, ValueError) as exc:
-                    raise ConfigError(f"Config key '{key}': {split_spec(mspec, key)[0]} could not be built for "
-                                      f"{run.dataset} ({exc}). Fix: check its 'args'; base models are built as "
-                                      f"cls(in_shape=(C, H, W), num_classes=n, **args).") from None
+                if mspec is not None and (key, _key(mspec), run.dataset) not in probed:
+                    probed.add((key, _key(mspec), run.dataset))
+                    probe_model(key, mspec, run.dataset, *known)
             try:
                 with torch.device("meta"):  # checks shapes and arguments without allocating weights
                     coders = build_coders(run, known[0], known[1])
             except (NotImplementedError, RuntimeError):
-                coders = build_coders(run, known[0], known[1])  # a coder computing its constants needs real tensors
-            check_coder_size(run, coders)
+                coders = None  # a coder computing its constants needs real tensors
+            except ConfigError:
+                raise
+            except Exception:  # let the real build below name the error
+                coders = None
+            if coders is not None:
+                check_coder_size(run, coders)
+            probe_run_coders(run, known[0], known[1], probed)
+
+
+def _key(spec) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def probe_run_coders(run: RunSpec, in_shape, n_out: int, probed: set) -> None:
+    """Build ``run``'s encoder and decoder on the CPU and call them as training will (once per
+    distinct coder pair, k, r and sizes in the sweep)."""
+    from train.engine import build_coders
+
+    key = ("coders", _key(run.encoder), _key(run.decoder), run.k, run.r, tuple(in_shape), n_out)
+    if key in probed:
+        return
+    probed.add(key)
+    names = f"{spec_name(run.encoder)}/{spec_name(run.decoder)}"
+    coders = call_user("enc_dec_types", f"building the coders {names} for k={run.k}, r={run.r}", build_coders,
+                       run, in_shape, n_out, fix="check the coder's constructor and its 'args'.")
+    check_coder_size(run, coders)
+    probe_coders(*coders, run.k, run.r, get_flattened_dim([-1, *in_shape]), n_out)
+
+
+def probe_coders(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int) -> None:
+    """Call E and D on random inputs of two batch sizes, in evaluation and in training mode (with a
+    backward pass), and compare their outputs with the contract in coders/coder.py. Any exception
+    a coder raises is a ConfigError naming it. Meant for throwaway modules (the preflight's own):
+    their gradients and BatchNorm statistics change."""
+    gen = torch.Generator().manual_seed(0)
+    for training in (False, True):
+        for b in (2, 3):
+            available = torch.ones(b, k + r, dtype=torch.bool)
+            available[:, :r] = False  # one decoding scenario: the first r outputs unavailable
+            checks = (("encoder", encoder, (torch.randn(b, k, d, generator=gen),), (b, r, d)),
+                      ("decoder", decoder, (torch.randn(b, k + r, n, generator=gen),), (b, k, n)))
+            for which, module, args, expected in checks:
+                if which == "decoder" and getattr(module, "needs_availability", False):
+                    args = args + (available,)
+                name = type(module).__name__
+                mode = "training" if training else "evaluation"
+                module.train(training)
+                try:
+                    with torch.set_grad_enabled(training):
+                        out = module(*args)
+                        if training and isinstance(out, torch.Tensor) and out.requires_grad:
+                            out.float().sum().backward()
+                except Exception as exc:
+                    raise ConfigError(
+                        f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
+                        f"{tuple(args[0].shape)} in {mode} mode: {describe_exception(exc)}. The contract in "
+                        f"coders/coder.py: an "
+                        f"encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to (B, k, n), for any "
+                        f"batch size B.") from None
+                if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ConfigError(
+                        f"Config key 'enc_dec_types': {which} {name} returned {got} in {mode} mode for an input "
+                        f"of shape {tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
+
+
+def probe_model(key: str, spec, dataset: str, in_shape, num_classes: int) -> None:
+    """Build a base model (F or the parity model's architecture) for ``dataset`` and run it on two
+    images, so a constructor or forward that fails, or an output that is not (B, n), is named here."""
+    name = split_spec(spec, key)[0]
+    try:
+        with torch.device("meta"):  # arguments first, without allocating weights
+            build(spec, key, aliases=MODEL_ALIASES, in_shape=in_shape, num_classes=num_classes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Config key '{key}': {name} could not be built for {dataset} ({exc}). Fix: check its "
+                          f"'args'; base models are built as cls(in_shape=(C, H, W), num_classes=n, **args).") from None
+    except Exception:  # meta tensors do not support everything; the real build below names real errors
+        pass
+    model = call_user(key, f"building {name} for {dataset}", build, spec, key, aliases=MODEL_ALIASES,
+                      in_shape=in_shape, num_classes=num_classes,
+                      fix="base models are built as cls(in_shape=(C, H, W), num_classes=n, **args).")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"Config key '{key}': {name} built a {type(model).__name__}, not an nn.Module.")
+    with torch.no_grad():
+        out = call_user(key, f"{name}, called in eval mode on 2 images of shape {tuple(in_shape)},",
+                        model.eval(), torch.zeros(2, *in_shape), fix="its forward must take a (B, C, H, W) batch.")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"Config key '{key}': {name} returned {got} for 2 images of {dataset}; a base model "
+                          f"returns one row of class scores per image, (B, n).")
+
+
+def check_optimizer(cfg: Config) -> None:
+    """The optimizer class exists, accepts its args and can take a plain ``step()`` on dense gradients."""
+    name = split_spec(cfg.optimizer, "optimizer")[0]
+    opt_cls = _importable(cfg.optimizer, "optimizer")
+    if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
+        raise ConfigError(f"Config key 'optimizer': {name} is not a torch.optim.Optimizer class.")
+    param = nn.Parameter(torch.zeros(3))
+    try:
+        opt = build(cfg.optimizer, "optimizer", [param])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Config key 'optimizer': its 'args' are not accepted ({exc}).") from None
+    except Exception as exc:
+        raise ConfigError(f"Config key 'optimizer': {name} could not be built ({describe_exception(exc)}).") from None
+    try:
+        (param - 1).pow(2).sum().backward()
+        opt.step()
+    except Exception as exc:
+        raise ConfigError(
+            f"Config key 'optimizer': {name} cannot train here: lcc calls optimizer.step() after each backward "
+            f"pass on dense gradients, and {name} raised {describe_exception(exc)} (LBFGS needs a closure, "
+            f"SparseAdam sparse gradients). Fix: use torch.optim.Adam, AdamW or SGD, or a class with a plain "
+            f"step().") from None
+
+
+def check_machine(cfg: Config) -> None:
+    """The device can hold tensors, num_threads is sane and the output folders are writable folders."""
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(f"Config key 'device': {cfg.device!r} is not a device name; use \"auto\", \"cpu\" "
+                              f"or \"cuda\".") from None
+        if dev.type == "meta":
+            raise ConfigError("Config key 'device': \"meta\" tensors hold shapes but no values, so nothing can be "
+                              "trained on them. Fix: use \"auto\", \"cpu\" or \"cuda\".")
+        try:
+            (torch.ones(2, device=dev) + 1).sum().item()
+        except Exception as exc:
+            raise ConfigError(f"Config key 'device': torch cannot use {cfg.device!r} on this machine "
+                              f"({describe_exception(exc).split(' (at ')[0]}). Fix: use \"auto\" (CUDA when "
+                              f"present, else the CPU) or \"cpu\".") from None
+    cores = os.cpu_count() or 1
+    if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS_PER_CORE * cores:
+        raise ConfigError(f"Config key 'num_threads': {cfg.num_threads} threads on a machine with {cores} cores "
+                          f"would only slow torch down. Fix: use at most {cores} (or null for one per core).")
+    for key in ("save_dir", "base_model_dir"):
+        check_writable_folder(getattr(cfg, key), key)
+
+
+MAX_THREADS_PER_CORE = 4
+
+
+def check_writable_folder(path: str, key: str) -> None:
+    """``path`` is a folder lcc may create files in, or could be created as one."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"Config key '{key}': '{p}' is a file, not a folder. Fix: point '{key}' at a folder "
+                          f"(it is created when missing).")
+    existing = p
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"Config key '{key}': '{p}' cannot be created, since '{existing}' is a file. Fix: "
+                          f"choose another folder for '{key}'.")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"Config key '{key}': '{existing}' is not writable by this user, so lcc cannot write "
+                          f"{'under ' if existing != p else ''}'{p}'. Fix: choose a folder you can write to.")
+
+
+def check_scenario_count(run: RunSpec, cfg: Config) -> None:
+    """Refuse a k, r whose C(k + r, r) - 1 unavailability scenarios are too many to enumerate and decode:
+    each evaluation batch decodes every scenario at once."""
+    count = math.comb(run.k + run.r, run.r) - 1
+    if count <= MAX_SCENARIOS:
+        return
+    # Decoder inputs of one evaluation batch: scenarios x groups x (k + r) outputs of >= 10 floats.
+    need = count * cfg.eval_batch_size * (run.k + run.r) * 10 * 4
+    raise ConfigError(f"Config key 'k_vals'/'r_vals': k={run.k}, r={run.r} has C({run.k + run.r}, {run.r}) - 1 = "
+                      f"{count:,} unavailability scenarios, all trained and evaluated at once: one evaluation "
+                      f"batch alone would need about {_size(need)} of decoder inputs (this machine has "
+                      f"{_size(memory_bytes()) if memory_bytes() else 'an unknown amount'}), and listing them "
+                      f"takes {_size(count * (run.k + run.r))} and hours. Fix: lower k_vals or r_vals (at most "
+                      f"{MAX_SCENARIOS:,} scenarios).")
+
+
+MAX_SCENARIOS = 100_000
 
 
 def probe_loss(loss, spec) -> None:
@@ -135,10 +313,47 @@ def check_coder_size(run: RunSpec, coders) -> None:
                           f"{_size(have)}. Fix: lower k_vals or r_vals, or pick a smaller coder.")
 
 
-def check_data(cfg: Config) -> None:
-    """Load every dataset of the sweep once (cached for the runs), so a missing
-    file stops the command before the first run rather than in the middle."""
+def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
+    """Load every dataset of the sweep once (cached for the runs), so a missing file or a dataset
+    function that fails or returns the wrong things stops the command before the first run rather
+    than in the middle; the coders of ``runs`` on a dataset of unknown sizes are probed here."""
     from datasets import load_dataset
 
+    probed: set = set()
     for spec in cfg.datasets:
-        load_dataset(spec, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
+        name = split_spec(spec, "datasets")[0]
+        splits = call_user("datasets", f"loading the dataset {name}", load_dataset, spec, cfg.data_dir, cfg.download,
+                           cfg.val_size, cfg.seed, fix="a dataset function returns (train_x, train_y, test_x, test_y, "
+                           "num_classes) with float images (N, C, H, W) and int64 labels (README, 'A dataset').")
+        check_splits(name, splits)
+        if spec not in KNOWN_SHAPES:
+            for run in runs or []:
+                if run.dataset == spec:
+                    probe_run_coders(run, splits.input_shape, splits.num_classes, probed)
+
+
+def check_splits(name: str, splits) -> None:
+    """What a dataset function returned is usable: float images (N, C, H, W), int64 labels in
+    range, as many labels as images, finite values."""
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"Config key 'datasets': the dataset {name} {msg}. A dataset function returns "
+                           f"(train_x, train_y, test_x, test_y, num_classes) with float images (N, C, H, W) and "
+                           f"int64 labels in 0..num_classes-1 (README, 'A dataset').")
+
+    n = splits.num_classes
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise bad(f"gives num_classes = {n!r}; it must be an integer of 2 or more")
+    for split in ("train", "val", "test"):
+        x, y = splits.split(split)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise bad(f"gives {split} data of type {type(x).__name__}/{type(y).__name__}, not tensors")
+        if not x.is_floating_point() or x.dim() != 4:
+            raise bad(f"gives {split} images of dtype {x.dtype} and shape {tuple(x.shape)}; they must be floating "
+                      f"point (N, C, H, W) (uint8 pixels: divide by 255 first)")
+        if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+            raise bad(f"gives {len(x)} {split} images with labels of dtype {y.dtype} and shape {tuple(y.shape)}; "
+                      f"there must be one int64 label per image")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
+            raise bad(f"gives {split} labels from {int(y.min())} to {int(y.max())} with num_classes = {n}")
+        if not bool(torch.isfinite(x).all()):
+            raise bad(f"gives {split} images holding NaN or infinite values")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
-from util.errors import ConfigError
+from util.errors import ConfigError, UserError
 
 
 def split_spec(spec: Any, key: str) -> tuple[str, dict]:
@@ -54,10 +54,22 @@ def import_class(path: str, key: str, aliases: Mapping[str, str] | None = None) 
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        missing = module_name if exc.name in (None, module_name) or module_name.startswith(exc.name + ".") else exc.name
+        if missing != module_name:  # the module exists, but something it imports does not
+            raise ConfigError(
+                f"Config key '{key}': module '{module_name}' (for '{path}') imports '{missing}', which is not "
+                f"installed or not on the path ({where_raised(exc)}). Fix: install it, or correct that import."
+            ) from None
         raise ConfigError(
             f"Config key '{key}': could not import module '{module_name}' for '{path}' ({exc}). "
             f"Check the spelling, or put your own module next to the config file or on PYTHONPATH.{hint}"
+        ) from None
+    except Exception as exc:  # a user's module can fail at import in any way: syntax, a NameError, ...
+        raise ConfigError(
+            f"Config key '{key}': importing module '{module_name}' (for '{path}') raised "
+            f"{describe_exception(exc)}. Fix: correct that module; importing it alone "
+            f"(python -c 'import {module_name}') shows the whole error."
         ) from None
     try:
         return getattr(module, attr)
@@ -70,6 +82,36 @@ def import_class(path: str, key: str, aliases: Mapping[str, str] | None = None) 
         raise ConfigError(
             f"Config key '{key}': module '{module_name}' has no attribute '{attr}'.{maybe}{hint}"
         ) from None
+
+
+def where_raised(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc`` (for a SyntaxError, the offending line)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "unknown place"
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"AttributeError: ... (at file.py:12)"``: one line for a one-paragraph message."""
+    text = str(exc).strip().splitlines()
+    first = text[0][:300] if text else ""
+    return f"{type(exc).__name__}{': ' + first if first else ''} (at {where_raised(exc)})"
+
+
+def call_user(key: str, what: str, fn: Any, *args: Any, fix: str = "", **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` where ``fn`` is a user's component: any exception it raises (other
+    than a UserError, already worded for users) becomes one ConfigError naming the config ``key``
+    and ``what`` failed, instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"Config key '{key}': {what} raised {describe_exception(exc)}."
+                          f"{' Fix: ' + fix if fix else ''}") from None
 
 
 def build(spec: Any, key: str, *args: Any, aliases: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
