@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from serve.config import ServeConfig, validate
-from serve.plan import ROLE_F, Queries, build_plan
-from serve.results import summarize
+from serve.plan import ROLE_F, Queries, build_plan, make_queries
 from serve.sim import fifo_completion, read_profile, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +111,6 @@ def test_coded_percentiles_are_the_order_statistic_of_own_output_and_kth_of_k_pl
 def test_one_queue_at_half_load_gives_the_exponential_sojourn_time_of_mm1():
     # M/M/1, arrival rate 500/s, mean service 1 ms: time in system ~ Exponential(mean 1 / (1000 - 500) s).
     cfg = sim_config(instances=1, num_queries=200_000, rates=[500.0])
-    from serve.plan import make_queries
-
     queries = make_queries(cfg, 500.0, np.zeros(10, dtype=int))
     lat = latencies_ms(simulate(build_plan(cfg, "none", 2, 1, queries, cfg.delays[0]), cfg))[2000:]
     assert lat.mean() == pytest.approx(2.0, rel=0.05)
@@ -274,8 +271,6 @@ def test_failures_are_recovered_as_the_runtimes_rules_say_event_by_event(case):
     cfg = sim_config(instances=2, num_queries=300, failures=failures, group_timeout_ms=30.0,
                      service={"dist": "constant", "ms": 20.0},
                      delays=[{"dist": "exponential", "mean_ms": 60.0, "probability": 0.5}])
-    from serve.plan import make_queries
-
     queries = make_queries(cfg, 25.0, np.zeros(10, dtype=int))
     plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0])
     out = simulate(plan, cfg)
@@ -305,8 +300,6 @@ def test_no_live_f_instance_is_a_user_error():
 def test_a_seed_reproduces_the_simulation_and_another_seed_changes_it():
     def run(seed):
         cfg = sim_config(seed=seed, delays=[{"dist": "pareto", "scale_ms": 1.0, "alpha": 1.5}])
-        from serve.plan import make_queries
-
         queries = make_queries(cfg, 2000.0, np.zeros(10, dtype=int))
         return simulate(build_plan(cfg, "coded", 2, 1, queries, cfg.delays[0]), cfg).done
 
@@ -440,8 +433,6 @@ def test_reconstructions_equal_the_decoder_on_the_outputs_in_hand(run_folder):
     code = loaded.code
     x, y = loaded.splits.split("test")
     cfg = sim_config(instances=2, num_queries=400, delays=[{"dist": "exponential", "mean_ms": 5}])
-    from serve.plan import make_queries
-
     queries = make_queries(cfg, 300.0, y.numpy())
     plan = build_plan(cfg, "coded", code.k, code.r, queries, cfg.delays[0])
     out = simulate(plan, cfg, code=code, inputs=x)
