@@ -81,12 +81,15 @@ def test_killed_worker_is_retried_and_resumes(local_ray, sweep, tmp_path, monkey
         assert sum(line.split("] ", 1)[1].startswith("epoch 2/2") for line in mine) == 1
 
 
-def test_ray_bad_input_exits_2_before_submitting(sweep, tmp_path):
-    """A bad key stops --ray with the preflight's one paragraph, exit 2, before Ray starts."""
+@pytest.mark.parametrize("args, named", [(["--ray", "--set", "batch_size=0"], "batch_size"),
+                                         (["--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1")])
+def test_ray_bad_input_exits_2_before_submitting(sweep, tmp_path, args, named):
+    """A bad key (the preflight's paragraph) or an address where no Ray answers stops --ray with
+    exit 2 before anything is submitted or written."""
     path, _, _ = sweep
-    proc = subprocess.run([sys.executable, "train.py", str(path), "--ray", "--set", "batch_size=0",
+    proc = subprocess.run([sys.executable, "train.py", str(path), *args,
                            "--set", f"save_dir={json.dumps(str(tmp_path / 'bad'))}"],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert named in proc.stderr and "Traceback" not in proc.stderr
     assert "submitted" not in proc.stdout and not (tmp_path / "bad").exists()

@@ -201,10 +201,31 @@ def wants_gpu(device: str, ray) -> bool:
     return device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
 
 
+def unreachable(address: str) -> Optional[str]:
+    """Why ``HOST:PORT`` (or ``ray://HOST:PORT``) cannot be reached within a few seconds, or None when it
+    can or the address is one Ray resolves itself ("auto"): Ray would otherwise retry for minutes."""
+    import socket
+
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 def connect(address: Optional[str]) -> bool:
     """Start the embedded local Ray (``address`` None) or join a cluster; returns whether it was started here."""
     from serve.runtime import start_ray
 
+    why = unreachable(address) if address else None
+    if why is not None:
+        raise UserError(f"--ray {address}: nothing answers there ({why}), so no task was submitted. Fix: pass the "
+                        f"address that 'ray start --head' printed (HOST:6379, or ray://HOST:10001 for Ray Client), "
+                        f"--ray auto on a node of the cluster, or plain --ray for a local Ray.")
     try:
         return start_ray(address, None)
     except (ConnectionError, RuntimeError, ValueError) as exc:
