@@ -207,7 +207,19 @@ class EpochClock:
         pass
 
 
-def time_fit(name: str, args, base_model_file: Optional[str], flush: bool, epochs: int) -> dict:
+def compile_coders(run) -> float:
+    """``torch.compile`` (inductor) E, D and the parity models that have trainable weights, in place; returns
+    the seconds the first steps took to compile them. Not a config key: on CPU it did not pay (README)."""
+    t0 = time.perf_counter()
+    for m in (run.encoder, run.decoder, *(run.parity_models or [])):
+        if any(p.requires_grad for p in m.parameters()):
+            m.compile()  # in place, so parameter names and checkpoints stay as they are
+    time_steps(run, steps=1, warmup=2)
+    return time.perf_counter() - t0
+
+
+def time_fit(name: str, args, base_model_file: Optional[str], flush: bool, epochs: int,
+             compiled: bool = False) -> dict:
     """Seconds per epoch of ``epochs`` whole epochs through :meth:`CodedRun.fit`, as ``train.py`` runs them.
 
     ``fit_s`` is the median wall time from one epoch's summary line to the
@@ -216,6 +228,8 @@ def time_fit(name: str, args, base_model_file: Optional[str], flush: bool, epoch
     """
     with tempfile.TemporaryDirectory() as save_dir:
         run = build_run(name, args.data_dir, save_dir, args.device, epochs, base_model_file, flush)
+        if compiled:
+            compile_coders(run)  # a few steps before fit starts: they do not touch its checkpoints
         clock = EpochClock()
         t0 = time.perf_counter()
         rows = run.fit(out=clock)
@@ -268,7 +282,7 @@ def optimizer_bytes(run) -> int:
 
 
 def bench_training(name: str, args, rate: float, bandwidth: float, base_model_file: Optional[str] = None,
-                   flush: bool = True) -> dict:
+                   flush: bool = True, compiled: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as save_dir:
         t0 = time.perf_counter()
         run = build_run(name, args.data_dir, save_dir, args.device, args.epochs, base_model_file, flush)
@@ -278,9 +292,11 @@ def bench_training(name: str, args, rate: float, bandwidth: float, base_model_fi
         n_steps = math.ceil(groups / bs)
         # FLOPs grow linearly with the batch, so one full step scales to the epoch by groups.
         flops = step_flops(run, bs) * groups / bs
+        compile_s = compile_coders(run) if compiled else None
         if args.quick:
-            per_step = time_steps(run, steps=args.steps, warmup=3)
-            seconds, how = per_step * n_steps, f"{args.steps} steps x {n_steps}"
+            per_step = min(time_steps(run, steps=args.steps, warmup=3) for _ in range(args.repeat))
+            seconds, how = per_step * n_steps, f"{args.steps} steps x {n_steps}" + (
+                f", best of {args.repeat}" if args.repeat > 1 else "")
         else:
             time_steps(run, steps=1, warmup=5)
             seconds, how = time_epochs(run, args.epochs), f"best of {args.epochs} epoch(s)"
@@ -288,9 +304,10 @@ def bench_training(name: str, args, rate: float, bandwidth: float, base_model_fi
         profile = profile_steps(run) if args.profile else None
         optimizer_s = n_steps * optimizer_bytes(run) / bandwidth
         del run
-    fit = time_fit(name, args, base_model_file, flush, args.fit) if args.fit else {}
+    fit = time_fit(name, args, base_model_file, flush, args.fit, compiled) if args.fit else {}
     bound = flops / rate
     return {"name": name, "F": f_label(base_model_file), "subnormals": "flushed" if flush else "kept", **fit,
+            "compile_s": compile_s,
             "seconds": seconds, "how": how, "groups": groups, "steps": n_steps,
             "groups_per_s": groups / seconds, "flops": flops, "bound": bound, "ratio": seconds / bound,
             "roofline": seconds / (bound + optimizer_s),
@@ -350,7 +367,8 @@ def fit_disagreements(results: list[dict], tolerance: float = 0.2) -> list[str]:
         gap = r["fit_s"] / r["seconds"] - 1
         if abs(gap) > tolerance:
             lines.append(
-                f"warning: '{r['name']}' (F {r['F']}, subnormals {r['subnormals']}): an epoch through fit takes "
+                f"warning: '{r['name']}' (F {r['F']}, subnormals {r['subnormals']}"
+                f"{', compiled' if r.get('compile_s') is not None else ''}): an epoch through fit takes "
                 f"{r['fit_s']:.2f} s, {100 * gap:+.0f}% from the {r['seconds']:.2f} s timed as {r['how']} "
                 f"(its training part {r['fit_train_s']:.2f} s, evaluation and checkpoints "
                 f"{r['fit_s'] - r['fit_train_s']:.2f} s).")
@@ -381,6 +399,8 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
     ap.add_argument("--epochs", type=int, default=1, help="full epochs to time (best is reported)")
     ap.add_argument("--quick", action="store_true", help="time a few steps and extrapolate to the epoch")
     ap.add_argument("--steps", type=int, default=15, help="steps timed with --quick")
+    ap.add_argument("--repeat", type=int, default=1, help="with --quick, time this many windows of --steps steps "
+                    "and keep the fastest (on a busy machine, other processes' spells fall out)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a training step")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--base-model-file", action="append", metavar="PATH",
@@ -391,6 +411,8 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
                     help="the runs' config key flush_denormal (default on, as in train.py); both: one row each")
     ap.add_argument("--fit", type=int, default=0, metavar="N",
                     help="also train N whole epochs through CodedRun.fit, as train.py does, and compare")
+    ap.add_argument("--compile", action="store_true",
+                    help="one more row per setup with E, D and the parity models under torch.compile")
     ap.add_argument("--setup", action="append", choices=list(SETUPS), help="time this setup only (repeatable)")
     ap.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     ap.add_argument("--only", choices=["train", "infer"], help="run one half only")
@@ -399,8 +421,8 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
         if args.threads < 1:
             ap.error("--threads must be 1 or more")
         torch.set_num_threads(args.threads)
-    if args.epochs < 1 or args.steps < 1 or args.fit < 0:
-        ap.error("--epochs and --steps must be 1 or more, --fit 0 or more")
+    if args.epochs < 1 or args.steps < 1 or args.repeat < 1 or args.fit < 0:
+        ap.error("--epochs, --steps and --repeat must be 1 or more, --fit 0 or more")
     if args.base_model_file:
         f_files = [None if f == "trained" else f for f in args.base_model_file]
     else:
@@ -427,18 +449,23 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
     print(f"dense fp32 matmul (2048^3): {rate / 1e9:.1f} GFLOP/s; memory copy: {bandwidth / 1e9:.1f} GB/s\n")
 
     if args.only != "infer":
-        results = [bench_training(name, args, rate, bandwidth, f_file, flush)
-                   for name in (args.setup or SETUPS) for f_file in f_files for flush in flushes]
+        results = [bench_training(name, args, rate, bandwidth, f_file, flush, compiled)
+                   for name in (args.setup or SETUPS) for f_file in f_files for flush in flushes
+                   for compiled in ([False, True] if args.compile else [False])]
         if results:
             fit_cols = ["fit s/epoch", "fit train s"] if args.fit else []
+            compile_cols = ["compile s"] if args.compile else []
             print("Training: MNIST, base-mlp, k=2 r=1, MSE, batch 64")
             print(table(
                 ["setup", "groups/epoch", "s/epoch", "groups/s", "vs original", "GFLOP/epoch", "FLOP-bound s",
-                 "x bound", "x bound+Adam", "fixed ms/step", "us/group", "F", "subnormals", *fit_cols, "timed as"],
+                 "x bound", "x bound+Adam", "fixed ms/step", "us/group", "F", "subnormals", *fit_cols,
+                 *compile_cols, "timed as"],
                 [[r["name"], str(r["groups"]), f"{r['seconds']:.2f}", f"{r['groups_per_s']:.0f}",
                   f"{r['vs_original']:.2f}x", f"{r['flops'] / 1e9:.1f}", f"{r['bound']:.2f}", f"{r['ratio']:.1f}",
                   f"{r['roofline']:.1f}", f"{r['fixed_ms']:.2f}", f"{r['group_us']:.1f}", r["F"], r["subnormals"],
-                  *([f"{r['fit_s']:.2f}", f"{r['fit_train_s']:.2f}"] if args.fit else []), r["how"]]
+                  *([f"{r['fit_s']:.2f}", f"{r['fit_train_s']:.2f}"] if args.fit else []),
+                  *([f"{r['compile_s']:.1f}" if r["compile_s"] is not None else "eager"] if args.compile else []),
+                  r["how"]]
                  for r in results]))
             print("vs original: groups/s over the original code's (27,500 groups in 18 s learned, 5.5 s concat):\n"
                   "  the speed-up at equal work; for the disjoint setup it is also the speed-up per epoch.\n"
@@ -452,6 +479,9 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
                   "F: 'reference' is the original code's MNIST weights (they hold subnormal values), 'lcc-trained' "
                   "the file lcc trains;\n  subnormals: 'flushed' reads them as zero (flush_denormal, the default), "
                   "'kept' computes with them.")
+            if args.compile:
+                print("compile s: E, D and parity models under torch.compile (inductor), seconds their first "
+                      "steps took; 'eager': not compiled.")
             if args.fit:
                 print(f"fit s/epoch: median wall time of an epoch over {args.fit} epoch(s) of CodedRun.fit "
                       "(training, evaluation on val and test,\n  checkpoints), as train.py runs it; fit train s: "
