@@ -1,7 +1,8 @@
 """Training and inference speed of the learned code and the concatenation parity model.
 
 ``python -m bench.speed [--data-dir DIR] [--epochs N] [--quick] [--fit N] [--profile] [--device DEV]
-[--base-model-file PATH|trained ...] [--flush-denormal on|off|both] [--setup NAME ...] [--threads T]``
+[--steps S] [--repeat R] [--base-model-file PATH|trained ...] [--flush-denormal on|off|both] [--compile]
+[--setup NAME ...] [--threads T]``
 
 Training (MNIST, base-mlp F, k = 2, r = 1, MSE, 64 groups per step): seconds
 per epoch of :meth:`train.engine.CodedRun.train_epoch`, groups per second,
@@ -34,7 +35,9 @@ F is the reference MNIST base-mlp (``$LCC_ANCHOR_DIR`` or
 values) when present, else the one lcc trains; ``--base-model-file`` names
 others (``trained`` for lcc's own), one set of rows each. ``--flush-denormal
 off`` (or ``both``) times the runs with subnormal arithmetic left as the CPU
-does it (config key ``flush_denormal``).
+does it (config key ``flush_denormal``). ``--compile`` times each setup again
+with E, D and the parity models under ``torch.compile``; ``--repeat R`` keeps
+the fastest of R timed windows, for a machine that other work keeps busy.
 """
 from __future__ import annotations
 
