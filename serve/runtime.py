@@ -195,6 +195,7 @@ class Frontend:
         self.pad = pad_output
         self.cost = {"encode": 0.0, "dispatch": 0.0, "decode": 0.0}
         self.dead: set = set()
+        self.retrying: set = set()  # queries with a retry in flight
         self.req = {name: [] for name in ("instance", "role", "sent", "done", "compute", "delay", "factor", "ok")}
         if plan.strategy == "coded":
             g = len(plan.closed)
@@ -260,6 +261,7 @@ class Frontend:
         p = self.plan
         out = torch.from_numpy(np.array(output))
         if kind == "retry":
+            self.retrying.discard(n)
             if self.answers[n] == 0:
                 self.answer(n, out, now, reconstructed=False)
             return
@@ -282,6 +284,7 @@ class Frontend:
             self.dead.add(actor_index)
         p = self.plan
         if kind == "retry":
+            self.retrying.discard(n)
             self.retry(n, actor_index)
             return
         if p.strategy == "coded":
@@ -310,12 +313,16 @@ class Frontend:
             bool(np.any(self.plan.query[self.next:] == q))
 
     def retry(self, q: int, failed: int) -> None:
-        """Send query ``q`` again, to the next live F instance after ``failed`` (no injected delay)."""
+        """Send query ``q`` again, to the next live F instance after ``failed`` (no injected delay);
+        once only while that retry is in flight."""
+        if q in self.retrying:
+            return
         roles = self.plan.roles
         for step in range(1, len(roles) + 1):
             i = (failed + step) % len(roles)
             if roles[i] == ROLE_F and i not in self.dead:
                 self.retried[q] = True
+                self.retrying.add(q)
                 self.send(i, self.inputs[self.plan.queries.index[q]].numpy(), 0.0, 1.0, ("retry", q))
                 return
         raise UserError("Every instance holding F has failed, so some queries cannot be answered. Fix: fail "
@@ -350,6 +357,7 @@ class Frontend:
             while kills and kills[0][0] <= now:
                 _, i = kills.pop(0)
                 ray.kill(self.actors[i], no_restart=True)
+                self.dead.add(i)  # fail-stop is detected at once: nothing more is sent there
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf)
             wait = max(0.0, min(upcoming - self.clock(), 1.0))
             if not self.pending:
