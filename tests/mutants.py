@@ -59,7 +59,7 @@ MUTANTS = [
             CATCH + "test_kl_loss_in_a_run_is_kl_base", ENGINE + "test_every_loss_trains"],
            why="KL-Base computed as KL(reconstruction || F)"),
     Mutant("augment_clean_targets",
-           "fx = self.base(x.flatten(0, 1)).view(b, k, -1)", "fx = fx_all[idx]",
+           "fx = self.base(x.flatten(0, 1)).view(*idx.shape, -1)", "fx = fx_all[idx]",
            [CATCH + "test_under_augmentation_the_targets_are_f_on_the_augmented_images",
             "tests/test_augment_channels.py::test_conv_encoder_on_colour_images_with_augmentation_trains"],
            why="the encoder trained against F's outputs on the un-augmented images"),
@@ -165,6 +165,20 @@ MUTANTS = [
            'self.gen.set_state(state["rng"]["shuffle"])', "pass",
            [ENGINE + "test_resume_reproduces_an_uninterrupted_run"],
            why="resume reshuffles the data with the generator as initialisation left it"),
+    # -- scaling out (issue 14) --
+    Mutant("dist_equal_weights",
+           "return Share(part, (part.stop - part.start) / n)", "return Share(part, 1 / self.world)",
+           ["tests/test_distributed.py::test_two_processes_equal_one_and_resume"],
+           why="torchrun averages the ranks' gradients with equal weights, wrong for a step that splits unevenly"),
+    Mutant("dist_metrics_not_summed",
+           "            self.dist.sum_tally(tally)\n        return tally.result(split,",
+           "            pass\n        return tally.result(split,",
+           ["tests/test_distributed.py::test_two_processes_equal_one_and_resume"],
+           why="torchrun logs rank 0's share of the evaluation as the whole split's metrics"),
+    Mutant("ray_retry_starts_afresh",
+           "resume, overwrite = True, False", "pass",
+           ["tests/test_ray_sweep.py::test_killed_worker_is_retried_and_resumes"],
+           why="a Ray task retried after its worker died does not resume from current.pt"),
 ]
 
 
