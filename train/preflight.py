@@ -209,10 +209,14 @@ def check_machine(cfg: Config) -> None:
             raise ConfigError("Config key 'device': \"meta\" tensors hold shapes but no values, so nothing can be "
                               "trained on them. Fix: use \"auto\", \"cpu\" or \"cuda\".")
         try:
-            (torch.ones(2, device=dev) + 1).sum().item()
+            if dev.type == "cuda":  # no allocation: that would open a CUDA context on GPU 0 in every process
+                if dev.index is not None and dev.index >= torch.cuda.device_count():
+                    raise RuntimeError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+            elif dev.type != "cpu":
+                (torch.ones(2, device=dev) + 1).sum().item()
         except Exception as exc:
             raise ConfigError(f"Config key 'device': torch cannot use {cfg.device!r} on this machine "
-                              f"({describe_exception(exc).split(' (at ')[0]}). Fix: use \"auto\" (CUDA when "
+                              f"({type(exc).__name__}: {str(exc).split('. ')[0][:160]}). Fix: use \"auto\" (CUDA when "
                               f"present, else the CPU) or \"cpu\".") from None
     cores = os.cpu_count() or 1
     if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS_PER_CORE * cores:
