@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds",)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_torch_threads():
+    """The runs here set num_threads=1 in this process (torch.set_num_threads is process-wide):
+    hand the next test modules torch's thread count back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")

@@ -67,6 +67,10 @@ class Group:
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.cuda = device.type == "cuda"
         if self.cuda:
+            if self.local_rank >= torch.cuda.device_count():
+                raise UserError(f"torchrun started local rank {self.local_rank} on a node with "
+                                f"{torch.cuda.device_count()} GPU(s), and each rank trains on its own GPU. Fix: pass "
+                                f"--nproc_per_node={torch.cuda.device_count()} or less, or set \"device\": \"cpu\".")
             torch.cuda.set_device(self.local_rank)
         if not tdist.is_initialized():
             tdist.init_process_group("nccl" if self.cuda else "gloo")
