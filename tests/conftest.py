@@ -69,3 +69,30 @@ def digits_config(tmp_path, base_model_dir):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
+    """A run folder of a digits learned code (k = 2, r = 1, two epochs), trained once per session."""
+    from train.cli import run_all
+
+    tmp = tmp_path_factory.mktemp("digits_run")
+    cfg = {"num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
+           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
+    path = tmp / "train.json"
+    path.write_text(json.dumps(cfg))
+    with open(os.devnull, "w") as quiet:
+        run_all(str(path), {}, out=quiet)
+    return str(next((tmp / "save").rglob("best.pt")).parent)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for a whole test module: ``ray.init`` costs about 10 s."""
+    ray = pytest.importorskip("ray")
+    from serve.runtime import start_ray
+
+    start_ray(None, 2)
+    yield ray
+    ray.shutdown()

@@ -12,7 +12,7 @@ from base_models.resnet import ResNet18
 from train.cli import main, run_all
 from train.config import expand_runs, load_config
 from train.engine import CodedRun
-from train.metrics import Tally
+from train.metrics import MetricsLog, Tally
 from train.scenarios import gather_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +322,11 @@ def test_a_killed_process_resumes_to_the_same_numbers(digits_config, tmp_path):
     import signal
     import time
 
-    full = run_all(str(digits_config(num_epoch=6, save_dir=str(tmp_path / "a"))), {})[0]
+    # Every run is a process of its own, as a user's are: a process setting that earlier tests
+    # changed in this one (thread count, say) must not tell the runs apart.
+    full_path = digits_config(num_epoch=6, save_dir=str(tmp_path / "a"))
+    subprocess.run([sys.executable, "train.py", str(full_path)], cwd=ROOT, check=True, capture_output=True)
+    full = MetricsLog(next((tmp_path / "a").rglob("metrics.jsonl")).parent).rows()
     path = digits_config(num_epoch=6, save_dir=str(tmp_path / "b"))
     log = tmp_path / "b/digits/base-mlp/k2/r1/MSELoss/MLPEncoder/MLPDecoder/metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT,
@@ -336,7 +340,9 @@ def test_a_killed_process_resumes_to_the_same_numbers(digits_config, tmp_path):
     proc.wait()
     if proc.returncode == 0:
         pytest.fail("the run finished before it could be killed; make it longer")
-    resumed = run_all(str(path), {}, resume=True)[0]
+    subprocess.run([sys.executable, "train.py", str(path), "--resume"], cwd=ROOT, check=True, capture_output=True)
+    resumed = MetricsLog(log.parent).rows()
+    assert [r["epoch"] for r in resumed] == list(range(7))
     assert _numbers(resumed) == _numbers(full)
 
 

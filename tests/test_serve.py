@@ -17,29 +17,15 @@ import torch
 
 from serve.cli import main as serve_main
 from serve.cli import serve_all
-from serve.config import load_serve_config, validate
+from serve.config import validate
 from serve.plan import build_plan, form_groups, make_queries, pool_roles
-from train.cli import run_all
 from train.code import load_code
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory, base_model_dir) -> str:
-    """A digits learned code, k = 2, r = 1, trained for two epochs."""
-    tmp = tmp_path_factory.mktemp("serve_run")
-    cfg = {"num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
-           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
-           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
-    path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
-    run_all(str(path), {}, out=open("/dev/null", "w"))
-    return str(next((tmp / "save").rglob("best.pt")).parent)
-
-
-def serve_config(tmp_path, run_folder, **overrides):
-    raw = {"runs": [run_folder], "rates": [20], "num_queries": 20, "instances": 2, "num_cpus": 2,
+def serve_config(tmp_path, digits_run_folder, **overrides):
+    raw = {"runs": [digits_run_folder], "rates": [20], "num_queries": 20, "instances": 2, "num_cpus": 2,
            "out_dir": str(tmp_path / "out"), "plot": False, **overrides}
     return validate(raw)
 
@@ -51,23 +37,23 @@ def rows(path: Path) -> list[dict]:
 
 # -- plans (no Ray) --------------------------------------------------------------------------------
 
-def plan_for(tmp_path, run_folder, strategy, n=40, **overrides):
-    cfg = serve_config(tmp_path, run_folder, num_queries=n, **overrides)
+def plan_for(tmp_path, digits_run_folder, strategy, n=40, **overrides):
+    cfg = serve_config(tmp_path, digits_run_folder, num_queries=n, **overrides)
     queries = make_queries(cfg, 50.0, np.arange(100) % 10)
     return build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], 0), cfg
 
 
-def test_strategies_route_as_documented(tmp_path, run_folder):
-    none, _ = plan_for(tmp_path, run_folder, "none")
+def test_strategies_route_as_documented(tmp_path, digits_run_folder):
+    none, _ = plan_for(tmp_path, digits_run_folder, "none")
     assert np.array_equal(none.instance, np.arange(40) % 2) and none.num_instances == 2
-    er, _ = plan_for(tmp_path, run_folder, "equal-resources")
+    er, _ = plan_for(tmp_path, digits_run_folder, "equal-resources")
     assert np.array_equal(er.instance, np.arange(40) % 3) and er.num_instances == 3
-    rep, _ = plan_for(tmp_path, run_folder, "replicate")
+    rep, _ = plan_for(tmp_path, digits_run_folder, "replicate")
     assert rep.num_instances == 4 and len(rep) == 80
     for q in range(40):
         copies = rep.instance[rep.query == q]
         assert len(copies) == 2 and copies[0] != copies[1]
-    coded, _ = plan_for(tmp_path, run_folder, "coded", group_timeout_ms=10_000)
+    coded, _ = plan_for(tmp_path, digits_run_folder, "coded", group_timeout_ms=10_000)
     assert coded.num_instances == 3 and pool_roles("coded", 2, 2, 1) == [-1, -1, 0]
     data = coded.query >= 0
     assert np.array_equal(coded.instance[data], coded.query[data] % 2)
@@ -81,20 +67,20 @@ def test_groups_close_at_the_kth_arrival_or_the_timeout():
     assert np.allclose(closed, [0.2, 0.601, 0.802, 2.2])
 
 
-def test_a_seed_reproduces_arrivals_images_and_delays(tmp_path, run_folder):
+def test_a_seed_reproduces_arrivals_images_and_delays(tmp_path, digits_run_folder):
     delay = {"delays": [{"dist": "pareto", "scale_ms": 5, "alpha": 1.5, "probability": 0.3}],
              "slowdown": {"fraction": 0.3, "factor": 4, "period_ms": 100}}
-    a, _ = plan_for(tmp_path, run_folder, "coded", **delay)
-    b, _ = plan_for(tmp_path, run_folder, "coded", **delay)
-    c, _ = plan_for(tmp_path, run_folder, "coded", seed=1, **delay)
+    a, _ = plan_for(tmp_path, digits_run_folder, "coded", **delay)
+    b, _ = plan_for(tmp_path, digits_run_folder, "coded", **delay)
+    c, _ = plan_for(tmp_path, digits_run_folder, "coded", seed=1, **delay)
     for field in ("time", "instance", "query", "delay", "factor"):
         assert np.array_equal(getattr(a, field), getattr(b, field))
     assert not np.array_equal(a.delay, c.delay) and not np.array_equal(a.time, c.time)
     assert (a.delay > 0).any() and (a.delay == 0).any() and (a.factor > 1).any()
 
 
-def test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role(tmp_path, run_folder):
-    plan, _ = plan_for(tmp_path, run_folder, "coded", n=200, failures=[{"instance": 0, "at_ms": 1000}])
+def test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role(tmp_path, digits_run_folder):
+    plan, _ = plan_for(tmp_path, digits_run_folder, "coded", n=200, failures=[{"instance": 0, "at_ms": 1000}])
     late = plan.time >= 1.0
     assert late.any() and not np.any(plan.instance[late] == 0)
     assert np.all(plan.instance[late & (plan.query >= 0)] == 1)  # data requests stay on F instances
@@ -124,8 +110,8 @@ def test_shipped_serving_configs_follow_the_schema(path):
     ({"runs": ["/nonexistent/run"]}, "'runs'"),
     ({"checkpoint": "epoch7.pt"}, "'checkpoint'"),
 ])
-def test_bad_configs_exit_2_naming_the_key(tmp_path, run_folder, capsys, bad, key):
-    raw = {"runs": [run_folder], "out_dir": str(tmp_path / "out"), **bad}
+def test_bad_configs_exit_2_naming_the_key(tmp_path, digits_run_folder, capsys, bad, key):
+    raw = {"runs": [digits_run_folder], "out_dir": str(tmp_path / "out"), **bad}
     path = tmp_path / "serve.json"
     path.write_text(json.dumps(raw))
     assert serve_main([str(path)]) == 2
@@ -144,14 +130,6 @@ def test_a_bad_config_is_one_paragraph_from_the_command_line(tmp_path):
 
 # -- serving for real, on one local Ray -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    from serve.runtime import start_ray
-
-    start_ray(None, 2)
-    yield ray
-    ray.shutdown()
 
 
 def outcome_files(cfg, strategy):
@@ -159,9 +137,9 @@ def outcome_files(cfg, strategy):
     return rows(folder / "queries.csv"), rows(folder / "requests.csv"), json.loads((folder / "summary.json").read_text())
 
 
-def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_path, run_folder):
+def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_path, digits_run_folder):
     # Groups always fill (long timeout), so slot 0 of every group goes to instance 0, which is 400 ms slow.
-    cfg = serve_config(tmp_path, run_folder, strategies=["coded"], num_queries=16, group_timeout_ms=10_000,
+    cfg = serve_config(tmp_path, digits_run_folder, strategies=["coded"], num_queries=16, group_timeout_ms=10_000,
                        delays=[{"dist": "constant", "ms": 400, "instances": [0]}])
     serve_all(cfg, out=open("/dev/null", "w"))
     queries, requests, summary = outcome_files(cfg, "coded")
@@ -171,8 +149,8 @@ def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_pat
     assert summary["reconstructed"] == 0.5
 
     # The served answers equal the decoder's output computed offline from the other k outputs.
-    code = load_code(run_folder).code
-    x, _ = load_code(run_folder).splits.split("test")
+    code = load_code(digits_run_folder).code
+    x, _ = load_code(digits_run_folder).splits.split("test")
     images = torch.tensor([int(r["image"]) for r in queries])
     predicted = torch.tensor([int(r["predicted"]) for r in queries])
     groups = x[images].view(8, 2, *x.shape[1:])
@@ -181,12 +159,12 @@ def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_pat
     assert {int(r["instance"]) for r in requests} == {0, 1, 2}
 
 
-def test_every_strategy_answers_every_query_exactly_once(local_ray, tmp_path, run_folder):
+def test_every_strategy_answers_every_query_exactly_once(local_ray, tmp_path, digits_run_folder):
     from serve.runtime import Frontend, Pool
 
-    cfg = serve_config(tmp_path, run_folder, num_queries=30, rates=[40],
+    cfg = serve_config(tmp_path, digits_run_folder, num_queries=30, rates=[40],
                        delays=[{"dist": "exponential", "mean_ms": 60, "probability": 0.3}])
-    loaded = load_code(run_folder)
+    loaded = load_code(digits_run_folder)
     x, y = loaded.splits.split("test")
     queries = make_queries(cfg, 40.0, y.numpy())
     pool = Pool(loaded.code, cfg, 4, [1])
@@ -210,9 +188,9 @@ def test_every_strategy_answers_every_query_exactly_once(local_ray, tmp_path, ru
         pool.shutdown()
 
 
-def test_a_killed_instance_loses_no_query(local_ray, tmp_path, run_folder):
+def test_a_killed_instance_loses_no_query(local_ray, tmp_path, digits_run_folder):
     # Instance 0 is slow, so requests queue on it, and it is killed while they wait.
-    cfg = serve_config(tmp_path, run_folder, strategies=["none", "coded"], num_queries=30, rates=[30],
+    cfg = serve_config(tmp_path, digits_run_folder, strategies=["none", "coded"], num_queries=30, rates=[30],
                        delays=[{"dist": "constant", "ms": 150, "instances": [0]}],
                        failures=[{"instance": 0, "at_ms": 300}])
     serve_all(cfg, out=open("/dev/null", "w"))
@@ -229,7 +207,15 @@ def test_a_killed_instance_loses_no_query(local_ray, tmp_path, run_folder):
         assert late and all(r["instance"] != "0" for r in late)
 
 
-def test_interference_processes_compete_while_on_and_are_gone_after():
+@pytest.fixture
+def restore_torch_threads():
+    """An Instance built in this process sets its thread count, which is process-wide."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_interference_processes_compete_while_on_and_are_gone_after(restore_torch_threads):
     from serve.runtime import Instance
 
     inst = Instance(torch.nn.Linear(4, 3), threads=1, flush=True, device="cpu")
@@ -241,7 +227,7 @@ def test_interference_processes_compete_while_on_and_are_gone_after():
     assert all(p.poll() is not None for p in procs) and inst.busy == []
 
 
-def test_an_instance_serves_its_module_with_the_injected_delay_and_factor():
+def test_an_instance_serves_its_module_with_the_injected_delay_and_factor(restore_torch_threads):
     from serve.runtime import Instance
 
     torch.manual_seed(0)

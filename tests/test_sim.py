@@ -333,39 +333,12 @@ def test_bad_sim_keys_name_the_key():
 
 # -- against the Ray runtime, and through python -m serve ----------------------------------------------
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory, base_model_dir) -> str:
-    """A digits learned code, k = 2, r = 1, trained for two epochs."""
-    from train.cli import run_all
-
-    tmp = tmp_path_factory.mktemp("sim_run")
-    cfg = {"num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
-           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
-           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
-    path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
-    run_all(str(path), {}, out=open("/dev/null", "w"))
-    return str(next((tmp / "save").rglob("best.pt")).parent)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    pytest.importorskip("ray")
-    import ray
-
-    from serve.runtime import start_ray
-
-    start_ray(None, 2)
-    yield
-    ray.shutdown()
-
-
 def query_rows(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
 
 
-def test_the_simulator_matches_ray_query_by_query_when_injected_delays_dominate(tmp_path, run_folder, local_ray):
+def test_the_simulator_matches_ray_query_by_query_when_injected_delays_dominate(tmp_path, digits_run_folder, local_ray):
     """Same config, ``engine`` switched, the ray run's profile as the simulator's service times.
 
     Tolerance: 20 ms per query, for at least 90% of queries, and 10% + 20 ms on p50 and p90. The injected
@@ -376,7 +349,7 @@ def test_the_simulator_matches_ray_query_by_query_when_injected_delays_dominate(
     """
     from serve.cli import serve_all
 
-    base = {"runs": [run_folder], "rates": [5], "num_queries": 20, "instances": 2,
+    base = {"runs": [digits_run_folder], "rates": [5], "num_queries": 20, "instances": 2,
             "strategies": ["replicate", "coded"], "delays": [{"dist": "exponential", "mean_ms": 150}],
             "group_timeout_ms": 50, "plot": False}
     serve_all(validate({**base, "engine": "ray", "out_dir": str(tmp_path / "ray")}), out=open("/dev/null", "w"))
@@ -398,19 +371,19 @@ def test_the_simulator_matches_ray_query_by_query_when_injected_delays_dominate(
         assert [r["image"] for r in ray_rows] == [r["image"] for r in sim_rows]
 
 
-def test_python_m_serve_runs_the_simulator_with_served_accuracy(tmp_path, run_folder):
+def test_python_m_serve_runs_the_simulator_with_served_accuracy(tmp_path, digits_run_folder):
     import torch
 
     from serve.cli import main as serve_main
     from train.code import load_code
 
-    cfg = {"runs": [run_folder], "engine": "sim", "rates": [400], "num_queries": 3000, "instances": 2,
+    cfg = {"runs": [digits_run_folder], "engine": "sim", "rates": [400], "num_queries": 3000, "instances": 2,
            "strategies": ["none", "coded"], "delays": [{"dist": "exponential", "mean_ms": 5}],
            "service": {"dist": "exponential", "mean_ms": 1.0}, "out_dir": str(tmp_path / "out"), "plot": False}
     path = tmp_path / "serve.json"
     path.write_text(json.dumps(cfg))
     assert serve_main([str(path)]) == 0
-    loaded = load_code(run_folder)
+    loaded = load_code(digits_run_folder)
     x, y = loaded.splits.split("test")
     with torch.no_grad():
         f_pred = loaded.code.base(x).argmax(1).numpy()
@@ -424,12 +397,12 @@ def test_python_m_serve_runs_the_simulator_with_served_accuracy(tmp_path, run_fo
     assert any(int(r["predicted"]) != f_pred[int(r["image"])] for r in recon)
 
 
-def test_reconstructions_equal_the_decoder_on_the_outputs_in_hand(run_folder):
+def test_reconstructions_equal_the_decoder_on_the_outputs_in_hand(digits_run_folder):
     import torch
 
     from train.code import load_code
 
-    loaded = load_code(run_folder)
+    loaded = load_code(digits_run_folder)
     code = loaded.code
     x, y = loaded.splits.split("test")
     cfg = sim_config(instances=2, num_queries=400, delays=[{"dist": "exponential", "mean_ms": 5}])
@@ -459,9 +432,9 @@ def test_reconstructions_equal_the_decoder_on_the_outputs_in_hand(run_folder):
     assert checked == out.reconstructed.sum()
 
 
-def test_bad_sim_config_exits_2_naming_the_key(tmp_path, run_folder):
+def test_bad_sim_config_exits_2_naming_the_key(tmp_path, digits_run_folder):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"runs": [run_folder], "engine": "sim", "service": {"dist": "gamma"}}))
+    path.write_text(json.dumps({"runs": [digits_run_folder], "engine": "sim", "service": {"dist": "gamma"}}))
     proc = subprocess.run([sys.executable, "-m", "serve", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "'service'" in proc.stderr and "Traceback" not in proc.stderr
 
