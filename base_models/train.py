@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,14 +61,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (predict(model, x).argmax(1) == y).float().mean().item()
 
 
-def load_state(model: nn.Module, path: Path) -> nn.Module:
-    """Load a state dict file into ``model``; a corrupt or mismatched file is a UserError."""
+def load_state(model: nn.Module, path: Path, explicit: bool = False) -> nn.Module:
+    """Load a state dict file into ``model``; a corrupt or mismatched file is a UserError.
+
+    ``explicit``: the user named this file ('base_model_file'), so the fix is to name
+    another, not to delete it for lcc to retrain.
+    """
+    fix = ("Fix: point 'base_model_file' at a state dict saved with torch.save (python -m base_models.train "
+           "writes one), or remove the key so lcc trains F itself." if explicit else
+           "Fix: delete the file so lcc retrains it, or point 'base_model_file' at a valid state dict.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise UserError(
-            f"Base-model weights '{path}' could not be read ({type(exc).__name__}: {exc}). "
-            f"Fix: delete the file so lcc retrains it, or point 'base_model_file' at a valid state dict."
+            f"Base-model weights '{path}'{' (config key base_model_file)' if explicit else ''} could not be read "
+            f"as a state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). {fix}"
         ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -77,7 +85,8 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
         first = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"Base-model weights '{path}' do not fit {type(model).__name__} on this dataset ({first}). "
-            f"Fix: check that the file belongs to this dataset and model, or delete it so lcc retrains it."
+            + ("Fix: point 'base_model_file' at weights of this model for this dataset." if explicit else
+               "Fix: check that the file belongs to this dataset and model, or delete it so lcc retrains it.")
         ) from None
     report_subnormal(model, path)
     return model
@@ -207,7 +216,7 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     model = build_base_model(spec, splits, seed=seed)
     if path is not None:
         p = check_weights_path(path, root)
-        return warn_split_mismatch(load_state(model, p), p, splits, seed)
+        return warn_split_mismatch(load_state(model, p, explicit=True), p, splits, seed)
     p = default_path(splits.name, spec, root)
     if p.exists():
         return warn_split_mismatch(load_state(model, p), p, splits, seed)
@@ -243,6 +252,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--seed must be from 0 to 2**63 - 1")
     if args.val_size is not None and args.val_size < 1:
         ap.error("--val-size must be 1 or more")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"--lr must be a positive number; got {args.lr}")
+    from train.preflight import check_device, check_writable_folder
+
+    if args.device != "auto":
+        check_device(args.device, "--device")
+    check_writable_folder(args.root, "--root", "--root")
     splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
                           seed=args.seed)
     path = default_path(args.dataset, args.model, args.root)

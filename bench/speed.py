@@ -54,7 +54,7 @@ from typing import Callable, Optional
 
 import torch
 
-from util.errors import exits_on_user_error
+from util.errors import UserError, exits_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -432,6 +432,14 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
         ref = reference_weights()
         f_files = [str(ref) if ref is not None else None]
     flushes = {"on": [True], "off": [False], "both": [True, False]}[args.flush_denormal]
+    for f in f_files:  # every path is checked before any benchmark runs
+        if f is not None and not Path(f).is_file():
+            raise UserError(f"--base-model-file: '{f}' is {'a folder' if Path(f).is_dir() else 'not there'}. Fix: "
+                            f"pass a weights file, or 'trained' for the F that lcc trains.")
+    if args.device != "auto":
+        from train.preflight import check_device
+
+        check_device(args.device, "--device")
     if not (Path(args.data_dir) / "MNIST").is_dir() and args.only != "infer":
         print(f"error: no MNIST/ under '{args.data_dir}'. Fix: pass --data-dir or set LCC_DATA_DIR.", file=sys.stderr)
         return 2

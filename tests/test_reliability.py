@@ -260,3 +260,56 @@ def test_f_giving_nan_is_named_as_the_cause(digits_config, base_model_dir, tmp_p
     err = capsys.readouterr().err
     assert "F (" in err and "NaN" in err and str(weights) in err and "learning rate" not in err
     assert not (tmp_path / "save").exists()
+
+
+# -- the other commands ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--device", "meta"], "--device"),
+    (["--root", str(Path(__file__).resolve().parents[1] / "README.md")], "--root"),
+])
+def test_base_model_trainer_refuses_bad_flags_before_training(flags, named, capsys):
+    from base_models.train import main as train_f
+
+    try:
+        code = train_f(["--dataset", "digits", "--force", "--epochs", "1", *flags])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err
+
+
+def test_report_refuses_an_out_folder_and_a_plots_file(tmp_path):
+    import io
+
+    from util.report import main as report
+
+    err = io.StringIO()
+    assert report([str(tmp_path), "--out", str(tmp_path)], out=io.StringIO(), err=err) == 2
+    assert "--out" in err.getvalue() and "is a folder" in err.getvalue()
+    (tmp_path / "file").write_text("x")
+    err = io.StringIO()
+    assert report([str(tmp_path), "--plots", str(tmp_path / "file")], out=io.StringIO(), err=err) == 2
+    assert "--plots" in err.getvalue()
+
+
+def test_speed_benchmark_names_its_flags_and_checks_paths_first(tmp_path, capsys):
+    from bench.speed import main as speed
+
+    assert speed(["--quick", "--base-model-file", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--base-model-file" in err and "Config key" not in err
+    assert speed(["--quick", "--device", "meta"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "Config key" not in err
+
+
+def test_an_explicit_weights_file_that_is_not_weights_is_named_without_suggesting_deletion(digits_config, tmp_path,
+                                                                                         capsys):
+    from train.cli import main as train_main
+
+    bogus = tmp_path / "weights.pt"
+    bogus.write_text("not a state dict")
+    assert train_main([str(digits_config(base_model_file=str(bogus)))]) == 2
+    err = capsys.readouterr().err
+    assert str(bogus) in err and "base_model_file" in err and "delete" not in err and "Traceback" not in err

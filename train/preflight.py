@@ -200,24 +200,7 @@ def check_optimizer(cfg: Config) -> None:
 def check_machine(cfg: Config) -> None:
     """The device can hold tensors, num_threads is sane and the output folders are writable folders."""
     if cfg.device != "auto":
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise ConfigError(f"Config key 'device': {cfg.device!r} is not a device name; use \"auto\", \"cpu\" "
-                              f"or \"cuda\".") from None
-        if dev.type == "meta":
-            raise ConfigError("Config key 'device': \"meta\" tensors hold shapes but no values, so nothing can be "
-                              "trained on them. Fix: use \"auto\", \"cpu\" or \"cuda\".")
-        try:
-            if dev.type == "cuda":  # no allocation: that would open a CUDA context on GPU 0 in every process
-                if dev.index is not None and dev.index >= torch.cuda.device_count():
-                    raise RuntimeError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-            elif dev.type != "cpu":
-                (torch.ones(2, device=dev) + 1).sum().item()
-        except Exception as exc:
-            raise ConfigError(f"Config key 'device': torch cannot use {cfg.device!r} on this machine "
-                              f"({type(exc).__name__}: {str(exc).split('. ')[0][:160]}). Fix: use \"auto\" (CUDA when "
-                              f"present, else the CPU) or \"cpu\".") from None
+        check_device(cfg.device)
     cores = os.cpu_count() or 1
     if cfg.num_threads is not None and cfg.num_threads > MAX_THREADS_PER_CORE * cores:
         raise ConfigError(f"Config key 'num_threads': {cfg.num_threads} threads on a machine with {cores} cores "
@@ -229,11 +212,37 @@ def check_machine(cfg: Config) -> None:
 MAX_THREADS_PER_CORE = 4
 
 
-def check_writable_folder(path: str, key: str) -> None:
-    """``path`` is a folder lcc may create files in, or could be created as one."""
+def check_device(name: str, label: str = "Config key 'device'") -> None:
+    """Refuse a device torch cannot hold tensors on; ``label`` names the key or flag in the message."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{label}: {name!r} is not a device name; use \"auto\", \"cpu\" "
+                          f"or \"cuda\".") from None
+    if dev.type == "meta":
+        raise ConfigError(f"{label}: \"meta\" tensors hold shapes but no values, so nothing can be "
+                          "trained on them. Fix: use \"auto\", \"cpu\" or \"cuda\".")
+    try:
+        if dev.type == "cuda":  # no allocation: that would open a CUDA context on GPU 0 in every process
+            if not torch.cuda.is_available():
+                raise RuntimeError("no usable GPU")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise RuntimeError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+        elif dev.type != "cpu":
+            (torch.ones(2, device=dev) + 1).sum().item()
+    except Exception as exc:
+        raise ConfigError(f"{label}: torch cannot use {name!r} on this machine "
+                          f"({type(exc).__name__}: {str(exc).split('. ')[0][:160]}). Fix: use \"auto\" (CUDA when "
+                          f"present, else the CPU) or \"cpu\".") from None
+
+
+def check_writable_folder(path: str, key: str, label: Optional[str] = None) -> None:
+    """``path`` is a folder lcc may create files in, or could be created as one; ``label`` names
+    the key or flag in the message (default: the config key ``key``)."""
+    label = label or f"Config key '{key}'"
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"Config key '{key}': '{p}' is a file, not a folder. Fix: point '{key}' at a folder "
+        raise ConfigError(f"{label}: '{p}' is a file, not a folder. Fix: point '{key}' at a folder "
                           f"(it is created when missing).")
     existing = p
     while not existing.exists():
@@ -241,10 +250,10 @@ def check_writable_folder(path: str, key: str) -> None:
             break
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"Config key '{key}': '{p}' cannot be created, since '{existing}' is a file. Fix: "
+        raise ConfigError(f"{label}: '{p}' cannot be created, since '{existing}' is a file. Fix: "
                           f"choose another folder for '{key}'.")
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"Config key '{key}': '{existing}' is not writable by this user, so lcc cannot write "
+        raise ConfigError(f"{label}: '{existing}' is not writable by this user, so lcc cannot write "
                           f"{'under ' if existing != p else ''}'{p}'. Fix: choose a folder you can write to.")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -287,6 +288,22 @@ def collect(save_dir: Path, err=sys.stderr) -> list[dict]:
     return rows
 
 
+def _unwritable(path: Path, want_folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as a file (or a folder of plots), with the fix; None when it can."""
+    if want_folder and path.exists() and not path.is_dir():
+        return "is a file. Fix: name a folder for the plots (it is created when missing)."
+    if not want_folder and path.is_dir():
+        return "is a folder. Fix: name a file such as results.md (its folder is created when missing)."
+    existing = path if want_folder else path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"cannot be created, since '{existing}' is a file. Fix: choose another path."
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: '{existing}' is not writable by this user. Fix: choose a path you can write to."
+    return None
+
+
 def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
@@ -301,6 +318,11 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     args = ap.parse_args(argv)
 
     save_dir = Path(args.save_dir)
+    for flag, value in (("--out", args.out), ("--plots", args.plots)):
+        bad = _unwritable(Path(value), want_folder=flag == "--plots") if value else None
+        if bad:
+            print(f"error: {flag} '{value}' {bad}", file=err)
+            return EXIT_USER_ERROR
     if not save_dir.is_dir():
         print(f"error: save_dir '{save_dir}' does not exist. Fix: pass the folder your config's "
               f"'save_dir' points at (runs are under save_dir/<dataset>/<model>/...).", file=err)
