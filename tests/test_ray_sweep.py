@@ -27,16 +27,6 @@ def keep_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    from serve.runtime import start_ray
-
-    start_ray(None, 2)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def sweep(tmp_path_factory, base_model_dir):
     """A digits sweep of four runs (k = 2, 3 x seeds 0, 1), and its numbers from the sequential command."""
     root = tmp_path_factory.mktemp("ray_sweep")
