@@ -96,3 +96,18 @@ def local_ray():
     start_ray(None, 2)
     yield ray
     ray.shutdown()
+
+
+def _threads_handed_back():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# Runs with 'num_threads', serving instances and the torchrun and Ray tests set torch's thread
+# count, which is process-wide: it is handed back after every test and every module (a module's
+# own fixtures may set it before its first test), so no test's numbers depend on the tests before it.
+keep_torch_threads = pytest.fixture(autouse=True)(_threads_handed_back)
+keep_torch_threads_per_module = pytest.fixture(scope="module", autouse=True)(_threads_handed_back)

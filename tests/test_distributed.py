@@ -16,17 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The runs here set num_threads=1 in this process (torch.set_num_threads is process-wide):
-    hand the next test modules torch's thread count back."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -15,17 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("seconds",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def keep_torch_threads():
-    """The runs here set num_threads=1 in this process (torch.set_num_threads is process-wide):
-    hand the next test modules torch's thread count back."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, base_model_dir):
     """A digits sweep of four runs (k = 2, 3 x seeds 0, 1), and its numbers from the sequential command."""

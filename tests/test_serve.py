@@ -207,15 +207,7 @@ def test_a_killed_instance_loses_no_query(local_ray, tmp_path, digits_run_folder
         assert late and all(r["instance"] != "0" for r in late)
 
 
-@pytest.fixture
-def restore_torch_threads():
-    """An Instance built in this process sets its thread count, which is process-wide."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def test_interference_processes_compete_while_on_and_are_gone_after(restore_torch_threads):
+def test_interference_processes_compete_while_on_and_are_gone_after():
     from serve.runtime import Instance
 
     inst = Instance(torch.nn.Linear(4, 3), threads=1, flush=True, device="cpu")
@@ -227,7 +219,7 @@ def test_interference_processes_compete_while_on_and_are_gone_after(restore_torc
     assert all(p.poll() is not None for p in procs) and inst.busy == []
 
 
-def test_an_instance_serves_its_module_with_the_injected_delay_and_factor(restore_torch_threads):
+def test_an_instance_serves_its_module_with_the_injected_delay_and_factor():
     from serve.runtime import Instance
 
     torch.manual_seed(0)
