@@ -113,8 +113,12 @@ def check_delay(delay: dict, source: str, key: str = "delays") -> None:
     if inst is not None and not (isinstance(inst, list) and all(_index(i) for i in inst)):
         raise _bad(source, key, f"entry {delay}: \"instances\" must be a list of instance numbers (0, 1, ...) "
                    f"or absent for every instance; got {inst!r}.")
-    if dist == "file" and "column" in delay and not isinstance(delay["column"], str):
-        raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
+    if dist == "file":
+        if "column" in delay and not isinstance(delay["column"], str):
+            raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
+        from serve.plan import read_latency_file
+
+        read_latency_file(delay["path"], delay.get("column"))  # its content, too, before any work
 
 
 def check_service(service: dict, source: str) -> None:

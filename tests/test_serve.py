@@ -249,3 +249,14 @@ def test_measured_latency_files_are_read_as_milliseconds(tmp_path):
     bad.write_text("fast\n")
     with pytest.raises(ConfigError, match="bad.txt"):
         read_latency_file(str(bad))
+
+
+def test_an_unreadable_latency_file_is_refused_before_any_work(tmp_path, digits_run_folder, capsys):
+    bad = tmp_path / "latencies.txt"
+    bad.write_text("fast\nslow\n")
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [digits_run_folder], "out_dir": str(tmp_path / "out"), "engine": "sim",
+                                "delays": [{"dist": "file", "path": str(bad)}]}))
+    assert serve_main([str(path)]) == 2
+    assert "latencies.txt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
