@@ -94,3 +94,16 @@ def test_a_folder_without_a_checkpoint_is_a_user_error(digits_config, tmp_path):
         load_code(folder)
     with pytest.raises(UserError, match="config.json"):
         load_code(tmp_path)
+
+
+def test_a_code_is_not_served_around_another_f(digits_config, tmp_path):
+    folder = trained_folder(digits_config, CODES["learned"])
+    f_file = Path(json.loads((folder / "config.json").read_text())["base_model_dir"]) / "digits/base-mlp/model.pt"
+    other = tmp_path / "other_f.pt"
+    weights = torch.load(f_file, weights_only=True)
+    torch.save({k: v + 0.01 for k, v in weights.items()}, other)
+    config = json.loads((folder / "config.json").read_text())
+    config["base_model_file"] = str(other)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="other weights of F"):
+        load_code(folder)

@@ -124,7 +124,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     """
     from base_models.train import build_base_model, check_weights_path, default_path, load_state
     from datasets import load_dataset
-    from train.checkpoint import load_checkpoint, load_module_state
+    from train.checkpoint import load_checkpoint, load_module_state, tensors_digest
     from train.config import expand_runs, load_run_folder
     from train.engine import build_coders, build_parity_models
     from util.errors import UserError
@@ -144,6 +144,11 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
             raise UserError(f"Run folder '{folder}' was trained around F's weights '{weights}', which no longer "
                             f"exist. Fix: run from the folder train.py ran in, or restore the weights file.")
     base = load_state(build_base_model(spec.model, splits), weights)
+    recorded = state.get("config", {}).get("base_model_digest")
+    if recorded is not None and recorded != tensors_digest(sorted(base.state_dict().items())):
+        raise UserError(f"Run folder '{folder}' was trained around other weights of F than '{weights}' holds now "
+                        f"(digest {recorded[:12]} then), so its encoder and decoder do not fit this F. Fix: restore "
+                        f"the weights the run was trained with, or train the code again around these.")
     with torch.no_grad():
         n_out = base(splits.test_x[:1]).shape[1]
     encoder, decoder = build_coders(spec, splits.input_shape, n_out)
