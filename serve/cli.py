@@ -34,7 +34,25 @@ def load_codes(cfg: ServeConfig) -> dict:
     for run in cfg.runs:
         if run not in codes:
             codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
+            codes[run].backup = load_backup(cfg, codes[run].splits) if "backup" in cfg.strategies else None
     return codes
+
+
+def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
+    """The backup model of strategy "backup", built for the run's dataset and loaded from its file."""
+    from base_models.train import build_base_model, load_state
+
+    spec = cfg.backup_model
+    try:
+        model = build_base_model(spec["model"], splits, "backup_model")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Config key 'backup_model': {spec['model']!r} could not be built for {splits.name} "
+                          f"({exc}).") from None
+    try:
+        model = load_state(model, Path(spec["file"]), explicit=True)
+    except UserError as exc:
+        raise ConfigError(f"Config key 'backup_model': {exc}") from None
+    return model.eval().requires_grad_(False)
 
 
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
@@ -103,7 +121,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         else:
             from serve.sim import simulate
 
-            outcome = simulate(plan, cfg, code=code, inputs=x)
+            outcome = simulate(plan, cfg, code=code, inputs=x, backup=loaded.backup)
         summary = summarize(outcome, strategy, plan.num_instances, cfg.warmup_queries)
         write_strategy(folder / strategy, outcome, summary)
         summaries.append(summary)
@@ -128,8 +146,9 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
     if setting.run not in pools:
         num_f = max(sum(1 for role in pool_roles(s, cfg.instances, code.k, code.r) if role == ROLE_F)
                     for s in cfg.strategies)
-        per = parity_per_model(cfg.instances, code.k) if "coded" in cfg.strategies else 0
-        pools[setting.run] = Pool(code, cfg, num_f, [per] * code.r)
+        per = parity_per_model(cfg.instances, code.k)
+        pools[setting.run] = Pool(code, cfg, num_f, [per if "coded" in cfg.strategies else 0] * code.r,
+                                  loaded.backup, code.r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
     frontend = Frontend(plan, actors, code, x, pad_output)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 from train.config import read_json_config, validate_schema
 from util.errors import ConfigError
 
-STRATEGIES = ("none", "equal-resources", "replicate", "coded")
+STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup")
+DEFAULT_STRATEGIES = STRATEGIES[:4]  # "backup" needs a 'backup_model
 ENGINES = ("ray", "sim")
 DISTRIBUTIONS = {
     # name: (required parameters, optional parameters)
@@ -35,7 +36,7 @@ COMMON_DELAY_KEYS = ("dist", "probability", "instances")
 @dataclass
 class ServeConfig:
     runs: list[str]                     # run folders written by train.py (config.json + checkpoint), swept
-    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))  # compared in each setting
+    strategies: list[str] = field(default_factory=lambda: list(DEFAULT_STRATEGIES))  # compared in each setting
     rates: list[float] = field(default_factory=lambda: [50.0])  # query arrival rates (queries/s, Poisson), swept
     delays: list[dict] = field(default_factory=lambda: [{"dist": "none"}])  # injected delay models, swept
     num_queries: int = 1000             # queries per strategy and setting
@@ -59,6 +60,7 @@ class ServeConfig:
     out_dir: str = "serve_results"      # results go under out_dir/<setting>/<strategy>/
     plot: bool = True                   # latency CDF per setting (needs matplotlib)
     profile: Optional[str] = None       # sim: per-instance service times (ms) measured by a ray run, a CSV
+    backup_model: Optional[dict] = None  # "backup": {"model": F-like class path or name, "file": its weights}
     service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
 
 
@@ -193,6 +195,15 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
             raise _bad(source, "failures", f"entries must be {{\"instance\": i, \"at_ms\": t >= 0}}; got {f}.")
     if len({f["instance"] for f in cfg.failures}) < len(cfg.failures):
         raise _bad(source, "failures", "names one instance twice; an instance fails once.")
+    if "backup" in cfg.strategies:
+        b = cfg.backup_model
+        if not (isinstance(b, dict) and set(b) == {"model", "file"} and isinstance(b["file"], str)
+                and isinstance(b["model"], (str, dict))):
+            raise _bad(source, "backup_model", f"must be {{\"model\": a base model name or class path, \"file\": "
+                       f"its weights}} when 'strategies' holds \"backup\"; got {b!r}.")
+        if not Path(b["file"]).is_file():
+            raise _bad(source, "backup_model", f"\"file\" '{b['file']}' does not exist. Fix: train one, e.g. "
+                       f"python -m base_models.train --dataset mnist --model logistic, and name its model.pt.")
     if cfg.split not in ("train", "val", "test"):
         raise _bad(source, "split", f"must be \"train\", \"val\" or \"test\"; got {cfg.split!r}.")
     if not 0 <= cfg.seed < 2 ** 63:

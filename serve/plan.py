@@ -15,6 +15,9 @@ to them (m = ``instances``, p = r * ceil(m / k) parity instances):
   spent on load balancing; query q goes to q mod (m + p).
 * ``replicate``: 0..2m-1 hold F; query q goes to 2q mod 2m and 2q+1 mod 2m,
   the first answer wins.
+* ``backup``: 0..m-1 hold F, m..m+p-1 a cheaper backup model (config key
+  ``backup_model``); query q goes to F instance q mod m and to backup
+  instance m + (q mod p), the first answer wins (the backup's is approximate).
 * ``coded``: 0..m-1 hold F for the data queries (q mod m); instances
   m + j*ceil(m/k) .. m + (j+1)*ceil(m/k) - 1 serve parity j (F itself, or
   parity model j), group g's parity j going to the (g mod ceil(m/k))-th.
@@ -38,6 +41,7 @@ from serve.config import ServeConfig
 from util.errors import ConfigError, UserError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
+ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "backup")
 
 
 def parity_per_model(m: int, k: int) -> int:
@@ -55,6 +59,8 @@ def pool_roles(strategy: str, m: int, k: int, r: int) -> list[int]:
         return [ROLE_F] * (2 * m)
     if strategy == "coded":
         return [ROLE_F] * m + [j for j in range(r) for _ in range(per)]
+    if strategy == "backup":
+        return [ROLE_F] * m + [ROLE_BACKUP] * (r * per)
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
@@ -81,7 +87,7 @@ class Plan:
     instance: np.ndarray            # target instance
     query: np.ndarray               # query number, or -1 for a parity
     group: np.ndarray               # group number (coded), else -1
-    slot: np.ndarray                # coded: position 0..k+r-1 in the group; replicate: copy 0/1; else 0
+    slot: np.ndarray                # coded: position 0..k+r-1 in the group; replicate, backup: copy 0/1; else 0
     delay: np.ndarray               # injected delay (s)
     factor: np.ndarray              # slow-down factor (>= 1)
     # per group (coded only): members (G, k), -1 where padded; close time (G,)
@@ -233,11 +239,15 @@ def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries
     if strategy in ("none", "equal-resources"):
         time, inst, query = queries.arrival, q % len(roles), q
         group, slot = np.full(n, -1), np.zeros(n, dtype=int)
-    elif strategy == "replicate":
+    elif strategy in ("replicate", "backup"):
         time = np.repeat(queries.arrival, 2)
         query = np.repeat(q, 2)
         slot = np.tile([0, 1], n)
-        inst = (2 * query + slot) % len(roles)
+        if strategy == "replicate":
+            inst = (2 * query + slot) % len(roles)
+        else:  # copy 0 to F instance q mod m, copy 1 to backup instance q mod p
+            p_backup = len(roles) - m
+            inst = np.where(slot == 0, query % m, m + query % p_backup)
         group = np.full(2 * n, -1)
     else:  # coded
         members, closed = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0)

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.plan import ROLE_F, Plan
+from serve.plan import ROLE_BACKUP, ROLE_F, Plan
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def start_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
 class Pool:
     """The actors of one setting: F instances and parity instances, shared by the strategies."""
 
-    def __init__(self, code, cfg, num_f: int, num_parity: list[int]):
+    def __init__(self, code, cfg, num_f: int, num_parity: list[int], backup=None, num_backup: int = 0):
         import ray
 
         self.ray = ray
@@ -116,7 +116,9 @@ class Pool:
         self.remote = ray.remote(**opts)(Instance)
         self.f = [self._start(code.base) for _ in range(num_f)]
         self.parity = [[self._start(code.parity_model(j)) for _ in range(n)] for j, n in enumerate(num_parity)]
-        self.wait_ready(self.f + [a for row in self.parity for a in row])
+        self.backup_model = backup
+        self.backup = [self._start(backup) for _ in range(num_backup)]
+        self.wait_ready(self.f + [a for row in self.parity for a in row] + self.backup)
 
     def _start(self, module):
         cfg = self.cfg
@@ -136,7 +138,7 @@ class Pool:
         for role in roles:
             n = counters.get(role, 0)
             counters[role] = n + 1
-            out.append(self.f[n] if role == ROLE_F else self.parity[role][n])
+            out.append(self.f[n] if role == ROLE_F else self.backup[n] if role == ROLE_BACKUP else self.parity[role][n])
         return out
 
     def replace_dead(self, dead: set) -> None:
@@ -151,11 +153,15 @@ class Pool:
                 if a in dead:
                     row[i] = self._start(self.code.parity_model(j))
                     fresh.append(row[i])
+        for i, a in enumerate(self.backup):
+            if a in dead:
+                self.backup[i] = self._start(self.backup_model)
+                fresh.append(self.backup[i])
         if fresh:
             self.wait_ready(fresh)
 
     def shutdown(self) -> None:
-        for a in self.f + [a for row in self.parity for a in row]:
+        for a in self.f + [a for row in self.parity for a in row] + self.backup:
             self.ray.kill(a)
 
 
@@ -267,8 +273,8 @@ class Frontend:
             return
         q = int(p.query[n])
         if p.strategy != "coded":
-            if self.answers[q] == 0:  # replicate: the first copy wins, the other is dropped
-                self.answer(q, out, now, reconstructed=False)
+            if self.answers[q] == 0:  # replicate, backup: the first copy wins, the other is dropped
+                self.answer(q, out, now, reconstructed=bool(p.strategy == "backup" and p.slot[n] == 1))
             return
         g, slot = int(p.group[n]), int(p.slot[n])
         self.outputs[g, slot] = out
@@ -298,7 +304,7 @@ class Frontend:
                     self.retry(int(q), max(actor_index, 0))
             return
         q = int(p.query[n])
-        if self.answers[q] == 0 and not (p.strategy == "replicate" and self.copy_in_flight(q, n)):
+        if self.answers[q] == 0 and not (p.strategy in ("replicate", "backup") and self.copy_in_flight(q, n)):
             self.retry(q, max(actor_index, 0))
 
     def in_flight(self, g: int) -> int:

@@ -246,7 +246,7 @@ class _Run:
             answer[p.query] = arrive
             need = np.nonzero(np.isinf(arrive))[0]
             return p.query[need], lost_at[need], p.instance[need], answer
-        if p.strategy == "replicate":
+        if p.strategy in ("replicate", "backup"):
             answer = np.full(n, np.inf)
             np.minimum.at(answer, p.query, arrive)
             copies = np.full((n, 2), np.inf)
@@ -359,9 +359,10 @@ class _Run:
         return key_a == key_b
 
 
-def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 2048) -> Outcome:
+def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 2048, backup=None) -> Outcome:
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a train.code.Code) and
-    ``inputs`` (the split's images) add served predictions; without them predictions are -1."""
+    ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
+    the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
     n = len(plan.queries.arrival)
@@ -371,9 +372,21 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     if plan.strategy == "coded":
         decoded = run.decode_time[run.group_of]
         reconstructed = (decoded < run.own) & ~retried
+    if plan.strategy == "backup":  # answered by the backup model: its copy arrived first
+        copies = np.full((n, 2), np.inf)
+        copies[plan.query, plan.slot] = state["arrive"]
+        reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
     predicted = np.full(n, -1)
     if code is not None and inputs is not None:
-        predicted = predictions(plan, run, reconstructed, code, inputs, batch)
+        predicted = predictions(plan, run, reconstructed if plan.strategy == "coded" else
+                                np.zeros(n, dtype=bool), code, inputs, batch)
+        if plan.strategy == "backup" and backup is not None and reconstructed.any():
+            import torch
+
+            with torch.no_grad():
+                images = inputs[torch.as_tensor(plan.queries.index[reconstructed])]
+                predicted[reconstructed] = torch.cat([backup(images[i:i + 4096]) for i in
+                                                      range(0, len(images), 4096)]).argmax(1).numpy()
     q = plan.queries
     n_plan = len(plan)
     inst = state["inst"]

@@ -260,3 +260,59 @@ def test_an_unreadable_latency_file_is_refused_before_any_work(tmp_path, digits_
     assert serve_main([str(path)]) == 2
     assert "latencies.txt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# -- the backup strategy: a cheaper model on r/k extra instances -----------------------------------
+
+@pytest.fixture(scope="module")
+def backup_file(tmp_path_factory) -> str:
+    """A logistic-regression backup model for digits, trained for two epochs."""
+    from base_models.train import main as train_f
+
+    root = tmp_path_factory.mktemp("backup")
+    assert train_f(["--dataset", "digits", "--model", "logistic", "--epochs", "2", "--root", str(root)]) == 0
+    return str(root / "digits" / "logistic" / "model.pt")
+
+
+def test_backup_sends_every_query_to_f_and_to_a_backup_instance(tmp_path, digits_run_folder):
+    plan, _ = plan_for(tmp_path, digits_run_folder, "backup", strategies=["backup"],
+                       backup_model={"model": "logistic", "file": __file__})
+    assert plan.roles == [-1, -1, -2] and len(plan) == 80
+    for q in range(40):
+        copies = plan.instance[plan.query == q]
+        assert copies.tolist() == [q % 2, 2]
+
+
+def test_backup_needs_a_backup_model(tmp_path, digits_run_folder, capsys):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [digits_run_folder], "strategies": ["none", "backup"],
+                                "out_dir": str(tmp_path / "out")}))
+    assert serve_main([str(path)]) == 2
+    assert "'backup_model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["sim", "ray"])
+def test_a_slow_f_instances_queries_are_answered_by_the_backup_model(engine, request, tmp_path, digits_run_folder,
+                                                                      backup_file):
+    if engine == "ray":
+        request.getfixturevalue("local_ray")
+    cfg = serve_config(tmp_path, digits_run_folder, strategies=["backup"], num_queries=16, engine=engine,
+                       delays=[{"dist": "constant", "ms": 400, "instances": [0]}],
+                       backup_model={"model": "logistic", "file": backup_file})
+    serve_all(cfg, out=open("/dev/null", "w"))
+    queries, _, summary = outcome_files(cfg, "backup")
+    loaded = load_code(digits_run_folder)
+    x, _ = loaded.splits.split("test")
+    from serve.cli import load_backup
+
+    backup = load_backup(cfg, loaded.splits)
+    with torch.no_grad():
+        images = torch.tensor([int(r["image"]) for r in queries])
+        by_backup = backup(x[images]).argmax(1).tolist()
+        by_f = loaded.code.base(x[images]).argmax(1).tolist()
+    for q, row in enumerate(queries):
+        approximate = row["reconstructed"] == "1"
+        if q % 2 == 0:  # F instance 0 is 400 ms slow: the backup answers first
+            assert approximate, q
+        assert int(row["predicted"]) == (by_backup[q] if approximate else by_f[q])
+    assert summary["instances"] == 3
