@@ -107,3 +107,17 @@ def test_a_code_is_not_served_around_another_f(digits_config, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="other weights of F"):
         load_code(folder)
+
+
+def test_the_logged_all_k_accuracy_counts_every_answer_of_every_group(digits_config):
+    folder = trained_folder(digits_config, CODES["berrut-untrained"])
+    loaded = load_code(folder)
+    code, (x, y) = loaded.code, loaded.splits.split("test")
+    groups = eval_groups(len(x), code.k, "cpu")
+    correct = total = 0
+    with torch.no_grad():
+        for available in code.scenarios:
+            served = code(x[groups], available.expand(len(groups), -1))
+            correct += int((served.argmax(-1) == y[groups]).sum())
+            total += served.shape[0] * served.shape[1]
+    assert best_row(folder)["test_group_acc"] == pytest.approx(correct / total, abs=1e-6)

@@ -36,3 +36,23 @@ def test_topk_hits_with_fewer_classes_than_k():
     targets = torch.tensor([[1, 2], [1, 0]])
     hits = topk_hits(scores, targets, 5)  # k is capped at the 3 classes: every target is a top-k hit
     assert hits.tolist() == [[1, 2], [1, 2]]
+
+
+def test_group_hits_serve_f_where_available_and_the_reconstruction_elsewhere():
+    from train.metrics import group_hits
+    from train.scenarios import enumerate_scenarios, unavailable_data
+
+    torch.manual_seed(0)
+    k, r, b, n = 3, 2, 4, 5
+    unavailable = unavailable_data(enumerate_scenarios(k, r), k)
+    recon = torch.randn(len(unavailable), b, k, n)
+    base_out = torch.randn(b, k, n)
+    labels = torch.randint(0, n, (b, k))
+    correct = 0
+    for s in range(len(unavailable)):
+        for g in range(b):
+            for j in range(k):
+                answer = recon[s, g, j] if unavailable[s, j] else base_out[g, j]
+                correct += int(answer.argmax() == labels[g, j])
+    hits = group_hits(recon, base_out, labels, unavailable)
+    assert hits.tolist() == [correct, len(unavailable) * b * k]

@@ -113,7 +113,7 @@ class Group:
     def sum_tally(self, tally) -> None:
         """Sum a :class:`train.metrics.Tally`'s sums and count over the ranks (a rank with none adds zeros)."""
         dev = self.device(torch.device("cuda" if self.cuda else "cpu"))
-        sums = tally.sums.float() if tally.sums is not None else torch.zeros(5, device=dev)
+        sums = tally.sums.float() if tally.sums is not None else torch.zeros(tally.WIDTH, device=dev)
         flat = torch.cat([sums.to(dev), torch.tensor([float(tally.n)], device=dev)])
         tdist.all_reduce(flat)
         tally.sums, tally.n = flat[:-1], int(round(flat[-1].item()))

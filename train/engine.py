@@ -31,7 +31,7 @@ from train.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_modu
 from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.lock import FolderLock
-from train.metrics import MetricsLog, Tally, summary_line
+from train.metrics import MetricsLog, Tally, group_hits, summary_line
 from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
@@ -320,6 +320,7 @@ class CodedRun:
             recon, fp = self.forward_groups(x[idx], fx_idx)
             sel = self.select_unavailable(recon, fx_idx, y[idx])
             tally.add(*sel, self.loss(*sel, fp, fx_idx))
+            tally.add_groups(group_hits(recon, fx_idx, y[idx], self.unavailable))
         if self.dist is not None:
             self.dist.sum_tally(tally)
         return tally.result(split, self.base_accuracy(split))

@@ -13,7 +13,7 @@ from util.report import whole_lines
 from util.util import atomic_write_text
 
 SPLITS = ("train", "val", "test")
-FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "base_acc")
+FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "base_acc", "group_acc")
 COLUMNS = ["epoch", "seconds"] + [f"{s}_{f}" for s in SPLITS for f in FIELDS]
 
 
@@ -28,15 +28,32 @@ def topk_hits(scores: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tens
     return torch.stack([hit[:, 0].sum(0), hit.any(1).sum(0)], 1)
 
 
+def group_hits(recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor,
+               unavailable: torch.Tensor) -> torch.Tensor:
+    """``[correct, answers]`` over all k answers of every group in every scenario: F's own output
+    where it is available, the reconstruction where it is not, against the labels.
+
+    ``recon`` ``(S, B, k, n)``, ``base_out`` ``(B, k, n)``, ``labels`` ``(B, k)``, ``unavailable`` ``(S, k)``.
+    This is how a group's k queries are served when r outputs are missing (the measure of
+    ApproxIFER's tables); degraded-mode accuracy counts the reconstructed answers alone.
+    """
+    served = torch.where(unavailable[:, None, :, None], recon, base_out.unsqueeze(0))
+    correct = (served.argmax(-1) == labels.unsqueeze(0)).sum()
+    return torch.stack([correct.float(), correct.new_tensor(served[..., 0].numel()).float()])
+
+
 class Tally:
-    """Running sums over reconstructed (unavailable) outputs of one split.
+    """Running sums over reconstructed (unavailable) outputs of one split, and over all k answers
+    of its groups (:func:`group_hits`, evaluation only).
 
     Sums stay on the device and are read once, in :meth:`result`, so counting
     never makes a GPU wait.
     """
 
+    WIDTH = 7  # [loss * M, recon top-1, recon top-5, degraded top-1, degraded top-5, group correct, group answers]
+
     def __init__(self):
-        self.sums = None  # [loss * M, recon top-1, recon top-5, degraded top-1, degraded top-5]
+        self.sums = None
         self.n = 0
 
     def add(self, recon: torch.Tensor, base_out: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
@@ -45,17 +62,24 @@ class Tally:
         m = len(recon)
         targets = torch.stack([base_out.detach().argmax(1), labels], 1)
         row = torch.cat([(torch.as_tensor(loss).detach().float() * m).reshape(1),
-                         topk_hits(recon, targets, 5).flatten().float()])
+                         topk_hits(recon, targets, 5).flatten().float(), recon.new_zeros(2)])
         self.sums = row if self.sums is None else self.sums + row
         self.n += m
 
+    def add_groups(self, hits: torch.Tensor) -> None:
+        """Count :func:`group_hits` ``[correct, answers]``."""
+        row = torch.cat([hits.new_zeros(5), hits.float()])
+        self.sums = row if self.sums is None else self.sums + row
+
     def result(self, prefix: str, base_acc: float) -> dict:
-        sums = self.sums.tolist() if self.sums is not None else [0.0] * 5
+        sums = self.sums.tolist() if self.sums is not None else [0.0] * self.WIDTH
         n = max(self.n, 1)
         out = {f"{prefix}_loss": sums[0] / n}
-        for key, v in zip(FIELDS[1:5], sums[1:]):
+        for key, v in zip(FIELDS[1:5], sums[1:5]):
             out[f"{prefix}_{key}"] = v / n
         out[f"{prefix}_base_acc"] = base_acc
+        if sums[6] > 0:
+            out[f"{prefix}_group_acc"] = sums[5] / sums[6]
         return out
 
 

@@ -43,6 +43,7 @@ COLUMNS = [
     ("best_epoch", "best epoch", "str"),
     ("test_recon_acc", "test recon acc (%)", "pct"),
     ("test_degraded_acc", "test degraded acc (%)", "pct"),
+    ("test_group_acc", "test all-k acc (%)", "pct"),
     ("acc_lost", "accuracy lost vs F (points)", "pct"),
     ("epoch_seconds", "s / epoch", "sec"),
 ]
@@ -148,6 +149,7 @@ def summarize_run(folder: str | Path) -> dict:
         "best_epoch": best["epoch"],
         "test_recon_acc": _number(best.get("test_recon_acc")),
         "test_degraded_acc": degraded,
+        "test_group_acc": _number(best.get("test_group_acc")),
         "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
         "epoch_seconds": statistics.median_high(seconds) if seconds else None,  # the median epoch
         "seed": config.get("run_seed"),
