@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from serve.config import ServeConfig, expand_settings, load_serve_config
@@ -157,14 +156,19 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
     return outcome
 
 
+def config_command(argv: Optional[list[str]], prog: str, doc: str, example: str) -> tuple[str, dict]:
+    """``(config path, --set overrides)`` of a command that takes a serving config."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    ap.add_argument("config", help=f"JSON serving config, e.g. {example}")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable, VALUE in JSON), e.g. --set num_queries=100")
+    args = ap.parse_args(argv)
+    return args.config, parse_overrides(args.overrides)
+
+
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="JSON serving config, e.g. conf/serve_digits.json")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable), e.g. --set rates=[100]")
-    args = ap.parse_args(argv)
-    cfg = load_serve_config(args.config, parse_overrides(args.overrides))
+    cfg = load_serve_config(*config_command(argv, "python -m serve", __doc__, "conf/serve/digits.json"))
     if cfg.engine == "ray":
         try:
             import ray  # noqa: F401

@@ -23,7 +23,6 @@ wins. ``out_dir/map.csv`` holds every figure.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import itertools
@@ -38,7 +37,6 @@ import numpy as np
 from serve.config import STRATEGIES, ServeConfig, validate
 from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
 from serve.sim import read_profile, simulate
-from train.cli import parse_overrides
 from train.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
 from util.util import atomic_write_text
@@ -231,12 +229,9 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.map", description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="a serving config with a \"map\" object, e.g. conf/map/stragglers.json")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key (repeatable), e.g. --set num_queries=100000")
-    args = ap.parse_args(argv)
-    cfg, lists = read_map_config(args.config, parse_overrides(args.overrides))
+    from serve.cli import config_command
+
+    cfg, lists = read_map_config(*config_command(argv, "python -m serve.map", __doc__, "conf/map/stragglers.json"))
     d = cfg.delays[0]
     params = ", ".join(f"{key}={v}" for key, v in d.items() if key not in ("dist", "probability"))
     service = f"profile {cfg.profile}" if cfg.profile else \
