@@ -242,7 +242,7 @@ def validate(raw: Any, source: str = "serve config", need_runs: bool = True) -> 
 def load_serve_config(path: str | Path, overrides: Optional[dict] = None) -> ServeConfig:
     """Read and check a serving config file; ``overrides`` (``--set``) replace its keys first."""
     path = Path(path)
-    raw = read_json_config(path, "such as conf/serve_digits.json")
+    raw = read_json_config(path, "such as conf/serve/digits.json")
     if isinstance(raw, dict) and overrides:
         raw = {**raw, **overrides}
     return validate(raw, source=f"serve config '{path}'")
