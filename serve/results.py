@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -122,12 +123,12 @@ def plot_cdf(curves: dict, path: Path, title: str) -> Optional[Path]:
         tail.plot(x, 1.0 - cdf + 1.0 / len(x), label=name)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("fraction of queries answered")
-    ax.set_title(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=9)
     tail.set_yscale("log")
     tail.set_xscale("log")
     tail.set_xlabel("latency (ms)")
     tail.set_ylabel("fraction slower (1 - CDF)")
-    tail.set_title("tail", fontsize=9)
+    tail.set_title("the tail, log scales", fontsize=9)
     for a in (ax, tail):
         a.grid(True, alpha=0.3)
         a.legend(fontsize=8)
