@@ -196,7 +196,7 @@ class CodedRun:
         self.trainable = coder_params + (list(self.parity_models.parameters()) if self.parity_models else [])
         self.optimizer = make_optimizer(cfg.optimizer, self.trainable) if self.trainable else None
 
-        self.available = enumerate_scenarios(self.k, self.r).to(dev)
+        self.available = self.code.scenarios  # every scenario, (S, k + r); the code holds them
         self.unavailable = unavailable_data(self.available, self.k)
         self.pairs = unavailable_pairs(self.unavailable)
         self.gen = torch.Generator().manual_seed(train_seed)
@@ -339,15 +339,20 @@ class CodedRun:
             "config": self.config,
         }
 
+    @property
+    def base_model_path(self) -> Path:
+        """The file F's weights come from: 'base_model_file', else its default under 'base_model_dir'."""
+        cfg = self.cfg
+        return Path(cfg.base_model_file or default_path(self.splits.name, self.spec.model, cfg.base_model_dir))
+
     def record_fingerprint(self) -> None:
         """Add F's and the dataset's digests to the run's config (see train.checkpoint.fingerprint):
         written into every checkpoint, and compared with the checkpoint's on resume."""
         if "base_model_digest" in self.config:
             return
         cfg = self.cfg
-        f_path = cfg.base_model_file or default_path(self.splits.name, self.spec.model, cfg.base_model_dir)
         data_path = os.path.abspath(resolve_data_dir(cfg.data_dir))
-        self.config.update(fingerprint(self.base, self.splits, os.path.abspath(f_path), data_path,
+        self.config.update(fingerprint(self.base, self.splits, os.path.abspath(self.base_model_path), data_path,
                                        data_key=(json.dumps(self.spec.dataset), data_path, cfg.val_size, cfg.seed)))
 
     def load_state(self, path: Path) -> None:
@@ -402,9 +407,7 @@ class CodedRun:
         for split, (_, _, fx) in self.data.items():
             bad = int((~torch.isfinite(fx)).any(1).sum())
             if bad:
-                f_path = self.cfg.base_model_file or default_path(self.splits.name, self.spec.model,
-                                                                  self.cfg.base_model_dir)
-                raise UserError(f"F ('{f_path}') outputs NaN or infinite values on {bad} of the {len(fx)} {split} "
+                raise UserError(f"F ('{self.base_model_path}') outputs NaN or infinite values on {bad} of the {len(fx)} {split} "
                                 f"images, so nothing can be trained or scored against it. Fix: retrain F (python "
                                 f"-m base_models.train ... --force) or point 'base_model_file' at sound weights.")
 
