@@ -43,6 +43,9 @@ class Config:
                                         # sits in k); "disjoint": N/k groups (each image once)
     eval_batch_size: int = 1024         # groups per evaluation step
     optimizer: Spec = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_OPTIMIZER)))
+    lr_schedule: str = "constant"       # the optimizer's lr over the run, set before every step from the
+                                        # step's place in num_epoch: "constant", "cosine" (to 0), "linear"
+                                        # (to 0), "step" (x0.1 at 50% and again at 75%); train/schedule.py
     seed: int = 0                       # same seed: same splits, same initialisation, same numbers
     seeds: Optional[list[int]] = None   # sweep these training seeds (coder initialisation, data order);
                                         # each gets a seed<s> folder; splits and F stay those of 'seed'
@@ -63,7 +66,8 @@ class Config:
                                         # subnormals are many times slower on x86 (util.util.flush_denormals)
 
 
-CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint")}
+CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),
+           "lr_schedule": ("constant", "cosine", "linear", "step")}
 REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]
 

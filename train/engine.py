@@ -32,6 +32,7 @@ from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.lock import FolderLock
 from train.metrics import MetricsLog, Tally, group_hits, summary_line
+from train.schedule import SCHEDULES, progress, set_rates
 from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
@@ -195,6 +196,9 @@ class CodedRun:
         self.recon_loss = bool(coder_params) or (self.parity_models is not None and not self.parity_loss)
         self.trainable = coder_params + (list(self.parity_models.parameters()) if self.parity_models else [])
         self.optimizer = make_optimizer(cfg.optimizer, self.trainable) if self.trainable else None
+        # The configured rates; the schedule scales them before every step (train/schedule.py).
+        self.base_rates = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
+        self.schedule = SCHEDULES[cfg.lr_schedule]
 
         self.available = self.code.scenarios  # every scenario, (S, k + r); the code holds them
         self.unavailable = unavailable_data(self.available, self.k)
@@ -289,7 +293,10 @@ class CodedRun:
         self.train_mode(True)
         bar = tqdm(range(0, g, bs), desc=f"epoch {self.epoch + 1}/{self.cfg.num_epoch}", leave=False,
                    disable=not self.cfg.progress, file=sys.stderr)
+        steps = math.ceil(g / bs)
         for n_step, i in enumerate(bar):
+            factor = self.schedule(progress(self.epoch, n_step, steps, self.cfg.num_epoch))
+            set_rates(self.optimizer, self.base_rates, factor)
             self.step(groups[i:i + bs], tally)
             if self.cfg.progress and n_step % 20 == 0:
                 running = tally.result("train", float("nan"))
@@ -461,7 +468,7 @@ class CodedRun:
             t0 = time.time()
             row = self.train_epoch()
             if not math.isfinite(row["train_loss"]):
-                lr = self.optimizer.param_groups[0].get("lr")
+                lr = self.base_rates[0] if self.base_rates else None
                 raise RunDiverged(
                     f"Run '{self.folder}' diverged in epoch {self.epoch + 1}: its training loss is "
                     f"{row['train_loss']}. current.pt still holds epoch {self.epoch}. Fix: lower the learning "

@@ -1,6 +1,6 @@
 """Accuracy and training time of the base models lcc trains itself.
 
-``python -m bench.base_models [--data-dir DIR] [--epochs 20] [--datasets mnist fashion-mnist]``
+``python -m bench.base_model_fit [--data-dir DIR] [--epochs 20] [--datasets mnist fashion-mnist]``
 
 Trains Base-MLP with the same function as ``python -m base_models.train``
 (into a temporary folder, so existing weights are left alone) and prints its
@@ -22,7 +22,7 @@ TARGETS = {"mnist": 0.975, "fashion-mnist": 0.87, "digits": 0.90}
 
 @exits_on_user_error
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.base_models", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.base_model_fit", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=os.environ.get("LCC_DATA_DIR")
                     or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"])
