@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from bench import speed
 
 
@@ -57,3 +59,30 @@ def test_fit_disagreement_is_reported_beyond_twenty_percent():
     assert "+300%" in slow and "'learned MLP' (F reference, subnormals kept)" in slow
     (fast,) = speed.fit_disagreements([{**row, "fit_s": 7.0}])
     assert "-30%" in fast
+
+
+def test_seed_spread_per_class_figures_add_up_to_the_logged_degraded_accuracy(digits_run_folder, capsys):
+    from pathlib import Path
+
+    from bench import seed_spread
+
+    folder = Path(digits_run_folder)
+    rows = seed_spread.read_rows(folder)
+    best = seed_spread.best_row(rows)
+    base_acc, degraded, counts = seed_spread.per_class(folder, "test")
+    # weighted by how many rebuilt outputs each class has, the classes give the run's own figure
+    assert float((degraded * counts).sum() / counts.sum()) == pytest.approx(best["test_degraded_acc"], abs=1e-6)
+    assert seed_spread.main([str(folder), str(folder), "--last", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"| {best['epoch']} | " in out and f"{100 * best['test_degraded_acc']:.2f}" in out
+    class_rows = [line for line in out.splitlines() if re.match(r"\| \d+ \| \d", line)]
+    assert len(class_rows) == len(counts) and all(line.endswith("| 0.00 |") for line in class_rows)
+
+
+def test_seed_spread_wobble_measures_the_last_epochs_only():
+    from bench import seed_spread
+
+    rows = [{"epoch": e, "val_recon_acc": v} for e, v in enumerate([0.1, 0.5, 0.9, 0.8, 0.9])]
+    sd, step = seed_spread.wobble(rows, 3)
+    assert step == pytest.approx(0.1) and sd == pytest.approx(0.04714045, rel=1e-6)
+    assert seed_spread.best_row(rows)["epoch"] == 2  # the first of equal best epochs, as best.pt keeps it
