@@ -1,7 +1,7 @@
 """Fully connected learned encoder and decoder."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -10,13 +10,25 @@ from coders.coder import Decoder, Encoder
 from util.util import get_flattened_dim
 
 
-class MLPEncoder(Encoder):
-    """Linear(k*D, k*D) -> ReLU -> Linear(k*D, r*D) over the k inputs stacked."""
+def check_width(hidden: Optional[int], default: int) -> int:
+    """The hidden width: ``default`` when ``hidden`` is None; a ValueError (shown as a config
+    error naming the coder) unless it is a positive integer."""
+    if hidden is None:
+        return default
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"its 'hidden' width must be a positive integer; got {hidden!r}.")
+    return hidden
 
-    def __init__(self, ec_k: int, ec_r: int, in_dim: Sequence[int]):
+
+class MLPEncoder(Encoder):
+    """Linear(k*D, h) -> ReLU -> Linear(h, r*D) over the k inputs stacked; h = ``hidden``,
+    by default k*D (the original write-ups' encoder)."""
+
+    def __init__(self, ec_k: int, ec_r: int, in_dim: Sequence[int], hidden: Optional[int] = None):
         super().__init__(ec_k, ec_r, in_dim)
         d = get_flattened_dim(in_dim)
-        self.nn = nn.Sequential(nn.Linear(ec_k * d, ec_k * d), nn.ReLU(), nn.Linear(ec_k * d, ec_r * d))
+        h = check_width(hidden, ec_k * d)
+        self.nn = nn.Sequential(nn.Linear(ec_k * d, h), nn.ReLU(), nn.Linear(h, ec_r * d))
 
     def forward(self, in_data: torch.Tensor) -> torch.Tensor:
         b, k, d = in_data.shape
@@ -24,16 +36,19 @@ class MLPEncoder(Encoder):
 
 
 class MLPDecoder(Decoder):
-    """Three Linear layers with ReLUs: (k+r)n -> (k+r)n -> kn -> kn."""
+    """Three Linear layers with ReLUs: (k+r)n -> h1 -> h2 -> kn. By default h1 = (k+r)n and
+    h2 = kn (the original write-ups' decoder); ``hidden`` sets both to one width, which matters
+    when F has few outputs (n = 10 leaves the default decoder 30 and 20 units at k = 2)."""
 
-    def __init__(self, ec_k: int, ec_r: int, in_dim: Sequence[int]):
+    def __init__(self, ec_k: int, ec_r: int, in_dim: Sequence[int], hidden: Optional[int] = None):
         super().__init__(ec_k, ec_r, in_dim)
         n = get_flattened_dim(in_dim)
         m = (ec_k + ec_r) * n
+        h1, h2 = (m, ec_k * n) if hidden is None else (check_width(hidden, m),) * 2
         self.nn = nn.Sequential(
-            nn.Linear(m, m), nn.ReLU(),
-            nn.Linear(m, ec_k * n), nn.ReLU(),
-            nn.Linear(ec_k * n, ec_k * n),
+            nn.Linear(m, h1), nn.ReLU(),
+            nn.Linear(h1, h2), nn.ReLU(),
+            nn.Linear(h2, ec_k * n),
         )
 
     def forward(self, in_data: torch.Tensor, available=None) -> torch.Tensor:

@@ -188,3 +188,23 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
                       '"args": {"lr": 0.1, "lr": 0.2}}}')
     with pytest.raises(ConfigError, match="'lr' more than once"):
         load_config(nested)
+
+
+def test_specs_differing_only_in_args_get_their_own_run_folders():
+    from train.config import expand_runs, validate_dict
+
+    plain = ["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]
+    wide = ["coders.mlp.MLPEncoder", {"class": "coders.mlp.MLPDecoder", "args": {"hidden": 256}}]
+    cfg = validate_dict({"num_epoch": 1, "k_vals": [2], "enc_dec_types": [plain, wide], "datasets": ["digits"],
+                         "models": ["base-mlp"], "losses": ["mse"]})
+    folders = [spec.folder(cfg.save_dir) for spec in expand_runs(cfg)]
+    assert folders[0].name == "MLPDecoder" and folders[1].name == "MLPDecoder-hidden256"
+
+
+def test_a_run_listed_twice_is_refused_before_anything_runs():
+    from train.config import validate_dict
+
+    pair = ["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]
+    with pytest.raises(ConfigError, match="same run folder.*list each value once"):
+        validate_dict({"num_epoch": 1, "k_vals": [2, 2], "enc_dec_types": [pair], "datasets": ["digits"],
+                       "models": ["base-mlp"], "losses": ["mse"]})

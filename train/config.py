@@ -139,7 +139,22 @@ def validate_dict(raw: Any, source: str = "config") -> Config:
     """Check ``raw`` against the schema and return a :class:`Config`; raise ConfigError otherwise."""
     cfg = validate_schema(raw, Config, source)
     _check_values(cfg, source)
+    _check_distinct_folders(cfg, source)
     return cfg
+
+
+def _check_distinct_folders(cfg: Config, source: str) -> None:
+    """Two runs of one sweep must never write one folder (the second would find it taken,
+    or overwrite it): a value listed twice in a list key is refused here."""
+    seen = {}
+    for spec in expand_runs(cfg):
+        folder = spec.folder(cfg.save_dir)
+        if folder in seen:
+            raise ConfigError(f"{source}: two runs of the sweep would write the same run folder '{folder}' "
+                              f"({seen[folder]} and {spec.describe()}): a value is listed twice in 'datasets', "
+                              f"'models', 'losses', 'enc_dec_types', 'k_vals', 'r_vals' or 'seeds'. Fix: list "
+                              f"each value once.")
+        seen[folder] = spec.describe()
 
 
 def validate_schema(raw: Any, schema: type, source: str = "config"):

@@ -5,7 +5,10 @@ string or as ``{"class": "pkg.mod.Name", "args": {...}}``.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import re
 from typing import Any, Mapping
 
 from util.errors import ConfigError, UserError
@@ -122,6 +125,18 @@ def build(spec: Any, key: str, *args: Any, aliases: Mapping[str, str] | None = N
 
 
 def spec_name(spec: Any) -> str:
-    """A short, file-system-safe name for a component spec (its class name)."""
-    path = spec if isinstance(spec, str) else spec.get("class", "component")
-    return path.rpartition(".")[2]
+    """A short, file-system-safe name for a component spec: its class name, followed by its
+    args when it has any (``MLPDecoder-hidden256``), so that two specs of one class with
+    different args never share a run folder or a weights file. Args that do not read as a
+    short safe name (nested values, odd characters) become a digest of their JSON."""
+    if isinstance(spec, str):
+        return spec.rpartition(".")[2]
+    name = str(spec.get("class", "component")).rpartition(".")[2]
+    args = spec.get("args") or {}
+    if not args:
+        return name
+    text = "-".join(f"{key}{value if isinstance(value, str) else json.dumps(value)}"
+                    for key, value in sorted(args.items()))
+    if len(text) > 48 or not re.fullmatch(r"[A-Za-z0-9._+=-]+", text):
+        text = "args" + hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{name}-{text}"
