@@ -9,6 +9,7 @@ trainer calls :func:`load_or_train` and so reuses that file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -24,7 +25,8 @@ from base_models import MODEL_ALIASES
 from datasets import Splits, load_dataset
 from util.classpath import build, spec_name
 from util.errors import ConfigError, UserError, exits_on_user_error
-from util.util import atomic_save, atomic_write_text, count_subnormal, flush_denormals, resolve_device
+from util.util import (atomic_save, atomic_write_text, count_subnormal, flush_denormals, remove_stale_temps,
+                       resolve_device)
 
 DEFAULT_ROOT = "base_model_trained_files"
 
@@ -223,9 +225,45 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     if progress:
         print(f"No trained base model at '{p}': training {type(model).__name__} on {splits.name} first.",
               file=sys.stderr)
-    model, metrics = train_base_model(model, splits, epochs=epochs, device=device, seed=seed, progress=progress)
-    save_base_model(model, metrics, p)
+    with weights_writer(p, wait=True):
+        if p.exists():  # another process trained it while this one waited
+            return warn_split_mismatch(load_state(model, p), p, splits, seed)
+        model, metrics = train_base_model(model, splits, epochs=epochs, device=device, seed=seed, progress=progress)
+        save_base_model(model, metrics, p)
     return model.cpu()
+
+
+@contextlib.contextmanager
+def weights_writer(path: Path, wait: bool):
+    """Hold the lock of the folder of F's weights file ``path`` (train/lock.py) while F is
+    trained into it, so one process writes it; a kill's temporary files are removed once the
+    lock is ours. ``wait``: wait for another writer to finish (train.py, which then loads
+    what it wrote) instead of stopping with a UserError naming it (``python -m base_models.train``)."""
+    from train.lock import FolderBusy, FolderLock
+
+    folder = Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(folder)
+    told = False
+    while True:
+        try:
+            lock.acquire("base model folder")
+            break
+        except FolderBusy as exc:
+            if not wait:
+                raise
+            if not told:
+                print(f"waiting: {exc}", file=sys.stderr)
+                told = True
+            time.sleep(1.0)
+    try:
+        removed = remove_stale_temps(folder, [Path(path).name, "metrics.json"])
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write",
+                  file=sys.stderr)
+        yield
+    finally:
+        lock.release()
 
 
 @exits_on_user_error
@@ -268,9 +306,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
         return 0
     model = build_base_model(args.model, splits, "--model", seed=args.seed)
-    model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
-                                      lr=args.lr, device=args.device, seed=args.seed)
-    save_base_model(model, metrics, path)
+    with weights_writer(path, wait=False):
+        model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
+                                          lr=args.lr, device=args.device, seed=args.seed)
+        save_base_model(model, metrics, path)
     print(json.dumps(metrics))
     print(f"wrote {path}")
     return 0

@@ -254,3 +254,51 @@ def test_cli_unknown_name_exits_2(tmp_path, capsys, flag, value):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and value in err
     assert not any(tmp_path.iterdir())
+
+
+def test_training_f_removes_a_killed_writers_temporary_files(digits, tmp_path, one_thread):
+    root = tmp_path / "models"
+    folder = root / "digits" / "base-mlp"
+    folder.mkdir(parents=True)
+    left = [folder / "model.pt.a1b2c3.tmp", folder / "metrics.json.d4e5f6.tmp"]
+    for tmp in left:
+        tmp.write_bytes(b"half a file")
+    bt.load_or_train("base-mlp", digits, root=str(root), device="cpu", epochs=1, progress=False)
+    assert (folder / "model.pt").is_file() and not any(tmp.exists() for tmp in left)
+
+
+def test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote(digits, tmp_path, monkeypatch, one_thread):
+    import threading
+
+    from train.lock import FolderLock
+
+    root = tmp_path / "models"
+    weights = root / "digits" / "base-mlp" / "model.pt"
+    first = bt.load_or_train("base-mlp", digits, root=str(tmp_path / "elsewhere"), device="cpu", epochs=1,
+                             progress=False)
+    weights.parent.mkdir(parents=True)
+    lock = FolderLock(weights.parent).acquire("base model folder")  # the first writer, mid-training
+
+    def finish():
+        bt.save_base_model(first, {"dataset": "digits"}, weights)
+        lock.release()
+
+    timer = threading.Timer(1.5, finish)
+    timer.start()
+    monkeypatch.setattr(bt, "train_base_model", lambda *a, **k: pytest.fail("trained F a second time"))
+    got = bt.load_or_train("base-mlp", digits, root=str(root), device="cpu", epochs=1, progress=False)
+    timer.join()
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in first.state_dict().items())
+
+
+def test_base_models_train_refuses_a_folder_another_process_writes(digits, tmp_path, capsys):
+    from train.lock import FolderLock
+
+    folder = tmp_path / "models" / "digits" / "base-mlp"
+    folder.mkdir(parents=True)
+    with FolderLock(folder).acquire("base model folder"):
+        code = bt.main(["--dataset", "digits", "--root", str(tmp_path / "models"), "--epochs", "1", "--force"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "base model folder" in err and str(folder) in err and "one writer" in err
+    assert not (folder / "model.pt").exists()

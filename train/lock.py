@@ -43,6 +43,9 @@ class FolderBusy(UserError):
 
 
 def busy_error(folder: Path, who: str, what: str = "run folder") -> FolderBusy:
+    if what != "run folder":
+        return FolderBusy(f"The {what} '{folder}' is in use by {who}: a folder has one writer at a time. Fix: "
+                          f"wait for that process to finish (or stop it), then rerun.")
     return FolderBusy(f"The {what} '{folder}' is in use by {who}: a folder has one writer at a time. Fix: wait for "
                       f"that process to finish (or stop it), then rerun with --resume; to run the same config "
                       f"twice at once, give the second another 'save_dir'.")
