@@ -32,8 +32,9 @@ from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.lock import FolderLock
 from train.metrics import MetricsLog, Tally, group_hits, summary_line
+from train.preflight import probe_coders
 from train.schedule import SCHEDULES, progress, set_rates
-from train.scenarios import enumerate_scenarios, gather_pairs, unavailable_data, unavailable_pairs
+from train.scenarios import gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
 from util.util import atomic_write_text, flush_denormals, get_flattened_dim, keep_freed_memory, resolve_device
@@ -90,33 +91,6 @@ def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
     if isinstance(cls, type) and issubclass(cls, FUSABLE) and not {"fused", "foreach"} & set(args):
         args["fused"] = True
     return cls(params, **args)
-
-
-@torch.no_grad()
-def check_contract(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int, device) -> None:
-    """Run E and D once on zeros and compare their output shapes with the contract in coders/coder.py,
-    so a user's coder that returns the wrong shape fails with a sentence, not deep inside a step."""
-    available = enumerate_scenarios(k, r)[:1].expand(2, -1).to(device)
-    checks = (("encoder", encoder, (torch.zeros(2, k, d, device=device),), (2, r, d)),
-              ("decoder", decoder, (torch.zeros(2, k + r, n, device=device),), (2, k, n)))
-    for which, module, args, expected in checks:
-        if which == "decoder" and getattr(module, "needs_availability", False):
-            args = args + (available,)
-        name = type(module).__name__
-        was_training = module.training
-        module.eval()  # no BatchNorm statistics or dropout draws from the check
-        try:
-            out = module(*args)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise ConfigError(f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
-                              f"{tuple(args[0].shape)} ({str(exc).splitlines()[0]}). The contract in coders/coder.py: "
-                              f"an encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to (B, k, n).") from None
-        finally:
-            module.train(was_training)
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(f"Config key 'enc_dec_types': {which} {name} returned {got} for an input of shape "
-                              f"{tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
 
 
 def run_config(cfg: Config, spec: RunSpec) -> dict:
@@ -180,8 +154,9 @@ class CodedRun:
         encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
         self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
-        check_contract(self.encoder, self.decoder, self.k, self.r, get_flattened_dim([-1, *self.in_shape]),
-                       self.n_out, dev)
+        # the contract of coders/coder.py, checked on the real coders in evaluation mode (which changes nothing)
+        probe_coders(self.encoder, self.decoder, self.k, self.r, get_flattened_dim([-1, *self.in_shape]),
+                     self.n_out, dev, training_modes=(False,), batch_sizes=(2,))
         self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base).to(dev)
                               if cfg.train_parity_model else None)
         # The computation, shared with evaluation and serving (train/code.py).

@@ -110,41 +110,53 @@ def probe_run_coders(run: RunSpec, in_shape, n_out: int, probed: set) -> None:
     probe_coders(*coders, run.k, run.r, get_flattened_dim([-1, *in_shape]), n_out)
 
 
-def probe_coders(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int) -> None:
-    """Call E and D on random inputs of two batch sizes, in evaluation and in training mode (with a
-    backward pass), and compare their outputs with the contract in coders/coder.py. Any exception
-    a coder raises is a ConfigError naming it. Meant for throwaway modules (the preflight's own):
-    their gradients and BatchNorm statistics change."""
+def probe_coders(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int, device="cpu",
+                 training_modes=(False, True), batch_sizes=(2, 3)) -> None:
+    """Call E and D on random inputs of each of ``batch_sizes``, in each of ``training_modes`` (training
+    mode with a backward pass), and compare their outputs with the contract in coders/coder.py. Any
+    exception a coder raises is a ConfigError naming it. Each module's mode is handed back. With
+    training mode among ``training_modes`` gradients and BatchNorm statistics change, so that is for
+    throwaway modules (the preflight's own); evaluation mode alone (what every CodedRun checks on its
+    real coders) changes nothing, and draws from no global random generator."""
     gen = torch.Generator().manual_seed(0)
-    for training in (False, True):
-        for b in (2, 3):
-            available = torch.ones(b, k + r, dtype=torch.bool)
-            available[:, :r] = False  # one decoding scenario: the first r outputs unavailable
-            checks = (("encoder", encoder, (torch.randn(b, k, d, generator=gen),), (b, r, d)),
-                      ("decoder", decoder, (torch.randn(b, k + r, n, generator=gen),), (b, k, n)))
-            for which, module, args, expected in checks:
-                if which == "decoder" and getattr(module, "needs_availability", False):
-                    args = args + (available,)
-                name = type(module).__name__
-                mode = "training" if training else "evaluation"
-                module.train(training)
-                try:
-                    with torch.set_grad_enabled(training):
-                        out = module(*args)
-                        if training and isinstance(out, torch.Tensor) and out.requires_grad:
-                            out.float().sum().backward()
-                except Exception as exc:
-                    raise ConfigError(
-                        f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
-                        f"{tuple(args[0].shape)} in {mode} mode: {describe_exception(exc)}. The contract in "
-                        f"coders/coder.py: an "
-                        f"encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to (B, k, n), for any "
-                        f"batch size B.") from None
-                if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ConfigError(
-                        f"Config key 'enc_dec_types': {which} {name} returned {got} in {mode} mode for an input "
-                        f"of shape {tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
+    was = [(m, m.training) for m in (encoder, decoder)]
+    try:
+        for training in training_modes:
+            for b in batch_sizes:
+                _probe_once(encoder, decoder, k, r, d, n, b, training, gen, device)
+    finally:
+        for module, mode in was:
+            module.train(mode)
+
+
+def _probe_once(encoder, decoder, k, r, d, n, b, training, gen, device) -> None:
+    available = torch.ones(b, k + r, dtype=torch.bool)
+    available[:, :r] = False  # one decoding scenario: the first r outputs unavailable
+    checks = (("encoder", encoder, (torch.randn(b, k, d, generator=gen),), (b, r, d)),
+              ("decoder", decoder, (torch.randn(b, k + r, n, generator=gen),), (b, k, n)))
+    for which, module, args, expected in checks:
+        if which == "decoder" and getattr(module, "needs_availability", False):
+            args = args + (available,)
+        args = tuple(a.to(device) for a in args)
+        name = type(module).__name__
+        mode = "training" if training else "evaluation"
+        module.train(training)
+        try:
+            with torch.set_grad_enabled(training):
+                out = module(*args)
+                if training and isinstance(out, torch.Tensor) and out.requires_grad:
+                    out.float().sum().backward()
+        except Exception as exc:
+            raise ConfigError(
+                f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
+                f"{tuple(args[0].shape)} in {mode} mode: {describe_exception(exc)}. The contract in "
+                f"coders/coder.py: an encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to "
+                f"(B, k, n), for any batch size B.") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"Config key 'enc_dec_types': {which} {name} returned {got} in {mode} mode for an input "
+                f"of shape {tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
 
 
 def probe_model(key: str, spec, dataset: str, in_shape, num_classes: int) -> None:
