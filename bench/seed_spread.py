@@ -1,6 +1,6 @@
 """Where the spread between training seeds comes from: the figures behind README's seed-spread study.
 
-``python -m bench.seed_spread RUN_FOLDER... [--last 5] [--split test]``
+``python -m bench.seed_spread RUN_FOLDER... [--last 5] [--split test] [--data-dir DIR]``
 
 For each run folder (typically the ``seed<s>`` folders of one config) it prints:
 
@@ -55,9 +55,9 @@ def wobble(rows: list[dict], last: int) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def per_class(folder: Path, split: str, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def per_class(folder: Path, split: str, batch: int = 1024, data_dir=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per true class: (F's accuracy, degraded-mode accuracy of ``best.pt``, count of rebuilt outputs)."""
-    loaded = load_code(folder)
+    loaded = load_code(folder, data_dir=data_dir)
     code = loaded.code
     x, y = loaded.splits.split(split)
     n_classes = int(y.max()) + 1
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("folders", nargs="+", help="run folders written by train.py (e.g. the seed<s> folders of one config)")
     ap.add_argument("--last", type=int, default=5, help="epochs at the end whose wobble is measured (default 5)")
     ap.add_argument("--split", choices=("val", "test"), default="test", help="split of the per-class table")
+    ap.add_argument("--data-dir", default=None, help="dataset folder, if not the one the runs were trained from")
     args = ap.parse_args(argv)
     if args.last < 2:
         print("--last must be 2 or more (a wobble needs two epochs).", file=sys.stderr)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             print(f"| {folder} | {epochs} | {best['epoch']} | {100 * best.get('train_recon_acc', float('nan')):.2f} "
                   f"| {100 * best['val_recon_acc']:.2f} | {100 * best['test_recon_acc']:.2f} "
                   f"| {100 * best['test_degraded_acc']:.2f} | {100 * sd:.2f} | {100 * step:.2f} |")
-        results = [per_class(folder, args.split) for folder in folders]
+        results = [per_class(folder, args.split, data_dir=args.data_dir) for folder in folders]
     except UserError as exc:
         print(str(exc), file=sys.stderr)
         return 2
