@@ -257,10 +257,7 @@ def weights_writer(path: Path, wait: bool):
                 told = True
             time.sleep(1.0)
     try:
-        removed = remove_stale_temps(folder, [Path(path).name, "metrics.json"])
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write",
-                  file=sys.stderr)
+        remove_stale_temps(folder, [Path(path).name, "metrics.json"])
         yield
     finally:
         lock.release()

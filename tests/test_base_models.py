@@ -256,7 +256,7 @@ def test_cli_unknown_name_exits_2(tmp_path, capsys, flag, value):
     assert not any(tmp_path.iterdir())
 
 
-def test_training_f_removes_a_killed_writers_temporary_files(digits, tmp_path, one_thread):
+def test_training_f_removes_a_killed_writers_temporary_files(digits, tmp_path, one_thread, capsys):
     root = tmp_path / "models"
     folder = root / "digits" / "base-mlp"
     folder.mkdir(parents=True)
@@ -265,6 +265,7 @@ def test_training_f_removes_a_killed_writers_temporary_files(digits, tmp_path, o
         tmp.write_bytes(b"half a file")
     bt.load_or_train("base-mlp", digits, root=str(root), device="cpu", epochs=1, progress=False)
     assert (folder / "model.pt").is_file() and not any(tmp.exists() for tmp in left)
+    assert f"removed 2 temporary file(s) left in '{folder}'" in capsys.readouterr().err
 
 
 def test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote(digits, tmp_path, monkeypatch, one_thread):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -118,9 +117,7 @@ def load_checkpoint(path: Path, expected: dict | None = None) -> dict[str, Any]:
 def remove_partial_writes(folder: Path) -> None:
     """Delete the temporary files that a writer killed mid-write left in a run folder
     (call with the folder's lock held, so no live writer's file goes)."""
-    removed = remove_stale_temps(folder, RUN_FILES)
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write", file=sys.stderr)
+    remove_stale_temps(folder, RUN_FILES)
 
 
 def load_module_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:

@@ -224,7 +224,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> list[
     """Delete the temporary files that a killed atomic write of any of ``names`` left in ``folder``.
 
     Only call this while no other process may be writing those files (e.g. holding
-    the run folder's lock); returns what was removed.
+    the folder's lock, train/lock.py). Says on stderr how many went; returns them.
     """
     removed = []
     for name in names:
@@ -234,4 +234,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> list[
                 removed.append(tmp)
             except FileNotFoundError:
                 pass
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write",
+              file=sys.stderr)
     return removed
