@@ -233,3 +233,19 @@ def test_a_seed_sweep_is_one_row_of_mean_and_std_and_each_seed_lists_them(tmp_pa
     assert [r[cols.index("seed")] for r in listed] == ["0", "1", "2"]
     for r, (recon, _) in zip(listed, tests.values()):
         assert r[cols.index("test recon acc (%)")] == f"{100 * recon:.2f}"
+
+
+def test_a_plain_run_in_the_folder_above_its_seed_sweep_is_not_one_of_the_seeds(tmp_path):
+    # The same choices run once without 'seeds' (folder X) and then with seeds 0 and 1 (X/seed0, X/seed1).
+    plain = tmp_path / "save" / "digits" / "base-mlp" / "k2" / "r1" / "MSELoss" / "MLPEncoder" / "MLPDecoder"
+    write_run(plain, [epoch_row(0, 0.1, 0.1, 0.1), epoch_row(1, 0.5, 0.20, 0.20)])
+    for seed, recon in ((0, 0.80), (1, 0.90)):
+        write_run(plain / f"seed{seed}", [epoch_row(0, 0.1, 0.1, 0.1), epoch_row(1, 0.5, recon, recon)], run_seed=seed)
+
+    code, out, err = run_report([str(tmp_path / "save"), "--no-plots"])
+    assert code == 0, err
+    cols = header(out)
+    rows = sorted(table_rows(out), key=lambda r: r[cols.index("seeds")])
+    assert [r[cols.index("seeds")] for r in rows] == ["1", "2"]
+    assert rows[0][cols.index("test recon acc (%)")] == "20.00"
+    assert rows[1][cols.index("test recon acc (%)")].split(" ± ")[0] == "85.00"

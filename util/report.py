@@ -153,8 +153,9 @@ def summarize_run(folder: str | Path) -> dict:
         "acc_lost": f_acc - degraded if f_acc is not None and degraded is not None else None,
         "epoch_seconds": statistics.median_high(seconds) if seconds else None,  # the median epoch
         "seed": config.get("run_seed"),
-        # The runs of one 'seeds' sweep share the folder above their seed<s> folders.
-        "group": str(folder.parent if config.get("run_seed") is not None else folder),
+        # The runs of one 'seeds' sweep share the folder above their seed<s> folders. That folder
+        # may itself be a run (the same choices without 'seeds'): it is not one of the seeds.
+        "group": (f"seeds of {folder.parent}" if config.get("run_seed") is not None else f"run {folder}"),
         "folder": str(folder),
         "history": [(r["epoch"], _number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
                     for r in rows],
