@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from serve.config import ServeConfig, expand_settings, load_serve_config
-from serve.plan import ROLE_F, build_plan, make_queries, parity_per_model, pool_roles
+from serve.plan import ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model, pool_roles
 from serve.results import markdown_table, plot_cdf, summarize, write_strategy
 from train.cli import parse_overrides
 from util.errors import ConfigError, UserError, exits_on_user_error
@@ -56,14 +56,7 @@ def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
 
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
     for run, loaded in codes.items():
-        k, r = loaded.code.k, loaded.code.r
-        for strategy in cfg.strategies:
-            size = len(pool_roles(strategy, cfg.instances, k, r))
-            for f in cfg.failures:
-                if f["instance"] >= size:
-                    raise ConfigError(f"Config key 'failures': instance {f['instance']} does not exist under "
-                                      f"strategy '{strategy}' for run '{run}' (k={k}, r={r}), which has {size} "
-                                      f"instances numbered from 0. Fix: name a smaller instance number.")
+        check_failed_instances(cfg, loaded.code.k, loaded.code.r, run)
         if cfg.interference is not None:
             for i in cfg.interference["instances"]:
                 if i >= cfg.instances:

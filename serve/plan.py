@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 from serve.config import ServeConfig
-from util.errors import ConfigError, UserError
+from util.errors import ConfigError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
 ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "backup")
@@ -222,17 +222,28 @@ def reroute(instance: np.ndarray, time: np.ndarray, roles: list[int], failures: 
     return instance
 
 
+def check_failed_instances(cfg: ServeConfig, k: int, r: int, run: str = "") -> None:
+    """Stop with a ConfigError naming the key if a failure names an instance that one of the
+    config's strategies lacks at this k and r (``run``: the run folder, for the message)."""
+    m = cfg.instances
+    for strategy in cfg.strategies:
+        size = len(pool_roles(strategy, m, k, r))
+        for f in cfg.failures:
+            if f["instance"] >= size:
+                where = f" for run '{run}'" if run else ""
+                smallest = min(len(pool_roles(s, m, k, r)) for s in cfg.strategies)
+                raise ConfigError(f"Config key 'failures': instance {f['instance']} does not exist under strategy "
+                                  f"'{strategy}'{where} (k={k}, r={r}), which has {size} instances (0..{size - 1}). "
+                                  f"Fix: name an instance below {smallest}, or drop that strategy.")
+
+
 def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries, delay: dict,
                strategy_index: int = 0) -> Plan:
     """The requests of ``strategy`` for ``queries``; see the module docstring for the routing."""
     m = cfg.instances
     roles = pool_roles(strategy, m, k, r)
+    check_failed_instances(cfg, k, r)
     failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
-    bad = [i for i in failures if i >= len(roles)]
-    if bad:
-        raise UserError(f"Config key 'failures': instance {bad[0]} does not exist under strategy '{strategy}', "
-                        f"which has {len(roles)} instances (0..{len(roles) - 1}). Fix: name an instance below "
-                        f"{min(len(pool_roles(s, m, k, r)) for s in cfg.strategies)}, or drop that strategy.")
     n = len(queries.arrival)
     q = np.arange(n)
     members = closed = None
