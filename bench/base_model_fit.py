@@ -2,7 +2,7 @@
 
 ``python -m bench.base_model_fit [--data-dir DIR] [--epochs 20] [--datasets mnist fashion-mnist]``
 
-Trains Base-MLP with the same function as ``python -m base_models.train``
+Trains Base-MLP with the same function as ``python -m base_models.fit``
 (into a temporary folder, so existing weights are left alone) and prints its
 train / validation / test accuracy and seconds. Targets: >= 97.5% test
 accuracy on MNIST, >= 87% on Fashion-MNIST.
@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from base_models.train import build_base_model, train_base_model
+from base_models.fit import build_base_model, train_base_model
 from datasets import load_dataset
 from util.errors import exits_on_user_error
 

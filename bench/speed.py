@@ -336,7 +336,7 @@ def bench_inference(model_name: str, device: torch.device, repeats: int, base_mo
     """Batch-1 latency of E, F and D for one group (k = 2, r = 1); base-mlp with ``base_model_file``'s weights."""
     from base_models.mlp import BaseMLP
     from base_models.resnet import ResNet18
-    from base_models.train import load_state
+    from base_models.fit import load_state
     from coders.conv import ConvEncoder
     from coders.mlp import MLPDecoder, MLPEncoder
 
@@ -386,7 +386,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    from util.util import denormals_flushed, flush_denormals
+    from util.hardware import denormals_flushed, flush_denormals
 
     flushed = denormals_flushed()
     try:
@@ -443,7 +443,7 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
     if not (Path(args.data_dir) / "MNIST").is_dir() and args.only != "infer":
         print(f"error: no MNIST/ under '{args.data_dir}'. Fix: pass --data-dir or set LCC_DATA_DIR.", file=sys.stderr)
         return 2
-    from util.util import resolve_device
+    from util.hardware import resolve_device
 
     device = resolve_device(args.device)
     args.device = str(device)
@@ -505,7 +505,7 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
                     print(f"profile of 20 training steps, '{r['name']}':\n{r['profile']}\n")
 
     if args.only != "train":
-        from util.util import flush_denormals
+        from util.hardware import flush_denormals
 
         repeats = 50 if args.quick else 300
         flush_denormals(flushes[0])  # as a serving process would set it (the training runs above changed it)

@@ -14,7 +14,7 @@ group and r = ``ec_r`` parities:
   output. Only the reconstructions of unavailable outputs are scored.
 
 ``in_dim`` is ``[-1, C, H, W]`` (or ``[-1, D]``) for an encoder and ``[-1, n]``
-(F's output size) for a decoder; :func:`util.util.get_flattened_dim` turns
+(F's output size) for a decoder; :func:`util.shapes.get_flattened_dim` turns
 either into D or n.
 
 A coder that cannot serve some k, r or input size raises ``ValueError`` from

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from coders.coder import Decoder, Encoder
-from util.util import get_flattened_dim
+from util.shapes import get_flattened_dim
 
 
 def check_width(hidden: Optional[int], default: int) -> int:

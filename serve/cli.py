@@ -22,7 +22,7 @@ from serve.plan import ROLE_F, build_plan, check_failed_instances, make_queries,
 from serve.results import markdown_table, plot_cdf, summarize, write_strategy
 from train.cli import parse_overrides
 from util.errors import ConfigError, UserError, exits_on_user_error
-from util.util import atomic_write_text
+from util.files import atomic_write_text
 
 
 def load_codes(cfg: ServeConfig) -> dict:
@@ -39,7 +39,7 @@ def load_codes(cfg: ServeConfig) -> dict:
 
 def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
     """The backup model of strategy "backup", built for the run's dataset and loaded from its file."""
-    from base_models.train import build_base_model, load_state
+    from base_models.fit import build_base_model, load_state
 
     spec = cfg.backup_model
     try:
@@ -56,7 +56,7 @@ def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
 
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
     for run, loaded in codes.items():
-        check_failed_instances(cfg, loaded.code.k, loaded.code.r, run)
+        check_failed_instances(cfg, loaded.code.k, loaded.code.r, cfg.strategies, run)
         if cfg.interference is not None:
             for i in cfg.interference["instances"]:
                 if i >= cfg.instances:

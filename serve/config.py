@@ -203,7 +203,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                        f"its weights}} when 'strategies' holds \"backup\"; got {b!r}.")
         if not Path(b["file"]).is_file():
             raise _bad(source, "backup_model", f"\"file\" '{b['file']}' does not exist. Fix: train one, e.g. "
-                       f"python -m base_models.train --dataset mnist --model logistic, and name its model.pt.")
+                       f"python -m base_models.fit --dataset mnist --model logistic, and name its model.pt.")
     if cfg.split not in ("train", "val", "test"):
         raise _bad(source, "split", f"must be \"train\", \"val\" or \"test\"; got {cfg.split!r}.")
     if not 0 <= cfg.seed < 2 ** 63:

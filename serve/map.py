@@ -39,7 +39,7 @@ from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
 from serve.sim import read_profile, simulate
 from train.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
-from util.util import atomic_write_text
+from util.files import atomic_write_text
 
 MAP_KEYS = {
     "loads": ([0.2, 0.4, 0.6], "utilisations of the equal-cost budget, each above 0"),

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -222,11 +222,11 @@ def reroute(instance: np.ndarray, time: np.ndarray, roles: list[int], failures: 
     return instance
 
 
-def check_failed_instances(cfg: ServeConfig, k: int, r: int, run: str = "") -> None:
-    """Stop with a ConfigError naming the key if a failure names an instance that one of the
-    config's strategies lacks at this k and r (``run``: the run folder, for the message)."""
+def check_failed_instances(cfg: ServeConfig, k: int, r: int, strategies: Sequence[str], run: str = "") -> None:
+    """Stop with a ConfigError naming the key if a failure names an instance that one of
+    ``strategies`` lacks at this k and r (``run``: the run folder, for the message)."""
     m = cfg.instances
-    for strategy in cfg.strategies:
+    for strategy in strategies:
         size = len(pool_roles(strategy, m, k, r))
         for f in cfg.failures:
             if f["instance"] >= size:
@@ -242,7 +242,7 @@ def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries
     """The requests of ``strategy`` for ``queries``; see the module docstring for the routing."""
     m = cfg.instances
     roles = pool_roles(strategy, m, k, r)
-    check_failed_instances(cfg, k, r)
+    check_failed_instances(cfg, k, r, [strategy])
     failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
     n = len(queries.arrival)
     q = np.arange(n)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from util.util import atomic_write_text
+from util.files import atomic_write_text
 
 PERCENTILES = (50, 90, 99, 99.9)
 SUMMARY_COLUMNS = [  # (key, header, format)

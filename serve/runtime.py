@@ -45,7 +45,7 @@ class Instance:
     """
 
     def __init__(self, module: torch.nn.Module, threads: int, flush: bool, device: str):
-        from util.util import flush_denormals
+        from util.hardware import flush_denormals
 
         torch.set_num_threads(threads)
         flush_denormals(flush)

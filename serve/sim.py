@@ -52,7 +52,7 @@ from serve.config import STRATEGIES, ServeConfig
 from serve.plan import ROLE_F, Plan, sample_delays
 from serve.runtime import Outcome
 from util.errors import ConfigError, UserError
-from util.util import atomic_write_text
+from util.files import atomic_write_text
 
 MAX_ROUNDS = 50  # retries and queues settle in a few rounds; more means something oscillates
 PROFILE_COLUMNS = ["role", "actor", "compute_ms", "overhead_ms"]

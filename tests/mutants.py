@@ -206,7 +206,7 @@ MUTANTS = [
            '            lock.acquire("base model folder")\n            break',
            '            break',
            ["tests/test_base_models.py::test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote",
-            "tests/test_base_models.py::test_base_models_train_refuses_a_folder_another_process_writes"],
+            "tests/test_base_models.py::test_base_models_fit_refuses_a_folder_another_process_writes"],
            why="two processes train F into one folder at once"),
 ]
 

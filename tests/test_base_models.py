@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import base_models.train as bt
+import base_models.fit as bt
 from base_models import MODEL_ALIASES
 from base_models.logistic import LogisticRegression
 from base_models.mlp import BaseMLP
@@ -292,7 +292,7 @@ def test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote(digits, tmp_
     assert all(torch.equal(got.state_dict()[k], v) for k, v in first.state_dict().items())
 
 
-def test_base_models_train_refuses_a_folder_another_process_writes(digits, tmp_path, capsys):
+def test_base_models_fit_refuses_a_folder_another_process_writes(digits, tmp_path, capsys):
     from train.lock import FolderLock
 
     folder = tmp_path / "models" / "digits" / "base-mlp"

@@ -194,7 +194,7 @@ def test_cli_missing_data_exits_2_without_traceback(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "base_models.train", "--dataset", "mnist", "--data-dir", str(empty),
+        [sys.executable, "-m", "base_models.fit", "--dataset", "mnist", "--data-dir", str(empty),
          "--no-download", "--root", str(tmp_path / "models")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )

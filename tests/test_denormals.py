@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from base_models.train import load_state
+from base_models.fit import load_state
 from train.config import expand_runs, load_config
 from train.engine import CodedRun
-from util.util import count_subnormal, denormals_flushed, flush_denormals
+from util.hardware import count_subnormal, denormals_flushed, flush_denormals
 
 BIG = 1 << 22  # elements: large enough for torch to split the op across its thread pool
 

@@ -112,7 +112,7 @@ def test_user_encoder_in_a_module_next_to_the_config_trains(digits_config, tmp_p
     (tmp_path / "my_coders.py").write_text(
         "import torch\n"
         "from coders.coder import Encoder\n"
-        "from util.util import get_flattened_dim\n"
+        "from util.shapes import get_flattened_dim\n"
         "class WeightedSum(Encoder):\n"
         "    def __init__(self, ec_k, ec_r, in_dim):\n"
         "        super().__init__(ec_k, ec_r, in_dim)\n"
@@ -380,7 +380,7 @@ def test_cpu_runs_keep_freed_memory_for_reuse(digits_config, monkeypatch):
     import platform
 
     import train.engine as engine
-    from util.util import keep_freed_memory
+    from util.hardware import keep_freed_memory
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from base_models.train import build_base_model, default_path, load_state
+from base_models.fit import build_base_model, default_path, load_state
 from train.cli import run_all
 from train.config import expand_runs, load_config
 from train.engine import CodedRun

@@ -269,7 +269,7 @@ def test_f_giving_nan_is_named_as_the_cause(digits_config, base_model_dir, tmp_p
     (["--root", str(Path(__file__).resolve().parents[1] / "README.md")], "--root"),
 ])
 def test_base_model_trainer_refuses_bad_flags_before_training(flags, named, capsys):
-    from base_models.train import main as train_f
+    from base_models.fit import main as train_f
 
     try:
         code = train_f(["--dataset", "digits", "--force", "--epochs", "1", *flags])

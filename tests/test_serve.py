@@ -267,7 +267,7 @@ def test_an_unreadable_latency_file_is_refused_before_any_work(tmp_path, digits_
 @pytest.fixture(scope="module")
 def backup_file(tmp_path_factory) -> str:
     """A logistic-regression backup model for digits, trained for two epochs."""
-    from base_models.train import main as train_f
+    from base_models.fit import main as train_f
 
     root = tmp_path_factory.mktemp("backup")
     assert train_f(["--dataset", "digits", "--model", "logistic", "--epochs", "2", "--root", str(root)]) == 0

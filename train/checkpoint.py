@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from util.errors import UserError
-from util.util import atomic_save, remove_stale_temps
+from util.files import atomic_save, remove_stale_temps
 
 FORMAT = 1
 # What a run folder holds (besides its lock file, train/lock.py); each is written atomically.

@@ -122,13 +122,13 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     F's weights come from the file the run used; they are never trained here
     (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder.
     """
-    from base_models.train import build_base_model, check_weights_path, default_path, load_state
+    from base_models.fit import build_base_model, check_weights_path, default_path, load_state
     from datasets import load_dataset
     from train.checkpoint import load_checkpoint, load_module_state, tensors_digest
     from train.config import expand_runs, load_run_folder
     from train.engine import build_coders, build_parity_models
     from util.errors import UserError
-    from util.util import resolve_device
+    from util.hardware import resolve_device
 
     cfg, folder = load_run_folder(folder)
     (spec,) = expand_runs(cfg)

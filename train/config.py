@@ -63,7 +63,7 @@ class Config:
     progress: bool = True               # per-epoch progress bar
     num_threads: Optional[int] = None   # CPU threads for torch (default: torch's, one per core)
     flush_denormal: bool = True         # CPU arithmetic reads and writes floats below ~1.2e-38 as zero:
-                                        # subnormals are many times slower on x86 (util.util.flush_denormals)
+                                        # subnormals are many times slower on x86 (util.hardware.flush_denormals)
 
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from base_models.train import build_base_model, default_path, load_or_train, predict
+from base_models.fit import build_base_model, default_path, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED, resolve_data_dir
 from train import distributed
@@ -37,7 +37,9 @@ from train.schedule import SCHEDULES, progress, set_rates
 from train.scenarios import gather_pairs, unavailable_data, unavailable_pairs
 from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
-from util.util import atomic_write_text, flush_denormals, get_flattened_dim, keep_freed_memory, resolve_device
+from util.files import atomic_write_text
+from util.hardware import flush_denormals, keep_freed_memory, resolve_device
+from util.shapes import get_flattened_dim
 
 
 def eval_groups(n: int, k: int, device) -> torch.Tensor:
@@ -391,7 +393,7 @@ class CodedRun:
             if bad:
                 raise UserError(f"F ('{self.base_model_path}') outputs NaN or infinite values on {bad} of the {len(fx)} {split} "
                                 f"images, so nothing can be trained or scored against it. Fix: retrain F (python "
-                                f"-m base_models.train ... --force) or point 'base_model_file' at sound weights.")
+                                f"-m base_models.fit ... --force) or point 'base_model_file' at sound weights.")
 
     def prepare_folder(self, resume: bool, overwrite: bool) -> None:
         """Lock the folder for this process, remove what a killed writer left (temporary files),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from util.report import whole_lines
-from util.util import atomic_write_text
+from util.files import atomic_write_text
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("loss", "recon_acc", "recon_top5", "degraded_acc", "degraded_top5", "base_acc", "group_acc")

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from base_models import MODEL_ALIASES
-from base_models.train import check_weights_path
+from base_models.fit import check_weights_path
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.errors import ConfigError
-from util.util import get_flattened_dim
+from util.shapes import get_flattened_dim
 
 # Input shapes and class counts of the shipped datasets, so coders can be
 # checked before a dataset is read.

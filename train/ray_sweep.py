@@ -166,7 +166,7 @@ def run_task(monitor, index: int, total: int, cfg, spec, folder: Optional[str], 
 
 def train_base_task(cfg, spec, cwd: str, code_dirs: list[str]) -> str:
     """Train the F of ``spec`` (stored at its default path), as the first run using it would."""
-    from base_models.train import load_or_train
+    from base_models.fit import load_or_train
     from datasets import load_dataset
     from train.config import add_code_dir
 
@@ -183,7 +183,7 @@ def missing_base_models(cfg, runs) -> list:
     """One run per F that the sweep needs and that is not trained yet (default path, no 'base_model_file')."""
     if cfg.base_model_file is not None:
         return []
-    from base_models.train import default_path
+    from base_models.fit import default_path
     from datasets import load_dataset
 
     missing = {}

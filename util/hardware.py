@@ -1,30 +1,14 @@
-"""Shape, device and file helpers shared across packages."""
+"""The device a run uses, and the CPU settings that keep it fast: freed memory kept for
+reuse and subnormal floats flushed to zero (with a count of the subnormals a model holds)."""
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
-
-
-def get_flattened_dim(in_dim: Sequence[int]) -> int:
-    """H*W for an image size ``[-1, C, H, W]`` (one channel), or D for ``[-1, D]``.
-
-    Encoders see one channel at a time, so the channel count is left out.
-    """
-    dims = list(in_dim)
-    if len(dims) == 4:
-        return int(dims[2] * dims[3])
-    if len(dims) == 2:
-        return int(dims[1])
-    if len(dims) == 3:  # [-1, H, W]
-        return int(dims[1] * dims[2])
-    raise ValueError(f"in_dim must be [-1, C, H, W] or [-1, D]; got {dims}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -156,85 +140,3 @@ def count_subnormal(tensors) -> int:
 # Integer type of the same width, mantissa bits and exponent bits of each float type.
 _FLOAT_BITS = {torch.float16: (torch.int16, 10, 5), torch.bfloat16: (torch.int16, 7, 8),
                torch.float32: (torch.int32, 23, 8), torch.float64: (torch.int64, 52, 11)}
-
-
-TMP_SUFFIX = ".tmp"  # temporary files of the atomic writes below: "<name>.<random>.tmp" beside <name>
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file (0o666 less the umask); mkstemp's own is 0600."""
-    try:  # Linux reports the umask without changing it
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back at once
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write(path: str | os.PathLike, mode: str, write) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, flush it to disk, give it the
-    permissions of an ordinary new file and rename it over ``path``.
-
-    A process killed at any point leaves either the old file or the new one, never a
-    mixture; what it can leave is the temporary file (see :func:`remove_stale_temps`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable; not every platform can open a folder
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    A run killed mid-write leaves the previous file intact, never a truncated one.
-    """
-    _atomic_write(path, "wb", lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`atomic_save`)."""
-    _atomic_write(path, "w", lambda fh: fh.write(text))
-
-
-def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
-    """Delete the temporary files that a killed atomic write of any of ``names`` left in ``folder``.
-
-    Only call this while no other process may be writing those files (e.g. holding
-    the folder's lock, train/lock.py). Says on stderr how many went; returns them.
-    """
-    removed = []
-    for name in names:
-        for tmp in Path(folder).glob(f"{glob.escape(name)}.*{TMP_SUFFIX}"):
-            try:
-                tmp.unlink()
-                removed.append(tmp)
-            except FileNotFoundError:
-                pass
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write",
-              file=sys.stderr)
-    return removed

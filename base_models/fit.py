@@ -1,6 +1,6 @@
 """Training, saving and loading the base model F.
 
-``python -m base_models.train --dataset mnist --model base-mlp`` trains F,
+``python -m base_models.fit --dataset mnist --model base-mlp`` trains F,
 keeps the weights that score best on validation, and writes
 ``base_model_trained_files/<dataset>/<model>/model.pt`` (a plain state dict)
 beside ``metrics.json`` (train / val / test accuracy). The learned-code
@@ -25,8 +25,8 @@ from base_models import MODEL_ALIASES
 from datasets import Splits, load_dataset
 from util.classpath import build, spec_name
 from util.errors import ConfigError, UserError, exits_on_user_error
-from util.util import (atomic_save, atomic_write_text, count_subnormal, flush_denormals, remove_stale_temps,
-                       resolve_device)
+from util.files import atomic_save, atomic_write_text, remove_stale_temps
+from util.hardware import count_subnormal, flush_denormals, resolve_device
 
 DEFAULT_ROOT = "base_model_trained_files"
 
@@ -69,7 +69,7 @@ def load_state(model: nn.Module, path: Path, explicit: bool = False) -> nn.Modul
     ``explicit``: the user named this file ('base_model_file'), so the fix is to name
     another, not to delete it for lcc to retrain.
     """
-    fix = ("Fix: point 'base_model_file' at a state dict saved with torch.save (python -m base_models.train "
+    fix = ("Fix: point 'base_model_file' at a state dict saved with torch.save (python -m base_models.fit "
            "writes one), or remove the key so lcc trains F itself." if explicit else
            "Fix: delete the file so lcc retrains it, or point 'base_model_file' at a valid state dict.")
     try:
@@ -185,7 +185,7 @@ def warn_split_mismatch(model: nn.Module, path: Path, splits: Splits, seed: int)
               f"{len(splits.val_y)} validation images), so part of this run's validation set was in F's "
               f"training set: validation accuracy is inflated and best-epoch selection is biased (test "
               f"figures are not). Fix: use seed {info.get('seed')} and the same val_size, or retrain F for "
-              f"this split (python -m base_models.train --dataset {splits.name} --seed {seed} --val-size "
+              f"this split (python -m base_models.fit --dataset {splits.name} --seed {seed} --val-size "
               f"{len(splits.val_y)} --force) or "
               f"point 'base_model_file' at weights trained on it.", file=sys.stderr)
     return model
@@ -238,7 +238,7 @@ def weights_writer(path: Path, wait: bool):
     """Hold the lock of the folder of F's weights file ``path`` (train/lock.py) while F is
     trained into it, so one process writes it; a kill's temporary files are removed once the
     lock is ours. ``wait``: wait for another writer to finish (train.py, which then loads
-    what it wrote) instead of stopping with a UserError naming it (``python -m base_models.train``)."""
+    what it wrote) instead of stopping with a UserError naming it (``python -m base_models.fit``)."""
     from train.lock import FolderBusy, FolderLock
 
     folder = Path(path).parent
@@ -265,7 +265,7 @@ def weights_writer(path: Path, wait: bool):
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m base_models.train", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m base_models.fit", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--model", default="base-mlp", help="short name or class path")
     ap.add_argument("--epochs", type=int, default=20)
