@@ -62,6 +62,8 @@ def test_every_combination_runs_into_its_own_folder():
     ({"seeds": [1, 1]}, "'seeds' must list distinct integers"),
     ({"seeds": [0, -2]}, "'seeds' must list distinct integers"),
     ({"seeds": 3}, "'seeds' must be a list of integers or null"),
+    ({"save_dir": ""}, "'save_dir' must name a folder"),
+    ({"base_model_dir": "  "}, "'base_model_dir' must name a folder"),
 ])
 def test_bad_values_name_the_key(bad, needle):
     with pytest.raises(ConfigError) as err:

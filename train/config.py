@@ -211,6 +211,9 @@ def _check_values(cfg: Config, source: str) -> None:
     if cfg.seeds is not None:
         if not cfg.seeds or any(not 0 <= s < 2 ** 63 for s in cfg.seeds) or len(set(cfg.seeds)) < len(cfg.seeds):
             raise bad("seeds", f"must list distinct integers from 0 to 2**63 - 1 (or be null); got {cfg.seeds}.")
+    for key in ("save_dir", "base_model_dir"):  # "" would scatter folders over the current directory
+        if not getattr(cfg, key).strip():
+            raise bad(key, f"must name a folder (e.g. {getattr(Config, key)!r}); got {getattr(cfg, key)!r}.")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise bad("val_size", f"must be 1 or more; got {cfg.val_size}.")
     for key, allowed in CHOICES.items():
