@@ -226,6 +226,8 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
     if cfg.profile is not None and not Path(cfg.profile).is_file():
         raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")
+    if not cfg.out_dir.strip():  # "" would write the settings' folders into the current directory
+        raise _bad(source, "out_dir", f"must name a folder (e.g. {ServeConfig.out_dir!r}); got {cfg.out_dir!r}.")
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")

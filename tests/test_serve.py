@@ -109,6 +109,7 @@ def test_shipped_serving_configs_follow_the_schema(path):
     ({"rates": [0]}, "'rates'"),
     ({"runs": ["/nonexistent/run"]}, "'runs'"),
     ({"checkpoint": "epoch7.pt"}, "'checkpoint'"),
+    ({"out_dir": ""}, "'out_dir'"),
 ])
 def test_bad_configs_exit_2_naming_the_key(tmp_path, digits_run_folder, capsys, bad, key):
     raw = {"runs": [digits_run_folder], "out_dir": str(tmp_path / "out"), **bad}
