@@ -88,6 +88,10 @@ def main(argv=None) -> int:
     if args.last < 2:
         print("--last must be 2 or more (a wobble needs two epochs).", file=sys.stderr)
         return 2
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        print(f"--data-dir '{args.data_dir}' is not a folder. Fix: name the folder that holds MNIST/ or "
+              f"FashionMNIST/, or leave the flag out to use the one the runs were trained from.", file=sys.stderr)
+        return 2
     folders = [Path(f) for f in args.folders]
     try:
         table = []

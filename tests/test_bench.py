@@ -86,3 +86,11 @@ def test_seed_spread_wobble_measures_the_last_epochs_only():
     sd, step = seed_spread.wobble(rows, 3)
     assert step == pytest.approx(0.1) and sd == pytest.approx(0.04714045, rel=1e-6)
     assert seed_spread.best_row(rows)["epoch"] == 2  # the first of equal best epochs, as best.pt keeps it
+
+
+def test_seed_spread_refuses_a_missing_data_dir_before_any_table(digits_run_folder, tmp_path, capsys):
+    from bench import seed_spread
+
+    assert seed_spread.main([str(digits_run_folder), "--data-dir", str(tmp_path / "none")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--data-dir" in err and "Traceback" not in err
