@@ -208,6 +208,11 @@ MUTANTS = [
            ["tests/test_base_models.py::test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote",
             "tests/test_base_models.py::test_base_models_fit_refuses_a_folder_another_process_writes"],
            why="two processes train F into one folder at once"),
+    Mutant("plain_run_joins_seed_sweep",
+           '"group": (f"seeds of {folder.parent}" if config.get("run_seed") is not None else f"run {folder}"),',
+           '"group": str(folder.parent if config.get("run_seed") is not None else folder),',
+           ["tests/test_report.py::test_a_plain_run_in_the_folder_above_its_seed_sweep_is_not_one_of_the_seeds"],
+           why="util.report counts a plain run as one more seed of the sweep in the folders below it"),
 ]
 
 
