@@ -17,7 +17,9 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
-        "serve": ["ray[default]==2.60.0"],
+        "serve": ["ray[default]==2.60.0", "fastapi>=0.100", "uvicorn>=0.29", "httpx>=0.24",
+                  "python-multipart>=0.0.9", "pillow>=9"],
     },
-    entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main"]},
+    entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main",
+                                        "lcc-serve-app=serve.app:main", "lcc-loadgen=serve.loadgen:main"]},
 )

@@ -62,6 +62,22 @@ class ServeConfig:
     profile: Optional[str] = None       # sim: per-instance service times (ms) measured by a ray run, a CSV
     backup_model: Optional[dict] = None  # "backup": {"model": F-like class path or name, "file": its weights}
     service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
+    app: dict = field(default_factory=dict)  # the HTTP service (python -m serve.app): keys of AppConfig below
+
+
+@dataclass
+class AppConfig:
+    """The ``app`` section: what ``python -m serve.app`` serves, and its HTTP edge."""
+
+    strategy: str = "coded"             # one of STRATEGIES; its instances, delays and failures as the benchmark's
+    run: int = 0                        # which of 'runs' is served (0: the first)
+    delay: int = 0                      # which of 'delays' is injected into the instances (0: the first)
+    host: str = "127.0.0.1"             # address to listen on ("0.0.0.0": every interface)
+    port: int = 8000                    # TCP port to listen on
+    max_queue: int = 64                 # queries admitted and not yet answered; more get 503 + Retry-After
+    max_batch: int = 64                 # inputs in one POST /predict/batch
+    max_body_bytes: int = 1_048_576     # largest request body; larger gets 413 before it is parsed
+    retry_after_s: int = 1              # the Retry-After an overloaded service sends with 503
 
 
 @dataclass(frozen=True)
@@ -233,11 +249,35 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
         raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")
 
 
+def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
+    """The checked ``app`` section of ``cfg``; a ConfigError names the key and the fix."""
+    app = validate_schema(cfg.app, AppConfig, f"{source}, section 'app'")
+    key = "app." + "{}"
+    if app.strategy not in STRATEGIES:
+        raise _bad(source, key.format("strategy"), f"must be one of {', '.join(STRATEGIES)}; got {app.strategy!r}.")
+    if cfg.runs and not 0 <= app.run < len(cfg.runs):
+        raise _bad(source, key.format("run"), f"must number one of the {len(cfg.runs)} 'runs' (0..{len(cfg.runs) - 1}); "
+                   f"got {app.run}.")
+    if not 0 <= app.delay < len(cfg.delays):
+        raise _bad(source, key.format("delay"), f"must number one of the {len(cfg.delays)} 'delays' "
+                   f"(0..{len(cfg.delays) - 1}); got {app.delay}.")
+    if not 0 <= app.port < 65536:
+        raise _bad(source, key.format("port"), f"must be a TCP port from 0 to 65535; got {app.port}.")
+    for name in ("max_queue", "max_batch", "max_body_bytes", "retry_after_s"):
+        if getattr(app, name) < 1:
+            raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
+    if app.strategy == "backup" and not isinstance(cfg.backup_model, dict):
+        raise _bad(source, "backup_model", "must be {\"model\": ..., \"file\": ...} when 'app.strategy' is "
+                   "\"backup\".")
+    return app
+
+
 def validate(raw: Any, source: str = "serve config", need_runs: bool = True) -> ServeConfig:
     if not need_runs and isinstance(raw, dict):
         raw = {"runs": [], **raw}
     cfg = validate_schema(raw, ServeConfig, source)
     check_values(cfg, source, need_runs)
+    app_config(cfg, source)
     return cfg
 
 
@@ -246,7 +286,13 @@ def load_serve_config(path: str | Path, overrides: Optional[dict] = None) -> Ser
     path = Path(path)
     raw = read_json_config(path, "such as conf/serve/digits.json")
     if isinstance(raw, dict) and overrides:
-        raw = {**raw, **overrides}
+        raw = {**raw}
+        for key, value in overrides.items():
+            head, dot, tail = key.partition(".")  # "app.port=8001" sets one key of a section
+            if dot and isinstance(raw.get(head, {}), dict):
+                raw[head] = {**raw.get(head, {}), tail: value}
+            else:
+                raw[key] = value
     return validate(raw, source=f"serve config '{path}'")
 
 

@@ -64,6 +64,21 @@ def pool_roles(strategy: str, m: int, k: int, r: int) -> list[int]:
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
+def route(strategy: str, m: int, k: int, r: int, query, slot, group):
+    """The instance each request goes to before any failure (arrays or scalars), as the module docstring says:
+    ``query`` is -1 for a parity, ``slot`` the coded position or the copy, ``group`` the coded group."""
+    roles = pool_roles(strategy, m, k, r)
+    query, slot, group = np.asarray(query), np.asarray(slot), np.asarray(group)
+    if strategy in ("none", "equal-resources"):
+        return query % len(roles)
+    if strategy == "replicate":
+        return (2 * query + slot) % len(roles)
+    if strategy == "backup":  # copy 0 to F instance q mod m, copy 1 to backup instance q mod p
+        return np.where(slot == 0, query % m, m + query % (len(roles) - m))
+    per = parity_per_model(m, k)  # coded: data to q mod m, group g's parity j to the (g mod per)-th of role j
+    return np.where(query >= 0, query % m, m + (slot - k) * per + group % per)
+
+
 @dataclass
 class Queries:
     """The seeded query stream of one setting, shared by every strategy."""
@@ -248,34 +263,28 @@ def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries
     q = np.arange(n)
     members = closed = None
     if strategy in ("none", "equal-resources"):
-        time, inst, query = queries.arrival, q % len(roles), q
+        time, query = queries.arrival, q
         group, slot = np.full(n, -1), np.zeros(n, dtype=int)
     elif strategy in ("replicate", "backup"):
         time = np.repeat(queries.arrival, 2)
         query = np.repeat(q, 2)
         slot = np.tile([0, 1], n)
-        if strategy == "replicate":
-            inst = (2 * query + slot) % len(roles)
-        else:  # copy 0 to F instance q mod m, copy 1 to backup instance q mod p
-            p_backup = len(roles) - m
-            inst = np.where(slot == 0, query % m, m + query % p_backup)
         group = np.full(2 * n, -1)
     else:  # coded
         members, closed = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0)
         g = len(closed)
-        per = parity_per_model(m, k)
         data_g, data_slot = np.nonzero(members >= 0)
         data_q = members[data_g, data_slot]
         # A data query goes out on arrival; parities when the group closes (the encoder needs all k).
         par_g = np.repeat(np.arange(g), r)
         par_j = np.tile(np.arange(r), g)
         time = np.concatenate([queries.arrival[data_q], closed[par_g]])
-        inst = np.concatenate([data_q % m, m + par_j * per + par_g % per])
         query = np.concatenate([data_q, np.full(len(par_g), -1)])
         group = np.concatenate([data_g, par_g])
         slot = np.concatenate([data_slot, k + par_j])
     order = np.argsort(time, kind="stable")
-    time, inst, query, group, slot = time[order], inst[order], query[order], group[order], slot[order]
+    time, query, group, slot = time[order], query[order], group[order], slot[order]
+    inst = route(strategy, m, k, r, query, slot, group)
     inst = reroute(inst, time, roles, failures)
     rng = np.random.default_rng([cfg.seed, 2, strategy_index])
     delays = sample_delays(delay, inst, rng)

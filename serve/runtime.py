@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from serve.dispatch import Dispatcher, Request
 from serve.plan import ROLE_BACKUP, ROLE_F, Plan
 from util.errors import UserError
 
@@ -183,7 +184,11 @@ class Outcome:
 
 
 class Frontend:
-    """Executes one plan against live actors; see the module docstring."""
+    """Executes one plan against live actors; see the module docstring.
+
+    The plan says when each request goes and where; what happens to it after
+    that is :class:`serve.dispatch.Dispatcher`'s, the same code the HTTP service runs.
+    """
 
     def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor):
         import ray
@@ -197,150 +202,64 @@ class Frontend:
         self.retried = np.zeros(n, dtype=bool)
         self.predicted = np.full(n, -1)
         self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
-        self.k, self.r = plan.k, plan.r
-        self.pad = pad_output
-        self.cost = {"encode": 0.0, "dispatch": 0.0, "decode": 0.0}
-        self.dead: set = set()
-        self.retrying: set = set()  # queries with a retry in flight
-        self.req = {name: [] for name in ("instance", "role", "sent", "done", "compute", "delay", "factor", "ok")}
-        if plan.strategy == "coded":
-            g = len(plan.closed)
-            self.outputs = torch.zeros(g, self.k + self.r, pad_output.shape[-1])
-            self.have = torch.zeros(g, self.k + self.r, dtype=torch.bool)
-            self.lost = np.zeros((g, self.k + self.r), dtype=bool)
-            pads = torch.as_tensor(plan.members < 0)
-            self.have[:, :self.k] = pads
-            self.outputs[:, :self.k][pads] = pad_output
-            self.parities: dict = {}
+        self.arrived = np.zeros(n, dtype=bool)
+        self.next = 0
+        self.core = Dispatcher(plan.strategy, plan.roles, actors, code, pad_output, inputs.shape[1:], self.clock,
+                               self.record, to_come=self.to_come, copy_to_come=self.copy_to_come)
 
-    # -- sending -----------------------------------------------------------------------------------
+    @property
+    def dead(self) -> set:
+        return self.core.dead
+
+    def record(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
+        self.answers[q] += 1
+        self.done[q] = now
+        self.reconstructed[q] = reconstructed
+        self.retried[q] = retried
+        self.predicted[q] = int(output.argmax())
+        self.served[q] = output.numpy()
+
+    def request(self, n: int) -> Request:
+        p = self.plan
+        return Request("plan", int(p.query[n]), int(p.group[n]), int(p.slot[n]))
+
+    def arrive(self, n: int) -> None:
+        """Register request ``n``'s query (at its first request) and, for coded, its group (all members)."""
+        p, core = self.plan, self.core
+        q = int(p.query[n])
+        if q >= 0 and not self.arrived[q]:
+            self.arrived[q] = True
+            core.add_query(q, self.inputs[p.queries.index[q]].numpy())
+        g = int(p.group[n])
+        if p.strategy == "coded" and g not in core.groups and not self.opened[g]:
+            self.opened[g] = True
+            core.open_group(g)
+            for s, member in enumerate(p.members[g]):
+                if member >= 0:
+                    core.join(g, s, int(member), self.inputs[p.queries.index[member]])
+            core.seal(g)
+
     def payload(self, n: int) -> np.ndarray:
         p = self.plan
         if p.query[n] >= 0:
             return self.inputs[p.queries.index[p.query[n]]].numpy()
-        g = int(p.group[n])
-        if g not in self.parities:  # the group has just closed: encode its k inputs once
-            t = time.perf_counter()
-            members = p.members[g]
-            x = torch.zeros(self.k, *self.inputs.shape[1:])
-            real = members >= 0
-            x[torch.as_tensor(real)] = self.inputs[p.queries.index[members[real]]]
-            with torch.no_grad():
-                self.parities[g] = [self.code.encode(x.unsqueeze(0))[0], self.r]
-            self.cost["encode"] += time.perf_counter() - t
-        entry = self.parities[g]
-        entry[1] -= 1
-        parity = entry[0][int(p.slot[n]) - self.k].numpy()
-        if entry[1] == 0:
-            del self.parities[g]
-        return parity
+        return self.core.parity(int(p.group[n]), int(p.slot[n]) - p.k)
 
-    def send(self, actor_index: int, x: np.ndarray, delay: float, factor: float, key: tuple) -> None:
-        t = time.perf_counter()
-        ref = self.actors[actor_index].infer.remote(x, delay, factor)
-        self.pending[ref] = (key, actor_index, self.clock(), delay, factor)
-        self.cost["dispatch"] += time.perf_counter() - t
-
-    # -- answering ---------------------------------------------------------------------------------
-    def answer(self, q: int, output: torch.Tensor, now: float, reconstructed: bool) -> None:
-        """Answer query ``q``; callers answer only unanswered queries (a later output is dropped)."""
-        self.answers[q] += 1
-        self.done[q] = now
-        self.reconstructed[q] = reconstructed
-        self.predicted[q] = int(output.argmax())
-        self.served[q] = output.numpy()
-
-    def try_decode(self, g: int, now: float) -> None:
-        members = self.plan.members[g]
-        waiting = [s for s in range(self.k) if members[s] >= 0 and self.answers[members[s]] == 0]
-        if not waiting or int(self.have[g].sum()) < self.k:
-            return
-        t = time.perf_counter()
-        with torch.no_grad():
-            recon = self.code.decode(self.outputs[g:g + 1], self.have[g:g + 1])[0]
-        self.cost["decode"] += time.perf_counter() - t
-        for s in waiting:
-            self.answer(int(members[s]), recon[s], now, reconstructed=True)
-
-    def on_result(self, key: tuple, output: np.ndarray, now: float) -> None:
-        kind, n = key
-        p = self.plan
-        out = torch.from_numpy(np.array(output))
-        if kind == "retry":
-            self.retrying.discard(n)
-            if self.answers[n] == 0:
-                self.answer(n, out, now, reconstructed=False)
-            return
-        q = int(p.query[n])
-        if p.strategy != "coded":
-            if self.answers[q] == 0:  # replicate, backup: the first copy wins, the other is dropped
-                self.answer(q, out, now, reconstructed=bool(p.strategy == "backup" and p.slot[n] == 1))
-            return
-        g, slot = int(p.group[n]), int(p.slot[n])
-        self.outputs[g, slot] = out
-        self.have[g, slot] = True
-        if q >= 0 and self.answers[q] == 0:
-            self.answer(q, out, now, reconstructed=False)
-        self.try_decode(g, now)
-
-    def on_failure(self, key: tuple, actor_index: int) -> None:
-        """A request whose actor died: recover its query by decoding or by sending it again."""
-        kind, n = key
-        if actor_index >= 0:
-            self.dead.add(actor_index)
-        p = self.plan
-        if kind == "retry":
-            self.retrying.discard(n)
-            self.retry(n, actor_index)
-            return
-        if p.strategy == "coded":
-            g = int(p.group[n])
-            self.lost[g, int(p.slot[n])] = True
-            # Outputs still to come for this group: sent or planned, to an instance not yet dead.
-            if int(self.have[g].sum()) + self.in_flight(g) >= self.k:
-                return  # the decoder will still get k outputs
-            for s, q in enumerate(p.members[g]):  # the others' own outputs are still coming
-                if q >= 0 and self.answers[q] == 0 and self.lost[g, s]:
-                    self.retry(int(q), max(actor_index, 0))
-            return
-        q = int(p.query[n])
-        if self.answers[q] == 0 and not (p.strategy in ("replicate", "backup") and self.copy_in_flight(q, n)):
-            self.retry(q, max(actor_index, 0))
-
-    def in_flight(self, g: int) -> int:
-        count = sum(1 for (kind, n), a, *_ in self.pending.values()
-                    if kind == "plan" and self.plan.group[n] == g and a not in self.dead)
+    def to_come(self, g: int) -> int:
+        """Requests of group ``g`` the plan has still to send, to an instance not dead."""
         future = np.nonzero(self.plan.group[self.next:] == g)[0] + self.next
-        return count + sum(1 for n in future if self.plan.instance[n] >= 0 and self.plan.instance[n] not in self.dead)
+        return sum(1 for n in future if self.plan.instance[n] >= 0 and self.plan.instance[n] not in self.dead)
 
-    def copy_in_flight(self, q: int, n: int) -> bool:
-        return any(kind == "plan" and m != n and self.plan.query[m] == q and a not in self.dead
-                   for (kind, m), a, *_ in self.pending.values()) or \
-            bool(np.any(self.plan.query[self.next:] == q))
-
-    def retry(self, q: int, failed: int) -> None:
-        """Send query ``q`` again, to the next live F instance after ``failed`` (no injected delay);
-        once only while that retry is in flight."""
-        if q in self.retrying:
-            return
-        roles = self.plan.roles
-        for step in range(1, len(roles) + 1):
-            i = (failed + step) % len(roles)
-            if roles[i] == ROLE_F and i not in self.dead:
-                self.retried[q] = True
-                self.retrying.add(q)
-                self.send(i, self.inputs[self.plan.queries.index[q]].numpy(), 0.0, 1.0, ("retry", q))
-                return
-        raise UserError("Every instance holding F has failed, so some queries cannot be answered. Fix: fail "
-                        "fewer instances in 'failures'.")
+    def copy_to_come(self, q: int) -> bool:
+        return bool(np.any(self.plan.query[self.next:] == q))
 
     # -- the loop ----------------------------------------------------------------------------------
     def clock(self) -> float:
         return time.perf_counter() - self.t0
 
     def run(self, interference: Optional[dict] = None) -> Outcome:
-        ray, p = self.ray, self.plan
-        self.pending: dict = {}
+        ray, p, core = self.ray, self.plan, self.core
+        self.opened = np.zeros(len(p.closed) if p.closed is not None else 0, dtype=bool)
         kills = sorted((t, i) for i, t in p.failures.items())
         busy = []
         if interference:
@@ -349,59 +268,42 @@ class Frontend:
         self.t0 = time.perf_counter()
         self.next = 0
         n_req = len(p)
-        unanswered = len(self.done)
-        while unanswered:
+        while core.open or not self.arrived.all():
             now = self.clock()
             while self.next < n_req and p.time[self.next] <= now:
                 n = self.next
                 self.next += 1
+                self.arrive(n)
                 inst = int(p.instance[n])
                 if inst < 0 or inst in self.dead:  # never sent: no live instance of its role
-                    self.on_failure(("plan", n), inst)
+                    core.on_failure(self.request(n), inst)
                     continue
-                self.send(inst, self.payload(n), float(p.delay[n]), float(p.factor[n]), ("plan", n))
+                core.send(inst, self.payload(n), float(p.delay[n]), float(p.factor[n]), self.request(n))
             while kills and kills[0][0] <= now:
                 _, i = kills.pop(0)
-                ray.kill(self.actors[i], no_restart=True)
-                self.dead.add(i)  # fail-stop is detected at once: nothing more is sent there
+                core.kill(i)
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf)
             wait = max(0.0, min(upcoming - self.clock(), 1.0))
-            if not self.pending:
+            if not core.pending:
                 if upcoming == np.inf:
                     break
                 time.sleep(wait)
                 continue
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=wait)
+            ready, _ = ray.wait(list(core.pending), num_returns=1, timeout=wait)
             if not ready:
                 continue
-            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            ready, _ = ray.wait(list(core.pending), num_returns=len(core.pending), timeout=0)
             now = self.clock()
             for ref in ready:
-                key, actor_index, sent, delay, factor = self.pending.pop(ref)
-                try:
-                    output, compute = ray.get(ref)
-                    ok = True
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
-                    output, compute, ok = None, float("nan"), False
-                self.log_request(actor_index, sent, now, compute, delay, factor, ok)
-                if ok:
-                    self.on_result(key, output, now)
-                else:
-                    self.on_failure(key, actor_index)
-            unanswered = int(np.sum(self.answers == 0))
+                core.settle(ref, now)
         if np.any(self.answers == 0):  # every path above answers or re-sends; this would be a bug
             raise RuntimeError(f"{int(np.sum(self.answers == 0))} queries of strategy {p.strategy} were never "
                                f"answered and nothing is left to wait for")
         # Late outputs are dropped, but the next strategy must find the instances idle.
-        if self.pending:
-            ray.wait(list(self.pending), num_returns=len(self.pending), timeout=60)
+        if core.pending:
+            ray.wait(list(core.pending), num_returns=len(core.pending), timeout=60)
         if busy:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
         return Outcome(q.arrival, self.done, self.reconstructed, self.retried, self.predicted, q.label, q.index,
-                       dict(self.cost), {k: np.asarray(v) for k, v in self.req.items()}, self.answers, self.served)
-
-    def log_request(self, actor_index, sent, now, compute, delay, factor, ok) -> None:
-        for name, v in (("instance", actor_index), ("role", self.plan.roles[actor_index]), ("sent", sent),
-                        ("done", now), ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok)):
-            self.req[name].append(v)
+                       dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, self.answers, self.served)

@@ -1,0 +1,377 @@
+"""``python -m serve.app CONFIG.json [--set KEY=VALUE ...]``: a trained code as an HTTP prediction service.
+
+The serving config's ``app`` section picks the run, the strategy and the
+HTTP edge (``--set app.strategy=none`` overrides one key); its ``instances``,
+``delays``, ``slowdown``, ``failures`` and ``group_timeout_ms`` mean what they
+mean to ``python -m serve``. Endpoints:
+
+* ``POST /predict``: one input, as a JSON array in F's input shape (or flat),
+  ``{"input": [...]}``, or an image (``curl -F file=@digit.png``, or the raw
+  bytes with ``Content-Type: image/png``) -> ``{"query", "class", "output",
+  "rebuilt", "retried", "latency_ms"}`` (``class`` only when F is a classifier);
+* ``POST /predict/batch``: ``{"inputs": [...]}`` or a JSON array of inputs ->
+  ``{"answers": [...]}``;
+* ``GET /health``: 200 while an instance holding F is alive, else 503;
+* ``GET /metrics``: counters and latency quantiles since start, Prometheus text format.
+
+Bad input gets a 4xx with a one-line reason and never reaches an instance;
+more than ``app.max_queue`` waiting queries get 503 with ``Retry-After``.
+Ctrl-C stops the service, its actors and the Ray it started (exit 130).
+
+Why FastAPI + uvicorn in front of Ray Core actors rather than Ray Serve: see
+docs/service.md (the dispatch core must pick each request's instance and see
+each output as it lands, which Ray Serve's router hides).
+"""
+import asyncio
+import contextlib
+import io
+import json
+import math
+import signal
+import socket
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+
+from serve.cli import config_command, load_backup
+from serve.config import AppConfig, ServeConfig, app_config, load_serve_config
+from serve.online import Overloaded, Service, Unanswerable, classifier_output, instances_needed
+from serve.plan import check_failed_instances, pool_roles
+from util.errors import ConfigError, UserError, exits_on_user_error
+
+# Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
+# by resizing and dividing by 255 (CIFAR's are normalised per channel: send JSON arrays instead).
+IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class BadInput(Exception):
+    """A request the service refuses before it reaches an instance: (HTTP status, one-line reason)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+# -- reading inputs ----------------------------------------------------------------------------------
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 once it exceeds ``limit`` bytes (by its Content-Length, or as it streams)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise BadInput(400, f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > limit:
+            raise BadInput(413, f"the body is {int(length)} bytes, more than app.max_body_bytes = {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadInput(413, f"the body is more than app.max_body_bytes = {limit} bytes")
+    return bytes(body)
+
+
+def to_input(value, shape: tuple, where: str) -> np.ndarray:
+    """One input as float32 in F's input ``shape``: nested in that shape, or flat."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, refused below
+            arr = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise BadInput(422, f"{where} is not an array of numbers in F's input shape {list(shape)}") from None
+    size = math.prod(shape)
+    if arr.shape != shape and arr.shape != (size,):
+        raise BadInput(422, f"{where} has shape {list(arr.shape)}; F takes {list(shape)} (or {size} numbers flat)")
+    if not np.isfinite(arr).all():
+        raise BadInput(422, f"{where} holds {int((~np.isfinite(arr)).sum())} non-finite numbers (NaN, infinity, or "
+                            f"beyond float32)")
+    return arr.reshape(shape)
+
+
+def image_input(data: bytes, shape: tuple, dataset: str, where: str) -> np.ndarray:
+    """An uploaded image as F's input: grey or RGB as F's channels, resized, scaled to [0, 1]."""
+    if dataset not in IMAGE_DATASETS:
+        raise BadInput(415, f"image uploads are read as [0, 1] pixels, which {dataset}'s F does not take; send a "
+                            f"JSON array in F's input shape {list(shape)}")
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadInput(422, f"{where} is not an image PIL can read (PNG, JPEG, ...)") from None
+    return arr.reshape(h, w, c).transpose(2, 0, 1).copy()
+
+
+async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: bool, max_batch: int) -> list:
+    """The inputs of a /predict (one) or /predict/batch (one or more) request; BadInput when malformed."""
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        from starlette.requests import Request as StarletteRequest
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await StarletteRequest(request.scope, replay).form()
+        except Exception as exc:  # the multipart parser's errors vary by version; all mean a malformed form
+            raise BadInput(400, f"the multipart form could not be read ({type(exc).__name__})") from None
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise BadInput(422, "the form holds no file; send the image as -F file=@image.png")
+        items = [image_input(await f.read(), shape, dataset, f"file '{f.filename}'") for f in files]
+    elif kind.startswith("image/"):
+        items = [image_input(body, shape, dataset, "the image")]
+    elif kind in ("application/json", "text/json", "", "application/x-www-form-urlencoded"):  # the last: curl -d
+        try:
+            value = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(400, f"the body is not JSON ({exc.msg if hasattr(exc, 'msg') else exc}"
+                                f"{f' at character {exc.pos}' if hasattr(exc, 'pos') else ''})") from None
+        key = "inputs" if batch else "input"
+        if isinstance(value, dict):
+            if set(value) != {key}:
+                raise BadInput(422, f"a JSON object body must hold only \"{key}\"; got keys {sorted(value)}")
+            value = value[key]
+        if batch:
+            if not isinstance(value, list) or not value:
+                raise BadInput(422, "a batch is a non-empty JSON array of inputs, or {\"inputs\": [...]}")
+            items = [to_input(v, shape, f"input {i}") for i, v in enumerate(value)]
+        else:
+            items = [to_input(value, shape, "the input")]
+    else:
+        raise BadInput(415, f"Content-Type {kind!r} is not served; send application/json, an image/*, or a "
+                            f"multipart form with an image file")
+    if not batch and len(items) != 1:
+        raise BadInput(422, f"/predict takes one input, got {len(items)}; use /predict/batch")
+    if len(items) > max_batch:
+        raise BadInput(413, f"the batch holds {len(items)} inputs, more than app.max_batch = {max_batch}")
+    return items
+
+
+# -- the app ------------------------------------------------------------------------------------------
+
+def create_app(service: Service, dataset: str):
+    """The ASGI app over ``service``; it starts ``service`` on its event loop at startup."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    app_cfg: AppConfig = service.app
+    responses: dict = {}  # (path, status) -> count
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        service.start(asyncio.get_running_loop())
+        yield
+        service.stop()
+
+    api = FastAPI(title="lcc prediction service", lifespan=lifespan,
+                  description=f"Strategy '{service.strategy}' of a code with k={service.k}, r={service.r}.")
+
+    @api.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        key = (request.url.path, response.status_code)
+        responses[key] = responses.get(key, 0) + 1
+        return response
+
+    def refuse(status: int, reason: str, headers: Optional[dict] = None):
+        return JSONResponse({"detail": reason}, status_code=status, headers=headers)
+
+    async def answer(request: Request, batch: bool):
+        try:
+            body = await read_body(request, app_cfg.max_body_bytes)
+            inputs = await parse_inputs(request, body, service.input_shape, dataset, batch, app_cfg.max_batch)
+            answers = await service.predict(inputs)
+        except BadInput as exc:
+            return refuse(exc.status, exc.reason)
+        except Overloaded as exc:
+            return refuse(503, f"overloaded: {exc}; retry after {app_cfg.retry_after_s} s",
+                          {"Retry-After": str(app_cfg.retry_after_s)})
+        except Unanswerable as exc:
+            return refuse(503, f"unavailable: {exc}", {"Retry-After": str(app_cfg.retry_after_s)})
+        return {"answers": answers} if batch else answers[0]
+
+    @api.post("/predict")
+    async def predict(request: Request):
+        return await answer(request, batch=False)
+
+    @api.post("/predict/batch")
+    async def predict_batch(request: Request):
+        return await answer(request, batch=True)
+
+    @api.get("/health")
+    async def health():
+        ok = service.f_alive()
+        body = {"status": "ok" if ok else "unavailable", "strategy": service.strategy, "k": service.k,
+                "r": service.r, "instances": len(service.roles), "instances_alive": service.alive(),
+                "queries_in_flight": len(service.futures), "input_shape": list(service.input_shape)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus_text(service.metrics(), responses, service.strategy), media_type=PROMETHEUS)
+
+    return api
+
+
+def prometheus_text(m: dict, responses: dict, strategy: str) -> str:
+    """The metrics in Prometheus' text exposition format (counters, gauges, and a latency summary)."""
+    label = f'strategy="{strategy}"'
+    lines = []
+
+    def metric(name: str, kind: str, doc: str, samples):
+        lines.append(f"# HELP lcc_{name} {doc}")
+        lines.append(f"# TYPE lcc_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"lcc_{name}{{{labels}}} {value:.9g}" if isinstance(value, float)
+                         else f"lcc_{name}{{{labels}}} {value}")
+
+    metric("http_responses_total", "counter", "HTTP responses by path and status code.",
+           [(f'path="{p}",code="{c}"', n) for (p, c), n in sorted(responses.items())])
+    for name, doc in (("queries_answered_total", "Queries answered (each exactly once)."),
+                      ("queries_rebuilt_total", "Queries answered by the decoder (or the backup model)."),
+                      ("queries_retried_total", "Queries sent again after their instance died."),
+                      ("queries_rejected_total", "Queries refused with 503 because the queue was full."),
+                      ("queries_unanswerable_total", "Queries lost because no instance holding F was alive."),
+                      ("instance_requests_total", "Requests sent to model instances (F, parity, backup).")):
+        metric(name, "counter", doc, [(label, m[name])])
+    for name, doc in (("queries_in_flight", "Queries admitted and not yet answered."),
+                      ("instances", "Model instances of the strategy."),
+                      ("instances_alive", "Model instances not failed."),
+                      ("rebuilt_fraction", "Fraction of answered queries the decoder rebuilt, since start.")):
+        metric(name, "gauge", doc, [(label, m[name])])
+    metric("frontend_seconds_total", "counter", "Seconds the frontend spent encoding, dispatching and decoding.",
+           [(f'{label},stage="{k}"', float(v)) for k, v in m["frontend_seconds"].items()])
+    lines.append("# HELP lcc_latency_seconds Server-measured latency per query (admission to answer), since start.")
+    lines.append("# TYPE lcc_latency_seconds summary")
+    for q, v in m["latency_quantiles"].items():
+        lines.append(f'lcc_latency_seconds{{{label},quantile="{q:g}"}} {v:.9g}')
+    lines.append(f"lcc_latency_seconds_sum{{{label}}} {m['latency_seconds_sum']:.9g}")
+    lines.append(f"lcc_latency_seconds_count{{{label}}} {m['latency_seconds_count']}")
+    return "\n".join(lines) + "\n"
+
+
+# -- building a service -----------------------------------------------------------------------------
+
+def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
+    """The service of ``app.strategy`` on ``pool``'s actors for the trained code ``loaded``."""
+    code = loaded.code
+    shape = tuple(loaded.splits.input_shape)
+    with torch.no_grad():
+        pad = code.base(torch.zeros(1, *shape))[0]
+    actors = pool.actors_for(pool_roles(app.strategy, cfg.instances, code.k, code.r))
+    return Service(cfg, app, code, actors, pad, shape, classifier_output(pad.shape[-1], loaded.splits.num_classes))
+
+
+def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
+    """The actors of ``app.strategy`` alone."""
+    from serve.runtime import Pool
+
+    num_f, num_parity, num_backup = instances_needed(app.strategy, cfg.instances, loaded.code.k, loaded.code.r)
+    return Pool(loaded.code, cfg, num_f, num_parity, loaded.backup, num_backup)
+
+
+def load_service_code(cfg: ServeConfig, app: AppConfig):
+    """The served run's code (and the backup model of strategy "backup"), checked before any work."""
+    from train.code import load_code
+
+    loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
+    loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
+    check_failed_instances(cfg, loaded.code.k, loaded.code.r, [app.strategy], cfg.runs[app.run])
+    size = len(pool_roles(app.strategy, cfg.instances, loaded.code.k, loaded.code.r))
+    if cfg.interference is not None and any(i >= size for i in cfg.interference["instances"]):
+        raise ConfigError(f"Config key 'interference': instances {cfg.interference['instances']} are not all among "
+                          f"the {size} instances of strategy '{app.strategy}' (0..{size - 1}).")
+    return loaded
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"Config key 'app.port': cannot listen on {host}:{port} ({exc.strerror}). Fix: stop "
+                              f"what holds it, or pick another with --set app.port=PORT.") from None
+
+
+class Stopped(Exception):
+    """SIGTERM before the server runs: stop as on Ctrl-C (the actors and the Ray this process started go too)."""
+
+
+def _terminate(signum, frame):
+    raise Stopped()
+
+
+def make_server(config):
+    """uvicorn's server, remembering which signal stopped it (it shuts down gracefully on SIGINT and SIGTERM)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        stopped_by: Optional[int] = None
+
+        def handle_exit(self, sig, frame):
+            self.stopped_by = self.stopped_by or sig
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg = load_serve_config(*config_command(argv, "python -m serve.app", __doc__, "conf/serve/digits.json"))
+    app = app_config(cfg)
+    try:
+        import fastapi  # noqa: F401
+        import ray  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UserError(f"The service needs FastAPI, uvicorn and Ray ({exc.name} is missing). Fix: pip install -e "
+                        f"\".[serve]\".") from None
+    loaded = load_service_code(cfg, app)
+    check_port(app.host, app.port)
+    from serve.runtime import start_ray
+
+    signal.signal(signal.SIGTERM, _terminate)
+    started, pool, service, why = False, None, None, None
+    try:
+        started = start_ray(cfg.address, cfg.num_cpus)
+        pool = start_pool(cfg, app, loaded)
+        service = build_service(cfg, app, loaded, pool)
+        busy = []
+        if cfg.interference:
+            busy = [service.core.actors[i] for i in cfg.interference["instances"]]
+            ray.get([a.start_interference.remote(cfg.interference["processes"]) for a in busy])
+        server = make_server(uvicorn.Config(create_app(service, loaded.splits.name), host=app.host,
+                                               port=app.port, log_level="warning", access_log=False,
+                                               timeout_graceful_shutdown=5))
+        print(f"serving {cfg.runs[app.run]} (k={loaded.code.k}, r={loaded.code.r}), strategy {app.strategy} on "
+              f"{len(service.roles)} instances, at http://{app.host}:{app.port} (Ctrl-C stops)", flush=True)
+        # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: to a
+        # handler that only notes it, so the clean-up below runs either way.
+        signal.signal(signal.SIGINT, lambda *_: None)
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        server.run()
+        why = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(server.stopped_by)
+    except KeyboardInterrupt:
+        why = "Ctrl-C"
+    except Stopped:
+        why = "SIGTERM"
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.shutdown()
+        if started:
+            ray.shutdown()
+    answered = service.counts["answered"] if service is not None else 0
+    print(f"stopped by {why or 'request'}: {answered} queries answered; instances and Ray shut down", file=sys.stderr)
+    return 130 if why == "Ctrl-C" else 143 if why == "SIGTERM" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""The HTTP prediction service (serve/app.py, serve/online.py) on a real local Ray, through a real HTTP client.
+
+One local Ray and one pool of actors serve the whole module; each test
+starts a uvicorn server for its own service config in a thread, on a free
+port, and talks to it with httpx. Injected delays are hundreds of
+milliseconds, far above Ray's and HTTP's own latency on this machine.
+"""
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from serve.app import build_service, create_app  # noqa: E402
+from serve.config import app_config, validate  # noqa: E402
+from serve.dispatch import GroupFormer  # noqa: E402
+from serve.plan import form_groups, slow_factors  # noqa: E402
+from train.code import load_code  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_config(tmp_path, run, app=None, **overrides):
+    raw = {"runs": [run], "instances": 2, "num_cpus": 2, "rates": [40], "num_queries": 20, "plot": False,
+           "out_dir": str(tmp_path / "out"), "app": {"port": free_port(), **(app or {})}, **overrides}
+    return validate(raw)
+
+
+@pytest.fixture(scope="module")
+def loaded(digits_run_folder):
+    return load_code(digits_run_folder)
+
+
+@pytest.fixture(scope="module")
+def pool(local_ray, loaded, tmp_path_factory, digits_run_folder):
+    """Four F instances and one parity instance: enough for every strategy at m = 2, k = 2, r = 1."""
+    from serve.runtime import Pool
+
+    cfg = service_config(tmp_path_factory.mktemp("pool"), digits_run_folder)
+    p = Pool(loaded.code, cfg, 4, [1])
+    yield p
+    p.shutdown()
+
+
+@contextlib.contextmanager
+def serving(cfg, loaded, pool):
+    """A uvicorn server for ``cfg``'s service, in a thread: yields (base URL, service)."""
+    app = app_config(cfg)
+    service = build_service(cfg, app, loaded, pool)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, loaded.splits.name), host="127.0.0.1", port=app.port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{app.port}", service
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        pool.replace_dead({service.core.actors[i] for i in service.core.dead})
+
+
+def post_all(url, bodies, gaps_s=None, path="/predict"):
+    """POST every body at once (or ``gaps_s`` apart); the responses, in order."""
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def one(i, body):
+                if gaps_s:
+                    await asyncio.sleep(i * gaps_s)
+                return await client.post(path, content=body, headers={"Content-Type": "application/json"})
+
+            return await asyncio.gather(*[one(i, b) for i, b in enumerate(bodies)])
+
+    return asyncio.run(go())
+
+
+def as_json(x: torch.Tensor) -> bytes:
+    return json.dumps(x.tolist()).encode()
+
+
+def metric(url, name) -> float:
+    text = httpx.get(url + "/metrics").text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"lcc_{name}{{")]
+    assert len(values) == 1, (name, text)
+    return values[0]
+
+
+# -- the online group rule is the plan's ----------------------------------------------------------------
+
+def test_groups_formed_one_arrival_at_a_time_match_the_plans():
+    rng = np.random.default_rng(0)
+    arrival = np.cumsum(rng.exponential(0.01, 300))
+    for k, timeout in ((2, 0.015), (3, 0.005), (4, 1.0)):
+        former, members, closed = GroupFormer(k, timeout), {}, {}
+        for q, t in enumerate(arrival):
+            g, slot, done = former.add(q, t)
+            for group, m, at in done:
+                members[group], closed[group] = m, at
+        for group, m, at in filter(None, [former.flush()]):
+            members[group], closed[group] = m, at
+        want_members, want_closed = form_groups(arrival, k, timeout)
+        assert [members[g] for g in range(len(members))] == want_members.tolist()
+        assert np.allclose([closed[g] for g in range(len(closed))], want_closed)
+
+
+def test_slow_periods_online_are_the_plans(tmp_path, digits_run_folder):
+    from serve.online import SlowPeriods
+
+    cfg = service_config(tmp_path, digits_run_folder, slowdown={"fraction": 0.3, "factor": 5, "period_ms": 50})
+    times = np.sort(np.random.default_rng(1).uniform(0, 200, 400))  # 4,000 periods: the table grows
+    inst = np.arange(400) % 3
+    online = SlowPeriods(cfg, 3)
+    assert [online.factor(int(i), float(t)) for i, t in zip(inst, times)] == slow_factors(cfg, inst, times, 3).tolist()
+
+
+# -- answers ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["none", "equal-resources", "replicate", "coded"])
+def test_every_request_is_answered_exactly_once(strategy, tmp_path, digits_run_folder, loaded, pool):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": strategy},
+                         delays=[{"dist": "exponential", "mean_ms": 60, "probability": 0.3}])
+    x, _ = loaded.splits.split("test")
+    with serving(cfg, loaded, pool) as (url, service):
+        responses = post_all(url, [as_json(x[i]) for i in range(16)], gaps_s=0.01)
+        assert [r.status_code for r in responses] == [200] * 16
+        answers = [r.json() for r in responses]
+        assert sorted(a["query"] for a in answers) == list(range(16))  # one answer per query, none twice
+        assert metric(url, "queries_answered_total") == 16 and metric(url, "queries_in_flight") == 0
+        assert not service.core.open and not service.futures
+        with torch.no_grad():
+            f_out = loaded.code.base(x[:16])
+        for i, a in enumerate(answers):
+            assert a["class"] == int(np.argmax(a["output"])) and a["latency_ms"] > 0
+            if not a["rebuilt"]:  # an answer of F itself is F's output on that very input
+                assert np.allclose(a["output"], f_out[i].numpy(), atol=1e-5)
+
+
+def test_a_slow_instances_answers_are_the_decoders_offline_output(tmp_path, digits_run_folder, loaded, pool):
+    # Groups fill (long timeout); query q goes to instance q mod 2, and instance 0 is 400 ms slow.
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "coded"}, group_timeout_ms=10_000,
+                         delays=[{"dist": "constant", "ms": 400, "instances": [0]}])
+    x, _ = loaded.splits.split("test")
+    with serving(cfg, loaded, pool) as (url, _):
+        responses = post_all(url, [as_json(x[i]) for i in range(8)], gaps_s=0.02)
+    answers = {r.json()["query"]: (i, r.json()) for i, r in enumerate(responses)}
+    assert sorted(answers) == list(range(8))
+    code = loaded.code
+    for g in range(4):
+        (i0, a0), (i1, a1) = answers[2 * g], answers[2 * g + 1]
+        assert a0["rebuilt"] and not a1["rebuilt"]
+        group = torch.stack([x[i0], x[i1]]).unsqueeze(0)
+        with torch.no_grad():  # Code.decode on F's output for the fast one and the parity's, offline
+            fx = code.base(group[0])
+            fp = code.parity_outputs(code.encode(group))[0]
+            offline = code.decode(torch.cat([fx, fp]).unsqueeze(0), torch.tensor([[False, True, True]]))[0]
+        assert np.allclose(a0["output"], offline[0].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["none", "coded"])
+def test_an_instance_killed_while_serving_loses_no_request(strategy, tmp_path, digits_run_folder, loaded, pool):
+    # Instance 0 is slow, so requests queue on it, and it is killed while they wait.
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": strategy},
+                         delays=[{"dist": "constant", "ms": 150, "instances": [0]}],
+                         failures=[{"instance": 0, "at_ms": 400}])
+    x, _ = loaded.splits.split("test")
+    with serving(cfg, loaded, pool) as (url, service):
+        responses = post_all(url, [as_json(x[i]) for i in range(24)], gaps_s=0.03)
+        assert [r.status_code for r in responses] == [200] * 24
+        answers = [r.json() for r in responses]
+        assert sorted(a["query"] for a in answers) == list(range(24))
+        assert service.core.dead == {0}
+        recovered = [a for a in answers if a["retried"] or a["rebuilt"]]
+        assert recovered, "no request was in flight on the killed instance"
+        assert httpx.get(url + "/health").json()["instances_alive"] == len(service.roles) - 1
+
+
+# -- bad input and overload -----------------------------------------------------------------------------
+
+BAD = [
+    (b"[1, 2", "application/json", 400, "not JSON"),
+    (b"[[1, 2], [3]]", "application/json", 422, "not an array of numbers"),
+    (b'["a"]', "application/json", 422, "not an array of numbers"),
+    (json.dumps([0.5] * 63).encode(), "application/json", 422, "shape [63]"),
+    (json.dumps([[0.5] * 8] * 8).encode(), "application/json", 422, "shape [8, 8]"),
+    (("[NaN" + ", 0" * 63 + "]").encode(), "application/json", 422, "non-finite"),
+    (json.dumps([1e39] * 64).encode(), "application/json", 422, "non-finite"),
+    (b'{"inputs": []}', "application/json", 422, "only \"input\""),
+    (b"\x89PNG not really", "image/png", 422, "not an image"),
+    (b"<xml/>", "application/xml", 415, "application/xml"),
+    (json.dumps([0.5] * 64 * 200).encode(), "application/json", 413, "max_body_bytes"),
+]
+
+
+def test_bad_bodies_get_a_4xx_with_a_reason_and_reach_no_instance(tmp_path, digits_run_folder, loaded, pool):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none", "max_body_bytes": 4096})
+    with serving(cfg, loaded, pool) as (url, service):
+        with httpx.Client(base_url=url) as client:
+            for body, kind, status, reason in BAD:
+                r = client.post("/predict", content=body, headers={"Content-Type": kind})
+                assert r.status_code == status, (body[:40], r.text)
+                detail = r.json()["detail"]
+                assert reason in detail and "\n" not in detail
+            r = client.post("/predict/batch", json={"inputs": [[0.5] * 64, [0.5] * 3]})
+            assert r.status_code == 422 and "input 1" in r.json()["detail"]
+            assert service.core.sent == 0 and metric(url, "instance_requests_total") == 0
+            ok = client.post("/predict/batch", json={"inputs": [[0.5] * 64, [[[0.25] * 8] * 8]]})
+            assert ok.status_code == 200 and len(ok.json()["answers"]) == 2
+
+
+def test_beyond_the_queue_bound_requests_get_503_with_retry_after(tmp_path, digits_run_folder, loaded, pool):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none", "max_queue": 2, "retry_after_s": 3},
+                         delays=[{"dist": "constant", "ms": 500}])
+    x, _ = loaded.splits.split("test")
+    with serving(cfg, loaded, pool) as (url, service):
+        responses = post_all(url, [as_json(x[i]) for i in range(6)])
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [200, 200, 503, 503, 503, 503]
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers["Retry-After"] == "3" and "max_queue" in r.json()["detail"]
+        assert metric(url, "queries_rejected_total") == 4 and service.core.sent == 2
+        assert post_all(url, [as_json(x[0])])[0].status_code == 200  # the queue has drained
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+def test_a_bad_app_section_exits_2_naming_the_key(tmp_path, digits_run_folder, capsys):
+    from serve.app import main
+
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"strategy": "raid"}}))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'app.strategy'" in err and "Traceback" not in err
+    path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"max_qeue": 3}}))
+    assert main([str(path)]) == 2
+    assert "max_queue" in capsys.readouterr().err
+
+
+def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_run_folder, loaded, pool):
+    from serve.loadgen import run
+    from serve.results import report
+
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "coded"}, rates=[60], num_queries=30)
+    with serving(cfg, loaded, pool) as (url, _):
+        summaries = run(cfg, url, tmp_path / "http", 16, 30.0, stream=open(os.devnull, "w"))
+    folder = tmp_path / "http" / "setting00" / "coded"
+    rows = (folder / "queries.csv").read_text().splitlines()
+    assert len(rows) == 31 and rows[0].startswith("query,image,arrival_s")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary == summaries[0] and summary["queries"] == 30 and summary["failed"] == 0
+    assert 0 <= summary["http_p50_ms"] <= summary["http_p99_ms"] < summary["p99_ms"] + 1
+    assert summary["accuracy"] > 0.5  # the served answers are the right classes
+    assert "| coded |" in report(tmp_path / "http")
+
+
+def descendants(pid: int) -> set:
+    """Every live process below ``pid`` (from /proc: Ray's processes and the actors it started)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
+def test_ctrl_c_stops_the_service_and_its_ray_exit_130(tmp_path, digits_run_folder):
+    cfg = {"runs": [digits_run_folder], "num_cpus": 1, "instances": 1, "app": {"strategy": "none", "port": free_port()}}
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "serve.app", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{cfg['app']['port']}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        time.sleep(0.2)
+    started = descendants(proc.pid)  # Ray's processes and the actors
+    assert started
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().count("\n") == 0 and "Ctrl-C" in err and "Traceback" not in err
+    deadline = time.time() + 20
+    while any(running(p) for p in started) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if running(p)]
