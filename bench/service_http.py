@@ -79,14 +79,41 @@ class Service:
         self.log.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
+def shared_ray(cfg, sets: list[str]) -> list[str]:
+    """Start one local Ray here for every service and the benchmark (a busy machine's Ray start is slow and
+    sometimes times out: retried); the services join it. Returns ``sets`` with its address."""
+    import ray
+
+    from serve.runtime import start_ray
+
+    if cfg.address:
+        return sets
+    for attempt in range(3):
+        try:
+            start_ray(None, cfg.num_cpus)
+            break
+        except Exception:  # Ray's own start-up timeout is a bare Exception
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    return sets + [f"address={json.dumps(ray.get_runtime_context().gcs_address)}"]
+
+
 def compare(config: str, sets: list[str], out: Path, bench_dir: str | None, connections: int) -> int:
     overrides = parse_overrides(sets)
     cfg = load_serve_config(config, overrides)
+    sets = shared_ray(cfg, sets)
     loads = [load()]
     http = {}
     for strategy in cfg.strategies:
@@ -132,10 +159,14 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
     overrides = {**parse_overrides(sets), "delays": [{"dist": "none"}], "rates": rates, "warmup_queries": 20}
     sets = sets + ['delays=[{"dist": "none"}]']
     cfg = load_serve_config(config, overrides)
+    sets = shared_ray(cfg, sets)
     app = app_config(cfg)
     before = load()
     with Service(config, sets, out / "logs" / f"capacity-{app.strategy}.log") as svc:
+        cpu0, client0 = cpu_seconds(svc.proc.pid), time.process_time()
         summaries = loadgen(cfg, svc.url, out / "capacity", connections, 120.0, stream=open(os.devnull, "w"))
+        cpu, client = cpu_seconds(svc.proc.pid) - cpu0, time.process_time() - client0
+    per_query = 1000.0 * cpu / (cfg.num_queries * len(rates))
     base = summaries[0]["p99_ms"]
     print(f"config {config} {' '.join(sets)}: strategy {app.strategy}, {cfg.num_queries} queries per rate, "
           f"no injected delay")
@@ -149,6 +180,9 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
         sustained = rate if ok else sustained
     print(f"\ncapacity: {sustained:g} queries/s is the highest rate whose p99 stays within twice the "
           f"{rates[0]:g} q/s p99 ({base:.1f} ms)")
+    print(f"front end CPU: {per_query:.2f} ms per query (the service process: HTTP, dispatch, encode, decode, Ray "
+          f"client), so one quiet core would carry about {1000 / per_query:.0f} queries/s; the load generator used "
+          f"{1000.0 * client / (cfg.num_queries * len(rates)):.2f} ms per query")
     print(f"machine: {before}; {load()}")
     return 0
 

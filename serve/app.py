@@ -339,7 +339,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     started, pool, service, why = False, None, None, None
     try:
-        started = start_ray(cfg.address, cfg.num_cpus)
+        try:
+            started = start_ray(cfg.address, cfg.num_cpus)
+        except Exception as exc:  # Ray's start-up timeout is a bare Exception
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(f"Ray did not start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
+                            f"Fix: retry when the machine is less busy, or join a running cluster with "
+                            f"--set address=HOST:PORT.") from None
         pool = start_pool(cfg, app, loaded)
         service = build_service(cfg, app, loaded, pool)
         busy = []
@@ -369,7 +376,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if started:
             ray.shutdown()
     answered = service.counts["answered"] if service is not None else 0
-    print(f"stopped by {why or 'request'}: {answered} queries answered; instances and Ray shut down", file=sys.stderr)
+    print(f"stopped by {why or 'request'}: {answered} queries answered; instances{' and Ray' if started else ''} shut "
+          f"down", file=sys.stderr)
     return 130 if why == "Ctrl-C" else 143 if why == "SIGTERM" else 0
 
 
