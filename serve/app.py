@@ -148,7 +148,8 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
     if not batch and len(items) != 1:
         raise BadInput(422, f"/predict takes one input, got {len(items)}; use /predict/batch")
     if len(items) > max_batch:
-        raise BadInput(413, f"the batch holds {len(items)} inputs, more than app.max_batch = {max_batch}")
+        raise BadInput(413, f"the batch holds {len(items)} inputs, more than {max_batch} (app.max_batch, and at most "
+                            f"app.max_queue)")
     return items
 
 
@@ -184,7 +185,8 @@ def create_app(service: Service, dataset: str):
     async def answer(request: Request, batch: bool):
         try:
             body = await read_body(request, app_cfg.max_body_bytes)
-            inputs = await parse_inputs(request, body, service.input_shape, dataset, batch, app_cfg.max_batch)
+            inputs = await parse_inputs(request, body, service.input_shape, dataset, batch,
+                                        min(app_cfg.max_batch, app_cfg.max_queue))
             answers = await service.predict(inputs)
         except BadInput as exc:
             return refuse(exc.status, exc.reason)

@@ -85,7 +85,7 @@ class Service:
         self.next_query = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.t0 = time.perf_counter()
-        self.timers: list = []
+        self.timers: list = []  # the fail-stop kills still to come
         self.latency = array("d")  # seconds, every answered query since start
         self.counts = {"answered": 0, "rebuilt": 0, "retried": 0, "rejected": 0, "unanswerable": 0}
 
@@ -128,7 +128,7 @@ class Service:
             g, slot, closed = self.former.add(q, self.clock())
             if slot == 0:
                 core.open_group(g)
-                self.timers.append(self.loop.call_later(self.former.timeout, self._expire, g))
+                self.loop.call_later(self.former.timeout, self._expire, g)
             core.join(g, slot, q, x)
             self._send(Request("plan", q, g, slot), x)
             for done_group, _, _ in closed:
