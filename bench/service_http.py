@@ -30,7 +30,7 @@ from pathlib import Path
 
 from serve.config import app_config, load_serve_config
 from serve.loadgen import run as loadgen
-from train.cli import parse_overrides
+from coders.config import parse_overrides
 from util.errors import UserError, exits_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def shared_ray(cfg, sets: list[str]) -> list[str]:
     sometimes times out: retried); the services join it. Returns ``sets`` with its address."""
     import ray
 
-    from serve.runtime import start_ray
+    from util.ray_cluster import start_ray
 
     if cfg.address:
         return sets

@@ -279,7 +279,7 @@ def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
 
 def load_service_code(cfg: ServeConfig, app: AppConfig):
     """The served run's code (and the backup model of strategy "backup"), checked before any work."""
-    from train.code import load_code
+    from coders.code import load_code
 
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
     loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
@@ -336,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"\".[serve]\".") from None
     loaded = load_service_code(cfg, app)
     check_port(app.host, app.port)
-    from serve.runtime import start_ray
+    from util.ray_cluster import start_ray
 
     signal.signal(signal.SIGTERM, _terminate)
     started, pool, service, why = False, None, None, None

@@ -34,7 +34,7 @@ import numpy as np
 from serve.config import ServeConfig, app_config, expand_settings, load_serve_config
 from serve.plan import make_queries
 from serve.results import markdown_table, plot_cdf, summarize, write_strategy
-from train.cli import parse_overrides
+from coders.config import parse_overrides
 from util.errors import UserError, exits_on_user_error
 from util.files import atomic_write_text
 
@@ -55,7 +55,7 @@ class HttpOutcome:
 def load_split(cfg: ServeConfig, run: str):
     """``(inputs, labels)`` of the config's split of ``run``'s dataset, as the run's seed carved it."""
     from datasets import load_dataset
-    from train.config import expand_runs, load_run_folder
+    from coders.config import expand_runs, load_run_folder
 
     run_cfg, _ = load_run_folder(run)
     (spec,) = expand_runs(run_cfg)

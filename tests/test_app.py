@@ -28,7 +28,7 @@ from serve.app import build_service, create_app  # noqa: E402
 from serve.config import app_config, validate  # noqa: E402
 from serve.dispatch import GroupFormer  # noqa: E402
 from serve.plan import form_groups, slow_factors  # noqa: E402
-from train.code import load_code  # noqa: E402
+from coders.code import load_code  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
