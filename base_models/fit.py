@@ -32,11 +32,14 @@ from util.hardware import count_subnormal, flush_denormals, resolve_device
 DEFAULT_ROOT = "base_model_trained_files"
 
 
-def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optional[int] = None) -> nn.Module:
-    """F for ``splits``; with ``seed``, its initial weights are drawn from that seed."""
+def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optional[int] = None,
+                     out_size: Optional[int] = None) -> nn.Module:
+    """F for ``splits``; with ``seed``, its initial weights are drawn from that seed. A class is built
+    with ``num_classes = out_size``, by default :func:`output_size` of ``splits``."""
     if seed is not None:
         torch.manual_seed(seed)
-    return construct(spec, key, MODEL_ALIASES, splits.input_shape, output_size(splits))
+    return construct(spec, key, MODEL_ALIASES, splits.input_shape,
+                     out_size if out_size is not None else output_size(splits))
 
 
 def output_size(splits: Splits) -> Optional[int]:

@@ -177,7 +177,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     with torch.no_grad():
         n_out = base(splits.test_x[:1]).shape[1]
     encoder, decoder = build_coders(spec, splits.input_shape, n_out)
-    parity = build_parity_models(cfg, spec, splits, base) if cfg.train_parity_model else None
+    parity = build_parity_models(cfg, spec, splits, base, n_out) if cfg.train_parity_model else None
     load_module_state(encoder, state["encoder"], "encoder", path)
     load_module_state(decoder, state["decoder"], "decoder", path)
     if parity is not None:

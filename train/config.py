@@ -32,9 +32,9 @@ class Config:
     enc_dec_types: list[list[Spec]]     # [encoder, decoder] class-path pairs to sweep
     datasets: list[str]                 # digits, mnist, fashion-mnist, cifar10, cifar100, diabetes, a class
                                         # path, or the name of an entry of 'domains'
-    models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18, tabular-mlp,
-                                        # x-sin-x, lorenz, or a class path to an nn.Module class or to a
-                                        # plain torch function (base_models/functions.py)
+    models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18, or a class path
+                                        # to an nn.Module class or to a plain torch function
+                                        # (base_models/functions.py)
     losses: list[Spec]                  # mse, kl, xent or a class path such as torch.nn.MSELoss
     train_encoder: bool = True          # update the encoder's parameters
     train_parity_model: bool = False    # learn new models F_P for the parities (else parities go through F)

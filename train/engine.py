@@ -63,12 +63,14 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
     return modules[0], modules[1]
 
 
-def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module) -> nn.ModuleList:
-    """The r parity models F_P of a run (architecture 'parity_model', else F's)."""
+def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module,
+                        n_out: Optional[int] = None) -> nn.ModuleList:
+    """The r parity models F_P of a run (architecture 'parity_model', else F's), each with ``n_out``
+    outputs (F's output width; by default the dataset's class count or target width)."""
     arch = cfg.parity_model or spec.model
     models = []
     for _ in range(spec.r):
-        m = build_base_model(arch, splits, "parity_model")
+        m = build_base_model(arch, splits, "parity_model", out_size=n_out)
         if cfg.parity_model_init == "base":
             try:
                 m.load_state_dict(base.state_dict())
@@ -176,7 +178,7 @@ class CodedRun:
         # the contract of coders/coder.py, checked on the real coders in evaluation mode (which changes nothing)
         probe_coders(self.encoder, self.decoder, self.k, self.r, get_flattened_dim(coder_in_dim(self.in_shape)),
                      self.n_out, dev, training_modes=(False,), batch_sizes=(2,))
-        self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base).to(dev)
+        self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base, self.n_out).to(dev)
                               if cfg.train_parity_model else None)
         # The computation, shared with evaluation and serving (train/code.py).
         self.code = Code(self.base, self.encoder, self.decoder, self.parity_models, self.k, self.r).to(dev)

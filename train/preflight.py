@@ -362,6 +362,8 @@ def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
         if splits.num_classes is None or task == "regression":
             for model in cfg.models:
                 sized[_key(model)] = probe_function(model, spec, splits, cfg, domain)
+                if cfg.train_parity_model:
+                    probe_parity_model(cfg, model, spec, splits, sized[_key(model)])
         for run in runs or []:
             if run.dataset != spec:
                 continue
@@ -378,6 +380,30 @@ def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
 
 
 PROBE_ROWS = 16  # inputs an F with weights is run on to check its output shape before it is trained
+
+
+def probe_parity_model(cfg: Config, model_spec, dataset, splits, n_out: int) -> None:
+    """The parity models of F on ``splits`` (no classes) can learn: an architecture with parameters,
+    built with F's ``n_out`` outputs, that returns (B, n_out) on a few inputs."""
+    from base_models.fit import build_base_model, has_weights
+
+    arch = cfg.parity_model or model_spec
+    name = split_spec(arch, "parity_model")[0]
+    model = call_user("parity_model", f"building the parity model {name} for '{dataset}'", build_base_model, arch,
+                      splits, "parity_model", out_size=n_out,
+                      fix="a parity model class is built as cls(in_shape=..., num_classes=n, **args) with F's n.")
+    if not has_weights(model):
+        raise ConfigError(f"Config key 'parity_model': {name} has no parameters (a plain function), so "
+                          f"\"train_parity_model\": true has nothing to train. Fix: name a network class as "
+                          f"'parity_model', e.g. \"base_models.tabular.TabularMLP\" for vector inputs.")
+    x = splits.train_x[:2]
+    with torch.no_grad():
+        out = call_user("parity_model", f"the parity model {name}, called on 2 inputs of '{dataset}',",
+                        model.eval(), x, fix="it must map (B, *input_shape) to (B, n), n being F's outputs.")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_out):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"Config key 'parity_model': {name} returned {got} for 2 inputs of '{dataset}'; it "
+                          f"must return F's {n_out} outputs per input, (B, {n_out}).")
 
 
 def probe_function(model_spec, dataset, splits, cfg: Config, domain: bool) -> int:
