@@ -43,7 +43,7 @@ def load_line() -> str:
 
 def time_config(path: str, epochs: int, threads: int, device: str, folder: Path) -> dict:
     """Build the first run of the config at ``path`` and time ``epochs`` training epochs and one evaluation."""
-    from train.config import expand_runs, load_config
+    from coders.config import expand_runs, load_config
     from train.engine import CodedRun
     from train.preflight import check_data, preflight
 

@@ -18,7 +18,7 @@ import torch
 from datasets import load_dataset
 from datasets.domains import DomainSpec, sample_domain
 from train.cli import main, run_all
-from train.code import Code, coder_in_dim
+from coders.code import Code, coder_in_dim
 from train.metrics import MetricsLog, Tally, error_metrics, output_variance
 from util import report
 
@@ -200,7 +200,7 @@ def test_report_prints_error_columns_and_no_accuracy_for_a_function(trained):
 
 def test_f_stays_frozen_and_the_encoder_learns_through_it(tmp_path):
     """A regression network F (trained on first use on the bundled diabetes set) keeps its weights."""
-    from train.config import expand_runs, load_config
+    from coders.config import expand_runs, load_config
     from train.engine import CodedRun
 
     path = tmp_path / "c.json"
