@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import load_dataset
+from datasets import load_data, load_dataset
 from datasets.domains import DomainSpec, sample_domain
 from train.cli import main, run_all
-from coders.code import Code, coder_in_dim
+from coders.code import Code
 from train.metrics import MetricsLog, Tally, error_metrics, output_variance
 from util import report
+from util.shapes import coder_in_dim
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_file_and_dataset_samplers(tmp_path):
     rows = torch.cat([s.train_x, s.val_x, s.test_x])
     assert torch.equal(rows.flatten(1).sort(0).values, torch.from_numpy(data).flatten(1).sort(0).values)
     digits = load_dataset("digits", seed=2)
-    d = load_dataset("pixels", seed=2, domains={"pixels": {"sampler": "dataset", "dataset": "digits"}})
+    d = load_data("pixels", seed=2, domains={"pixels": {"sampler": "dataset", "dataset": "digits"}})
     assert torch.equal(d.train_x, digits.train_x) and torch.equal(d.test_x, digits.test_x)
     assert d.num_classes is None and d.train_y.shape == (len(d.train_x), 0)
 
