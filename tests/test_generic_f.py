@@ -303,3 +303,15 @@ def test_a_bad_domain_or_function_exits_2_naming_the_key_before_any_work(functio
     for needle in needles:
         assert needle in message, (needle, message)
     assert not (tmp_path / "save").exists(), "work started"
+
+
+def test_generic_speed_benchmark_prints_seconds_per_epoch_and_the_load(function_config, capsys):
+    from bench import generic_speed
+
+    assert generic_speed.main([str(function_config()), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "load average" in out and "cores" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith(str(function_config())[:20]))
+    cells = row.split()
+    assert cells[1] == "x_sin_x" and int(cells[-4]) == 512  # k = 2 shuffles of the 512 inputs, 256 groups each
+    assert float(cells[-3]) > 0 and float(cells[-2]) > 0
