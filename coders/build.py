@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from typing import Optional
+
 from base_models.fit import build_base_model
+from util.shapes import coder_in_dim
 from coders.config import Config, RunSpec
 from util.classpath import build, describe_exception, spec_name
 from util.errors import ConfigError
@@ -18,7 +21,7 @@ from util.errors import ConfigError
 def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
     """Encoder and decoder for ``spec``; a coder refusing k, r or the sizes becomes a ConfigError."""
     modules = []
-    for which, cspec, dim in (("encoder", spec.encoder, [-1, *in_shape]), ("decoder", spec.decoder, [-1, n_out])):
+    for which, cspec, dim in (("encoder", spec.encoder, coder_in_dim(in_shape)), ("decoder", spec.decoder, [-1, n_out])):
         try:
             modules.append(build(cspec, "enc_dec_types", spec.k, spec.r, dim))
         except ValueError as exc:
@@ -30,12 +33,14 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
     return modules[0], modules[1]
 
 
-def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module) -> nn.ModuleList:
-    """The r parity models F_P of a run (architecture 'parity_model', else F's)."""
+def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module,
+                        n_out: Optional[int] = None) -> nn.ModuleList:
+    """The r parity models F_P of a run (architecture 'parity_model', else F's), each with ``n_out``
+    outputs (F's output width; by default the dataset's class count or target width)."""
     arch = cfg.parity_model or spec.model
     models = []
     for _ in range(spec.r):
-        m = build_base_model(arch, splits, "parity_model")
+        m = build_base_model(arch, splits, "parity_model", out_size=n_out)
         if cfg.parity_model_init == "base":
             try:
                 m.load_state_dict(base.state_dict())

@@ -13,6 +13,7 @@ from util.errors import ConfigError
 
 DATASET_ALIASES = {
     "digits": "datasets.sources.digits",
+    "diabetes": "datasets.sources.diabetes",
     "mnist": "datasets.sources.mnist",
     "fashion-mnist": "datasets.sources.fashion_mnist",
     "cifar10": "datasets.sources.cifar10",
@@ -27,7 +28,10 @@ AUGMENTED = {"cifar10", "cifar100"}
 class Splits:
     """Train / validation / test tensors of one dataset.
 
-    Images are float ``(N, C, H, W)``, labels int64 ``(N,)``. ``train_idx`` and
+    Images are float ``(N, C, H, W)``, labels int64 ``(N,)``; any other input
+    shape ``(N, ...)`` serves a function F. A regression set (no classes) has
+    ``num_classes = None`` and float targets ``(N,)`` or ``(N, m)``; a domain
+    (datasets/domains.py) has no targets at all, labels ``(N, 0)``. ``train_idx`` and
     ``val_idx`` index the official training split, so tests can check that
     they are disjoint and seed-determined.
     """
@@ -39,12 +43,12 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    num_classes: int
+    num_classes: Optional[int]
     train_idx: torch.Tensor
     val_idx: torch.Tensor
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def val_fingerprint(self) -> str:

@@ -73,7 +73,7 @@ def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
 
 
 def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
-    from util.report import METRICS_FILE, RunReadError, best_row, read_rows
+    from util.report import METRICS_FILE, RunReadError, best_row, is_classifier, read_rows
 
     if not (folder / "current.pt").exists():
         return "new", "new"
@@ -85,7 +85,9 @@ def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
     last = max(r["epoch"] for r in rows)
     state = "done" if last >= num_epoch else "part"
     phrase = f"done, {last} epochs" if state == "done" else f"at epoch {last}/{num_epoch}"
-    return state, f"{phrase}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+    if is_classifier(rows):
+        return state, f"{phrase}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+    return state, f"{phrase}; best val mse {best['val_mse']:.4g} (epoch {best['epoch']})"
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
