@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -189,3 +190,40 @@ def test_config_refuses_bad_nworker_keys(extra, key):
 def test_config_accepts_nworker_form():
     cfg = validate_dict({**BASE, "form": "nworker", "n_workers": [5, 9], "stragglers": [0, 1]})
     assert cfg.form == "nworker" and cfg.max_patterns == 64
+
+
+# -- train.py end to end -----------------------------------------------------------------------------
+def nworker_config(digits_config, **extra):
+    learned = [{"class": "coders.nworker.MLPEncoder", "args": {"hidden": 32}},
+               {"class": "coders.nworker.MLPDecoder", "args": {"hidden": 32}}]
+    return digits_config(form="nworker", k_vals=[3], n_workers=[5], stragglers=[1], enc_dec_types=[learned],
+                         num_epoch=2, **extra)
+
+
+def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config, tmp_path, capsys):
+    """Two epochs straight, and one epoch then --resume to two, write the same rows (seconds aside)."""
+    from train.cli import run_all
+
+    path = nworker_config(digits_config)
+    straight = run_all(str(path), {"save_dir": str(tmp_path / "a")})[0]
+    run_all(str(path), {"save_dir": str(tmp_path / "b"), "num_epoch": 1})
+    resumed = run_all(str(path), {"save_dir": str(tmp_path / "b")}, resume=True)[0]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert [r["epoch"] for r in straight] == [0, 1, 2]
+    assert drop(straight) == drop(resumed)
+    out = capsys.readouterr().out
+    assert "straggler patterns: 5 trained, 5 scored, of C(5, 1) = 5" in out
+    folder = next((tmp_path / "a").rglob("best.pt")).parent
+    assert folder.parts[-6:-3] == ("k3", "n5", "s1")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["patterns_total"] == 5 and saved["form"] == "nworker"
+
+
+def test_train_py_refuses_a_spline_code_it_cannot_build(digits_config, capsys):
+    from train.cli import main
+
+    path = digits_config(form="nworker", k_vals=[3], n_workers=[5], stragglers=[1],
+                         enc_dec_types=[["coders.spline.SplineEncoder", "coders.spline.SplineDecoder"]])
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "'enc_dec_types'" in err and "K >= 5" in err and "Traceback" not in err

@@ -127,6 +127,9 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         cfg, folder = load_run_folder(config_path, overrides)
     else:
         cfg, folder = load_config(config_path, overrides), None
+    if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
+        from train.nworker import run_nworker
+        return run_nworker(cfg, folder, resume, overwrite, only_test, out, failed, shard, list_only)
     runs = expand_runs(cfg)
     preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
     if shard is not None:
