@@ -1,6 +1,7 @@
 """Base models F: the networks whose outputs a code protects.
 
-Every base model is built as ``cls(in_shape=(C, H, W), num_classes=n)``.
+Every base model class is built as ``cls(in_shape=(C, H, W), num_classes=n)``;
+a plain torch function is F as it is (base_models/functions.py).
 Short names map to class paths in :data:`MODEL_ALIASES`; any importable class
 with that constructor works too.
 """
@@ -10,4 +11,7 @@ MODEL_ALIASES = {
     "logistic": "base_models.logistic.LogisticRegression",
     "lenet5": "base_models.lenet.LeNet5",
     "resnet18": "base_models.resnet.ResNet18",
+    "tabular-mlp": "base_models.tabular.TabularMLP",
+    "x-sin-x": "base_models.functions.x_sin_x",
+    "lorenz": "base_models.functions.lorenz_flow",
 }

@@ -22,8 +22,9 @@ from torch import nn
 from tqdm import tqdm
 
 from base_models import MODEL_ALIASES
+from base_models.functions import construct
 from datasets import Splits, load_dataset
-from util.classpath import build, spec_name
+from util.classpath import spec_name
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_save, atomic_write_text, remove_stale_temps
 from util.hardware import count_subnormal, flush_denormals, resolve_device
@@ -35,7 +36,28 @@ def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optio
     """F for ``splits``; with ``seed``, its initial weights are drawn from that seed."""
     if seed is not None:
         torch.manual_seed(seed)
-    return build(spec, key, aliases=MODEL_ALIASES, in_shape=splits.input_shape, num_classes=splits.num_classes)
+    return construct(spec, key, MODEL_ALIASES, splits.input_shape, output_size(splits))
+
+
+def output_size(splits: Splits) -> Optional[int]:
+    """What a base model class is built with as ``num_classes``: the classes of a labelled set, the
+    target width of a regression set (1 for targets ``(N,)``), None for a domain (no targets)."""
+    if splits.num_classes is not None:
+        return splits.num_classes
+    y = splits.train_y
+    if y.dim() == 1:
+        return 1
+    return int(y.shape[1]) if y.dim() == 2 and y.shape[1] > 0 else None
+
+
+def is_regression(splits: Splits) -> bool:
+    """True when ``splits`` has no classes: F is trained with MSE on its float targets."""
+    return splits.num_classes is None
+
+
+def has_weights(model: nn.Module) -> bool:
+    """False for a parameter-free F (a plain function): nothing to train, load or save."""
+    return any(True for _ in model.parameters()) or any(True for _ in model.buffers())
 
 
 def default_path(dataset: str, model: Any, root: str = DEFAULT_ROOT) -> Path:
@@ -61,6 +83,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (predict(model, x).argmax(1) == y).float().mean().item()
+
+
+def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean squared error of ``model`` against float targets ``y`` ``(N,)`` or ``(N, m)``."""
+    return (predict(model, x) - y.reshape(len(y), -1)).pow(2).mean().item()
 
 
 def load_state(model: nn.Module, path: Path, explicit: bool = False) -> nn.Module:
@@ -112,7 +139,8 @@ def report_subnormal(model: nn.Module, path: Path) -> int:
 def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batch_size: int = 128,
                      lr: float = 1e-3, device: str = "auto", seed: int = 0,
                      progress: bool = True) -> tuple[nn.Module, dict]:
-    """Train ``model`` with Adam and cross entropy; return it with its best-on-validation weights.
+    """Train ``model`` with Adam and cross entropy (MSE on a regression set); return it with its
+    best-on-validation weights.
 
     The data stays on the device as tensors; each step indexes a random batch.
     """
@@ -123,8 +151,15 @@ def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batc
     tx, ty = splits.train_x.to(dev), splits.train_y.to(dev)
     vx, vy = splits.val_x.to(dev), splits.val_y.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    best_val, best_state, best_epoch = -1.0, None, 0
+    regression = is_regression(splits)
+    if regression:  # float targets: mean squared error, and the best epoch is the lowest validation MSE
+        mse_loss = nn.MSELoss()
+        loss_fn = lambda out, y: mse_loss(out, y.reshape(len(y), -1))  # noqa: E731
+        score = lambda x, y: -mse(model, x, y)  # noqa: E731
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+        score = lambda x, y: accuracy(model, x, y)  # noqa: E731
+    best_val, best_state, best_epoch = -math.inf, None, 0
     t0 = time.time()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -138,22 +173,24 @@ def train_base_model(model: nn.Module, splits: Splits, *, epochs: int = 20, batc
             loss.backward()
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        val = accuracy(model, vx, vy)
+        val = score(vx, vy)
         if progress:
-            print(f"F epoch {epoch}: val acc {val:.4f}", file=sys.stderr)
+            print(f"F epoch {epoch}: val {'mse' if regression else 'acc'} {abs(val):.4f}", file=sys.stderr)
         if val > best_val:
             best_val, best_epoch = val, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
+    opt.zero_grad(set_to_none=True)  # the last step's gradients are no part of F
     model.eval()
     metrics = {
         "dataset": splits.name,
         "model": type(model).__name__,
         "epochs": epochs,
         "best_epoch": best_epoch,
-        "train_acc": accuracy(model, tx, ty),
-        "val_acc": best_val,
-        "test_acc": accuracy(model, splits.test_x.to(dev), splits.test_y.to(dev)),
+        **({"train_mse": mse(model, tx, ty), "val_mse": -best_val,
+            "test_mse": mse(model, splits.test_x.to(dev), splits.test_y.to(dev))} if regression else
+           {"train_acc": accuracy(model, tx, ty), "val_acc": best_val,
+            "test_acc": accuracy(model, splits.test_x.to(dev), splits.test_y.to(dev))}),
         "seconds": round(time.time() - t0, 2),
         "seed": seed,
         "val_size": len(splits.val_y),
@@ -216,6 +253,8 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
     to train, since the user asked for those weights.
     """
     model = build_base_model(spec, splits, seed=seed)
+    if not has_weights(model):  # a plain function: F is what it computes
+        return model
     if path is not None:
         p = check_weights_path(path, root)
         return warn_split_mismatch(load_state(model, p, explicit=True), p, splits, seed)
@@ -300,7 +339,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if path.exists() and not args.force:
         print(f"{path} exists; reusing it (pass --force to retrain).")
         model = load_state(build_base_model(args.model, splits, "--model"), path)
-        print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
+        if is_regression(splits):
+            print(f"test mse {mse(model, splits.test_x, splits.test_y):.4f}")
+        else:
+            print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
         return 0
     model = build_base_model(args.model, splits, "--model", seed=args.seed)
     with weights_writer(path, wait=False):

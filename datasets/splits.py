@@ -13,6 +13,7 @@ from util.errors import ConfigError
 
 DATASET_ALIASES = {
     "digits": "datasets.sources.digits",
+    "diabetes": "datasets.sources.diabetes",
     "mnist": "datasets.sources.mnist",
     "fashion-mnist": "datasets.sources.fashion_mnist",
     "cifar10": "datasets.sources.cifar10",
@@ -27,7 +28,10 @@ AUGMENTED = {"cifar10", "cifar100"}
 class Splits:
     """Train / validation / test tensors of one dataset.
 
-    Images are float ``(N, C, H, W)``, labels int64 ``(N,)``. ``train_idx`` and
+    Images are float ``(N, C, H, W)``, labels int64 ``(N,)``; any other input
+    shape ``(N, ...)`` serves a function F. A regression set (no classes) has
+    ``num_classes = None`` and float targets ``(N,)`` or ``(N, m)``; a domain
+    (datasets/domains.py) has no targets at all, labels ``(N, 0)``. ``train_idx`` and
     ``val_idx`` index the official training split, so tests can check that
     they are disjoint and seed-determined.
     """
@@ -39,12 +43,12 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-    num_classes: int
+    num_classes: Optional[int]
     train_idx: torch.Tensor
     val_idx: torch.Tensor
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def val_fingerprint(self) -> str:
@@ -79,11 +83,23 @@ _CACHE: dict = {}
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True,
-                 val_size: Optional[int] = None, seed: int = 0) -> Splits:
+                 val_size: Optional[int] = None, seed: int = 0, domains: Optional[dict] = None) -> Splits:
     """Load ``name`` and carve a validation split from its training split with ``seed``.
 
+    ``domains`` is the config key of that name (name -> domain spec): a ``name``
+    among its keys is drawn from that domain (datasets/domains.py) instead of read.
     Raw tensors are cached per process, so a sweep over k reads the files once.
     """
+    if domains and name in domains:
+        from datasets.domains import DomainSpec, domain_key, sample_domain
+
+        spec = domains[name] if isinstance(domains[name], DomainSpec) else DomainSpec(**domains[name])
+        key = ("domain", name, domain_key(spec), seed, val_size, os.path.abspath(resolve_data_dir(data_dir)))
+        if key not in _CACHE:
+            _CACHE[key] = sample_domain(name, spec, seed, data_dir, download, val_size)
+        s = _CACHE[key]
+        return Splits(s.name, s.train_x.clone(), s.train_y.clone(), s.val_x.clone(), s.val_y.clone(),
+                      s.test_x.clone(), s.test_y.clone(), None, s.train_idx, s.val_idx)
     root = resolve_data_dir(data_dir)
     key = (name, os.path.abspath(root))
     if key not in _CACHE:

@@ -86,7 +86,7 @@ def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
 
 
 def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
-    from util.report import METRICS_FILE, RunReadError, best_row, read_rows
+    from util.report import METRICS_FILE, RunReadError, best_row, is_classifier, read_rows
 
     if not (folder / "current.pt").exists():
         return "new", "new"
@@ -98,7 +98,9 @@ def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
     last = max(r["epoch"] for r in rows)
     state = "done" if last >= num_epoch else "part"
     phrase = f"done, {last} epochs" if state == "done" else f"at epoch {last}/{num_epoch}"
-    return state, f"{phrase}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+    if is_classifier(rows):
+        return state, f"{phrase}; best val recon {100 * best['val_recon_acc']:.2f}% (epoch {best['epoch']})"
+    return state, f"{phrase}; best val mse {best['val_mse']:.4g} (epoch {best['epoch']})"
 
 
 def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: bool = False,
@@ -127,11 +129,11 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         cfg, folder = load_run_folder(config_path, overrides)
     else:
         cfg, folder = load_config(config_path, overrides), None
+    runs = expand_runs(cfg)
+    preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
     if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
         from train.nworker import run_nworker
         return run_nworker(cfg, folder, resume, overwrite, only_test, out, failed, shard, list_only)
-    runs = expand_runs(cfg)
-    preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)

@@ -9,6 +9,9 @@ these same methods, so a code behaves identically wherever it runs.
 Shapes, with B groups, k data inputs and r parities per group and n outputs
 of F: data ``(B, k, C, H, W)``, parities ``(B, r, C, H, W)``, outputs
 ``(B, k + r, n)`` (data outputs first), availability ``(B, k + r)`` boolean.
+Inputs of any other shape work the same way (:func:`coder_in_dim`): vectors
+``(B, k, D)`` are encoded as they are, and an input ``(C, *rest)`` of two or
+more dimensions as C channels of ``prod(rest)`` values each.
 """
 from __future__ import annotations
 
@@ -26,6 +29,22 @@ def freeze(model: nn.Module) -> nn.Module:
     """Freeze F for real: no gradients, eval mode (BatchNorm statistics stay put)."""
     model.requires_grad_(False)
     return model.eval()
+
+
+def coder_in_dim(in_shape) -> list[int]:
+    """The ``in_dim`` an encoder is built with for inputs of shape ``in_shape``: ``[-1, D]`` for a
+    vector ``(D,)``, ``[-1, C, H, W]`` for an image, ``[-1, C, 1, prod(rest)]`` for any other
+    ``(C, *rest)`` (C channels, each a row of values), matching how :meth:`Code.encode` folds the
+    channels into the encoder's batch."""
+    shape = [int(d) for d in in_shape]
+    if len(shape) == 1:
+        return [-1, shape[0]]
+    if len(shape) == 3:
+        return [-1, *shape]
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return [-1, shape[0], 1, rest]
 
 
 class Code(nn.Module):
@@ -46,7 +65,10 @@ class Code(nn.Module):
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, k, C, H, W) -> (B, r, C, H, W)``, channels folded into the encoder's batch."""
+        """``(B, k, C, H, W) -> (B, r, C, H, W)``, channels folded into the encoder's batch; vectors
+        ``(B, k, D) -> (B, r, D)`` go to the encoder as they are (one channel)."""
+        if x.dim() == 3:
+            return self.encoder(x)
         b, k, c = x.shape[:3]
         spatial = x.shape[3:]
         flat = x.reshape(b, k, c, -1).transpose(1, 2).reshape(b * c, k, -1)
@@ -122,7 +144,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     F's weights come from the file the run used; they are never trained here
     (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder.
     """
-    from base_models.fit import build_base_model, check_weights_path, default_path, load_state
+    from base_models.fit import build_base_model, check_weights_path, default_path, has_weights, load_state
     from datasets import load_dataset
     from train.checkpoint import load_checkpoint, load_module_state, tensors_digest
     from train.config import expand_runs, load_run_folder
@@ -135,15 +157,18 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     path = folder / checkpoint
     state = load_checkpoint(path)
     dev = resolve_device(device)
-    splits = load_dataset(spec.dataset, data_dir or cfg.data_dir, False, cfg.val_size, cfg.seed)
-    if cfg.base_model_file is not None:
-        weights = check_weights_path(cfg.base_model_file, cfg.base_model_dir)
-    else:
-        weights = default_path(splits.name, spec.model, cfg.base_model_dir)
-        if not weights.is_file():
-            raise UserError(f"Run folder '{folder}' was trained around F's weights '{weights}', which no longer "
-                            f"exist. Fix: run from the folder train.py ran in, or restore the weights file.")
-    base = load_state(build_base_model(spec.model, splits), weights)
+    splits = load_dataset(spec.dataset, data_dir or cfg.data_dir, False, cfg.val_size, cfg.seed, cfg.domains)
+    base = build_base_model(spec.model, splits)
+    weights = None  # a plain function F has no weights to load
+    if has_weights(base):
+        if cfg.base_model_file is not None:
+            weights = check_weights_path(cfg.base_model_file, cfg.base_model_dir)
+        else:
+            weights = default_path(splits.name, spec.model, cfg.base_model_dir)
+            if not weights.is_file():
+                raise UserError(f"Run folder '{folder}' was trained around F's weights '{weights}', which no "
+                                f"longer exist. Fix: run from the folder train.py ran in, or restore the weights file.")
+        base = load_state(base, weights)
     recorded = state.get("config", {}).get("base_model_digest")
     if recorded is not None and recorded != tensors_digest(sorted(base.state_dict().items())):
         raise UserError(f"Run folder '{folder}' was trained around other weights of F than '{weights}' holds now "

@@ -30,8 +30,11 @@ class Config:
     num_epoch: int                      # training epochs per run (0: evaluate only)
     k_vals: list[int]                   # numbers of data inputs per group to sweep
     enc_dec_types: list[list[Spec]]     # [encoder, decoder] class-path pairs to sweep
-    datasets: list[str]                 # digits, mnist, fashion-mnist, cifar10, cifar100 or a class path
-    models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18 or a class path
+    datasets: list[str]                 # digits, mnist, fashion-mnist, cifar10, cifar100, diabetes, a class
+                                        # path, or the name of an entry of 'domains'
+    models: list[Spec]                  # base models F: base-mlp, logistic, lenet5, resnet18, tabular-mlp,
+                                        # x-sin-x, lorenz, or a class path to an nn.Module class or to a
+                                        # plain torch function (base_models/functions.py)
     losses: list[Spec]                  # mse, kl, xent or a class path such as torch.nn.MSELoss
     train_encoder: bool = True          # update the encoder's parameters
     train_parity_model: bool = False    # learn new models F_P for the parities (else parities go through F)
@@ -54,6 +57,12 @@ class Config:
     save_dir: str = "save"              # run folders go under save_dir/<dataset>/<model>/k<k>/r<r>/...
     val_size: Optional[int] = None      # validation images carved from the training split (default N/12)
     device: str = "auto"                # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    domains: Optional[dict] = None      # inputs drawn instead of read: {name: {"sampler": "uniform" | "normal"
+                                        # | "file" | "dataset", ...}}, each name then listed in 'datasets'
+                                        # (keys: datasets/domains.py DomainSpec; docs/any-function.md)
+    task: str = "auto"                  # how outputs are scored: "classification" (accuracies and errors),
+                                        # "regression" (errors only); "auto": classification on a labelled
+                                        # dataset, regression on a domain or a regression set
     base_model_file: Optional[str] = None   # F's weights; default base_model_dir/<dataset>/<model>/model.pt
     base_model_dir: str = "base_model_trained_files"  # where F is trained to when its file is missing
     base_model_epochs: int = 20         # epochs when F has to be trained first
@@ -74,7 +83,8 @@ class Config:
 
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),
-           "lr_schedule": ("constant", "cosine", "linear", "step"), "form": ("systematic", "nworker")}
+           "lr_schedule": ("constant", "cosine", "linear", "step"),
+           "task": ("auto", "classification", "regression"), "form": ("systematic", "nworker")}
 REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]
 
@@ -130,7 +140,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 def _type_name(hint: Any) -> str:
     names = {str: "a string", int: "an integer", bool: "true or false", dict: "an object",
-             type(None): "null", float: "a number"}
+             type(None): "null", float: "a number", list: "a list"}
     origin = get_origin(hint)
     if origin is Union:
         args = get_args(hint)
@@ -236,6 +246,7 @@ def _check_values(cfg: Config, source: str) -> None:
     for pair in cfg.enc_dec_types:
         for spec in pair:
             split_spec(spec, "enc_dec_types")
+    _check_domains(cfg, source)
     if cfg.device != "auto":
         import torch
 
@@ -267,6 +278,26 @@ def _check_nworker(cfg: Config, bad) -> None:
                                 f"worker answers); got stragglers {cfg.stragglers} with n_workers {cfg.n_workers}.")
     if cfg.max_patterns < 1:
         raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
+
+
+def _check_domains(cfg: Config, source: str) -> None:
+    """Each entry of 'domains' is a valid domain spec (datasets/domains.py) whose name is no dataset's."""
+    if cfg.domains is None:
+        return
+    from datasets import DATASET_ALIASES
+    from datasets.domains import DomainSpec, check_domain
+
+    for name, raw in cfg.domains.items():
+        where = f"{source}: config key 'domains', entry '{name}'"
+        if name in DATASET_ALIASES or "." in name or not name.strip() or "/" in name:
+            raise ConfigError(f"{where}: a domain needs a name of its own, without '.' or '/', that is not a "
+                              f"dataset's ({', '.join(DATASET_ALIASES)}); it names the run folders. Fix: rename it, "
+                              f"e.g. \"interval\".")
+        if isinstance(raw, dict) and "sampler" not in raw:
+            raise ConfigError(f"{where}: every domain names its 'sampler' (uniform, normal, file or dataset); "
+                              f"got keys {sorted(raw)}.")
+        spec = validate_schema(raw, DomainSpec, where)
+        check_domain(name, spec, where)
 
 
 def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:

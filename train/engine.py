@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from base_models.fit import build_base_model, default_path, load_or_train, predict
+from base_models.fit import build_base_model, default_path, has_weights, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED, resolve_data_dir
 from train import distributed
 from train.augment import random_crop_flip
-from train.code import Code, freeze
+from train.code import Code, coder_in_dim, freeze
 from train.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
                               remove_partial_writes, save_checkpoint)
 from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
 from train.lock import FolderLock
-from train.metrics import MetricsLog, Tally, group_hits, summary_line
+from train.metrics import MetricsLog, Tally, columns_for, group_hits, output_variance, summary_line
 from train.preflight import probe_coders
 from train.schedule import SCHEDULES, progress, set_rates
 from train.scenarios import gather_pairs, unavailable_data, unavailable_pairs
@@ -51,7 +51,7 @@ def eval_groups(n: int, k: int, device) -> torch.Tensor:
 def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
     """Encoder and decoder for ``spec``; a coder refusing k, r or the sizes becomes a ConfigError."""
     modules = []
-    for which, cspec, dim in (("encoder", spec.encoder, [-1, *in_shape]), ("decoder", spec.decoder, [-1, n_out])):
+    for which, cspec, dim in (("encoder", spec.encoder, coder_in_dim(in_shape)), ("decoder", spec.decoder, [-1, n_out])):
         try:
             modules.append(build(cspec, "enc_dec_types", spec.k, spec.r, dim))
         except ValueError as exc:
@@ -83,6 +83,18 @@ def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module) -> 
 _DATA_CACHE: dict = {}
 
 FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def resolve_task(task: str, splits) -> str:
+    """The config's 'task' for ``splits``: "auto" is "classification" on a labelled dataset and
+    "regression" on a domain or a regression set; a classification without classes is refused."""
+    if task == "auto":
+        return "classification" if splits.num_classes is not None else "regression"
+    if task == "classification" and splits.num_classes is None:
+        raise ConfigError(f"Config key 'task': \"classification\" scores F's answers against class labels, but "
+                          f"'{splits.name}' has none (a domain or a regression set). Fix: use \"auto\" or "
+                          f"\"regression\".")
+    return task
 
 
 def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
@@ -122,7 +134,11 @@ class CodedRun:
             cfg = self.cfg = replace(cfg, progress=False)
         dev = self.device
 
-        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
+        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+        # A classifier is scored by accuracies and errors, any other F by the errors of its rebuilt outputs.
+        self.task = resolve_task(cfg.task, self.splits)
+        self.classify = self.task == "classification"
+        self.config["task"] = self.task  # the resolved config records what "auto" chose
         n_train = len(self.splits.train_y)
         if n_train < self.k:
             raise ConfigError(f"Config key 'k_vals': k={self.k} needs at least k training images to form one group, "
@@ -138,7 +154,7 @@ class CodedRun:
         # Data on the device with F's outputs on it, computed once per dataset and F
         # (shared by every run of a sweep that uses them), never per step.
         key = (spec.dataset, json.dumps(spec.model, sort_keys=True), cfg.base_model_file, cfg.base_model_dir,
-               cfg.data_dir, cfg.val_size, cfg.seed, str(dev))
+               cfg.data_dir, cfg.val_size, cfg.seed, str(dev), json.dumps((cfg.domains or {}).get(spec.dataset)))
         if key not in _DATA_CACHE:
             _DATA_CACHE.clear()  # one dataset at a time on the device
             data = {}
@@ -148,6 +164,7 @@ class CodedRun:
                 data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
             _DATA_CACHE[key] = data
         self.data = _DATA_CACHE[key]
+        self.out_var = {split: output_variance(fx) for split, (_, _, fx) in self.data.items()}  # for the NMSE
         self.n_out = self.data["test"][2].shape[1]
         self.in_shape = self.splits.input_shape
 
@@ -157,7 +174,7 @@ class CodedRun:
         self.encoder = encoder.to(dev).requires_grad_(cfg.train_encoder)
         self.decoder = decoder.to(dev).requires_grad_(cfg.train_decoder)
         # the contract of coders/coder.py, checked on the real coders in evaluation mode (which changes nothing)
-        probe_coders(self.encoder, self.decoder, self.k, self.r, get_flattened_dim([-1, *self.in_shape]),
+        probe_coders(self.encoder, self.decoder, self.k, self.r, get_flattened_dim(coder_in_dim(self.in_shape)),
                      self.n_out, dev, training_modes=(False,), batch_sizes=(2,))
         self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base).to(dev)
                               if cfg.train_parity_model else None)
@@ -165,6 +182,10 @@ class CodedRun:
         self.code = Code(self.base, self.encoder, self.decoder, self.parity_models, self.k, self.r).to(dev)
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
+        if self.loss_kind == "label" and not self.classify:
+            raise ConfigError(f"Config key 'losses': {spec_name(spec.loss)} compares reconstructions with class "
+                              f"labels, but this run's F has no classes ('task' {self.task}). Fix: use a loss "
+                              f"against F's outputs, such as \"mse\".")
         self.parity_loss = (self.parity_models is not None and self.loss_kind == "base"
                             and hasattr(self.decoder, "combine_labels"))
         coder_params = [p for m in (self.encoder, self.decoder) for p in m.parameters() if p.requires_grad]
@@ -182,8 +203,8 @@ class CodedRun:
         self.pairs = unavailable_pairs(self.unavailable)
         self.gen = torch.Generator().manual_seed(train_seed)
         self.epoch = 0
-        self.best_val = -1.0
-        self.log = MetricsLog(self.folder)
+        self.best_val = -math.inf  # the best validation score (score()) so far
+        self.log = MetricsLog(self.folder, columns_for(self.classify))
 
     # -- the computation (train/code.py) -----------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,10 +222,11 @@ class CodedRun:
         return self.code.forward_groups(x, fx)
 
     def select_unavailable(self, recon: torch.Tensor, fx: torch.Tensor, y: torch.Tensor):
-        """The reconstructions of unavailable data outputs with their targets: ``(M, n), (M, n), (M,)``."""
+        """The reconstructions of unavailable data outputs with their targets: ``(M, n), (M, n), (M,)``
+        (the labels are None for an F without classes)."""
         return (gather_pairs(recon, self.pairs),
                 gather_pairs(fx, self.pairs, shared=True),
-                gather_pairs(y, self.pairs, shared=True))
+                gather_pairs(y, self.pairs, shared=True) if self.classify else None)
 
     def loss(self, recon_sel, fx_sel, y_sel, fp, fx) -> torch.Tensor:
         total = recon_sel.new_zeros(())
@@ -266,7 +288,7 @@ class CodedRun:
         groups = self.epoch_groups()
         g = len(groups)
         bs = self.cfg.batch_size
-        tally = Tally()
+        tally = Tally(self.classify)
         self.train_mode(True)
         bar = tqdm(range(0, g, bs), desc=f"epoch {self.epoch + 1}/{self.cfg.num_epoch}", leave=False,
                    disable=not self.cfg.progress, file=sys.stderr)
@@ -277,26 +299,30 @@ class CodedRun:
             self.step(groups[i:i + bs], tally)
             if self.cfg.progress and n_step % 20 == 0:
                 running = tally.result("train", float("nan"))
-                bar.set_postfix(loss=f"{running['train_loss']:.4g}", recon=f"{running['train_recon_acc']:.3f}",
-                                refresh=False)
+                shown = ({"recon": f"{running['train_recon_acc']:.3f}"} if self.classify else
+                         {"mse": f"{running['train_mse']:.4g}"})
+                bar.set_postfix(loss=f"{running['train_loss']:.4g}", **shown, refresh=False)
         self.train_mode(False)
         if self.dist is not None:  # the sums of every rank's share
             self.dist.sum_tally(tally)
-        return tally.result("train", self.base_accuracy("train"))
+        return tally.result("train", self.base_accuracy("train"), self.out_var["train"])
 
     # -- evaluation --------------------------------------------------------------------------------
-    def base_accuracy(self, split: str) -> float:
+    def base_accuracy(self, split: str) -> Optional[float]:
+        """F's own accuracy on ``split``; None for an F without classes."""
+        if not self.classify:
+            return None
         _, y, fx = self.data[split]
         return (fx.argmax(1) == y).float().mean().item()
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
-        """Loss, reconstruction and degraded-mode accuracy over every group and every scenario of ``split``."""
+        """Loss, errors and (a classifier's) accuracies over every group and every scenario of ``split``."""
         x, y, fx = self.data[split]
         groups = eval_groups(len(x), self.k, self.device)
         if self.dist is not None:  # torchrun: each rank scores its share; the sums are added below
             groups = groups[self.dist.part(len(groups))]
-        tally = Tally()
+        tally = Tally(self.classify)
         self.train_mode(False)
         for i in range(0, len(groups), self.cfg.eval_batch_size):
             idx = groups[i:i + self.cfg.eval_batch_size]
@@ -304,10 +330,11 @@ class CodedRun:
             recon, fp = self.forward_groups(x[idx], fx_idx)
             sel = self.select_unavailable(recon, fx_idx, y[idx])
             tally.add(*sel, self.loss(*sel, fp, fx_idx))
-            tally.add_groups(group_hits(recon, fx_idx, y[idx], self.unavailable))
+            if self.classify:
+                tally.add_groups(group_hits(recon, fx_idx, y[idx], self.unavailable))
         if self.dist is not None:
             self.dist.sum_tally(tally)
-        return tally.result(split, self.base_accuracy(split))
+        return tally.result(split, self.base_accuracy(split), self.out_var[split])
 
     # -- state -------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -337,7 +364,8 @@ class CodedRun:
         cfg = self.cfg
         data_path = os.path.abspath(resolve_data_dir(cfg.data_dir))
         self.config.update(fingerprint(self.base, self.splits, os.path.abspath(self.base_model_path), data_path,
-                                       data_key=(json.dumps(self.spec.dataset), data_path, cfg.val_size, cfg.seed)))
+                                       data_key=(json.dumps(self.spec.dataset), data_path, cfg.val_size, cfg.seed,
+                                                 json.dumps((cfg.domains or {}).get(self.spec.dataset)))))
 
     def load_state(self, path: Path) -> None:
         self.record_fingerprint()
@@ -364,9 +392,17 @@ class CodedRun:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.epoch, self.best_val = state["epoch"], state["best_val"]
 
+    def score(self, row: dict) -> Optional[float]:
+        """What picks the best epoch, higher being better: the validation reconstruction accuracy of a
+        classifier, minus the validation MSE of rebuilt outputs for any other F."""
+        if self.classify:
+            return row.get("val_recon_acc")
+        mse = row.get("val_mse")
+        return -mse if mse is not None and math.isfinite(mse) else None
+
     def checkpoint(self, row: dict) -> None:
-        """``current.pt`` every epoch; ``best.pt`` when validation reconstruction accuracy improves."""
-        val = row.get("val_recon_acc")
+        """``current.pt`` every epoch; ``best.pt`` when the validation :meth:`score` improves."""
+        val = self.score(row)
         improved = val is not None and val > self.best_val
         if improved:
             self.best_val = val
@@ -390,6 +426,11 @@ class CodedRun:
         accuracy would be meaningless, and the run would only seem to diverge."""
         for split, (_, _, fx) in self.data.items():
             bad = int((~torch.isfinite(fx)).any(1).sum())
+            if bad and not has_weights(self.base):
+                raise UserError(f"Config key 'models': F ({spec_name(self.spec.model)}) outputs NaN or infinite "
+                                f"values on {bad} of the {len(fx)} {split} inputs of '{spec_name(self.spec.dataset)}', "
+                                f"so nothing can be trained or scored against it. Fix: restrict the domain (config "
+                                f"key 'domains') to where F is finite, or correct F.")
             if bad:
                 raise UserError(f"F ('{self.base_model_path}') outputs NaN or infinite values on {bad} of the {len(fx)} {split} "
                                 f"images, so nothing can be trained or scored against it. Fix: retrain F (python "

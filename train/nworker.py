@@ -39,10 +39,11 @@ from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
 from datasets import load_dataset
 from train.checkpoint import load_checkpoint, load_module_state, refuse_occupied, remove_partial_writes, save_checkpoint
 from train.config import CODE_DIRS, Config, to_dict
-from train.engine import eval_groups, make_optimizer
+from train.engine import eval_groups, make_optimizer, resolve_task
 from train.lock import FolderLock
 from train.losses import LOSS_ALIASES, target_kind
-from train.metrics import MetricsLog, Tally, summary_line
+from train.preflight import check_data
+from train.metrics import MetricsLog, Tally, columns_for, output_variance, summary_line
 from util.classpath import build, spec_name
 from util.errors import ConfigError, RunDiverged
 from util.files import atomic_write_text
@@ -104,6 +105,36 @@ def build_nworker_coders(spec: NWorkerSpec, in_shape, n_out: int):
     return modules
 
 
+def probe_nworker_coders(cfg: Config, known_shapes: dict) -> None:
+    """Build and call every run's coders on a dataset of known sizes (``{dataset: (in_shape, n_out)}``),
+    before any data or F is loaded: a coder that refuses K, N or the sizes, or breaks the contract of
+    coders/nworker.py, is a ConfigError naming 'enc_dec_types'."""
+    seen = set()
+    for spec in expand_nworker_runs(cfg):
+        known = known_shapes.get(spec.dataset)
+        key = (json.dumps([spec.encoder, spec.decoder], sort_keys=True), spec.k, spec.n_workers, spec.stragglers,
+               spec.dataset)
+        if known is None or key in seen:
+            continue
+        seen.add(key)
+        (in_shape, n_out), (k, n) = known, (spec.k, spec.n_workers)
+        encoder, decoder = build_nworker_coders(spec, in_shape, n_out)
+        d = math.prod(in_shape)
+        available = straggler_patterns(n, spec.stragglers, 2, seed=0)[[0, -1]]  # two rows, even if C(N, S) = 1
+        try:
+            with torch.no_grad():
+                coded = encoder.eval()(torch.randn(2, k, d))
+                rebuilt = decoder.eval()(torch.randn(2, n, n_out) * available[..., None], available)
+        except ValueError as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': {spec_name(spec.decoder)} cannot decode K={k} from "
+                              f"N - S = {n - spec.stragglers} of N={n} workers: {exc} Fix: change n_workers, "
+                              f"stragglers or the coder.") from None
+        if coded.shape != (2, n, d) or rebuilt.shape != (2, k, n_out):
+            raise ConfigError(f"Config key 'enc_dec_types': {spec_name(spec.encoder)}/{spec_name(spec.decoder)} "
+                              f"returned shapes {tuple(coded.shape)} and {tuple(rebuilt.shape)}; the contract of "
+                              f"coders/nworker.py wants (B, N, D) = (2, {n}, {d}) and (B, K, n) = (2, {k}, {n_out}).")
+
+
 class NWorkerRun:
     """The data, the code, the optimizer and the loop of one N-worker run."""
 
@@ -115,8 +146,8 @@ class NWorkerRun:
             torch.set_num_threads(cfg.num_threads)
         flush_denormals(cfg.flush_denormal)  # as train.engine.CodedRun does
         dev = self.device = resolve_device(cfg.device)
-        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
-        self.classify = self.splits.num_classes is not None
+        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+        self.classify = resolve_task(cfg.task, self.splits) == "classification"
         base = load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
                              device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
         base = base.to(dev).requires_grad_(False).eval()
@@ -125,6 +156,7 @@ class NWorkerRun:
             x, y = self.splits.split(split)
             x, y = x.to(dev), y.to(dev)
             self.data[split] = (x, y, predict(base, x, cfg.eval_batch_size))
+        self.out_var = {split: output_variance(fx) for split, (_, _, fx) in self.data.items()}  # for the NMSE
         n_out = self.data["test"][2].shape[1]
 
         train_seed = spec.train_seed(cfg)
@@ -145,7 +177,7 @@ class NWorkerRun:
         self.config = {**to_dict(cfg), **asdict(spec), "form": "nworker", "code_dirs": list(CODE_DIRS),
                        "patterns_total": pattern_count(self.n, self.s),
                        "train_patterns": len(self.train_patterns), "eval_patterns": len(self.eval_patterns)}
-        self.log = MetricsLog(self.folder)
+        self.log = MetricsLog(self.folder, columns_for(self.classify))
 
     # -- the step and the scores -------------------------------------------------------------------
     def scored(self, rebuilt: torch.Tensor, fx: torch.Tensor, y: torch.Tensor, tally: Tally) -> torch.Tensor:
@@ -171,12 +203,12 @@ class NWorkerRun:
         n = len(self.data["train"][0])
         g = n // self.k
         groups = torch.randperm(n, generator=self.gen)[: g * self.k].view(g, self.k).to(self.device)
-        tally = Tally()
+        tally = Tally(self.classify)
         self.code.train(True)
         for i in range(0, g, self.cfg.batch_size):
             self.step(groups[i:i + self.cfg.batch_size], tally)
         self.code.train(False)
-        return tally.result("train", self.base_accuracy("train"))
+        return tally.result("train", self.base_accuracy("train"), self.out_var["train"])
 
     def base_accuracy(self, split: str) -> Optional[float]:
         if not self.classify:
@@ -189,12 +221,12 @@ class NWorkerRun:
         """Every group of ``split`` (the last wraps around) under every evaluation pattern."""
         x, y, fx = self.data[split]
         groups = eval_groups(len(x), self.k, self.device)
-        tally = Tally()
+        tally = Tally(self.classify)
         self.code.train(False)
         for i in range(0, len(groups), self.cfg.eval_batch_size):
             idx = groups[i:i + self.cfg.eval_batch_size]
             self.scored(self.code.forward_patterns(x[idx], self.eval_patterns), fx[idx], y[idx], tally)
-        return tally.result(split, self.base_accuracy(split))
+        return tally.result(split, self.base_accuracy(split), self.out_var[split])
 
     # -- state and the loop ------------------------------------------------------------------------
     def state(self) -> dict:
@@ -292,6 +324,7 @@ def run_nworker(cfg: Config, folder: Optional[Path], resume: bool, overwrite: bo
         return lines
     if not (resume or overwrite or only_test):
         refuse_occupied(folders, len(runs))
+    check_data(cfg)  # every dataset or domain loads, and F runs on a domain, before the first run
     results = []
     for i, (spec, where) in enumerate(zip(runs, folders), 1):
         print(f"[run {i}/{len(runs)}]", file=out)

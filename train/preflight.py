@@ -12,6 +12,7 @@ from torch import nn
 
 from base_models import MODEL_ALIASES
 from base_models.fit import check_weights_path
+from base_models.functions import construct
 from datasets import DATASET_ALIASES
 from train.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
@@ -39,7 +40,8 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
     for run in runs:
         check_scenario_count(run, cfg)
     for spec in cfg.datasets:
-        _importable(spec, "datasets", DATASET_ALIASES)
+        if spec not in (cfg.domains or {}):  # a domain is drawn, not imported (checked by check_data)
+            _importable(spec, "datasets", DATASET_ALIASES)
     for spec in cfg.models:
         _importable(spec, "models", MODEL_ALIASES)
     if cfg.parity_model is not None:
@@ -61,6 +63,9 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             and any(cfg.parity_model != m for m in cfg.models):
         raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
                           "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
+    if cfg.form == "nworker":  # its coders take (K, N, in_dim): train/nworker.py probes them
+        from train.nworker import probe_nworker_coders
+        return probe_nworker_coders(cfg, KNOWN_SHAPES)
     from train.engine import build_coders
 
     probed: set = set()
@@ -165,15 +170,14 @@ def probe_model(key: str, spec, dataset: str, in_shape, num_classes: int) -> Non
     name = split_spec(spec, key)[0]
     try:
         with torch.device("meta"):  # arguments first, without allocating weights
-            build(spec, key, aliases=MODEL_ALIASES, in_shape=in_shape, num_classes=num_classes)
+            construct(spec, key, MODEL_ALIASES, in_shape, num_classes)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Config key '{key}': {name} could not be built for {dataset} ({exc}). Fix: check its "
                           f"'args'; base models are built as cls(in_shape=(C, H, W), num_classes=n, **args).") from None
     except Exception:  # meta tensors do not support everything; the real build below names real errors
         pass
-    model = call_user(key, f"building {name} for {dataset}", build, spec, key, aliases=MODEL_ALIASES,
-                      in_shape=in_shape, num_classes=num_classes,
-                      fix="base models are built as cls(in_shape=(C, H, W), num_classes=n, **args).")
+    model = call_user(key, f"building {name} for {dataset}", construct, spec, key, MODEL_ALIASES, in_shape,
+                      num_classes, fix="base models are built as cls(in_shape=(C, H, W), num_classes=n, **args).")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"Config key '{key}': {name} built a {type(model).__name__}, not an nn.Module.")
     with torch.no_grad():
@@ -341,44 +345,121 @@ def check_coder_size(run: RunSpec, coders) -> None:
 def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
     """Load every dataset of the sweep once (cached for the runs), so a missing file or a dataset
     function that fails or returns the wrong things stops the command before the first run rather
-    than in the middle; the coders of ``runs`` on a dataset of unknown sizes are probed here."""
+    than in the middle; the coders of ``runs`` on a dataset of unknown sizes are probed here. On a
+    domain or a regression set, every F of the sweep is run on the inputs first (probe_function)."""
+    from base_models.fit import output_size
     from datasets import load_dataset
+    from train.engine import resolve_task
 
     probed: set = set()
     for spec in cfg.datasets:
         name = split_spec(spec, "datasets")[0]
-        splits = call_user("datasets", f"loading the dataset {name}", load_dataset, spec, cfg.data_dir, cfg.download,
-                           cfg.val_size, cfg.seed, fix="a dataset function returns (train_x, train_y, test_x, test_y, "
-                           "num_classes) with float images (N, C, H, W) and int64 labels (README, 'A dataset').")
+        domain = spec in (cfg.domains or {})
+        splits = call_user("domains" if domain else "datasets", f"{'drawing the domain' if domain else 'loading the dataset'} "
+                           f"{name}", load_dataset, spec, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed,
+                           cfg.domains, fix="a dataset function returns (train_x, train_y, test_x, test_y, "
+                           "num_classes) with float inputs (N, ...) and int64 labels (README, 'A dataset').")
         check_splits(name, splits)
-        if spec not in KNOWN_SHAPES:
-            for run in runs or []:
-                if run.dataset == spec:
-                    probe_run_coders(run, splits.input_shape, splits.num_classes, probed)
+        task = resolve_task(cfg.task, splits)
+        sized = {}
+        if splits.num_classes is None or task == "regression":
+            for model in cfg.models:
+                sized[_key(model)] = probe_function(model, spec, splits, cfg, domain)
+        for run in runs or []:
+            if run.dataset != spec:
+                continue
+            if task == "regression":
+                loss = build(run.loss, "losses", aliases=LOSS_ALIASES)
+                if target_kind(loss) == "label":
+                    raise ConfigError(f"Config key 'losses': {split_spec(run.loss, 'losses')[0]} compares "
+                                      f"reconstructions with class labels, but F on '{name}' has no classes "
+                                      f"('task' {task}). Fix: use a loss against F's outputs, such as \"mse\".")
+            if spec not in KNOWN_SHAPES or sized:
+                n_out = sized.get(_key(run.model), output_size(splits))
+                if n_out is not None:
+                    probe_run_coders(run, splits.input_shape, n_out, probed)
+
+
+PROBE_ROWS = 16  # inputs an F with weights is run on to check its output shape before it is trained
+
+
+def probe_function(model_spec, dataset, splits, cfg: Config, domain: bool) -> int:
+    """Run F on the inputs of ``splits`` (a domain or a regression set) and return its output width n.
+
+    A plain function (no weights: F as it will be) runs on every input of every split, so an output
+    of the wrong shape, or NaN or infinite values anywhere on the domain, are named here; an F with
+    weights (trained or loaded later) runs on a few inputs, for its output shape alone."""
+    from base_models.fit import build_base_model, has_weights
+
+    name = split_spec(model_spec, "models")[0]
+    where = f"the domain '{dataset}'" if domain else f"the dataset '{dataset}'"
+    model = call_user("models", f"building {name} for {where}", build_base_model, model_spec, splits,
+                      fix="a class is built as cls(in_shape=..., num_classes=n, **args); a plain function is "
+                      "called as fn(x, **args) (docs/any-function.md).")
+    model.eval()
+    full = not has_weights(model)
+    width = None
+    for split in ("train", "val", "test"):
+        x = splits.split(split)[0]
+        rows = x if full else x[:PROBE_ROWS]
+        for i in range(0, len(rows), cfg.eval_batch_size):
+            batch = rows[i:i + cfg.eval_batch_size]
+            with torch.no_grad():
+                out = call_user("models", f"F ({name}), called on {len(batch)} inputs of shape "
+                                f"{list(batch.shape[1:])} from {where},", model, batch,
+                                fix=f"F must map a batch (B, {', '.join(map(str, batch.shape[1:]))}) to one output "
+                                "row per input, (B, n) (a function may return (B, ...): it is flattened).")
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(batch) \
+                    or not out.is_floating_point():
+                got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(f"Config key 'models': F ({name}) returned {got} for {len(batch)} inputs of "
+                                  f"{where}; it must return one row of real outputs per input, float (B, n). "
+                                  f"Fix: correct F's output shape, or the domain's 'shape'.")
+            if width is not None and out.shape[1] != width:
+                raise ConfigError(f"Config key 'models': F ({name}) returned {out.shape[1]} outputs per input "
+                                  f"for some inputs of {where} and {width} for others; it must return the same "
+                                  f"number for every input.")
+            width = int(out.shape[1])
+            bad = ~torch.isfinite(out).all(1)
+            if bool(bad.any()):
+                first = batch[bad.nonzero()[0, 0]].flatten()[:4].tolist()
+                raise ConfigError(f"Config key 'models': F ({name}) returns NaN or infinite values on "
+                                  f"{int(bad.sum())} of {len(batch)} {split} inputs of {where} (the first at "
+                                  f"{[round(v, 4) for v in first]}{'...' if batch[0].numel() > 4 else ''}). Fix: "
+                                  f"restrict the domain (config key 'domains') to where F is finite, or correct F.")
+    return width
 
 
 def check_splits(name: str, splits) -> None:
-    """What a dataset function returned is usable: float images (N, C, H, W), int64 labels in
-    range, as many labels as images, finite values."""
+    """What a dataset function returned is usable: float inputs (N, ...), int64 labels in range,
+    as many labels as inputs, finite values. A regression set (num_classes None) has float
+    targets (N,) or (N, m); a domain has none, (N, 0)."""
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"Config key 'datasets': the dataset {name} {msg}. A dataset function returns "
                            f"(train_x, train_y, test_x, test_y, num_classes) with float images (N, C, H, W) and "
-                           f"int64 labels in 0..num_classes-1 (README, 'A dataset').")
+                           f"int64 labels in 0..num_classes-1, or float inputs (N, ...), float targets and "
+                           f"num_classes None for a regression set (README, 'A dataset').")
 
     n = splits.num_classes
-    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise bad(f"gives num_classes = {n!r}; it must be an integer of 2 or more")
+    regression = n is None
+    if not regression and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
+        raise bad(f"gives num_classes = {n!r}; it must be an integer of 2 or more (or None for a regression set)")
     for split in ("train", "val", "test"):
         x, y = splits.split(split)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise bad(f"gives {split} data of type {type(x).__name__}/{type(y).__name__}, not tensors")
-        if not x.is_floating_point() or x.dim() != 4:
+        if not x.is_floating_point() or x.dim() < 2 or (not regression and x.dim() != 4):
             raise bad(f"gives {split} images of dtype {x.dtype} and shape {tuple(x.shape)}; they must be floating "
-                      f"point (N, C, H, W) (uint8 pixels: divide by 255 first)")
-        if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
-            raise bad(f"gives {len(x)} {split} images with labels of dtype {y.dtype} and shape {tuple(y.shape)}; "
-                      f"there must be one int64 label per image")
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
-            raise bad(f"gives {split} labels from {int(y.min())} to {int(y.max())} with num_classes = {n}")
+                      f"point {'(N, ...)' if regression else '(N, C, H, W)'} (uint8 pixels: divide by 255 first)")
+        if regression:
+            if not y.is_floating_point() or y.dim() not in (1, 2) or len(y) != len(x):
+                raise bad(f"gives {len(x)} {split} inputs with targets of dtype {y.dtype} and shape "
+                          f"{tuple(y.shape)}; a regression set has float targets (N,) or (N, m)")
+        else:
+            if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+                raise bad(f"gives {len(x)} {split} images with labels of dtype {y.dtype} and shape {tuple(y.shape)}; "
+                          f"there must be one int64 label per image")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
+                raise bad(f"gives {split} labels from {int(y.min())} to {int(y.max())} with num_classes = {n}")
         if not bool(torch.isfinite(x).all()):
             raise bad(f"gives {split} images holding NaN or infinite values")

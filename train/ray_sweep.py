@@ -173,7 +173,7 @@ def train_base_task(cfg, spec, cwd: str, code_dirs: list[str]) -> str:
     os.chdir(cwd)
     for d in code_dirs:
         add_code_dir(d)
-    splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)
+    splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
     load_or_train(spec.model, splits, path=None, root=cfg.base_model_dir, device=cfg.device, seed=cfg.seed,
                   epochs=cfg.base_model_epochs, progress=False)
     return spec.describe()
@@ -188,7 +188,7 @@ def missing_base_models(cfg, runs) -> list:
 
     missing = {}
     for spec in runs:
-        splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed)  # cached by check_data
+        splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)  # cached by check_data
         path = default_path(splits.name, spec.model, cfg.base_model_dir)
         if not path.exists():
             missing.setdefault(str(path), spec)

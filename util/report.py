@@ -9,6 +9,11 @@ reconstruction accuracy, the earliest on ties -- because that is the epoch
 ``best.pt`` holds; the last epoch may have overfit. The runs of a ``seeds``
 sweep become one row of mean ± standard deviation (``--each-seed`` lists
 them one by one).
+
+Runs of an F without classes (a function on a domain, a regression network:
+metrics rows without accuracies) get a table of their own with the errors of
+the rebuilt outputs (MSE, normalised MSE, relative L2) and no accuracy column;
+their best validation epoch is the one of lowest validation MSE.
 """
 from __future__ import annotations
 
@@ -45,6 +50,22 @@ COLUMNS = [
     ("test_degraded_acc", "test degraded acc (%)", "pct"),
     ("test_group_acc", "test all-k acc (%)", "pct"),
     ("acc_lost", "accuracy lost vs F (points)", "pct"),
+    ("epoch_seconds", "s / epoch", "sec"),
+]
+# The table of runs whose F has no classes: errors of the rebuilt outputs only; kind "num" prints 4 digits.
+REGRESSION_COLUMNS = [
+    ("dataset", "dataset", "str"),
+    ("model", "base model", "str"),
+    ("k", "k", "str"),
+    ("r", "r", "str"),
+    ("loss", "loss", "str"),
+    ("encoder", "encoder", "str"),
+    ("decoder", "decoder", "str"),
+    ("epochs_run", "epochs run", "str"),
+    ("best_epoch", "best epoch", "str"),
+    ("test_mse", "test MSE", "num"),
+    ("test_nmse", "test NMSE", "num"),
+    ("test_rel_l2", "test rel. L2", "num"),
     ("epoch_seconds", "s / epoch", "sec"),
 ]
 
@@ -103,8 +124,21 @@ def _number(v: Any) -> Optional[float]:
     return None
 
 
+def is_classifier(rows: Sequence[dict]) -> bool:
+    """Whether the run's rows score a classifier (they hold accuracies) or any other F (errors only)."""
+    return any("val_recon_acc" in r for r in rows)
+
+
 def best_row(rows: Sequence[dict]) -> dict:
-    """The row with the highest ``val_recon_acc``; the earliest epoch on ties."""
+    """The row with the highest ``val_recon_acc`` (for an F without classes: the lowest ``val_mse``);
+    the earliest epoch on ties."""
+    if not is_classifier(rows):
+        scored = [(r, _number(r.get("val_mse"))) for r in rows]
+        scored = [(r, -v) for r, v in scored if v is not None and math.isfinite(v)]
+        if not scored:
+            raise RunReadError("no epoch has a validation reconstruction accuracy or MSE")
+        top = max(v for _, v in scored)
+        return min((r for r, v in scored if v == top), key=lambda r: r["epoch"])
     scored = [(r, _number(r.get("val_recon_acc"))) for r in rows]
     scored = [(r, v) for r, v in scored if v is not None]
     if not scored:
@@ -132,6 +166,7 @@ def summarize_run(folder: str | Path) -> dict:
         raise RunReadError(f"{CONFIG_FILE} lacks {', '.join(missing)}")
     rows = sorted(read_rows(folder / METRICS_FILE), key=lambda r: r["epoch"])
     best = best_row(rows)
+    classify = is_classifier(rows)
     f_acc = _number(best.get("test_base_acc"))
     # Epoch 0 only evaluates the untrained code; the others train, evaluate and checkpoint.
     seconds = [v for v in (_number(r.get("seconds")) for r in rows if r["epoch"] > 0) if v is not None]
@@ -157,7 +192,13 @@ def summarize_run(folder: str | Path) -> dict:
         # may itself be a run (the same choices without 'seeds'): it is not one of the seeds.
         "group": (f"seeds of {folder.parent}" if config.get("run_seed") is not None else f"run {folder}"),
         "folder": str(folder),
-        "history": [(r["epoch"], _number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
+        "classify": classify,
+        "test_mse": _number(best.get("test_mse")),
+        "test_nmse": _number(best.get("test_nmse")),
+        "test_rel_l2": _number(best.get("test_rel_l2")),
+        # per epoch for the plots: a classifier's (val recon, val degraded), any other F's (val MSE, val NMSE)
+        "history": [(r["epoch"], *((_number(r.get("val_recon_acc")), _number(r.get("val_degraded_acc")))
+                                   if classify else (_number(r.get("val_mse")), _number(r.get("val_nmse")))))
                     for r in rows],
     }
 
@@ -174,9 +215,9 @@ def merge_seeds(rows: Sequence[dict]) -> list[dict]:
         row = {**members[0], "seeds": len(members)}
         if len(members) > 1:
             row["seed"] = None
-            for key, _, kind in COLUMNS:
+            for key, _, kind in (COLUMNS if row.get("classify", True) else REGRESSION_COLUMNS):
                 values = [m.get(key) for m in members]
-                if kind == "pct":
+                if kind in ("pct", "num"):
                     known = [v for v in values if v is not None]
                     row[key] = statistics.fmean(known) if known else None
                     if key != "f_test_acc":  # one F for the whole sweep: its spread is no news
@@ -200,6 +241,8 @@ def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
         return "n/a"
     if kind == "pct":
         return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+    if kind == "num":
+        return f"{value:.4g}" + (f" ± {std:.2g}" if std is not None else "")
     if kind == "sec":
         return f"{value:.1f}"
     return str(value).replace("|", "\\|")
@@ -208,9 +251,18 @@ def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
 def markdown_table(rows: Iterable[dict]) -> str:
     """A markdown table of ``rows`` (as from :func:`summarize_run` or :func:`merge_seeds`), stably
     sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
-    then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one."""
+    then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one.
+    Runs of classifiers and runs of other F get a table each (the second after a blank line), the
+    latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy."""
+    rows = list(rows)
+    kinds = [[r for r in rows if r.get("classify", True)], [r for r in rows if not r.get("classify", True)]]
+    return "\n".join(_one_table(part, columns) for part, columns in zip(kinds, (COLUMNS, REGRESSION_COLUMNS))
+                     if part)
+
+
+def _one_table(rows: list[dict], columns: list) -> str:
     rows = sorted(rows, key=sort_key)
-    columns = list(COLUMNS)
+    columns = list(columns)
     at = [key for key, _, _ in columns].index("decoder") + 1
     if any(r.get("seeds", 1) > 1 for r in rows):
         columns.insert(at, ("seeds", "seeds", "str"))
@@ -229,7 +281,8 @@ def _safe(text: str) -> str:
 
 
 def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> list[Path]:
-    """One PNG per (dataset, model, k, r): validation recon and degraded accuracy per epoch, a line per run.
+    """One PNG per (dataset, model, k, r): validation recon and degraded accuracy per epoch, a line per run
+    (for an F without classes: validation MSE and normalised MSE, on a log scale).
 
     matplotlib is an optional extra: without it, say so on ``err`` and write nothing.
     """
@@ -261,14 +314,20 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
             seen[code] = seen.get(code, 0) + 1
             label = code + (f" seed {run['seed']}" if run.get("seed") is not None else "")
             epochs = [e for e, _, _ in run["history"]]
+            scale = 100 if run.get("classify", True) else 1
             for ax, i in zip(axes, (1, 2)):
-                values = [100 * h[i] if h[i] is not None else float("nan") for h in run["history"]]
+                values = [scale * h[i] if h[i] is not None else float("nan") for h in run["history"]]
                 ax.plot(epochs, values, marker="o", markersize=3, label=label, color=color, linestyle=style)
-        for ax, what in zip(axes, ("reconstruction", "degraded-mode")):
-            ax.set_title(f"validation {what} accuracy")
+        classify = runs[0].get("classify", True)
+        titles = (("validation reconstruction accuracy", "%"), ("validation degraded-mode accuracy", "%")) \
+            if classify else (("validation MSE of rebuilt outputs", "MSE"), ("validation normalised MSE", "MSE / Var F(X)"))
+        for ax, (title, unit) in zip(axes, titles):
+            ax.set_title(title)
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel("%")
+            ax.set_ylabel(unit)
+            if not classify:
+                ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
         fig.suptitle(f"{dataset} / {model} / k={k} r={r}")
