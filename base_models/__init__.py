@@ -11,7 +11,4 @@ MODEL_ALIASES = {
     "logistic": "base_models.logistic.LogisticRegression",
     "lenet5": "base_models.lenet.LeNet5",
     "resnet18": "base_models.resnet.ResNet18",
-    "tabular-mlp": "base_models.tabular.TabularMLP",
-    "x-sin-x": "base_models.functions.x_sin_x",
-    "lorenz": "base_models.functions.lorenz_flow",
 }

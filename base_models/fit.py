@@ -32,11 +32,14 @@ from util.hardware import count_subnormal, flush_denormals, resolve_device
 DEFAULT_ROOT = "base_model_trained_files"
 
 
-def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optional[int] = None) -> nn.Module:
-    """F for ``splits``; with ``seed``, its initial weights are drawn from that seed."""
+def build_base_model(spec: Any, splits: Splits, key: str = "models", seed: Optional[int] = None,
+                     out_size: Optional[int] = None) -> nn.Module:
+    """F for ``splits``; with ``seed``, its initial weights are drawn from that seed. A class is built
+    with ``num_classes = out_size``, by default :func:`output_size` of ``splits``."""
     if seed is not None:
         torch.manual_seed(seed)
-    return construct(spec, key, MODEL_ALIASES, splits.input_shape, output_size(splits))
+    return construct(spec, key, MODEL_ALIASES, splits.input_shape,
+                     out_size if out_size is not None else output_size(splits))
 
 
 def output_size(splits: Splits) -> Optional[int]:
@@ -274,11 +277,11 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
 
 @contextlib.contextmanager
 def weights_writer(path: Path, wait: bool):
-    """Hold the lock of the folder of F's weights file ``path`` (train/lock.py) while F is
+    """Hold the lock of the folder of F's weights file ``path`` (util/lock.py) while F is
     trained into it, so one process writes it; a kill's temporary files are removed once the
     lock is ours. ``wait``: wait for another writer to finish (train.py, which then loads
     what it wrote) instead of stopping with a UserError naming it (``python -m base_models.fit``)."""
-    from train.lock import FolderBusy, FolderLock
+    from util.lock import FolderBusy, FolderLock
 
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -328,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--val-size must be 1 or more")
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr must be a positive number; got {args.lr}")
-    from train.preflight import check_device, check_writable_folder
+    from util.checks import check_device, check_writable_folder
 
     if args.device != "auto":
         check_device(args.device, "--device")

@@ -18,7 +18,7 @@ import torch
 from datasets import load_dataset
 from datasets.domains import DomainSpec, sample_domain
 from train.cli import main, run_all
-from train.code import Code, coder_in_dim
+from coders.code import Code, coder_in_dim
 from train.metrics import MetricsLog, Tally, error_metrics, output_variance
 from util import report
 
@@ -200,13 +200,14 @@ def test_report_prints_error_columns_and_no_accuracy_for_a_function(trained):
 
 def test_f_stays_frozen_and_the_encoder_learns_through_it(tmp_path):
     """A regression network F (trained on first use on the bundled diabetes set) keeps its weights."""
-    from train.config import expand_runs, load_config
+    from coders.config import expand_runs, load_config
     from train.engine import CodedRun
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({
         "num_epoch": 1, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
-        "datasets": ["diabetes"], "models": ["tabular-mlp"], "losses": ["mse"], "base_model_epochs": 3,
+        "datasets": ["diabetes"], "models": ["base_models.tabular.TabularMLP"], "losses": ["mse"],
+        "base_model_epochs": 3,
         "save_dir": str(tmp_path / "save"), "base_model_dir": str(tmp_path / "base"), "device": "cpu",
         "progress": False}))
     cfg = load_config(path)
@@ -218,7 +219,7 @@ def test_f_stays_frozen_and_the_encoder_learns_through_it(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in run.encoder.parameters())
     run.fit(overwrite=True)
     assert all(not p.requires_grad and p.grad is None for p in run.base.parameters())
-    saved = torch.load(tmp_path / "base" / "diabetes" / "tabular-mlp" / "model.pt")
+    saved = torch.load(tmp_path / "base" / "diabetes" / "TabularMLP" / "model.pt")
     for key, value in run.base.state_dict().items():
         assert torch.equal(value, before[key]) and torch.equal(value, saved[key]), key
     assert not run.base.training
@@ -286,6 +287,7 @@ def log_of(x):
     ({"models": ["my_funcs.log_of"]}, ["'models'", "log_of", "NaN or infinite", "'domains'"]),
     ({"losses": ["xent"]}, ["'losses'", "class labels"]),
     ({"task": "classification"}, ["'task'", "interval"]),
+    ({"train_parity_model": True}, ["'parity_model'", "no parameters"]),
 ])
 def test_a_bad_domain_or_function_exits_2_naming_the_key_before_any_work(function_config, tmp_path, capsys,
                                                                         change, needles):

@@ -11,7 +11,7 @@ import torch
 from coders.nworker import (BerrutDecoder, BerrutEncoder, MLPDecoder, MLPEncoder, NWorkerCode, chebyshev_points,
                             pattern_count, straggler_patterns)
 from coders.spline import SplineDecoder, SplineEncoder
-from train.config import validate_dict
+from coders.config import validate_dict
 from util.errors import ConfigError
 
 

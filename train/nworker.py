@@ -35,19 +35,19 @@ from typing import Optional
 import torch
 
 from base_models.fit import load_or_train, predict
+from coders.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
 from datasets import load_dataset
-from train.checkpoint import load_checkpoint, load_module_state, refuse_occupied, remove_partial_writes, save_checkpoint
-from train.config import CODE_DIRS, Config, to_dict
 from train.engine import eval_groups, make_optimizer, resolve_task
-from train.lock import FolderLock
 from train.losses import LOSS_ALIASES, target_kind
-from train.preflight import check_data
 from train.metrics import MetricsLog, Tally, columns_for, output_variance, summary_line
+from train.preflight import KNOWN_SHAPES, check_data
+from util.checkpoint import load_checkpoint, load_module_state, refuse_occupied, remove_partial_writes, save_checkpoint
 from util.classpath import build, spec_name
 from util.errors import ConfigError, RunDiverged
 from util.files import atomic_write_text
 from util.hardware import flush_denormals, resolve_device
+from util.lock import FolderLock
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def build_nworker_coders(spec: NWorkerSpec, in_shape, n_out: int):
     return modules
 
 
-def probe_nworker_coders(cfg: Config, known_shapes: dict) -> None:
+def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None:
     """Build and call every run's coders on a dataset of known sizes (``{dataset: (in_shape, n_out)}``),
     before any data or F is loaded: a coder that refuses K, N or the sizes, or breaks the contract of
     coders/nworker.py, is a ConfigError naming 'enc_dec_types'."""
@@ -315,6 +315,7 @@ def run_nworker(cfg: Config, folder: Optional[Path], resume: bool, overwrite: bo
     """``train.py`` for an N-worker config: every run of the sweep, in order."""
     out = out or sys.stdout
     runs = expand_nworker_runs(cfg)
+    probe_nworker_coders(cfg)  # before any data or F is loaded
     if shard is not None:
         runs = runs[shard[0] - 1::shard[1]]
     folders = [folder if folder is not None else spec.folder(cfg.save_dir) for spec in runs]

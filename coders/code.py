@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train.scenarios import apply_scenarios, enumerate_scenarios
+from coders.scenarios import apply_scenarios, enumerate_scenarios
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -146,9 +146,9 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     """
     from base_models.fit import build_base_model, check_weights_path, default_path, has_weights, load_state
     from datasets import load_dataset
-    from train.checkpoint import load_checkpoint, load_module_state, tensors_digest
-    from train.config import expand_runs, load_run_folder
-    from train.engine import build_coders, build_parity_models
+    from util.checkpoint import load_checkpoint, load_module_state, tensors_digest
+    from coders.config import expand_runs, load_run_folder
+    from coders.build import build_coders, build_parity_models
     from util.errors import UserError
     from util.hardware import resolve_device
 
@@ -177,7 +177,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     with torch.no_grad():
         n_out = base(splits.test_x[:1]).shape[1]
     encoder, decoder = build_coders(spec, splits.input_shape, n_out)
-    parity = build_parity_models(cfg, spec, splits, base) if cfg.train_parity_model else None
+    parity = build_parity_models(cfg, spec, splits, base, n_out) if cfg.train_parity_model else None
     load_module_state(encoder, state["encoder"], "encoder", path)
     load_module_state(decoder, state["decoder"], "decoder", path)
     if parity is not None:
