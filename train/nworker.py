@@ -186,7 +186,7 @@ class NWorkerRun:
         p = rebuilt.shape[0]
         rebuilt = rebuilt.reshape(-1, fx.shape[-1])
         base = fx.unsqueeze(0).expand(p, *fx.shape).reshape(-1, fx.shape[-1])
-        labels = y.unsqueeze(0).expand(p, *y.shape).reshape(-1, *y.shape[2:])
+        labels = y.unsqueeze(0).expand(p, *y.shape).reshape(len(rebuilt), *y.shape[2:])  # a domain's are (.., 0)
         loss = self.loss_fn(rebuilt, labels if self.loss_kind == "label" else base)
         tally.add(rebuilt, base, labels, loss.detach())
         return loss
@@ -345,3 +345,46 @@ def run_nworker(cfg: Config, folder: Optional[Path], resume: bool, overwrite: bo
             failed.append(str(run.folder))
             results.append(run.log.rows())
     return results
+
+
+def results_table(root: str | Path) -> list[str]:
+    """Markdown rows, one per N-worker run folder under ``root``: its best epoch's test scores
+    (accuracy of all K answers for a classifier; MSE, normalised MSE and relative L2 error always)."""
+    lines = ["| dataset | F | K | N | S | encoder | decoder | epochs | best | val score | test acc (%) | test MSE "
+             "| test NMSE | test rel. L2 |", "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cfg_path in sorted(Path(root).rglob("config.json")):
+        saved = json.loads(cfg_path.read_text())
+        rows_path = cfg_path.parent / "metrics.jsonl"
+        if saved.get("form") != "nworker" or not rows_path.exists():
+            continue
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        classify = any("val_degraded_acc" in r for r in rows)
+        key = (lambda r: r.get("val_degraded_acc", -1)) if classify else (lambda r: -r.get("val_mse", math.inf))
+        best = max(rows, key=key)
+        acc = f"{100 * best['test_degraded_acc']:.2f}" if classify else "n/a"
+        val = f"{100 * best['val_degraded_acc']:.2f}%" if classify else f"{best['val_mse']:.4g}"
+        lines.append(f"| {spec_name(saved['dataset'])} | {spec_name(saved['model'])} | {saved['k']} | "
+                     f"{saved['n_workers']} | {saved['stragglers']} | {spec_name(saved['encoder'])} | "
+                     f"{spec_name(saved['decoder'])} | {max(r['epoch'] for r in rows)} | {best['epoch']} | {val} | "
+                     f"{acc} | " + " | ".join(f"{best[c]:.4g}" if c in best else "n/a"
+                                              for c in ("test_mse", "test_nmse", "test_rel_l2")) + " |")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m train.nworker RESULTS_DIR``: the table of every N-worker run under RESULTS_DIR."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train.nworker", description=main.__doc__)
+    ap.add_argument("root", help="a save_dir of N-worker runs, e.g. results_nworker")
+    args = ap.parse_args(argv)
+    if not Path(args.root).is_dir():
+        print(f"error: '{args.root}' is not a folder. Fix: pass the save_dir of an N-worker config "
+              f"(e.g. results_nworker).", file=sys.stderr)
+        return 2
+    print(*results_table(args.root), sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
