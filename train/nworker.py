@@ -371,18 +371,47 @@ def results_table(root: str | Path) -> list[str]:
     return lines
 
 
+def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
+    """Markdown rows: ``column`` at the best validation epoch against N, one row per (dataset, K, S,
+    family); of several runs of one family (a decoder's lam, say) the one with the lowest validation
+    MSE is shown, with its lam."""
+    best: dict = {}
+    for cfg_path in sorted(Path(root).rglob("config.json")):
+        saved = json.loads(cfg_path.read_text())
+        rows_path = cfg_path.parent / "metrics.jsonl"
+        if saved.get("form") != "nworker" or not rows_path.exists():
+            continue
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+        row = min(rows, key=lambda r: r["val_mse"])
+        family = spec_name(saved["encoder"]).split("-")[0]
+        lam = saved["decoder"].get("args", {}).get("lam") if isinstance(saved["decoder"], dict) else None
+        key = (spec_name(saved["dataset"]), saved["k"], saved["stragglers"], family, saved["n_workers"])
+        if key not in best or row["val_mse"] < best[key][0]:
+            best[key] = (row["val_mse"], row[column], lam)
+    ns = sorted({key[-1] for key in best})
+    lines = [f"| dataset | K | S | code | " + " | ".join(f"N = {n}" for n in ns) + " |",
+             "|---|---:|---:|---|" + "---:|" * len(ns)]
+    for head in sorted({key[:-1] for key in best}):
+        cells = [best.get((*head, n)) for n in ns]
+        lines.append(f"| {head[0]} | {head[1]} | {head[2]} | {head[3]} | " + " | ".join(
+            "" if c is None else f"{c[1]:.4g}" + (f" (lam {c[2]:g})" if c[2] is not None else "") for c in cells)
+            + " |")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m train.nworker RESULTS_DIR``: the table of every N-worker run under RESULTS_DIR."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m train.nworker", description=main.__doc__)
     ap.add_argument("root", help="a save_dir of N-worker runs, e.g. results_nworker")
+    ap.add_argument("--by-n", action="store_true", help="one row per code, the test NMSE against N")
     args = ap.parse_args(argv)
     if not Path(args.root).is_dir():
         print(f"error: '{args.root}' is not a folder. Fix: pass the save_dir of an N-worker config "
               f"(e.g. results_nworker).", file=sys.stderr)
         return 2
-    print(*results_table(args.root), sep="\n")
+    print(*(error_by_n(args.root) if args.by_n else results_table(args.root)), sep="\n")
     return 0
 
 
