@@ -12,7 +12,7 @@ from torch import nn
 from typing import Optional
 
 from base_models.fit import build_base_model
-from coders.code import coder_in_dim
+from util.shapes import coder_in_dim
 from coders.config import Config, RunSpec
 from util.classpath import build, describe_exception, spec_name
 from util.errors import ConfigError

@@ -9,7 +9,7 @@ these same methods, so a code behaves identically wherever it runs.
 Shapes, with B groups, k data inputs and r parities per group and n outputs
 of F: data ``(B, k, C, H, W)``, parities ``(B, r, C, H, W)``, outputs
 ``(B, k + r, n)`` (data outputs first), availability ``(B, k + r)`` boolean.
-Inputs of any other shape work the same way (:func:`coder_in_dim`): vectors
+Inputs of any other shape work the same way (:func:`util.shapes.coder_in_dim`): vectors
 ``(B, k, D)`` are encoded as they are, and an input ``(C, *rest)`` of two or
 more dimensions as C channels of ``prod(rest)`` values each.
 """
@@ -29,22 +29,6 @@ def freeze(model: nn.Module) -> nn.Module:
     """Freeze F for real: no gradients, eval mode (BatchNorm statistics stay put)."""
     model.requires_grad_(False)
     return model.eval()
-
-
-def coder_in_dim(in_shape) -> list[int]:
-    """The ``in_dim`` an encoder is built with for inputs of shape ``in_shape``: ``[-1, D]`` for a
-    vector ``(D,)``, ``[-1, C, H, W]`` for an image, ``[-1, C, 1, prod(rest)]`` for any other
-    ``(C, *rest)`` (C channels, each a row of values), matching how :meth:`Code.encode` folds the
-    channels into the encoder's batch."""
-    shape = [int(d) for d in in_shape]
-    if len(shape) == 1:
-        return [-1, shape[0]]
-    if len(shape) == 3:
-        return [-1, *shape]
-    rest = 1
-    for d in shape[1:]:
-        rest *= d
-    return [-1, shape[0], 1, rest]
 
 
 class Code(nn.Module):
@@ -145,7 +129,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder.
     """
     from base_models.fit import build_base_model, check_weights_path, default_path, has_weights, load_state
-    from datasets import load_dataset
+    from datasets import load_data
     from util.checkpoint import load_checkpoint, load_module_state, tensors_digest
     from coders.config import expand_runs, load_run_folder
     from coders.build import build_coders, build_parity_models
@@ -157,7 +141,7 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     path = folder / checkpoint
     state = load_checkpoint(path)
     dev = resolve_device(device)
-    splits = load_dataset(spec.dataset, data_dir or cfg.data_dir, False, cfg.val_size, cfg.seed, cfg.domains)
+    splits = load_data(spec.dataset, data_dir or cfg.data_dir, False, cfg.val_size, cfg.seed, cfg.domains)
     base = build_base_model(spec.model, splits)
     weights = None  # a plain function F has no weights to load
     if has_weights(base):

@@ -232,9 +232,31 @@ def sample_domain(name: str, spec: DomainSpec, seed: int = 0, data_dir: Optional
                   idx[:len(train)], idx[len(train):])
 
 
+_DRAWN: dict = {}
+
+
+def load_data(name: str, data_dir: Optional[str] = None, download: bool = True, val_size: Optional[int] = None,
+              seed: int = 0, domains: Optional[dict] = None):
+    """The :class:`datasets.splits.Splits` a run's ``datasets`` entry ``name`` names: drawn from the
+    domain ``domains[name]`` (the config key 'domains': name -> spec) when there is one, else the dataset
+    read by :func:`datasets.splits.load_dataset`. Draws are cached per process, like datasets; each call
+    returns copies."""
+    from datasets.splits import Splits, load_dataset, resolve_data_dir
+
+    if not domains or name not in domains:
+        return load_dataset(name, data_dir, download, val_size, seed)
+    spec = domains[name] if isinstance(domains[name], DomainSpec) else DomainSpec(**domains[name])
+    key = (name, domain_key(spec), seed, val_size, str(Path(resolve_data_dir(data_dir)).resolve()))
+    if key not in _DRAWN:
+        _DRAWN[key] = sample_domain(name, spec, seed, data_dir, download, val_size)
+    s = _DRAWN[key]
+    return Splits(s.name, s.train_x.clone(), s.train_y.clone(), s.val_x.clone(), s.val_y.clone(),
+                  s.test_x.clone(), s.test_y.clone(), None, s.train_idx, s.val_idx)
+
+
 def domain_key(spec: DomainSpec) -> str:
     """A stable text of ``spec`` for caches keyed by what the domain holds."""
     return json.dumps(dataclasses.asdict(spec), sort_keys=True)
 
 
-__all__ = ["DomainSpec", "SAMPLERS", "check_domain", "sample_domain", "domain_key"]
+__all__ = ["DomainSpec", "SAMPLERS", "check_domain", "sample_domain", "load_data", "domain_key"]

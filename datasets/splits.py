@@ -83,23 +83,11 @@ _CACHE: dict = {}
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True,
-                 val_size: Optional[int] = None, seed: int = 0, domains: Optional[dict] = None) -> Splits:
+                 val_size: Optional[int] = None, seed: int = 0) -> Splits:
     """Load ``name`` and carve a validation split from its training split with ``seed``.
 
-    ``domains`` is the config key of that name (name -> domain spec): a ``name``
-    among its keys is drawn from that domain (datasets/domains.py) instead of read.
     Raw tensors are cached per process, so a sweep over k reads the files once.
     """
-    if domains and name in domains:
-        from datasets.domains import DomainSpec, domain_key, sample_domain
-
-        spec = domains[name] if isinstance(domains[name], DomainSpec) else DomainSpec(**domains[name])
-        key = ("domain", name, domain_key(spec), seed, val_size, os.path.abspath(resolve_data_dir(data_dir)))
-        if key not in _CACHE:
-            _CACHE[key] = sample_domain(name, spec, seed, data_dir, download, val_size)
-        s = _CACHE[key]
-        return Splits(s.name, s.train_x.clone(), s.train_y.clone(), s.val_x.clone(), s.val_y.clone(),
-                      s.test_x.clone(), s.test_y.clone(), None, s.train_idx, s.val_idx)
     root = resolve_data_dir(data_dir)
     key = (name, os.path.abspath(root))
     if key not in _CACHE:

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import load_dataset
+from datasets import load_data, load_dataset
 from datasets.domains import DomainSpec, sample_domain
 from train.cli import main, run_all
-from coders.code import Code, coder_in_dim
+from coders.code import Code
 from train.metrics import MetricsLog, Tally, error_metrics, output_variance
 from util import report
+from util.shapes import coder_in_dim
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_file_and_dataset_samplers(tmp_path):
     rows = torch.cat([s.train_x, s.val_x, s.test_x])
     assert torch.equal(rows.flatten(1).sort(0).values, torch.from_numpy(data).flatten(1).sort(0).values)
     digits = load_dataset("digits", seed=2)
-    d = load_dataset("pixels", seed=2, domains={"pixels": {"sampler": "dataset", "dataset": "digits"}})
+    d = load_data("pixels", seed=2, domains={"pixels": {"sampler": "dataset", "dataset": "digits"}})
     assert torch.equal(d.train_x, digits.train_x) and torch.equal(d.test_x, digits.test_x)
     assert d.num_classes is None and d.train_y.shape == (len(d.train_x), 0)
 
@@ -302,3 +303,15 @@ def test_a_bad_domain_or_function_exits_2_naming_the_key_before_any_work(functio
     for needle in needles:
         assert needle in message, (needle, message)
     assert not (tmp_path / "save").exists(), "work started"
+
+
+def test_generic_speed_benchmark_prints_seconds_per_epoch_and_the_load(function_config, capsys):
+    from bench import generic_speed
+
+    assert generic_speed.main([str(function_config()), "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "load average" in out and "cores" in out
+    row = next(ln for ln in out.splitlines() if ln.startswith(str(function_config())[:20]))
+    cells = row.split()
+    assert cells[1] == "x_sin_x" and int(cells[-4]) == 512  # k = 2 shuffles of the 512 inputs, 256 groups each
+    assert float(cells[-3]) > 0 and float(cells[-2]) > 0

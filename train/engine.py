@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from base_models.fit import default_path, has_weights, load_or_train, predict
-from datasets import load_dataset
+from datasets import load_data
 from datasets.splits import AUGMENTED, resolve_data_dir
 from train import distributed
 from train.augment import random_crop_flip
 from coders.build import build_coders, build_parity_models, probe_coders
-from coders.code import Code, coder_in_dim, freeze
+from coders.code import Code, freeze
 from util.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
                               remove_partial_writes, save_checkpoint)
 from coders.config import CODE_DIRS, Config, RunSpec, to_dict
@@ -38,7 +38,7 @@ from util.classpath import build, import_class, spec_name, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
 from util.files import atomic_write_text
 from util.hardware import flush_denormals, keep_freed_memory, resolve_device
-from util.shapes import get_flattened_dim
+from util.shapes import coder_in_dim, get_flattened_dim
 
 
 def eval_groups(n: int, k: int, device) -> torch.Tensor:
@@ -101,7 +101,7 @@ class CodedRun:
             cfg = self.cfg = replace(cfg, progress=False)
         dev = self.device
 
-        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+        self.splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
         # A classifier is scored by accuracies and errors, any other F by the errors of its rebuilt outputs.
         self.task = resolve_task(cfg.task, self.splits)
         self.classify = self.task == "classification"

@@ -110,7 +110,7 @@ class Tally:
         recon, base_out = recon.detach(), base_out.detach()
         m = len(recon)
         if self.classify:
-            targets = torch.stack([base_out.argmax(1), labels], 1)
+            targets = torch.stack([base_out.detach().argmax(1), labels], 1)
             hits = topk_hits(recon, targets, 5).flatten().float()
         else:
             hits = recon.new_zeros(4, dtype=torch.float32)

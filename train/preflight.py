@@ -250,7 +250,7 @@ def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
     than in the middle; the coders of ``runs`` on a dataset of unknown sizes are probed here. On a
     domain or a regression set, every F of the sweep is run on the inputs first (probe_function)."""
     from base_models.fit import output_size
-    from datasets import load_dataset
+    from datasets import load_data
     from train.engine import resolve_task
 
     probed: set = set()
@@ -258,7 +258,7 @@ def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:
         name = split_spec(spec, "datasets")[0]
         domain = spec in (cfg.domains or {})
         splits = call_user("domains" if domain else "datasets", f"{'drawing the domain' if domain else 'loading the dataset'} "
-                           f"{name}", load_dataset, spec, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed,
+                           f"{name}", load_data, spec, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed,
                            cfg.domains, fix="a dataset function returns (train_x, train_y, test_x, test_y, "
                            "num_classes) with float inputs (N, ...) and int64 labels (README, 'A dataset').")
         check_splits(name, splits)

@@ -167,13 +167,13 @@ def run_task(monitor, index: int, total: int, cfg, spec, folder: Optional[str], 
 def train_base_task(cfg, spec, cwd: str, code_dirs: list[str]) -> str:
     """Train the F of ``spec`` (stored at its default path), as the first run using it would."""
     from base_models.fit import load_or_train
-    from datasets import load_dataset
+    from datasets import load_data
     from coders.config import add_code_dir
 
     os.chdir(cwd)
     for d in code_dirs:
         add_code_dir(d)
-    splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+    splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
     load_or_train(spec.model, splits, path=None, root=cfg.base_model_dir, device=cfg.device, seed=cfg.seed,
                   epochs=cfg.base_model_epochs, progress=False)
     return spec.describe()
@@ -183,15 +183,15 @@ def missing_base_models(cfg, runs) -> list:
     """One run per F that the sweep needs and that is not trained yet (default path, no 'base_model_file')."""
     if cfg.base_model_file is not None:
         return []
-    from base_models.fit import default_path
-    from datasets import load_dataset
+    from base_models.fit import build_base_model, default_path, has_weights
+    from datasets import load_data
 
     missing = {}
     for spec in runs:
-        splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)  # cached by check_data
+        splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)  # cached by check_data
         path = default_path(splits.name, spec.model, cfg.base_model_dir)
-        if not path.exists():
-            missing.setdefault(str(path), spec)
+        if not path.exists() and str(path) not in missing and has_weights(build_base_model(spec.model, splits)):
+            missing[str(path)] = spec  # a plain function F has no weights to train
     return list(missing.values())
 
 
