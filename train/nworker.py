@@ -37,7 +37,7 @@ import torch
 from base_models.fit import load_or_train, predict
 from coders.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
-from datasets import load_dataset
+from datasets import load_data
 from train.engine import eval_groups, make_optimizer, resolve_task
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for, output_variance, summary_line
@@ -146,7 +146,7 @@ class NWorkerRun:
             torch.set_num_threads(cfg.num_threads)
         flush_denormals(cfg.flush_denormal)  # as train.engine.CodedRun does
         dev = self.device = resolve_device(cfg.device)
-        self.splits = load_dataset(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+        self.splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
         self.classify = resolve_task(cfg.task, self.splits) == "classification"
         base = load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
                              device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
