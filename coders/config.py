@@ -72,11 +72,18 @@ class Config:
     num_threads: Optional[int] = None   # CPU threads for torch (default: torch's, one per core)
     flush_denormal: bool = True         # CPU arithmetic reads and writes floats below ~1.2e-38 as zero:
                                         # subnormals are many times slower on x86 (util.hardware.flush_denormals)
+    form: str = "systematic"            # "systematic": k data + r parity workers (k_vals, r_vals); "nworker": the
+                                        # literature's form, k_vals inputs coded into n_workers worker inputs,
+                                        # rebuilt from any n_workers - stragglers outputs (docs/nworker.md)
+    n_workers: Optional[list[int]] = None   # "nworker" form: numbers of workers N to sweep
+    stragglers: Optional[list[int]] = None  # "nworker" form: numbers of late workers S to sweep (0 <= S < N)
+    max_patterns: int = 64              # "nworker" form: straggler patterns trained and scored; all C(N, S) when
+                                        # at most this many, else a seeded sample of this many (logged)
 
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),
            "lr_schedule": ("constant", "cosine", "linear", "step"),
-           "task": ("auto", "classification", "regression")}
+           "task": ("auto", "classification", "regression"), "form": ("systematic", "nworker")}
 REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]
 
@@ -228,6 +235,7 @@ def _check_values(cfg: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise bad(key, f"must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, key)!r}.")
+    _check_nworker(cfg, bad)
     for key in ("optimizer", "parity_model"):
         if getattr(cfg, key) is not None:
             split_spec(getattr(cfg, key), key)
@@ -247,6 +255,28 @@ def _check_values(cfg: Config, source: str) -> None:
             raise bad("device", f"is not a device name; use \"auto\", \"cpu\" or \"cuda\"; got {cfg.device!r}.") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise bad("device", "asks for CUDA, but this machine has no usable GPU; use \"auto\" or \"cpu\".")
+
+
+def _check_nworker(cfg: Config, bad) -> None:
+    """The N-worker keys are given exactly when ``form`` is "nworker", with 0 <= S < N in every combination."""
+    keys = ("n_workers", "stragglers")
+    if cfg.form != "nworker":
+        for key in keys:
+            if getattr(cfg, key) is not None:
+                raise bad(key, f"is read only by the N-worker form; this config's 'form' is {cfg.form!r}. Fix: "
+                               f"set \"form\": \"nworker\", or remove '{key}' (the systematic form uses r_vals).")
+        return
+    for key in keys:
+        if not getattr(cfg, key):
+            raise bad(key, f"must list at least one value when 'form' is \"nworker\" (e.g. \"{key}\": "
+                           f"{[10] if key == 'n_workers' else [1]}).")
+    if any(n < 1 for n in cfg.n_workers):
+        raise bad("n_workers", f"must hold integers of 1 or more; got {cfg.n_workers}.")
+    if any(s < 0 for s in cfg.stragglers) or max(cfg.stragglers) >= min(cfg.n_workers):
+        raise bad("stragglers", f"must hold integers S with 0 <= S < N for every N of 'n_workers' (at least one "
+                                f"worker answers); got stragglers {cfg.stragglers} with n_workers {cfg.n_workers}.")
+    if cfg.max_patterns < 1:
+        raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
 
 
 def _check_domains(cfg: Config, source: str) -> None:

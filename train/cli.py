@@ -118,6 +118,9 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         cfg, folder = load_config(config_path, overrides), None
     runs = expand_runs(cfg)
     preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
+    if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
+        from train.nworker import run_nworker
+        return run_nworker(cfg, folder, resume, overwrite, only_test, out, failed, shard, list_only)
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)

@@ -64,6 +64,8 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             and any(cfg.parity_model != m for m in cfg.models):
         raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
                           "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
+    if cfg.form == "nworker":  # its coders take (K, N, in_dim): train.nworker.probe_nworker_coders probes them
+        return
     probed: set = set()
     for run in runs:
         for cspec in (run.encoder, run.decoder):

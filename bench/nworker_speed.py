@@ -1,0 +1,84 @@
+"""Speed of the N-worker codes' encode + decode of one batch (Berrut, LeTCC splines).
+
+``python -m bench.nworker_speed [--groups 1024] [--k 8] [--n 10] [--s 1] [--dim 784] [--out 10] [--repeat 5]``
+
+Encodes ``groups`` groups of K inputs of ``dim`` values into N coded inputs
+and decodes ``out`` outputs per worker from N - S of them (one straggler
+pattern per group, drawn with seed 0), F left out: the figures are the
+codes' own cost. Prints the best of ``repeat`` timings in milliseconds per
+batch and the machine's load average, on one thread unless ``--threads``.
+The spline decoder is timed with a fixed lam (fixed matrices per pattern,
+the first call builds them: shown apart) and, on ``--gcv-groups`` groups,
+with lam chosen by GCV (one SciPy fit per group and output coordinate).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Optional
+
+import torch
+
+from coders.nworker import BerrutDecoder, BerrutEncoder, straggler_patterns
+from coders.spline import SplineDecoder, SplineEncoder
+from util.errors import UserError, exits_on_user_error
+
+
+def best_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * min(times)
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.nworker_speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--s", type=int, default=1)
+    ap.add_argument("--dim", type=int, default=784, help="D, values per input")
+    ap.add_argument("--out", type=int, default=10, help="n, outputs of F per worker")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--gcv-groups", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    if min(args.groups, args.k, args.n, args.dim, args.out, args.repeat, args.gcv_groups, args.threads) < 1 \
+            or not 0 <= args.s < args.n:
+        raise UserError("--groups, --k, --n, --dim, --out, --repeat, --gcv-groups and --threads must be 1 or more, "
+                        "and 0 <= --s < --n.")
+    if args.k < 5 or args.n - args.s < 5:
+        raise UserError("the spline code needs --k >= 5 and --n minus --s >= 5 (SciPy's smoothing spline needs "
+                        "5 points); e.g. --k 8 --n 10 --s 1.")
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.groups, args.k, args.dim, generator=gen)
+    y = torch.randn(args.groups, args.n, args.out, generator=gen)
+    patterns = straggler_patterns(args.n, args.s, 64, seed=0)
+    available = patterns[torch.randint(len(patterns), (args.groups,), generator=gen)]
+    in_dim, out_dim = [-1, args.dim], [-1, args.out]
+    load = os.getloadavg()
+    print(f"{args.groups} groups, K = {args.k}, N = {args.n}, S = {args.s}, D = {args.dim}, n = {args.out}, "
+          f"{args.threads} thread(s), load average {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores")
+    print("| code | encode (ms) | decode (ms) | first decode (ms) |")
+    print("| --- | ---: | ---: | ---: |")
+    be, bd = BerrutEncoder(args.k, args.n, in_dim), BerrutDecoder(args.k, args.n, out_dim)
+    print(f"| Berrut | {best_ms(lambda: be(x), args.repeat):.2f} | "
+          f"{best_ms(lambda: bd(y, available), args.repeat):.2f} | |")
+    se, sd = SplineEncoder(args.k, args.n, in_dim), SplineDecoder(args.k, args.n, out_dim, lam=1e-3)
+    first = best_ms(lambda: sd(y, available), 1)
+    print(f"| spline, lam fixed | {best_ms(lambda: se(x), args.repeat):.2f} | "
+          f"{best_ms(lambda: sd(y, available), args.repeat):.2f} | {first:.2f} |")
+    g = min(args.gcv_groups, args.groups)
+    gcv = SplineDecoder(args.k, args.n, out_dim, lam="gcv")
+    ms = best_ms(lambda: gcv(y[:g], available[:g]), 1)
+    print(f"| spline, lam by GCV ({g} groups; per {args.groups}) | | {ms * args.groups / g:.0f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""N-worker (non-systematic) codes: the coded-computing literature's form.
+
+K data inputs are encoded into N coded inputs, one per worker; every worker
+computes F on its coded input, and the outputs of any N - S workers (S
+stragglers) decode all K outputs. No worker sees a raw input, so every
+answer is the decoder's, and approximate for a non-linear F. (The systematic
+form, k data + r parity workers with data outputs returned as they are, is
+:class:`train.code.Code`.)
+
+Shapes, with B groups of K inputs and n outputs of F:
+
+* an :class:`NWorkerEncoder` maps ``(B, K, D) -> (B, N, D)`` (D: an input flattened);
+* an :class:`NWorkerDecoder` maps worker outputs ``(B, N, n)``, unavailable ones
+  zeroed, and the availability ``(B, N)`` (True where a worker answered) to
+  ``(B, K, n)``.
+
+Families here: Berrut's rational interpolant as BACC / ApproxIFER use it
+(:class:`BerrutEncoder`, :class:`BerrutDecoder`), a learned pair
+(:class:`MLPEncoder`, :class:`MLPDecoder`); LeTCC's smoothing splines are in
+``coders/spline.py``. :class:`NWorkerCode` is the computation itself (encode ->
+F on every worker -> decode) that training, evaluation and tests all call.
+
+Berrut N-worker code. The K data inputs sit at the K Chebyshev points of the
+first kind ``alpha_j = cos((2j + 1) pi / (2K))`` and the N workers at the N
+Chebyshev points ``beta_i`` (first kind by default, second kind
+``cos(i pi / (N - 1))`` on request), as ApproxIFER places them. Worker i
+receives ``u(beta_i)``, where u is Berrut's interpolant through
+``(alpha_j, X_j)``; the decoder evaluates Berrut's interpolant through the
+answering workers' ``(beta_i, F(u(beta_i)))`` at every ``alpha_j``. The
+interpolant and its weights are those of ``coders/berrut.py``. Where the code
+is exact: Berrut's interpolant reproduces constants and passes through its
+nodes, so the rebuilt output j equals F(X_j) whenever ``alpha_j`` is itself an
+answering worker's point (the K first-kind points are among the N first-kind
+points when N is an odd multiple of K), and for any F when K = 1.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from coders.berrut import berrut_coefficients, berrut_weights
+from util.shapes import get_flattened_dim
+
+POINT_KINDS = ("first", "second", "uniform")
+
+
+def check_nworker_sizes(name: str, k: int, n_workers: int) -> None:
+    """Raise ``ValueError`` unless ``K >= 1`` and ``N >= 1``."""
+    if k < 1 or n_workers < 1:
+        raise ValueError(f"{name} needs K >= 1 data inputs and N >= 1 workers; got K = {k}, N = {n_workers}.")
+
+
+def chebyshev_points(m: int, kind: str = "first") -> torch.Tensor:
+    """m points on [-1, 1], ascending, float64.
+
+    ``"first"``: Chebyshev points of the first kind, ``cos((2j + 1) pi / (2m))`` (zeros of T_m, interior);
+    ``"second"``: of the second kind, ``cos(j pi / (m - 1))`` (extrema of T_{m-1}, both ends included);
+    ``"uniform"``: equally spaced from -1 to 1. One point is 0 for the last two.
+    """
+    if kind not in POINT_KINDS:
+        raise ValueError(f"its 'points' must be one of {', '.join(POINT_KINDS)}; got {kind!r}.")
+    j = torch.arange(m, dtype=torch.float64)
+    if kind == "first":
+        points = torch.cos((2 * j + 1) * math.pi / (2 * m))
+    elif m == 1:
+        points = torch.zeros(1, dtype=torch.float64)
+    elif kind == "second":
+        points = torch.cos(j * math.pi / (m - 1))
+    else:
+        return torch.linspace(-1, 1, m, dtype=torch.float64)
+    return points.flip(0)
+
+
+class NWorkerEncoder(nn.Module):
+    """``(B, K, D) -> (B, N, D)``: the N workers' coded inputs."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int]):
+        super().__init__()
+        check_nworker_sizes(type(self).__name__, k, n_workers)
+        self.k, self.n_workers, self.in_dim = k, n_workers, list(in_dim)
+
+    def forward(self, in_data: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class NWorkerDecoder(nn.Module):
+    """``(B, N, n)`` worker outputs (unavailable ones zeroed) and ``(B, N)`` availability -> ``(B, K, n)``."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int]):
+        super().__init__()
+        check_nworker_sizes(type(self).__name__, k, n_workers)
+        self.k, self.n_workers, self.in_dim = k, n_workers, list(in_dim)
+
+    def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class BerrutEncoder(NWorkerEncoder):
+    """Worker i gets Berrut's interpolant of the K inputs at worker point i (module docstring)."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: str = "first"):
+        super().__init__(k, n_workers, in_dim)
+        alpha, beta = chebyshev_points(k), chebyshev_points(n_workers, points)
+        self.register_buffer("matrix", berrut_coefficients(alpha, beta, berrut_weights(alpha)), persistent=False)
+
+    def forward(self, in_data: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.matrix.to(in_data.dtype), in_data)
+
+
+class BerrutDecoder(NWorkerDecoder):
+    """Berrut's interpolant through the answering workers, evaluated at the K data points."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: str = "first"):
+        super().__init__(k, n_workers, in_dim)
+        self.register_buffer("alpha", chebyshev_points(k), persistent=False)
+        self.register_buffer("beta", chebyshev_points(n_workers, points), persistent=False)
+
+    def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        if bool((~available.any(dim=1)).any()):
+            raise ValueError("the Berrut decoder needs at least one answering worker in every group.")
+        weights = berrut_weights(self.beta, available)  # (B, N), zero at stragglers
+        coefficients = berrut_coefficients(self.beta, self.alpha, weights)  # (B, K, N)
+        return torch.matmul(coefficients.to(outputs.dtype), outputs)
+
+
+def _width(hidden: Optional[int], default: int) -> int:
+    if hidden is None:
+        return default
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"its 'hidden' width must be a positive integer; got {hidden!r}.")
+    return hidden
+
+
+class MLPEncoder(NWorkerEncoder):
+    """Learned: Linear(K*D, h) -> ReLU -> Linear(h, N*D) over the K inputs stacked (h = ``hidden``,
+    default K*D). With ``residual`` (default) the network learns a correction to Berrut's
+    encoding, so training starts from the Berrut code instead of from noise."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
+                 residual: bool = True):
+        super().__init__(k, n_workers, in_dim)
+        d = get_flattened_dim(in_dim)
+        h = _width(hidden, k * d)
+        self.nn = nn.Sequential(nn.Linear(k * d, h), nn.ReLU(), nn.Linear(h, n_workers * d))
+        self.start = BerrutEncoder(k, n_workers, in_dim) if residual else None
+        if residual:  # the correction starts at zero: the untrained code is Berrut's
+            nn.init.zeros_(self.nn[-1].weight)
+            nn.init.zeros_(self.nn[-1].bias)
+
+    def forward(self, in_data: torch.Tensor) -> torch.Tensor:
+        b, k, d = in_data.shape
+        out = self.nn(in_data.reshape(b, k * d)).view(b, self.n_workers, d)
+        return out if self.start is None else out + self.start(in_data)
+
+
+class MLPDecoder(NWorkerDecoder):
+    """Learned: the N outputs (stragglers zeroed) and the availability mask, stacked, through
+    Linear -> ReLU -> Linear -> ReLU -> Linear to K*n (widths ``hidden``, default N*n). With
+    ``residual`` (default) it learns a correction to Berrut's decoding."""
+
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
+                 residual: bool = True):
+        super().__init__(k, n_workers, in_dim)
+        n = get_flattened_dim(in_dim)
+        m = n_workers * (n + 1)
+        h = _width(hidden, n_workers * n)
+        self.nn = nn.Sequential(nn.Linear(m, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k * n))
+        self.start = BerrutDecoder(k, n_workers, in_dim) if residual else None
+        if residual:
+            nn.init.zeros_(self.nn[-1].weight)
+            nn.init.zeros_(self.nn[-1].bias)
+
+    def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        b, m, n = outputs.shape
+        flat = torch.cat([outputs.reshape(b, m * n), available.to(outputs.dtype)], 1)
+        out = self.nn(flat).view(b, self.k, n)
+        return out if self.start is None else out + self.start(outputs, available)
+
+
+# -- straggler patterns ------------------------------------------------------------------------------
+def pattern_count(n_workers: int, stragglers: int) -> int:
+    """C(N, S): how many sets of S late workers there are."""
+    return math.comb(n_workers, stragglers)
+
+
+def straggler_patterns(n_workers: int, stragglers: int, max_patterns: int, seed: int = 0) -> torch.Tensor:
+    """Boolean ``(P, N)``, True where a worker answers; S workers are late in every row.
+
+    Every pattern (``itertools.combinations`` order) when there are at most
+    ``max_patterns`` of them; otherwise ``max_patterns`` distinct patterns
+    drawn with ``seed`` (the same seed draws the same patterns, in order).
+    """
+    if not 0 <= stragglers < n_workers:
+        raise ValueError(f"needs 0 <= S < N (at least one worker answers); got N = {n_workers}, S = {stragglers}.")
+    if max_patterns < 1:
+        raise ValueError(f"max_patterns must be 1 or more; got {max_patterns}.")
+    total = pattern_count(n_workers, stragglers)
+    if total <= max_patterns:
+        late_sets = list(itertools.combinations(range(n_workers), stragglers))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        seen, late_sets = set(), []
+        while len(late_sets) < max_patterns:  # distinct sets; total > max_patterns, so this ends
+            late = tuple(sorted(torch.randperm(n_workers, generator=gen)[:stragglers].tolist()))
+            if late not in seen:
+                seen.add(late)
+                late_sets.append(late)
+    rows = torch.ones(len(late_sets), n_workers, dtype=torch.bool)
+    for row, late in zip(rows, late_sets):
+        row[list(late)] = False
+    return rows
+
+
+# -- the computation ---------------------------------------------------------------------------------
+class NWorkerCode(nn.Module):
+    """F (frozen), an N-worker encoder and decoder: the one computation of an N-worker code.
+
+    Data ``(B, K, *shape)`` -> coded inputs ``(B, N, *shape)`` -> worker outputs
+    ``(B, N, n)`` -> rebuilt outputs ``(B, K, n)`` from the workers marked available.
+    """
+
+    def __init__(self, base: nn.Module, encoder: NWorkerEncoder, decoder: NWorkerDecoder,
+                 k: int, n_workers: int, stragglers: int):
+        super().__init__()
+        self.base = base.requires_grad_(False).eval()
+        self.encoder, self.decoder = encoder, decoder
+        self.k, self.n_workers, self.stragglers = k, n_workers, stragglers
+
+    def train(self, mode: bool = True) -> "NWorkerCode":
+        super().train(mode)
+        self.base.eval()  # F never leaves eval mode
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, K, *shape) -> (B, N, *shape)``."""
+        b, shape = x.shape[0], x.shape[2:]
+        return self.encoder(x.reshape(b, self.k, -1)).reshape(b, self.n_workers, *shape)
+
+    def worker_outputs(self, coded: torch.Tensor) -> torch.Tensor:
+        """``(B, N, *shape) -> (B, N, n)``: F on every coded input (what the workers compute)."""
+        b = coded.shape[0]
+        return self.base(coded.flatten(0, 1)).reshape(b, self.n_workers, -1)
+
+    def decode(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """``(B, N, n)`` outputs and ``(B, N)`` availability -> ``(B, K, n)``. Late workers' outputs
+        are replaced by zeros here, whatever they hold (NaN included), so the decoder never reads them."""
+        masked = torch.where(available.unsqueeze(-1), outputs, torch.zeros((), dtype=outputs.dtype,
+                                                                          device=outputs.device))
+        return self.decoder(masked, available)
+
+    def decode_patterns(self, outputs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+        """``(B, N, n)`` outputs and P patterns ``(P, N)`` -> ``(P, B, K, n)``, in one decoder call."""
+        b = outputs.shape[0]
+        p = patterns.shape[0]
+        avail = patterns.repeat_interleave(b, 0)  # (P * B, N), pattern-major
+        out = self.decode(outputs.repeat(p, 1, 1), avail)
+        return out.view(p, b, self.k, -1)
+
+    def forward_patterns(self, x: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+        """Data ``(B, K, *shape)`` -> rebuilt outputs ``(P, B, K, n)`` under every pattern."""
+        return self.decode_patterns(self.worker_outputs(self.encode(x)), patterns)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+        """The whole coded computation: data ``(B, K, *shape)``, the workers that answered ``(B, N)``
+        -> ``(B, K, n)``."""
+        return self.decode(self.worker_outputs(self.encode(x)), available)
