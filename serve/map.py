@@ -37,7 +37,7 @@ import numpy as np
 from serve.config import STRATEGIES, ServeConfig, validate
 from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
 from serve.sim import read_profile, simulate
-from train.config import read_json_config
+from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
 from util.files import atomic_write_text
 

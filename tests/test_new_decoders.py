@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from coders.attention import AttentionDecoder
+from coders.code import Code
+from coders.config import expand_runs, load_config
 from coders.masked import MaskedMLPDecoder
+from coders.scenarios import enumerate_scenarios, unavailable_data, unavailable_pairs
 from coders.summation import AdditionEncoder
-from train.code import Code
-from train.config import expand_runs, load_config
 from train.losses import KLBase, KLLabelMix, scenario_groups, weighted_by_scenario
 from train.preflight import preflight, probe_loss
-from train.scenarios import enumerate_scenarios, unavailable_data, unavailable_pairs
 from util.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

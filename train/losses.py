@@ -93,7 +93,7 @@ def target_kind(loss: nn.Module) -> str:
 
 def scenario_groups(unavailable: torch.Tensor, power: float) -> Optional[list[tuple[torch.Tensor, float]]]:
     """How the config key ``scenario_power`` p weighs the loss over the unavailable pairs of
-    ``unavailable`` ``(S, k)`` (pairs in :func:`train.scenarios.unavailable_pairs` order).
+    ``unavailable`` ``(S, k)`` (pairs in :func:`coders.scenarios.unavailable_pairs` order).
 
     A scenario with u data outputs missing weighs u**p: each of its u pairs u**(p - 1). p = 1
     weighs every missing data output alike (a plain mean over the pairs, the default; returns
@@ -116,7 +116,7 @@ def scenario_groups(unavailable: torch.Tensor, power: float) -> Optional[list[tu
 def weighted_by_scenario(loss: Callable[[torch.Tensor], torch.Tensor], n_rows: int, n_pairs: int,
                          groups: Optional[list[tuple[torch.Tensor, float]]]) -> torch.Tensor:
     """The loss over ``n_rows`` selected rows, ordered (pair, group) as
-    :func:`train.scenarios.gather_pairs` leaves them, weighed by ``groups`` (see
+    :func:`coders.scenarios.gather_pairs` leaves them, weighed by ``groups`` (see
     :func:`scenario_groups`). ``loss(rows)`` scores the rows with the given indices (None: all),
     and must be a mean over them."""
     if groups is None or len(groups) == 1:
