@@ -70,6 +70,9 @@ class Config:
     augment: Optional[bool] = None      # random crop + flip on encoder inputs (default: on for CIFAR)
     progress: bool = True               # per-epoch progress bar
     num_threads: Optional[int] = None   # CPU threads for torch (default: torch's, one per core)
+    scenario_power: float = 1.0         # a scenario with u data outputs missing weighs u**p in the loss: 1 weighs
+                                        # every missing data output alike, 0 every scenario alike, 2 puts the
+                                        # scenarios with more data outputs missing up (train/losses.py)
     flush_denormal: bool = True         # CPU arithmetic reads and writes floats below ~1.2e-38 as zero:
                                         # subnormals are many times slower on x86 (util.hardware.flush_denormals)
     form: str = "systematic"            # "systematic": k data + r parity workers (k_vals, r_vals); "nworker": the
@@ -230,6 +233,9 @@ def _check_values(cfg: Config, source: str) -> None:
     for key in ("save_dir", "base_model_dir"):  # "" would scatter folders over the current directory
         if not getattr(cfg, key).strip():
             raise bad(key, f"must name a folder (e.g. {getattr(Config, key)!r}); got {getattr(cfg, key)!r}.")
+    if not -8.0 <= cfg.scenario_power <= 8.0:
+        raise bad("scenario_power", f"must be a number from -8 to 8 (1 weighs every missing data output alike, "
+                                    f"0 every scenario alike); got {cfg.scenario_power}.")
     if cfg.val_size is not None and cfg.val_size < 1:
         raise bad("val_size", f"must be 1 or more; got {cfg.val_size}.")
     for key, allowed in CHOICES.items():

@@ -29,7 +29,7 @@ from coders.code import Code, freeze
 from util.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
                               remove_partial_writes, save_checkpoint)
 from coders.config import CODE_DIRS, Config, RunSpec, to_dict
-from train.losses import LOSS_ALIASES, target_kind
+from train.losses import LOSS_ALIASES, scenario_groups, target_kind, weighted_by_scenario
 from util.lock import FolderLock
 from train.metrics import MetricsLog, Tally, columns_for, group_hits, output_variance, summary_line
 from train.schedule import SCHEDULES, progress, set_rates
@@ -168,6 +168,7 @@ class CodedRun:
         self.available = self.code.scenarios  # every scenario, (S, k + r); the code holds them
         self.unavailable = unavailable_data(self.available, self.k)
         self.pairs = unavailable_pairs(self.unavailable)
+        self.scenario_weights = scenario_groups(self.unavailable.cpu(), cfg.scenario_power)
         self.gen = torch.Generator().manual_seed(train_seed)
         self.epoch = 0
         self.best_val = -math.inf  # the best validation score (score()) so far
@@ -195,10 +196,19 @@ class CodedRun:
                 gather_pairs(fx, self.pairs, shared=True),
                 gather_pairs(y, self.pairs, shared=True) if self.classify else None)
 
+    def reconstruction_loss(self, recon_sel, fx_sel, y_sel) -> torch.Tensor:
+        """The configured loss over the selected rows, the scenarios weighed by 'scenario_power'."""
+        def loss(rows):
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
+            if self.loss_kind == "both":
+                return self.loss_fn(pick(recon_sel), pick(fx_sel), pick(y_sel))
+            return self.loss_fn(pick(recon_sel), pick(y_sel if self.loss_kind == "label" else fx_sel))
+        return weighted_by_scenario(loss, len(recon_sel), len(self.pairs[0]), self.scenario_weights)
+
     def loss(self, recon_sel, fx_sel, y_sel, fp, fx) -> torch.Tensor:
         total = recon_sel.new_zeros(())
         if self.recon_loss:
-            total = total + self.loss_fn(recon_sel, y_sel if self.loss_kind == "label" else fx_sel)
+            total = total + self.reconstruction_loss(recon_sel, fx_sel, y_sel)
         if self.parity_loss:
             target = self.decoder.combine_labels(fx)
             total = total + self.loss_fn(fp.reshape(-1, fp.shape[-1]), target.reshape(-1, target.shape[-1]))

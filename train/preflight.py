@@ -15,7 +15,7 @@ from base_models.functions import construct
 from datasets import DATASET_ALIASES
 from coders.build import build_coders, probe_coders
 from coders.config import Config, RunSpec
-from train.losses import LOSS_ALIASES, target_kind
+from train.losses import LOSS_ALIASES, TARGET_KINDS, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.checks import check_device, check_writable_folder  # noqa: F401  (re-exported: train.preflight.check_device)
 from util.errors import ConfigError
@@ -199,18 +199,20 @@ def probe_loss(loss, spec) -> None:
     other targets) fails here with its key named rather than in the first step."""
     kind = target_kind(loss)
     name = split_spec(spec, "losses")[0]
-    if kind not in ("base", "label"):
+    if kind not in TARGET_KINDS:
         raise ConfigError(f"Config key 'losses': {name} has target_kind {kind!r}; it must be \"base\" (compared "
-                          f"with F's outputs) or \"label\" (compared with class indices).")
+                          f"with F's outputs), \"label\" (compared with class indices) or \"both\" (called "
+                          f"as loss(reconstruction, outputs of F, labels)).")
     recon = torch.randn(4, 10, requires_grad=True)
-    target = torch.randn(4, 10) if kind == "base" else torch.arange(4)
+    targets = {"base": (torch.randn(4, 10),), "label": (torch.arange(4),),
+               "both": (torch.randn(4, 10), torch.arange(4))}[kind]
     try:
-        out = loss(recon, target)
+        out = loss(recon, *targets)
         if isinstance(out, torch.Tensor) and out.numel() == 1:
             out.backward()
     except Exception as exc:  # a foreign module can raise anything here
         raise ConfigError(f"Config key 'losses': {name} is not usable as a loss: called as loss(reconstruction "
-                          f"(4, 10), {'outputs of F (4, 10)' if kind == 'base' else 'labels (4,)'}) it raised "
+                          f"(4, 10), { {'base': 'outputs of F (4, 10)', 'label': 'labels (4,)', 'both': 'outputs of F (4, 10), labels (4,)'}[kind]}) it raised "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: name a "
                           f"loss class (see the config reference in README.md).") from None
     if not (isinstance(out, torch.Tensor) and out.numel() == 1 and out.requires_grad):
