@@ -18,6 +18,7 @@ setup(
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
         "serve": ["ray[default]==2.60.0"],
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
     },
     entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main"]},
 )

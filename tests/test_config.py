@@ -134,18 +134,6 @@ def test_missing_data_stops_the_sweep_before_the_first_run(tmp_path, capsys):
     assert not (tmp_path / "save").exists(), "no run started"
 
 
-def test_readme_documents_every_config_key():
-    import dataclasses
-    import re
-
-    from coders.config import Config
-
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.M))
-    keys = {f.name for f in dataclasses.fields(Config)}
-    assert keys <= documented, f"undocumented config keys: {sorted(keys - documented)}"
-
-
 def test_every_shipped_loss_passes_the_probe():
     cfg = validate_dict({**BASE, "losses": ["mse", "kl", "xent", "torch.nn.L1Loss", "torch.nn.NLLLoss",
                                             "torch.nn.SmoothL1Loss", "torch.nn.MultiMarginLoss"]})
