@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 from coders.config import parse_overrides
-from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, RunDiverged, UserError
+from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, UserError
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -109,7 +108,7 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     out = out or sys.stdout
     from util.checkpoint import refuse_occupied
     from coders.config import expand_runs, load_config, load_run_folder
-    from train.engine import CodedRun
+    from train.engine import CodedRun, fit_each
     from train.preflight import check_data, preflight
 
     if Path(config_path).is_dir():
@@ -138,22 +137,4 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     if ray_address is not None:
         from train.ray_sweep import run_sweep
         return run_sweep(cfg, runs, folder, ray_address or None, resume, overwrite, only_test, out, failed)
-    results = []
-    for i, spec in enumerate(runs, 1):
-        print(f"[run {i}/{len(runs)}]", file=out)
-        run = CodedRun(cfg, spec, folder)
-        if only_test:
-            run.load_state(run.folder / "best.pt")
-            metrics = run.evaluate("test")
-            print(json.dumps({"run": str(run.folder), "epoch": run.epoch, **metrics}), file=out)
-            results.append(metrics)
-        else:
-            try:
-                results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
-            except RunDiverged as exc:
-                if failed is None:
-                    raise
-                print(f"error: {exc}", file=sys.stderr)
-                failed.append(str(run.folder))
-                results.append(run.log.rows())
-    return results
+    return fit_each(lambda i: CodedRun(cfg, runs[i], folder), len(runs), resume, overwrite, only_test, out, failed)

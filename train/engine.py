@@ -360,3 +360,28 @@ class CodedRun(RunFolder):
             self.log.append(row)
         self.checkpoint(row)
         print(summary_line(row, self.cfg.num_epoch), file=out, flush=True)
+
+
+def fit_each(make_run, count: int, resume: bool, overwrite: bool, only_test: bool, out, failed) -> list:
+    """Train (or, with ``only_test``, score on test) the runs ``make_run(i)`` for i < ``count``, one
+    after the other: the loop of every sweep, systematic or N-worker. A run that diverges is recorded in
+    ``failed`` (its rows kept) when a list is given, else its error stops the sweep."""
+    results = []
+    for i in range(count):
+        print(f"[run {i + 1}/{count}]", file=out)
+        run = make_run(i)
+        if only_test:
+            run.load_state(run.folder / "best.pt")
+            metrics = run.evaluate("test")
+            print(json.dumps({"run": str(run.folder), "epoch": run.epoch, **metrics}), file=out)
+            results.append(metrics)
+            continue
+        try:
+            results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
+        except RunDiverged as exc:
+            if failed is None:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            failed.append(str(run.folder))
+            results.append(run.log.rows())
+    return results

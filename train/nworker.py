@@ -38,7 +38,7 @@ from base_models.fit import load_or_train, predict
 from coders.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
 from datasets import load_data
-from train.engine import eval_groups, make_optimizer, resolve_task
+from train.engine import eval_groups, fit_each, make_optimizer, resolve_task
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for, output_variance, summary_line
 from train.preflight import KNOWN_SHAPES, check_data
@@ -326,25 +326,8 @@ def run_nworker(cfg: Config, folder: Optional[Path], resume: bool, overwrite: bo
     if not (resume or overwrite or only_test):
         refuse_occupied(folders, len(runs))
     check_data(cfg)  # every dataset or domain loads, and F runs on a domain, before the first run
-    results = []
-    for i, (spec, where) in enumerate(zip(runs, folders), 1):
-        print(f"[run {i}/{len(runs)}]", file=out)
-        run = NWorkerRun(cfg, spec, where)
-        if only_test:
-            run.load_state(run.folder / "best.pt")
-            metrics = run.evaluate("test")
-            print(json.dumps({"run": str(run.folder), "epoch": run.epoch, **metrics}), file=out)
-            results.append(metrics)
-            continue
-        try:
-            results.append(run.fit(resume=resume, overwrite=overwrite, out=out))
-        except RunDiverged as exc:
-            if failed is None:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            failed.append(str(run.folder))
-            results.append(run.log.rows())
-    return results
+    return fit_each(lambda i: NWorkerRun(cfg, runs[i], folders[i]), len(runs), resume, overwrite, only_test, out,
+                    failed)
 
 
 def results_table(root: str | Path) -> list[str]:
@@ -389,7 +372,7 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
         if key not in best or row["val_mse"] < best[key][0]:
             best[key] = (row["val_mse"], row[column], lam)
     ns = sorted({key[-1] for key in best})
-    lines = [f"| dataset | K | S | code | " + " | ".join(f"N = {n}" for n in ns) + " |",
+    lines = ["| dataset | K | S | code | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|---:|---:|---|" + "---:|" * len(ns)]
     for head in sorted({key[:-1] for key in best}):
         cells = [best.get((*head, n)) for n in ns]
