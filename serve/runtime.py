@@ -405,3 +405,135 @@ class Frontend:
         for name, v in (("instance", actor_index), ("role", self.plan.roles[actor_index]), ("sent", sent),
                         ("done", now), ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok)):
             self.req[name].append(v)
+
+
+class PolicyFrontend(Frontend):
+    """Executes a plan under a dynamic policy (:mod:`serve.dispatch`) against live actors.
+
+    The policy's :class:`serve.dispatch.Dispatcher` makes every decision, as it does in the simulator; this
+    loop keeps the wall clock, sends what it says (encoding a group's parities when the first one goes out),
+    and reports outputs, failures and cancellations back. Queue lengths are the frontend's count of requests
+    sent to an actor and not yet back. A cancel is ``ray.cancel`` on the request: Ray drops it if the actor
+    has not started it (its ``ray.get`` then raises TaskCancelledError), and lets it run otherwise.
+    """
+
+    def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
+                 seed_index: int = 0):
+        from serve.dispatch import Dispatcher
+
+        super().__init__(plan, actors, code, inputs, pad_output)
+        self.dispatcher = Dispatcher(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
+        self.timers: list = []
+        self.ref_of: dict = {}
+        self.outputs_of: dict = {}
+        self.req["cancelled"] = []
+
+    # -- what the dispatcher calls ---------------------------------------------------------------------
+    def send(self, n: int, inst: int, delay: float, factor: float) -> None:  # noqa: D102 (the driver's send)
+        d = self.dispatcher
+        if d.is_retry(n):
+            x = self.inputs[self.plan.queries.index[d.query_of(n)]].numpy()
+        else:
+            x = self.payload(n)
+        t = time.perf_counter()
+        ref = self.actors[inst].infer.remote(x, delay, factor)
+        self.pending[ref] = (n, inst, self.clock(), delay, factor)
+        self.ref_of[n] = ref
+        self.cost["dispatch"] += time.perf_counter() - t
+
+    def cancel(self, n: int) -> None:
+        ref = self.ref_of.get(n)
+        if ref is not None and ref in self.pending:
+            self.ray.cancel(ref)
+
+    def wake(self, n: int, t: float) -> None:
+        import heapq
+
+        heapq.heappush(self.timers, (t, n))
+
+    def answer_own(self, q: int, n: int) -> None:
+        self.answer(q, self.outputs_of.pop(n), self.clock(), reconstructed=False)
+
+    def answer_decoded(self, g: int, queries: list, available) -> None:
+        t = time.perf_counter()
+        mask = torch.as_tensor(np.asarray(available, dtype=bool))[None]
+        with torch.no_grad():
+            recon = self.code.decode(self.outputs[g:g + 1], mask)[0]
+        self.cost["decode"] += time.perf_counter() - t
+        members = list(self.plan.members[g])
+        for q in queries:
+            self.answer(int(q), recon[members.index(q)], self.clock(), reconstructed=True)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, interference: Optional[dict] = None) -> Outcome:
+        import heapq
+
+        ray, p, d = self.ray, self.plan, self.dispatcher
+        self.pending = {}
+        kills = sorted((t, i) for i, t in p.failures.items())
+        busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)] if interference else []
+        if busy:
+            ray.get([a.start_interference.remote(interference["processes"]) for a in busy])
+        self.t0 = time.perf_counter()
+        self.next = 0
+        n_req = len(p)
+        while not all(d.answers_of):
+            now = self.clock()
+            while kills and kills[0][0] <= now:
+                _, i = kills.pop(0)
+                ray.kill(self.actors[i], no_restart=True)
+                self.dead.add(i)
+                d.failed(i, now)
+            while self.next < n_req and p.time[self.next] <= now:
+                self.next += 1
+                d.due(self.next - 1, now)
+            while self.timers and self.timers[0][0] <= now:
+                _, n = heapq.heappop(self.timers)
+                d.due(n, now)
+            upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
+                           self.timers[0][0] if self.timers else np.inf)
+            wait = max(0.0, min(upcoming - self.clock(), 1.0))
+            if not self.pending:
+                if upcoming == np.inf:
+                    break
+                time.sleep(wait)
+                continue
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=wait)
+            if not ready:
+                continue
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            now = self.clock()
+            for ref in ready:
+                n, inst, sent, delay, factor = self.pending.pop(ref)
+                cancelled = False
+                try:
+                    output, compute = ray.get(ref)
+                    ok = True
+                except ray.exceptions.TaskCancelledError:
+                    output, compute, ok, cancelled = None, float("nan"), False, True
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
+                    output, compute, ok = None, float("nan"), False
+                self.log_request(inst, sent, now, compute, delay, factor, ok)
+                self.req["cancelled"].append(cancelled)
+                if cancelled:
+                    d.cancelled(n)
+                elif not ok:
+                    self.dead.add(inst)
+                    d.lost(n, now)
+                else:
+                    out = torch.from_numpy(np.array(output))
+                    if p.strategy == "coded" and not d.is_retry(n):
+                        self.outputs[int(p.group[n]), int(p.slot[n])] = out
+                    self.outputs_of[n] = out
+                    d.output(n, now)
+                    self.outputs_of.pop(n, None)
+        if not all(d.answers_of):  # every path answers or re-sends; this would be a bug
+            raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of policy "
+                               f"{p.policy.name or p.strategy} were never answered and nothing is left to wait for")
+        if self.pending:  # late outputs are dropped, but the next policy must find the instances idle
+            ray.wait(list(self.pending), num_returns=len(self.pending), timeout=60)
+        if busy:
+            ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
+        q = p.queries
+        return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
+                       dict(self.cost), {k: np.asarray(v) for k, v in self.req.items()}, d.answers, self.served)
