@@ -284,6 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cfg.policies:
         near = sum(row["policy_gain"] >= 1 / 1.1 for row in rows)
         print(f"the best coded policy has the lowest p99.9, or is within 10% of it, in {near} of {len(rows)} cells")
+        print("\n" + policy_table(rows, lists))
     if cfg.plot and "coded" in cfg.strategies and plot_map(rows, lists, out / "map.png", title):
         print(f"heatmap: {out / 'map.png'}")
     if cfg.plot and cfg.policies and plot_map(
@@ -292,6 +293,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             text=lambda row: f"{short(row['best_coded'])}\nvs {short(row['best_other'])}\n{row['policy_gain']:.2f}x"):
         print(f"heatmap of the policies: {out / 'map_policies.png'}")
     return 0
+
+
+def policy_table(rows: list[dict], lists: dict) -> str:
+    """Markdown: per (k, r) and load, each straggler rate's best-other p99.9 / best-coded p99.9 (bold where
+    the best coded policy is within 10% of the lowest), with the two rows' names."""
+    rates = lists["straggler_rates"]
+    lines = ["| k, r | load | " + " | ".join(f"stragglers {v:g}" for v in rates) + " |",
+             "|---|---:|" + "---|" * len(rates)]
+    index = {(row["k"], row["r"], row["load"], row["straggler_rate"]): row for row in rows}
+    for k, r in itertools.product(lists["k_vals"], lists["r_vals"]):
+        for load in lists["loads"]:
+            cells = []
+            for rate in rates:
+                row = index[(k, r, load, rate)]
+                gain = row["policy_gain"]
+                text = f"{gain:.2f}x ({short(row['best_coded'])} / {short(row['best_other'])})"
+                cells.append(f"**{text}**" if gain >= 1 / 1.1 else text)
+            lines.append(f"| {k}, {r} | {load:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def short(name: str) -> str:
