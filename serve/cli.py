@@ -20,14 +20,14 @@ import torch
 from serve.config import STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name
 from serve.plan import ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model, pool_roles
 from serve.results import markdown_table, plot_cdf, summarize, write_strategy
-from train.cli import parse_overrides
+from coders.config import parse_overrides
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text
 
 
 def load_codes(cfg: ServeConfig) -> dict:
     """Each run folder's trained code, loaded once (a bad folder is a UserError before any serving)."""
-    from train.code import load_code
+    from coders.code import load_code
 
     codes = {}
     for run in cfg.runs:
@@ -76,7 +76,7 @@ def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
     settings = expand_settings(cfg)
     started = False
     if cfg.engine == "ray":
-        from serve.runtime import start_ray
+        from util.ray_cluster import start_ray
 
         started = start_ray(cfg.address, cfg.num_cpus)
     results = []

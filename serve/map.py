@@ -45,7 +45,7 @@ from serve.config import STRATEGIES, ServeConfig, all_policies, policy_name, val
 from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
 from serve.results import extra_work
 from serve.sim import read_profile, simulate
-from train.config import read_json_config
+from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
 from util.files import atomic_write_text
 
