@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from serve.config import ServeConfig, expand_settings, load_serve_config
+from serve.config import STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name
 from serve.plan import ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model, pool_roles
 from serve.results import markdown_table, plot_cdf, summarize, write_strategy
 from coders.config import parse_overrides
@@ -57,6 +57,10 @@ def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
     for run, loaded in codes.items():
         check_failed_instances(cfg, loaded.code.k, loaded.code.r, cfg.strategies, run)
+        if any(p.pool == "shared" for p in all_policies(cfg)) and loaded.code.parity_models is not None:
+            raise ConfigError(f"Config key 'policies': \"pool\": \"shared\" serves parities on F's instances, but "
+                              f"run '{run}' sends its parities through parity models. Fix: use \"pool\": "
+                              f"\"split\" for this run (its data instances still balance among themselves).")
         if cfg.interference is not None:
             for i in cfg.interference["instances"]:
                 if i >= cfg.instances:
@@ -99,14 +103,20 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         pad_output = code.base(torch.zeros(1, *x.shape[1:]))[0]
     queries = make_queries(cfg, setting.rate, y.numpy())
     folder = Path(cfg.out_dir) / setting.name
+    policies = all_policies(cfg)
+    names = [p.name or policy_name(p) for p in policies]
     record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
-              "delay": setting.delay, "k": k, "r": r, "strategies": list(cfg.strategies), "engine": cfg.engine,
+              "delay": setting.delay, "k": k, "r": r, "strategies": names, "engine": cfg.engine,
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
     print(f"== {setting.name}: {setting.describe()} (k={k}, r={r}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
     summaries, curves, measured = [], {}, []
-    for si, strategy in enumerate(cfg.strategies):
-        plan = build_plan(cfg, strategy, k, r, queries, setting.delay, si)
+    for si, (policy, strategy) in enumerate(zip(policies, names)):
+        # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
+        index = si if si < len(cfg.strategies) else \
+            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
+        plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
+                          setting.delay, index)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))
@@ -119,7 +129,9 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         summaries.append(summary)
         curves[strategy] = ((outcome.done - outcome.arrival) * 1000.0)[cfg.warmup_queries:]
         print(f"  {strategy}: p50 {summary['p50_ms']:.1f} ms, p99.9 {summary['p99.9_ms']:.1f} ms, "
-              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}", file=out, flush=True)
+              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}, "
+              f"{summary['requests_per_query']:.2f} requests and {summary['busy_ms_per_query']:.2f} instance-ms "
+              f"per query", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
     if measured:  # what the simulator's "profile" key reads: compute and overhead per request and instance
         from serve.sim import write_profile
@@ -132,18 +144,23 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
-    from serve.runtime import Frontend, Pool
+    from serve.runtime import Frontend, PolicyFrontend, Pool
 
     code = loaded.code
     if setting.run not in pools:
-        num_f = max(sum(1 for role in pool_roles(s, cfg.instances, code.k, code.r) if role == ROLE_F)
-                    for s in cfg.strategies)
+        policies = all_policies(cfg)
+        num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, code.k, code.r, p.pool) if role == ROLE_F)
+                    for p in policies)
         per = parity_per_model(cfg.instances, code.k)
-        pools[setting.run] = Pool(code, cfg, num_f, [per if "coded" in cfg.strategies else 0] * code.r,
+        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)
+        pools[setting.run] = Pool(code, cfg, num_f, [per if split_coded else 0] * code.r,
                                   loaded.backup, code.r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
-    frontend = Frontend(plan, actors, code, x, pad_output)
+    if plan.dynamic:
+        frontend = PolicyFrontend(plan, actors, code, x, pad_output)
+    else:
+        frontend = Frontend(plan, actors, code, x, pad_output)
     outcome = frontend.run(cfg.interference)
     pool.replace_dead({actors[i] for i in frontend.dead})
     return outcome
