@@ -117,7 +117,57 @@ def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple
     if "coded" not in cfg.strategies or not {"equal-resources", "replicate"} & set(cfg.strategies):
         raise ConfigError(f"{source}: config key 'strategies' must include \"coded\" and one of "
                           f"\"equal-resources\", \"replicate\" for the map to compare; got {cfg.strategies}.")
+    check_map(cfg, lists, source)
     return cfg, lists
+
+
+def cell_instances(cfg: ServeConfig, strategy: str, k: int, r: int) -> int:
+    """The m a strategy is given in a cell: B/2 pairs for ``replicate``, ``instances`` otherwise (see run_cell)."""
+    budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+    return max(budget // 2 if strategy == "replicate" else cfg.instances, 1)
+
+
+def check_map(cfg: ServeConfig, lists: dict, source: str) -> None:
+    """What every cell needs, checked before the first: a group of k can fill, requests do some work, the
+    loads can be served, the plans fit in memory, and every strategy keeps a live F instance."""
+    from serve.cli import SIZE_KEYS, check_live_f
+    from serve.limits import MAX_LOAD, check_plan_sizes, instance_count
+    from serve.plan import check_failed_instances
+
+    big = [k for k in lists["k_vals"] if k > cfg.num_queries]
+    if big:
+        raise ConfigError(f"{source}: config key 'map.k_vals' holds k={big[0]}, more than the {cfg.num_queries:,} "
+                          f"queries of a cell ('num_queries'), so no group of k could ever fill. Fix: k_vals of "
+                          f"at most num_queries.")
+    for rate in lists["straggler_rates"]:
+        if mean_work_ms(cfg, rate) <= 0:
+            what = f"profile '{cfg.profile}'" if cfg.profile else "'service'"
+            raise ConfigError(f"{source}: config key 'service': {what} gives requests no compute time and straggler "
+                              f"rate {rate:g} adds no delay, so a load cannot set an arrival rate (it would be "
+                              f"infinite). Fix: a service time above 0 ms, or straggler rates above 0.")
+    for load in lists["loads"]:
+        if load > MAX_LOAD:
+            raise ConfigError(f"{source}: config key 'map.loads' holds {load:g}: at a load above {MAX_LOAD:g} the "
+                              f"queues grow for the whole run, so every strategy's latency would measure the run's "
+                              f"length, not the strategy. Fix: loads of at most {MAX_LOAD:g} (below 1 for a steady "
+                              f"state).")
+        if load > 1:
+            print(f"warning: 'map.loads' holds {load:g} (above 1): the queues grow for the whole run, and the "
+                  f"latencies of those cells grow with num_queries.", file=sys.stderr)
+    cells = [(k, r) for k in lists["k_vals"] for r in lists["r_vals"]]
+    durations = []
+    for k, r in cells:
+        budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+        for rate in lists["straggler_rates"]:
+            durations += [cfg.num_queries * mean_work_ms(cfg, rate) / 1000.0 / (load * budget)
+                          for load in lists["loads"]]
+    check_plan_sizes(cfg, cells, [max(durations)], lambda s, k, r: instance_count(s, cell_instances(cfg, s, k, r), k, r)[0],
+                     {**SIZE_KEYS, "groups": ("map.k_vals", "smaller 'map.k_vals' (or fewer 'num_queries')."),
+                      "parities": ("map.r_vals", "smaller 'map.r_vals' (or fewer 'num_queries').")})
+    for k, r in cells:
+        for strategy in cfg.strategies:
+            check_failed_instances(replace(cfg, instances=cell_instances(cfg, strategy, k, r)), k, r, [strategy])
+        check_live_f(cfg, k, r, cfg.strategies, instances_of=lambda s: cell_instances(cfg, s, k, r))
 
 
 def mean_work_ms(cfg: ServeConfig, straggler_rate: float) -> float:
@@ -142,8 +192,7 @@ def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> di
     row: dict[str, Any] = {"load": load, "straggler_rate": rate_s, "k": k, "r": r, "budget": budget,
                            "arrival_rate": arrival_rate}
     for strategy in cfg.strategies:
-        instances = budget // 2 if strategy == "replicate" else m
-        scfg = replace(cfg, instances=max(instances, 1))
+        scfg = replace(cfg, instances=cell_instances(cfg, strategy, k, r))
         plan = build_plan(scfg, strategy, k, r, queries, delay, STRATEGIES.index(strategy))
         out = simulate(plan, scfg)
         latency = (out.done - out.arrival)[cfg.warmup_queries:] * 1000.0
@@ -229,7 +278,7 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    from serve.cli import config_command
+    from serve.cli import config_command, stops_cleanly
 
     cfg, lists = read_map_config(*config_command(argv, "python -m serve.map", __doc__, "conf/map/stragglers.json"))
     d = cfg.delays[0]
@@ -238,17 +287,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{cfg.service['dist']} service ({', '.join(f'{a}={v}' for a, v in cfg.service.items() if a != 'dist')})"
     title = (f"m = {cfg.instances} data instances, {service}, stragglers {d['dist']} ({params}), "
              f"{cfg.num_queries:,} queries per cell")
-    print(f"{title}\n", flush=True)
-    print(header(cfg.strategies), flush=True)
-    rows = sweep(cfg, lists)
+    return stops_cleanly(lambda: run_map(cfg, lists, title), cfg.out_dir, "python -m serve.map")
+
+
+def run_map(cfg: ServeConfig, lists: dict, title: str) -> None:
+    from serve.cli import remove_result_temps
+    from train.lock import folder_lock
+
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "map.csv")
-    wins = sum(row["winner"] == "coded" for row in rows)
-    print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
-    if cfg.plot and plot_map(rows, lists, out / "map.png", title):
-        print(f"heatmap: {out / 'map.png'}")
-    return 0
+    with folder_lock(out, "map results folder"):  # one writer; its temporaries are stale
+        remove_result_temps(out)
+        print(f"{title}\n", flush=True)
+        print(header(cfg.strategies), flush=True)
+        rows = sweep(cfg, lists)
+        write_csv(rows, out / "map.csv")
+        wins = sum(row["winner"] == "coded" for row in rows)
+        print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
+        if cfg.plot and plot_map(rows, lists, out / "map.png", title):
+            print(f"heatmap: {out / 'map.png'}")
 
 
 if __name__ == "__main__":
