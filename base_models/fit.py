@@ -235,11 +235,11 @@ def load_or_train(spec: Any, splits: Splits, *, path: Optional[str] = None, root
 
 @contextlib.contextmanager
 def weights_writer(path: Path, wait: bool):
-    """Hold the lock of the folder of F's weights file ``path`` (train/lock.py) while F is
+    """Hold the lock of the folder of F's weights file ``path`` (util/lock.py) while F is
     trained into it, so one process writes it; a kill's temporary files are removed once the
     lock is ours. ``wait``: wait for another writer to finish (train.py, which then loads
     what it wrote) instead of stopping with a UserError naming it (``python -m base_models.fit``)."""
-    from train.lock import FolderBusy, FolderLock
+    from util.lock import FolderBusy, FolderLock
 
     folder = Path(path).parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error("--val-size must be 1 or more")
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr must be a positive number; got {args.lr}")
-    from train.preflight import check_device, check_writable_folder
+    from util.checks import check_device, check_writable_folder
 
     if args.device != "auto":
         check_device(args.device, "--device")

@@ -12,7 +12,7 @@ For each run folder (typically the ``seed<s>`` folders of one config) it prints:
   the next; a wobble as wide as the spread between seeds says the seeds
   differ by where the noise of training stopped them, not by what they learned;
 - per class of the true label, F's accuracy and each seed's degraded-mode
-  accuracy (from ``best.pt`` through ``train.code.load_code``): which classes
+  accuracy (from ``best.pt`` through ``coders.code.load_code``): which classes
   the seeds disagree on.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from train.code import load_code
+from coders.code import load_code
 from train.engine import eval_groups
-from train.scenarios import gather_unavailable, unavailable_data
+from coders.scenarios import gather_unavailable, unavailable_data
 from util.errors import UserError
 
 

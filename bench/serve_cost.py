@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"'{run}' is not a run folder (no config.json). Fix: pass folders train.py wrote.")
     from serve.cli import serve_all
     from serve.config import validate
-    from serve.runtime import start_ray
+    from util.ray_cluster import start_ray
 
     import ray
 

@@ -123,7 +123,7 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
               base_model_file: Optional[str] = None, flush_denormal: bool = True):
     """A :class:`CodedRun` of setup ``name`` built from a validated config, as train.py would."""
-    from train.config import expand_runs, validate_dict
+    from coders.config import expand_runs, validate_dict
     from train.engine import CodedRun
 
     cfg = validate_dict({
@@ -437,7 +437,7 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
             raise UserError(f"--base-model-file: '{f}' is {'a folder' if Path(f).is_dir() else 'not there'}. Fix: "
                             f"pass a weights file, or 'trained' for the F that lcc trains.")
     if args.device != "auto":
-        from train.preflight import check_device
+        from util.checks import check_device
 
         check_device(args.device, "--device")
     if not (Path(args.data_dir) / "MNIST").is_dir() and args.only != "infer":

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from serve.config import ServeConfig, expand_settings, load_serve_config
+from coders.config import parse_overrides
 from serve.plan import (ROLE_BACKUP, ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model,
                         pool_roles)
 from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
-from train.cli import parse_overrides
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
 
@@ -35,7 +35,7 @@ EXIT_TERMINATED = 143   # 128 + SIGTERM
 
 def load_codes(cfg: ServeConfig) -> dict:
     """Each run folder's trained code, loaded once (a bad folder is a UserError before any serving)."""
-    from train.code import load_code
+    from coders.code import load_code
 
     codes = {}
     for run in cfg.runs:
@@ -75,7 +75,7 @@ def check_failures(cfg: ServeConfig, codes: dict) -> None:
 
 def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
     """Run every setting and strategy; returns ``[(setting record, [summary per strategy]), ...]``."""
-    from train.lock import folder_lock
+    from util.lock import folder_lock
 
     out = out or sys.stdout
     codes = load_codes(cfg)
@@ -96,7 +96,7 @@ def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out) -> list[
     results = []
     try:
         if cfg.engine == "ray":
-            from serve.runtime import start_ray
+            from util.ray_cluster import start_ray
 
             start_ray(cfg.address, cfg.num_cpus)
             keep_sigterm()  # ray.init installs its own handler, which exits without a word
@@ -226,7 +226,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
 def least_mean_ms(dist: dict, key: str) -> float:
     """A distribution's mean in ms; for a Pareto with no mean (alpha <= 1), its least value, a lower bound
     that is enough to refuse a rate no instance count could serve."""
-    from serve.map import mean_ms
+    from serve.limits import mean_ms
 
     if dist["dist"] == "pareto" and dist["alpha"] <= 1:
         return float(dist["scale_ms"])

@@ -1,7 +1,7 @@
 """The serving config: one declared schema, shared by the Ray runtime and the simulator.
 
 Every key is declared once in :class:`ServeConfig`, checked by the same
-machinery as the training config (:func:`train.config.validate_schema`:
+machinery as the training config (:func:`coders.config.validate_schema`:
 unknown keys with a did-you-mean, wrong types), then by :func:`check_values`.
 The lists ``runs``, ``rates`` and ``delays`` sweep: every combination is one
 *setting*, and every setting runs each of ``strategies`` on the same seeded
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from train.config import read_json_config, validate_schema
+import numpy as np
+
+from coders.config import read_json_config, validate_schema
 from util.errors import ConfigError
 
 STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup")
@@ -120,9 +122,30 @@ def check_delay(delay: dict, source: str, key: str = "delays") -> None:
     if dist == "file":
         if "column" in delay and not isinstance(delay["column"], str):
             raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
-        from serve.plan import read_latency_file
-
         read_latency_file(delay["path"], delay.get("column"))  # its content, too, before any work
+
+
+def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
+    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column``."""
+    import csv
+
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if column is not None:
+            col = rows[0].index(column)
+            values = [float(row[col]) for row in rows[1:] if row]
+        else:
+            values = [float(row[0]) for row in rows if row and row[0].strip()]
+    except (OSError, ValueError, IndexError) as exc:
+        raise ConfigError(f"Config key 'delays': the latency file '{path}' could not be read as milliseconds "
+                          f"({type(exc).__name__}: {exc}). Fix: one number per line, or a CSV with a header and "
+                          f"\"column\" naming the column.") from None
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ConfigError(f"Config key 'delays': the latency file '{path}' must hold finite, non-negative "
+                          f"milliseconds; it holds {arr.size} values.")
+    return arr
 
 
 def check_service(service: dict, source: str) -> None:
@@ -225,7 +248,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
     if cfg.engine == "ray" and cfg.address is None and cfg.device != "cpu":  # a local Ray: this machine's GPUs
-        from train.preflight import check_device
+        from util.checks import check_device
 
         check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
@@ -238,7 +261,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")
     if not cfg.out_dir.strip():  # "" would write the settings' folders into the current directory
         raise _bad(source, "out_dir", f"must name a folder (e.g. {ServeConfig.out_dir!r}); got {cfg.out_dir!r}.")
-    from train.preflight import check_writable_folder
+    from util.checks import check_writable_folder
 
     check_writable_folder(cfg.out_dir, "out_dir", f"{source}: config key 'out_dir'")  # a file above it, too
 

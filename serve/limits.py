@@ -22,6 +22,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from serve.plan import read_latency_file
 from util.errors import ConfigError
 
 MAX_LOAD = 10.0  # above it, over 90% of the last queries' latency is queueing: the figures say nothing
@@ -32,6 +33,25 @@ BYTES_PER_SLOW_CELL = 9
 MAX_SLOW_CELLS = 5e7  # slow-down periods x instances of one plan: a few seconds to draw
 BYTES_PER_RAY_ACTOR = 200 * 2 ** 20  # a Ray worker process with torch imported
 RAY_BYTES_PER_REQUEST = 300  # the frontend's per-request log (Python floats in lists)
+
+
+def mean_ms(dist: dict, key: str) -> float:
+    """Mean of a delay or service distribution (its ``probability`` left out), in ms."""
+    name = dist["dist"]
+    if name == "none":
+        return 0.0
+    if name == "constant":
+        return float(dist["ms"])
+    if name == "exponential":
+        return float(dist["mean_ms"])
+    if name == "shifted-exponential":
+        return float(dist["shift_ms"] + dist["mean_ms"])
+    if name == "pareto":
+        if dist["alpha"] <= 1:
+            raise ConfigError(f"Config key '{key}': a Pareto distribution with alpha <= 1 has no mean, so a load "
+                              f"cannot be set from it. Fix: alpha > 1.")
+        return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
+    return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
 
 
 def available_memory() -> int:

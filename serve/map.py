@@ -35,9 +35,10 @@ from typing import Any, Optional
 import numpy as np
 
 from serve.config import STRATEGIES, ServeConfig, validate
-from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
+from serve.plan import Queries, build_plan, parity_per_model
+from serve.limits import mean_ms
 from serve.sim import read_profile, simulate
-from train.config import read_json_config
+from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
 from util.files import atomic_write_text
 
@@ -50,25 +51,6 @@ MAP_KEYS = {
 REFUSED = {"runs": "the map sweeps k and r itself and runs no trained code",
            "rates": "the map derives arrival rates from \"map\": {\"loads\"}"}
 EQUAL_COST = ("equal-resources", "replicate", "coded")
-
-
-def mean_ms(dist: dict, key: str) -> float:
-    """Mean of a delay or service distribution (its ``probability`` left out), in ms."""
-    name = dist["dist"]
-    if name == "none":
-        return 0.0
-    if name == "constant":
-        return float(dist["ms"])
-    if name == "exponential":
-        return float(dist["mean_ms"])
-    if name == "shifted-exponential":
-        return float(dist["shift_ms"] + dist["mean_ms"])
-    if name == "pareto":
-        if dist["alpha"] <= 1:
-            raise ConfigError(f"Config key '{key}': a Pareto distribution with alpha <= 1 has no mean, so a load "
-                              f"cannot be set from it. Fix: alpha > 1.")
-        return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
-    return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
 
 
 def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
@@ -292,7 +274,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_map(cfg: ServeConfig, lists: dict, title: str) -> None:
     from serve.cli import remove_result_temps
-    from train.lock import folder_lock
+    from util.lock import folder_lock
 
     out = Path(cfg.out_dir)
     with folder_lock(out, "map results folder"):  # one writer; its temporaries are stale

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from serve.config import ServeConfig
+from serve.config import ServeConfig, read_latency_file
 from util.errors import ConfigError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
@@ -161,29 +161,6 @@ def sample_delays(delay: dict, instance: np.ndarray, rng: np.random.Generator) -
     if delay.get("instances") is not None:
         hit &= np.isin(instance, delay["instances"])
     return np.where(hit, ms, 0.0) / 1000.0
-
-
-def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
-    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column``."""
-    import csv
-
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if column is not None:
-            col = rows[0].index(column)
-            values = [float(row[col]) for row in rows[1:] if row]
-        else:
-            values = [float(row[0]) for row in rows if row and row[0].strip()]
-    except (OSError, ValueError, IndexError) as exc:
-        raise ConfigError(f"Config key 'delays': the latency file '{path}' could not be read as milliseconds "
-                          f"({type(exc).__name__}: {exc}). Fix: one number per line, or a CSV with a header and "
-                          f"\"column\" naming the column.") from None
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ConfigError(f"Config key 'delays': the latency file '{path}' must hold finite, non-negative "
-                          f"milliseconds; it holds {arr.size} values.")
-    return arr
 
 
 def slow_factors(cfg: ServeConfig, instance: np.ndarray, time: np.ndarray, num_instances: int) -> np.ndarray:

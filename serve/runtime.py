@@ -5,7 +5,7 @@ each request when the plan says (open loop: arrivals never wait for
 answers), and answers each query the moment its own output arrives or, for
 the coded strategy, the moment the decoder has k outputs of its group in
 hand, whichever is first. The encoder and decoder are the trained code's own
-(:class:`train.code.Code`), run here; F and the parity models run in the
+(:class:`coders.code.Code`), run here; F and the parity models run in the
 actors. Late outputs are dropped. A request that fails because its actor
 died is answered by reconstruction when its group can still be decoded,
 else sent again to a live instance of the same role, so no query is lost.
@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -33,9 +32,7 @@ import torch
 
 from serve.plan import ROLE_BACKUP, ROLE_F, Plan
 from util.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
 
 class Instance:
     """One model instance: holds F or one parity model and serves one request at a time.
@@ -77,29 +74,6 @@ class Instance:
             p.kill()
             p.wait()
         self.busy = []
-
-
-def start_ray(address: Optional[str], num_cpus: Optional[int]) -> bool:
-    """Join the cluster at ``address`` or start a local Ray; returns whether this call started it.
-
-    Workers get this repository and the folders of user code (the run's
-    ``code_dirs``) on their path; on a cluster these paths must exist on
-    every node (shared storage), as README says.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    from train.config import CODE_DIRS
-
-    path = os.pathsep.join([str(ROOT), *CODE_DIRS] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    env = {"env_vars": {"PYTHONPATH": path}}
-    if address:
-        ray.init(address=address, runtime_env=env, logging_level="ERROR", log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env=env, include_dashboard=False,
-                 logging_level="ERROR", log_to_driver=False)
-    return True
 
 
 class Pool:

@@ -360,7 +360,7 @@ class _Run:
 
 
 def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 2048, backup=None) -> Outcome:
-    """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a train.code.Code) and
+    """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
     run = _Run(plan, cfg)

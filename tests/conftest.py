@@ -91,7 +91,7 @@ def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
 def local_ray():
     """One local Ray (2 CPUs) for a whole test module: ``ray.init`` costs about 10 s."""
     ray = pytest.importorskip("ray")
-    from serve.runtime import start_ray
+    from util.ray_cluster import start_ray
 
     start_ray(None, 2)
     yield ray

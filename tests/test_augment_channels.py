@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from train.augment import random_crop_flip
 from train.cli import run_all
-from train.config import expand_runs, load_config
+from coders.config import expand_runs, load_config
 from train.engine import CodedRun
 
 

@@ -271,7 +271,7 @@ def test_training_f_removes_a_killed_writers_temporary_files(digits, tmp_path, o
 def test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote(digits, tmp_path, monkeypatch, one_thread):
     import threading
 
-    from train.lock import FolderLock
+    from util.lock import FolderLock
 
     root = tmp_path / "models"
     weights = root / "digits" / "base-mlp" / "model.pt"
@@ -293,7 +293,7 @@ def test_a_second_writer_of_f_waits_then_loads_what_the_first_wrote(digits, tmp_
 
 
 def test_base_models_fit_refuses_a_folder_another_process_writes(digits, tmp_path, capsys):
-    from train.lock import FolderLock
+    from util.lock import FolderLock
 
     folder = tmp_path / "models" / "digits" / "base-mlp"
     folder.mkdir(parents=True)

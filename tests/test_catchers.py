@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from coders.berrut import BerrutDecoder, BerrutEncoder, berrut_nodes
 from coders.image import ConcatenationEncoder
 from train.cli import run_all
-from train.config import expand_runs, load_config
+from coders.config import expand_runs, load_config
 from train.engine import CodedRun
 from train.losses import KLBase
 

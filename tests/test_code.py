@@ -1,4 +1,4 @@
-"""A trained code outside the trainer: train/code.py's Code, loaded from a run folder."""
+"""A trained code outside the trainer: coders/code.py's Code, loaded from a run folder."""
 import json
 from pathlib import Path
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from train.cli import run_all
-from train.code import load_code
-from train.config import expand_runs, load_config, load_run_folder
+from coders.code import load_code
+from coders.config import expand_runs, load_config, load_run_folder
 from train.engine import CodedRun, eval_groups
 from train.metrics import Tally
-from train.scenarios import gather_unavailable, unavailable_data
+from coders.scenarios import gather_unavailable, unavailable_data
 from util.errors import UserError
 
 CODES = {

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from train.cli import main
-from train.config import expand_runs, load_config, validate_dict
+from coders.config import expand_runs, load_config, validate_dict
 from train.preflight import preflight
 from util.errors import ConfigError
 
@@ -138,7 +138,7 @@ def test_readme_documents_every_config_key():
     import dataclasses
     import re
 
-    from train.config import Config
+    from coders.config import Config
 
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme, re.M))
@@ -193,7 +193,7 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path):
 
 
 def test_specs_differing_only_in_args_get_their_own_run_folders():
-    from train.config import expand_runs, validate_dict
+    from coders.config import expand_runs, validate_dict
 
     plain = ["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]
     wide = ["coders.mlp.MLPEncoder", {"class": "coders.mlp.MLPDecoder", "args": {"hidden": 256}}]
@@ -204,7 +204,7 @@ def test_specs_differing_only_in_args_get_their_own_run_folders():
 
 
 def test_a_run_listed_twice_is_refused_before_anything_runs():
-    from train.config import validate_dict
+    from coders.config import validate_dict
 
     pair = ["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]
     with pytest.raises(ConfigError, match="same run folder.*list each value once"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from base_models.fit import load_state
-from train.config import expand_runs, load_config
+from coders.config import expand_runs, load_config
 from train.engine import CodedRun
 from util.hardware import count_subnormal, denormals_flushed, flush_denormals
 

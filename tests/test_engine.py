@@ -10,10 +10,10 @@ import torch
 
 from base_models.resnet import ResNet18
 from train.cli import main, run_all
-from train.config import expand_runs, load_config
+from coders.config import expand_runs, load_config
 from train.engine import CodedRun
 from train.metrics import MetricsLog, Tally
-from train.scenarios import gather_unavailable
+from coders.scenarios import gather_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 

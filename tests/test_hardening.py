@@ -33,11 +33,13 @@ def tripwires(monkeypatch):
     import serve.cli
     import serve.map
     import serve.runtime
+    import util.ray_cluster
 
     def trip(*args, **kwargs):
         raise WorkStarted("work started before the config was refused")
 
     monkeypatch.setattr(serve.runtime, "start_ray", trip)
+    monkeypatch.setattr(util.ray_cluster, "start_ray", trip)
     monkeypatch.setattr(serve.cli, "serve_setting", trip)
     monkeypatch.setattr(serve.map, "run_cell", trip)
 
@@ -342,7 +344,7 @@ def test_a_killed_writes_temporaries_are_removed_at_the_next_start_and_said(tmp_
 
 def test_resume_on_a_checkpoint_without_module_weights_is_exit_2_naming_the_file(digits_config, capsys):
     from train.cli import main
-    from train.code import load_code
+    from coders.code import load_code
     from util.errors import UserError
 
     path = digits_config(num_epoch=1)

@@ -1,8 +1,13 @@
-"""The project's module names: none hides a package when its folder's files run as scripts."""
+"""The project's module names: none hides a package when its folder's files run as scripts,
+and every module path users have seen still imports."""
 from __future__ import annotations
 
+import importlib
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name != "tests")
@@ -12,12 +17,56 @@ def test_the_project_has_its_packages():
     assert {"coders", "base_models", "datasets", "train", "util", "serve", "bench"} <= set(PACKAGES)
 
 
+# util/util.py keeps the original write-ups' `from util.util import get_flattened_dim`; it stands in
+# for its package when a script inside util/ makes `import util` find it (see its docstring).
+STANDS_IN = {"util/util.py"}
+
+
 def test_no_module_is_named_like_a_package_of_the_project():
     # Running a file as a script puts its folder first on sys.path, so a module there named
-    # like a package (bench/base_models.py, util/util.py) is what `import base_models` finds.
+    # like a package (bench/base_models.py, serve/util.py) is what `import base_models` finds.
     clashes = [f"{pkg}/{py.name}" for pkg in PACKAGES for py in (ROOT / pkg).glob("*.py")
-               if py.stem in PACKAGES]
+               if py.stem in PACKAGES and f"{pkg}/{py.name}" not in STANDS_IN]
     assert not clashes, clashes
+
+
+def test_a_script_inside_util_still_finds_the_util_package():
+    # `python util/report.py` puts util/ first on sys.path: `import util` finds util/util.py, which must
+    # then act as the package (util.classpath, util.files, ...), and `util.util` must still import.
+    script = ("import util.files, util.shapes\n"
+              "from util.util import get_flattened_dim\n"
+              "print(get_flattened_dim([-1, 1, 8, 8]), util.files.TMP_SUFFIX)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "util", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["64", ".tmp"]
+    proc = subprocess.run([sys.executable, "util/report.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr
+
+
+OLD_NAMES = [  # (old module path, name, new module path): each old one is kept for users' scripts
+    ("train.code", "load_code", "coders.code"), ("train.code", "Code", "coders.code"),
+    ("train.config", "load_config", "coders.config"), ("train.config", "Config", "coders.config"),
+    ("train.scenarios", "enumerate_scenarios", "coders.scenarios"),
+    ("train.checkpoint", "load_checkpoint", "util.checkpoint"), ("train.lock", "FolderLock", "util.lock"),
+    ("train.preflight", "check_device", "util.checks"), ("train.preflight", "probe_coders", "coders.build"),
+    ("train.engine", "build_coders", "coders.build"), ("train.engine", "build_parity_models", "coders.build"),
+    ("train.cli", "parse_overrides", "coders.config"), ("serve.runtime", "start_ray", "util.ray_cluster"),
+    ("serve.plan", "read_latency_file", "serve.config"), ("util.util", "get_flattened_dim", "util.shapes"),
+    ("util.util", "flush_denormals", "util.hardware"), ("util.util", "atomic_write_text", "util.files"),
+]
+
+
+@pytest.mark.parametrize("old, name, new", OLD_NAMES, ids=[f"{o}.{n}" for o, n, _ in OLD_NAMES])
+def test_an_old_import_path_still_gives_the_same_object(old, name, new):
+    assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
+
+
+def test_a_moved_module_is_one_module_under_both_names():
+    import train.code
+
+    from train import config
+    assert train.code is importlib.import_module("coders.code")
+    assert config is importlib.import_module("coders.config")
 
 
 def test_no_bench_script_is_named_like_a_module_it_may_import():

@@ -40,7 +40,7 @@ def test_topk_hits_with_fewer_classes_than_k():
 
 def test_group_hits_serve_f_where_available_and_the_reconstruction_elsewhere():
     from train.metrics import group_hits
-    from train.scenarios import enumerate_scenarios, unavailable_data
+    from coders.scenarios import enumerate_scenarios, unavailable_data
 
     torch.manual_seed(0)
     k, r, b, n = 3, 2, 4, 5

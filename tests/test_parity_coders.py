@@ -14,7 +14,7 @@ from coders.berrut import (BerrutDecoder, BerrutEncoder, berrut_interpolate, ber
 from coders.image import ConcatenationEncoder, tile_grid, tile_slices
 from coders.mds import MDSDecoder, MDSEncoder, coefficient_sums, mds_matrix
 from coders.summation import AdditionEncoder, SubtractionDecoder
-from train.scenarios import enumerate_scenarios
+from coders.scenarios import enumerate_scenarios
 
 B = 5
 IMAGE_DIM = [-1, 1, 8, 8]

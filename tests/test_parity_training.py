@@ -6,7 +6,7 @@ import torch
 
 from base_models.fit import build_base_model, default_path, load_state
 from train.cli import run_all
-from train.config import expand_runs, load_config
+from coders.config import expand_runs, load_config
 from train.engine import CodedRun
 from train.metrics import Tally
 

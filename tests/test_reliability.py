@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from train.cli import main, run_all
-from train.lock import FolderLock, holder
+from util.lock import FolderLock, holder
 from train.metrics import MetricsLog
 from util.report import read_rows, summarize_run
 

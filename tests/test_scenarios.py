@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from train.scenarios import apply_scenarios, enumerate_scenarios, gather_unavailable, unavailable_data
+from coders.scenarios import apply_scenarios, enumerate_scenarios, gather_unavailable, unavailable_data
 
 KR = [(k, r) for k in range(2, 6) for r in range(1, 4)]
 

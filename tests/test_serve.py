@@ -19,7 +19,7 @@ from serve.cli import main as serve_main
 from serve.cli import serve_all
 from serve.config import validate
 from serve.plan import build_plan, form_groups, make_queries, pool_roles
-from train.code import load_code
+from coders.code import load_code
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role(tmp_pat
 @pytest.mark.parametrize("path", sorted((ROOT / "conf" / "serve").glob("*.json")), ids=lambda p: p.name)
 def test_shipped_serving_configs_follow_the_schema(path):
     from serve.config import ServeConfig, check_delay
-    from train.config import read_json_config, validate_schema
+    from coders.config import read_json_config, validate_schema
 
     cfg = validate_schema(read_json_config(path, ""), ServeConfig, str(path))
     for delay in cfg.delays:

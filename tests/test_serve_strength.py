@@ -173,7 +173,7 @@ def _splits(seed=0, **changed):
 
 @pytest.mark.parametrize("changed", ["val_x", "val_y", "test_x", "test_y", "train_x", "train_y"])
 def test_resume_refuses_other_images_or_labels_in_any_one_split(changed, tmp_path):
-    from train.checkpoint import check_fingerprint, fingerprint
+    from util.checkpoint import check_fingerprint, fingerprint
     from util.errors import UserError
 
     base = torch.nn.Linear(4, 3)
@@ -198,7 +198,7 @@ class _ParityPerChannel(torch.nn.Module):
 
 
 def test_colour_images_are_encoded_channel_by_channel_with_r_of_two_or_more():
-    from train.code import Code
+    from coders.code import Code
 
     b, k, r, c, h, w = 2, 2, 3, 3, 2, 2
     code = Code(torch.nn.Flatten(), _ParityPerChannel(r), torch.nn.Identity(), None, k, r)

@@ -397,7 +397,7 @@ def test_python_m_serve_runs_the_simulator_with_served_accuracy(tmp_path, digits
     import torch
 
     from serve.cli import main as serve_main
-    from train.code import load_code
+    from coders.code import load_code
 
     cfg = {"runs": [digits_run_folder], "engine": "sim", "rates": [400], "num_queries": 3000, "instances": 2,
            "strategies": ["none", "coded"], "delays": [{"dist": "exponential", "mean_ms": 5}],
@@ -422,7 +422,7 @@ def test_python_m_serve_runs_the_simulator_with_served_accuracy(tmp_path, digits
 def test_reconstructions_equal_the_decoder_on_the_outputs_in_hand(digits_run_folder):
     import torch
 
-    from train.code import load_code
+    from coders.code import load_code
 
     loaded = load_code(digits_run_folder)
     code = loaded.code

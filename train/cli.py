@@ -7,21 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from coders.config import parse_overrides
 from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, RunDiverged, UserError
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["num_epoch=3", "k_vals=[2]"]`` -> ``{"num_epoch": 3, "k_vals": [2]}`` (values are JSON, else strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE (VALUE in JSON, e.g. num_epoch=3 or k_vals=[2,3]); got '{pair}'.")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -79,7 +66,7 @@ def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
     """How far the run in ``folder`` has got, from its checkpoint and metrics.jsonl:
     ``(state, phrase)`` with state "new", "part", "done" or "unreadable"; the phrase says when
     another process is writing the run now."""
-    from train.lock import holder
+    from util.lock import holder
 
     state, phrase = _run_progress(Path(folder), num_epoch)
     return state, phrase + ("; being written now" if holder(folder) is not None else "")
@@ -118,8 +105,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     ``ray_address`` (``""`` for a local Ray) runs the runs as Ray tasks (train/ray_sweep.py).
     """
     out = out or sys.stdout
-    from train.checkpoint import refuse_occupied
-    from train.config import expand_runs, load_config, load_run_folder
+    from util.checkpoint import refuse_occupied
+    from coders.config import expand_runs, load_config, load_run_folder
     from train.engine import CodedRun
     from train.preflight import check_data, preflight
 

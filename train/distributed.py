@@ -24,7 +24,7 @@ has the same global batch (the config's ``batch_size``) everywhere:
 Why an ``all_reduce`` of the gradients rather than DistributedDataParallel:
 DDP averages gradients with equal weights (wrong for an uneven last step),
 needs the forward pass to go through its wrapper (the computation lives in
-train/code.py and calls the encoder, F and the decoder itself), and its
+coders/code.py and calls the encoder, F and the decoder itself), and its
 overlap of communication with backward buys little for coders of a few
 million parameters; one flat buffer per step is one collective per step, as
 DDP's buckets would be for models this size.

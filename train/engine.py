@@ -17,25 +17,24 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from base_models.fit import build_base_model, default_path, load_or_train, predict
+from base_models.fit import default_path, load_or_train, predict
 from datasets import load_dataset
 from datasets.splits import AUGMENTED, resolve_data_dir
 from train import distributed
 from train.augment import random_crop_flip
-from train.code import Code, freeze
-from train.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
+from coders.build import build_coders, build_parity_models, probe_coders
+from coders.code import Code, freeze
+from util.checkpoint import (RUN_FILES, fingerprint, load_checkpoint, load_module_state, refuse_occupied,
                               remove_partial_writes, save_checkpoint)
-from train.config import CODE_DIRS, Config, RunSpec, to_dict
+from coders.config import CODE_DIRS, Config, RunSpec, to_dict
 from train.losses import LOSS_ALIASES, target_kind
-from train.lock import FolderLock
+from util.lock import FolderLock
 from train.metrics import MetricsLog, Tally, group_hits, summary_line
-from train.preflight import probe_coders
 from train.schedule import SCHEDULES, progress, set_rates
-from train.scenarios import gather_pairs, unavailable_data, unavailable_pairs
-from util.classpath import build, import_class, spec_name, split_spec
+from coders.scenarios import gather_pairs, unavailable_data, unavailable_pairs
+from util.classpath import build, import_class, split_spec
 from util.errors import ConfigError, RunDiverged, UserError
 from util.files import atomic_write_text
 from util.hardware import flush_denormals, keep_freed_memory, resolve_device
@@ -46,38 +45,6 @@ def eval_groups(n: int, k: int, device) -> torch.Tensor:
     """Fixed ``(ceil(n/k), k)`` groups covering every index; the last one wraps around."""
     g = math.ceil(n / k)
     return (torch.arange(g * k, device=device) % n).view(g, k)
-
-
-def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
-    """Encoder and decoder for ``spec``; a coder refusing k, r or the sizes becomes a ConfigError."""
-    modules = []
-    for which, cspec, dim in (("encoder", spec.encoder, [-1, *in_shape]), ("decoder", spec.decoder, [-1, n_out])):
-        try:
-            modules.append(build(cspec, "enc_dec_types", spec.k, spec.r, dim))
-        except ValueError as exc:
-            raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} cannot serve k={spec.k}, "
-                              f"r={spec.r} with input size {dim}: {exc} Fix: change k_vals/r_vals or the coder.") from None
-        except TypeError as exc:
-            raise ConfigError(f"Config key 'enc_dec_types': {which} {spec_name(cspec)} could not be built ({exc}). "
-                              f"Fix: check its 'args' against its constructor (ec_k, ec_r, in_dim, ...).") from None
-    return modules[0], modules[1]
-
-
-def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module) -> nn.ModuleList:
-    """The r parity models F_P of a run (architecture 'parity_model', else F's)."""
-    arch = cfg.parity_model or spec.model
-    models = []
-    for _ in range(spec.r):
-        m = build_base_model(arch, splits, "parity_model")
-        if cfg.parity_model_init == "base":
-            try:
-                m.load_state_dict(base.state_dict())
-            except RuntimeError:
-                raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights, but the "
-                                  f"parity model {spec_name(arch)} has a different architecture from F. "
-                                  "Fix: use \"random\" or the same architecture.") from None
-        models.append(m)
-    return nn.ModuleList(models)
 
 
 _DATA_CACHE: dict = {}
@@ -97,7 +64,7 @@ def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
 
 def run_config(cfg: Config, spec: RunSpec) -> dict:
     """The resolved config of one run: the whole config, this run's choices, and the
-    folders its user code may live in (see :data:`train.config.CODE_DIRS`)."""
+    folders its user code may live in (see :data:`coders.config.CODE_DIRS`)."""
     return {**to_dict(cfg), **asdict(spec), "code_dirs": list(CODE_DIRS)}
 
 
@@ -161,7 +128,7 @@ class CodedRun:
                      self.n_out, dev, training_modes=(False,), batch_sizes=(2,))
         self.parity_models = (build_parity_models(cfg, spec, self.splits, self.base).to(dev)
                               if cfg.train_parity_model else None)
-        # The computation, shared with evaluation and serving (train/code.py).
+        # The computation, shared with evaluation and serving (coders/code.py).
         self.code = Code(self.base, self.encoder, self.decoder, self.parity_models, self.k, self.r).to(dev)
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
@@ -185,7 +152,7 @@ class CodedRun:
         self.best_val = -1.0
         self.log = MetricsLog(self.folder)
 
-    # -- the computation (train/code.py) -----------------------------------------------------------
+    # -- the computation (coders/code.py) -----------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.code.encode(x)
 
@@ -330,7 +297,7 @@ class CodedRun:
         return Path(cfg.base_model_file or default_path(self.splits.name, self.spec.model, cfg.base_model_dir))
 
     def record_fingerprint(self) -> None:
-        """Add F's and the dataset's digests to the run's config (see train.checkpoint.fingerprint):
+        """Add F's and the dataset's digests to the run's config (see util.checkpoint.fingerprint):
         written into every checkpoint, and compared with the checkpoint's on resume."""
         if "base_model_digest" in self.config:
             return
@@ -380,7 +347,7 @@ class CodedRun:
     # -- the loop ----------------------------------------------------------------------------------
     @property
     def folder_lock(self) -> FolderLock:
-        """The run folder's one-writer lock (train/lock.py): taken by prepare_folder, released when fit ends."""
+        """The run folder's one-writer lock (util/lock.py): taken by prepare_folder, released when fit ends."""
         if getattr(self, "_folder_lock", None) is None:
             self._folder_lock = FolderLock(self.folder)
         return self._folder_lock

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,9 +12,11 @@ from torch import nn
 from base_models import MODEL_ALIASES
 from base_models.fit import check_weights_path
 from datasets import DATASET_ALIASES
-from train.config import Config, RunSpec
+from coders.build import build_coders, probe_coders
+from coders.config import Config, RunSpec
 from train.losses import LOSS_ALIASES, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
+from util.checks import check_device, check_writable_folder  # noqa: F401  (re-exported: train.preflight.check_device)
 from util.errors import ConfigError
 from util.shapes import get_flattened_dim
 
@@ -61,8 +62,6 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             and any(cfg.parity_model != m for m in cfg.models):
         raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
                           "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
-    from train.engine import build_coders
-
     probed: set = set()
     for run in runs:
         for cspec in (run.encoder, run.decoder):
@@ -97,8 +96,6 @@ def _key(spec) -> str:
 def probe_run_coders(run: RunSpec, in_shape, n_out: int, probed: set) -> None:
     """Build ``run``'s encoder and decoder on the CPU and call them as training will (once per
     distinct coder pair, k, r and sizes in the sweep)."""
-    from train.engine import build_coders
-
     key = ("coders", _key(run.encoder), _key(run.decoder), run.k, run.r, tuple(in_shape), n_out)
     if key in probed:
         return
@@ -108,55 +105,6 @@ def probe_run_coders(run: RunSpec, in_shape, n_out: int, probed: set) -> None:
                        run, in_shape, n_out, fix="check the coder's constructor and its 'args'.")
     check_coder_size(run, coders)
     probe_coders(*coders, run.k, run.r, get_flattened_dim([-1, *in_shape]), n_out)
-
-
-def probe_coders(encoder: nn.Module, decoder: nn.Module, k: int, r: int, d: int, n: int, device="cpu",
-                 training_modes=(False, True), batch_sizes=(2, 3)) -> None:
-    """Call E and D on random inputs of each of ``batch_sizes``, in each of ``training_modes`` (training
-    mode with a backward pass), and compare their outputs with the contract in coders/coder.py. Any
-    exception a coder raises is a ConfigError naming it. Each module's mode is handed back. With
-    training mode among ``training_modes`` gradients and BatchNorm statistics change, so that is for
-    throwaway modules (the preflight's own); evaluation mode alone (what every CodedRun checks on its
-    real coders) changes nothing, and draws from no global random generator."""
-    gen = torch.Generator().manual_seed(0)
-    was = [(m, m.training) for m in (encoder, decoder)]
-    try:
-        for training in training_modes:
-            for b in batch_sizes:
-                _probe_once(encoder, decoder, k, r, d, n, b, training, gen, device)
-    finally:
-        for module, mode in was:
-            module.train(mode)
-
-
-def _probe_once(encoder, decoder, k, r, d, n, b, training, gen, device) -> None:
-    available = torch.ones(b, k + r, dtype=torch.bool)
-    available[:, :r] = False  # one decoding scenario: the first r outputs unavailable
-    checks = (("encoder", encoder, (torch.randn(b, k, d, generator=gen),), (b, r, d)),
-              ("decoder", decoder, (torch.randn(b, k + r, n, generator=gen),), (b, k, n)))
-    for which, module, args, expected in checks:
-        if which == "decoder" and getattr(module, "needs_availability", False):
-            args = args + (available,)
-        args = tuple(a.to(device) for a in args)
-        name = type(module).__name__
-        mode = "training" if training else "evaluation"
-        module.train(training)
-        try:
-            with torch.set_grad_enabled(training):
-                out = module(*args)
-                if training and isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.float().sum().backward()
-        except Exception as exc:
-            raise ConfigError(
-                f"Config key 'enc_dec_types': {which} {name} failed on an input of shape "
-                f"{tuple(args[0].shape)} in {mode} mode: {describe_exception(exc)}. The contract in "
-                f"coders/coder.py: an encoder maps (B, k, D) to (B, r, D), a decoder (B, k + r, n) to "
-                f"(B, k, n), for any batch size B.") from None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(
-                f"Config key 'enc_dec_types': {which} {name} returned {got} in {mode} mode for an input "
-                f"of shape {tuple(args[0].shape)}; the contract in coders/coder.py asks for {expected}.")
 
 
 def probe_model(key: str, spec, dataset: str, in_shape, num_classes: int) -> None:
@@ -222,51 +170,6 @@ def check_machine(cfg: Config) -> None:
 
 
 MAX_THREADS_PER_CORE = 4
-
-
-def check_device(name: str, label: str = "Config key 'device'") -> None:
-    """Refuse a device torch cannot hold tensors on; ``label`` names the key or flag in the message."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{label}: {name!r} is not a device name; use \"auto\", \"cpu\" "
-                          f"or \"cuda\".") from None
-    if dev.type == "meta":
-        raise ConfigError(f"{label}: \"meta\" tensors hold shapes but no values, so nothing can be "
-                          "trained on them. Fix: use \"auto\", \"cpu\" or \"cuda\".")
-    try:
-        if dev.type == "cuda":  # no allocation: that would open a CUDA context on GPU 0 in every process
-            if not torch.cuda.is_available():
-                raise RuntimeError("no usable GPU")
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise RuntimeError(f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        elif dev.type != "cpu":
-            (torch.ones(2, device=dev) + 1).sum().item()
-    except Exception as exc:
-        raise ConfigError(f"{label}: torch cannot use {name!r} on this machine "
-                          f"({type(exc).__name__}: {str(exc).split('. ')[0][:160]}). Fix: use \"auto\" (CUDA when "
-                          f"present, else the CPU) or \"cpu\".") from None
-
-
-def check_writable_folder(path: str, key: str, label: Optional[str] = None) -> None:
-    """``path`` is a folder lcc may create files in, or could be created as one; ``label`` names
-    the key or flag in the message (default: the config key ``key``)."""
-    label = label or f"Config key '{key}'"
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{label}: '{p}' is a file, not a folder. Fix: point '{key}' at a folder "
-                          f"(it is created when missing).")
-    existing = p
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{label}: '{p}' cannot be created, since '{existing}' is a file. Fix: "
-                          f"choose another folder for '{key}'.")
-    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{label}: '{existing}' is not writable by this user, so lcc cannot write "
-                          f"{'under ' if existing != p else ''}'{p}'. Fix: choose a folder you can write to.")
 
 
 def check_scenario_count(run: RunSpec, cfg: Config) -> None:

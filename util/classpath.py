@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import json
 import re
+import sys
 from typing import Any, Mapping
 
 from util.errors import ConfigError, UserError
@@ -140,3 +141,16 @@ def spec_name(spec: Any) -> str:
     if len(text) > 48 or not re.fullmatch(r"[A-Za-z0-9._+=-]+", text):
         text = "args" + hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
     return f"{name}-{text}"
+
+
+# Folders of the config files read in this process. Each goes on sys.path, so a
+# user's module beside a config imports by class path, and each run records
+# them in its config.json, so resuming from the run folder alone finds it again.
+CODE_DIRS: list[str] = []
+
+
+def add_code_dir(folder: str) -> None:
+    if folder not in CODE_DIRS:
+        CODE_DIRS.append(folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)

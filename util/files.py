@@ -77,7 +77,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> list[
     """Delete the temporary files that a killed atomic write of any of ``names`` left in ``folder``.
 
     Only call this while no other process may be writing those files (e.g. holding
-    the folder's lock, train/lock.py). Says on stderr how many went; returns them.
+    the folder's lock, util/lock.py). Says on stderr how many went; returns them.
     """
     removed = []
     for name in names:

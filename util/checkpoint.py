@@ -12,7 +12,7 @@ from util.errors import UserError
 from util.files import atomic_save, remove_stale_temps
 
 FORMAT = 1
-# What a run folder holds (besides its lock file, train/lock.py); each is written atomically.
+# What a run folder holds (besides its lock file, util/lock.py); each is written atomically.
 RUN_FILES = ("current.pt", "best.pt", "metrics.csv", "metrics.jsonl", "config.json")
 # Keys of a run's resolved config that must match for a checkpoint to be resumed.
 IDENTITY_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder",
@@ -156,7 +156,7 @@ def refuse_occupied(folders: list[Path], total: int, busy_check: bool = True) ->
     Starting afresh over a checkpoint needs --overwrite, continuing it --resume;
     the command line checks every run of a sweep with this before any trains.
     """
-    from train.lock import busy_error, holder
+    from util.lock import busy_error, holder
 
     for f in folders if busy_check else []:  # a folder another process is writing now: say so
         who = holder(f)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train.scenarios import apply_scenarios, enumerate_scenarios
+from coders.scenarios import apply_scenarios, enumerate_scenarios
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -124,9 +124,9 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     """
     from base_models.fit import build_base_model, check_weights_path, default_path, load_state
     from datasets import load_dataset
-    from train.checkpoint import load_checkpoint, load_module_state, tensors_digest
-    from train.config import expand_runs, load_run_folder
-    from train.engine import build_coders, build_parity_models
+    from util.checkpoint import load_checkpoint, load_module_state, tensors_digest
+    from coders.config import expand_runs, load_run_folder
+    from coders.build import build_coders, build_parity_models
     from util.errors import UserError
     from util.hardware import resolve_device
 

@@ -11,13 +11,12 @@ import dataclasses
 import difflib
 import itertools
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from util.classpath import spec_name, split_spec
-from util.errors import ConfigError
+from util.classpath import CODE_DIRS, add_code_dir, spec_name, split_spec  # noqa: F401  (CODE_DIRS: re-exported)
+from util.errors import ConfigError, UserError
 
 Spec = Union[str, dict]
 
@@ -253,6 +252,20 @@ def load_config(path: str | Path, overrides: Optional[dict] = None) -> Config:
     return validate_dict(raw, source=f"config '{path}'")
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["num_epoch=3", "k_vals=[2]"]`` -> ``{"num_epoch": 3, "k_vals": [2]}`` (values are JSON, else strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects KEY=VALUE (VALUE in JSON, e.g. num_epoch=3 or k_vals=[2,3]); got '{pair}'.")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _refuse_duplicates(pairs: list) -> dict:
     seen = {}
     for key, value in pairs:
@@ -281,19 +294,6 @@ def read_json_config(path: Path, example: str) -> Any:
                           f"last). Fix: keep one of them.") from None
     except UnicodeDecodeError:
         raise ConfigError(f"Config file '{path}' is not text (UTF-8). Fix: pass a JSON file, {example}.") from None
-
-
-# Folders of the config files read in this process. Each goes on sys.path, so a
-# user's module beside a config imports by class path, and each run records
-# them in its config.json, so resuming from the run folder alone finds it again.
-CODE_DIRS: list[str] = []
-
-
-def add_code_dir(folder: str) -> None:
-    if folder not in CODE_DIRS:
-        CODE_DIRS.append(folder)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
 
 
 RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
