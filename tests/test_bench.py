@@ -21,7 +21,8 @@ def test_speed_benchmark_prints_every_setup_and_the_inference_table(data_dir, an
         groups, seconds, per_s, vs_original, gflop = cells[1:6]
         assert int(groups) == (27500 if "disjoint" in name else 55000)
         assert float(seconds) > 0 and float(gflop) > 0
-        assert abs(float(per_s) - int(groups) / float(seconds)) <= 0.01 * float(per_s)  # s/epoch is rounded
+        # groups/s is printed as a whole number and s/epoch to 0.01 s, so allow the rounding of both
+        assert abs(float(per_s) - int(groups) / float(seconds)) <= max(0.6, 0.01 * float(per_s))
         assert vs_original.endswith("x") and float(vs_original[:-1]) > 0
     for model, weights in (("base-mlp", "reference"), ("resnet18", "random")):
         row = next(ln for ln in out.splitlines() if ln.startswith(model + " "))
