@@ -35,6 +35,9 @@ DISTRIBUTIONS = {
 COMMON_DELAY_KEYS = ("dist", "probability", "instances")
 ROUTINGS = ("static", "jsq", "p2c")
 POOLS = ("split", "shared")
+MAX_WINDOW = 1_000_000  # latencies a percentile deferral keeps (memory: 8 bytes each)
+MAX_INTERFERENCE = 64  # busy processes of 'interference' in all
+MAX_THREADS = 1024     # torch threads per instance
 
 
 @dataclass
@@ -256,6 +259,10 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                 or not all(_index(v) for v in i["instances"]) or not _index(i["processes"]) or i["processes"] < 1:
             raise _bad(source, "interference", f"must be null or {{\"instances\": [i, ...], \"processes\": "
                        f"p >= 1}}; got {i}.")
+        if i["processes"] * len(i["instances"]) > MAX_INTERFERENCE:
+            raise _bad(source, "interference", f"starts {i['processes']} busy processes on each of "
+                       f"{len(i['instances'])} instances, more than {MAX_INTERFERENCE} in all, which would starve the "
+                       f"machine rather than slow an instance. Fix: a few processes per instance (1-4).")
     for f in cfg.failures:
         if not isinstance(f, dict) or set(f) != {"instance", "at_ms"} or not _index(f["instance"]) \
                 or not _number(f["at_ms"]) or f["at_ms"] < 0:
@@ -281,10 +288,14 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
         raise _bad(source, "num_cpus", f"must be 1 or more (or null); got {cfg.num_cpus}.")
     if not _number(cfg.instance_cpus) or cfg.instance_cpus < 0:
         raise _bad(source, "instance_cpus", f"must be 0 or more; got {cfg.instance_cpus}.")
-    if cfg.instance_threads < 1:
-        raise _bad(source, "instance_threads", f"must be 1 or more; got {cfg.instance_threads}.")
+    if not 1 <= cfg.instance_threads <= MAX_THREADS:
+        raise _bad(source, "instance_threads", f"must be from 1 to {MAX_THREADS}; got {cfg.instance_threads}.")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
+    if cfg.engine == "ray" and cfg.address is None and cfg.device != "cpu":  # a local Ray: this machine's GPUs
+        from util.checks import check_device
+
+        check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
@@ -296,9 +307,9 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")
     if not cfg.out_dir.strip():  # "" would write the settings' folders into the current directory
         raise _bad(source, "out_dir", f"must name a folder (e.g. {ServeConfig.out_dir!r}); got {cfg.out_dir!r}.")
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")
+    from util.checks import check_writable_folder
+
+    check_writable_folder(cfg.out_dir, "out_dir", f"{source}: config key 'out_dir'")  # a file above it, too
 
 
 def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
@@ -349,10 +360,10 @@ def policy_from(raw: Any, source: str, index: int) -> PolicyConfig:
         d = pol.defer
         fixed = set(d) == {"ms"} and _number(d["ms"]) and d["ms"] >= 0
         pct = set(d) == {"percentile", "window"} and _number(d["percentile"]) and 0 < d["percentile"] < 100 \
-            and _index(d["window"]) and d["window"] >= 1
+            and _index(d["window"]) and 1 <= d["window"] <= MAX_WINDOW
         if not (fixed or pct):
             raise bad("defer", f"must be null, {{\"ms\": t >= 0}} or {{\"percentile\": 0 < p < 100, \"window\": "
-                      f"n >= 1}}; got {d!r}.")
+                      f"n from 1 to {MAX_WINDOW:,}}} (the latencies kept); got {d!r}.")
         if pol.strategy not in ("coded", "replicate"):
             raise bad("defer", f"delays a redundant request (a code's parities, a replica's second copy); "
                       f"strategy {pol.strategy!r} sends none. Fix: drop 'defer', or use coded or replicate.")
@@ -381,6 +392,12 @@ def all_policies(cfg: ServeConfig) -> list[PolicyConfig]:
     """Every row a setting compares: each of ``strategies`` as a plain policy, then ``policies``."""
     plain = [PolicyConfig(strategy=s, name=s) for s in cfg.strategies]
     return plain + [policy_from(raw, "serve config", i) for i, raw in enumerate(cfg.policies)]
+
+
+def row_strategies(cfg: ServeConfig) -> list[str]:
+    """Every strategy some row runs, once each: ``strategies``, then those only ``policies`` use (for the
+    checks made before any work, which a policy's plan must pass as its strategy's does)."""
+    return list(dict.fromkeys(p.strategy for p in all_policies(cfg)))
 
 
 def check_policies(cfg: ServeConfig, source: str) -> None:

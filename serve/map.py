@@ -42,8 +42,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve.config import STRATEGIES, ServeConfig, all_policies, policy_name, validate
-from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
+from serve.config import STRATEGIES, ServeConfig, all_policies, policy_name, row_strategies, validate
+from serve.plan import Queries, build_plan, parity_per_model
+from serve.limits import mean_ms
 from serve.results import extra_work
 from serve.sim import read_profile, simulate
 from coders.config import read_json_config
@@ -59,25 +60,6 @@ MAP_KEYS = {
 REFUSED = {"runs": "the map sweeps k and r itself and runs no trained code",
            "rates": "the map derives arrival rates from \"map\": {\"loads\"}"}
 EQUAL_COST = ("equal-resources", "replicate", "coded")
-
-
-def mean_ms(dist: dict, key: str) -> float:
-    """Mean of a delay or service distribution (its ``probability`` left out), in ms."""
-    name = dist["dist"]
-    if name == "none":
-        return 0.0
-    if name == "constant":
-        return float(dist["ms"])
-    if name == "exponential":
-        return float(dist["mean_ms"])
-    if name == "shifted-exponential":
-        return float(dist["shift_ms"] + dist["mean_ms"])
-    if name == "pareto":
-        if dist["alpha"] <= 1:
-            raise ConfigError(f"Config key '{key}': a Pareto distribution with alpha <= 1 has no mean, so a load "
-                              f"cannot be set from it. Fix: alpha > 1.")
-        return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
-    return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
 
 
 def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
@@ -128,7 +110,59 @@ def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple
         raise ConfigError(f"{source}: config key 'strategies' must include \"coded\" and one of "
                           f"\"equal-resources\", \"replicate\" (or 'policies' of them) for the map to compare; "
                           f"got {cfg.strategies}.")
+    check_map(cfg, lists, source)
     return cfg, lists
+
+
+def cell_instances(cfg: ServeConfig, strategy: str, k: int, r: int) -> int:
+    """The m a strategy is given in a cell: B/2 pairs for ``replicate``, ``instances`` otherwise (see run_cell)."""
+    budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+    return max(budget // 2 if strategy == "replicate" else cfg.instances, 1)
+
+
+def check_map(cfg: ServeConfig, lists: dict, source: str) -> None:
+    """What every cell needs, checked before the first: a group of k can fill, requests do some work, the
+    loads can be served, the plans fit in memory, and every strategy keeps a live F instance."""
+    from serve.cli import SIZE_KEYS, check_live_f
+    from serve.limits import MAX_LOAD, check_plan_sizes, instance_count
+    from serve.plan import check_failed_instances
+
+    big = [k for k in lists["k_vals"] if k > cfg.num_queries]
+    if big:
+        raise ConfigError(f"{source}: config key 'map.k_vals' holds k={big[0]}, more than the {cfg.num_queries:,} "
+                          f"queries of a cell ('num_queries'), so no group of k could ever fill. Fix: k_vals of "
+                          f"at most num_queries.")
+    for rate in lists["straggler_rates"]:
+        if mean_work_ms(cfg, rate) <= 0:
+            what = f"profile '{cfg.profile}'" if cfg.profile else "'service'"
+            raise ConfigError(f"{source}: config key 'service': {what} gives requests no compute time and straggler "
+                              f"rate {rate:g} adds no delay, so a load cannot set an arrival rate (it would be "
+                              f"infinite). Fix: a service time above 0 ms, or straggler rates above 0.")
+    for load in lists["loads"]:
+        if load > MAX_LOAD:
+            raise ConfigError(f"{source}: config key 'map.loads' holds {load:g}: at a load above {MAX_LOAD:g} the "
+                              f"queues grow for the whole run, so every strategy's latency would measure the run's "
+                              f"length, not the strategy. Fix: loads of at most {MAX_LOAD:g} (below 1 for a steady "
+                              f"state).")
+        if load > 1:
+            print(f"warning: 'map.loads' holds {load:g} (above 1): the queues grow for the whole run, and the "
+                  f"latencies of those cells grow with num_queries.", file=sys.stderr)
+    cells = [(k, r) for k in lists["k_vals"] for r in lists["r_vals"]]
+    # Every row's strategy, the policies' too (a policy's plan is its strategy's plan, as large).
+    cfg = replace(cfg, strategies=row_strategies(cfg))
+    durations = []
+    for k, r in cells:
+        budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+        for rate in lists["straggler_rates"]:
+            durations += [cfg.num_queries * mean_work_ms(cfg, rate) / 1000.0 / (load * budget)
+                          for load in lists["loads"]]
+    check_plan_sizes(cfg, cells, [max(durations)], lambda s, k, r: instance_count(s, cell_instances(cfg, s, k, r), k, r)[0],
+                     {**SIZE_KEYS, "groups": ("map.k_vals", "smaller 'map.k_vals' (or fewer 'num_queries')."),
+                      "parities": ("map.r_vals", "smaller 'map.r_vals' (or fewer 'num_queries').")})
+    for k, r in cells:
+        for strategy in cfg.strategies:
+            check_failed_instances(replace(cfg, instances=cell_instances(cfg, strategy, k, r)), k, r, [strategy])
+        check_live_f(cfg, k, r, cfg.strategies, instances_of=lambda s: cell_instances(cfg, s, k, r))
 
 
 def mean_work_ms(cfg: ServeConfig, straggler_rate: float) -> float:
@@ -157,8 +191,7 @@ def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> di
         name = policy_name(policy)
         strategy = policy.strategy
         kinds[name] = strategy
-        instances = budget // 2 if strategy == "replicate" else m
-        scfg = replace(cfg, instances=max(instances, 1))
+        scfg = replace(cfg, instances=cell_instances(cfg, strategy, k, r))
         plan = build_plan(scfg, policy if i >= len(cfg.strategies) else strategy, k, r, queries, delay,
                           STRATEGIES.index(strategy))
         out = simulate(plan, scfg)
@@ -264,7 +297,7 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str, gain: str = 
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    from serve.cli import config_command
+    from serve.cli import config_command, stops_cleanly
 
     cfg, lists = read_map_config(*config_command(argv, "python -m serve.map", __doc__, "conf/map/stragglers.json"))
     d = cfg.delays[0]
@@ -273,27 +306,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{cfg.service['dist']} service ({', '.join(f'{a}={v}' for a, v in cfg.service.items() if a != 'dist')})"
     title = (f"m = {cfg.instances} data instances, {service}, stragglers {d['dist']} ({params}), "
              f"{cfg.num_queries:,} queries per cell")
-    print(f"{title}\n", flush=True)
-    print(header(row_names(cfg)), flush=True)
+    return stops_cleanly(lambda: run_map(cfg, lists, title), cfg.out_dir, "python -m serve.map")
+
+
+def run_map(cfg: ServeConfig, lists: dict, title: str) -> None:
+    from serve.cli import remove_result_temps
+    from util.lock import folder_lock
+
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = sweep(cfg, lists, partial=out / "map.partial.csv")
-    write_csv(rows, out / "map.csv")
-    (out / "map.partial.csv").unlink()
-    wins = sum(row["winner"] == "coded" for row in rows)
-    print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
-    if cfg.policies:
-        near = sum(row["policy_gain"] >= 1 / 1.1 for row in rows)
-        print(f"the best coded policy has the lowest p99.9, or is within 10% of it, in {near} of {len(rows)} cells")
-        print("\n" + policy_table(rows, lists))
-    if cfg.plot and "coded" in cfg.strategies and plot_map(rows, lists, out / "map.png", title):
-        print(f"heatmap: {out / 'map.png'}")
-    if cfg.plot and cfg.policies and plot_map(
-            rows, lists, out / "map_policies.png", title + " | best coded policy against best other",
-            gain="policy_gain", label="log2(best other p99.9 / best coded p99.9)",
-            text=lambda row: f"{row['policy_gain']:.2f}x"):
-        print(f"heatmap of the policies: {out / 'map_policies.png'}")
-    return 0
+    with folder_lock(out, "map results folder"):  # one writer; its temporaries are stale
+        remove_result_temps(out)
+        print(f"{title}\n", flush=True)
+        print(header(row_names(cfg)), flush=True)
+        rows = sweep(cfg, lists, partial=out / "map.partial.csv")
+        write_csv(rows, out / "map.csv")
+        (out / "map.partial.csv").unlink()
+        wins = sum(row["winner"] == "coded" for row in rows)
+        print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
+        if cfg.policies:
+            near = sum(row["policy_gain"] >= 1 / 1.1 for row in rows)
+            print(f"the best coded policy has the lowest p99.9, or is within 10% of it, in {near} of {len(rows)} "
+                  f"cells")
+            print("\n" + policy_table(rows, lists))
+        if cfg.plot and "coded" in cfg.strategies and plot_map(rows, lists, out / "map.png", title):
+            print(f"heatmap: {out / 'map.png'}")
+        if cfg.plot and cfg.policies and plot_map(
+                rows, lists, out / "map_policies.png", title + " | best coded policy against best other",
+                gain="policy_gain", label="log2(best other p99.9 / best coded p99.9)",
+                text=lambda row: f"{row['policy_gain']:.2f}x"):
+            print(f"heatmap of the policies: {out / 'map_policies.png'}")
 
 
 def policy_table(rows: list[dict], lists: dict) -> str:

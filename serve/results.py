@@ -18,6 +18,8 @@ import numpy as np
 from util.files import atomic_write_text
 
 PERCENTILES = (50, 90, 99, 99.9)
+# Files written (atomically) under a serving or map out_dir; a killed write leaves "<name>.<random>.tmp".
+RESULT_FILES = ("setting.json", "queries.csv", "requests.csv", "summary.json", "profile.csv", "map.csv")
 SUMMARY_COLUMNS = [  # (key, header, format)
     ("strategy", "strategy", "{}"),
     ("instances", "instances", "{}"),
