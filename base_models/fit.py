@@ -305,6 +305,18 @@ def weights_writer(path: Path, wait: bool):
         lock.release()
 
 
+FLAGS = {"datasets": "--dataset", "val_size": "--val-size", "data_dir": "--data-dir", "models": "--model",
+         "seed": "--seed"}
+
+
+def name_flags(message: str) -> str:
+    """A message naming train.py's config keys, reworded with this command's flags."""
+    for key, flag in FLAGS.items():
+        message = message.replace(f"Config key '{key}'", f"Flag {flag}").replace(f"config key '{key}'", f"flag {flag}")
+        message = message.replace(f"'{key}'", flag)
+    return message
+
+
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m base_models.fit", description=__doc__.split("\n\n")[0])
@@ -336,8 +348,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device != "auto":
         check_device(args.device, "--device")
     check_writable_folder(args.root, "--root", "--root")
-    splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
-                          seed=args.seed)
+    try:
+        splits = load_dataset(args.dataset, args.data_dir, download=not args.no_download, val_size=args.val_size,
+                              seed=args.seed)
+    except ConfigError as exc:  # the dataset code names train.py's config keys; here the user typed flags
+        raise ConfigError(name_flags(str(exc))) from None
     path = default_path(args.dataset, args.model, args.root)
     if path.exists() and not args.force:
         print(f"{path} exists; reusing it (pass --force to retrain).")

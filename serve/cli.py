@@ -11,18 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-from serve.config import ServeConfig, expand_settings, load_serve_config
-from serve.plan import ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model, pool_roles
-from serve.results import markdown_table, plot_cdf, summarize, write_strategy
+from serve.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
+                          row_strategies)
 from coders.config import parse_overrides
+from serve.plan import (ROLE_BACKUP, ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model,
+                        pool_roles)
+from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
 from util.errors import ConfigError, UserError, exits_on_user_error
-from util.files import atomic_write_text
+from util.files import atomic_write_text, remove_stale_temps
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_TERMINATED = 143   # 128 + SIGTERM
 
 
 def load_codes(cfg: ServeConfig) -> dict:
@@ -56,7 +66,12 @@ def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
 
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
     for run, loaded in codes.items():
-        check_failed_instances(cfg, loaded.code.k, loaded.code.r, cfg.strategies, run)
+        check_failed_instances(cfg, loaded.code.k, loaded.code.r, row_strategies(cfg), run)
+        check_live_f(cfg, loaded.code.k, loaded.code.r, row_strategies(cfg), run)
+        if any(p.pool == "shared" for p in all_policies(cfg)) and loaded.code.parity_models is not None:
+            raise ConfigError(f"Config key 'policies': \"pool\": \"shared\" serves parities on F's instances, but "
+                              f"run '{run}' sends its parities through parity models. Fix: use \"pool\": "
+                              f"\"split\" for this run (its data instances still balance among themselves).")
         if cfg.interference is not None:
             for i in cfg.interference["instances"]:
                 if i >= cfg.instances:
@@ -66,17 +81,31 @@ def check_failures(cfg: ServeConfig, codes: dict) -> None:
 
 def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
     """Run every setting and strategy; returns ``[(setting record, [summary per strategy]), ...]``."""
+    from util.lock import folder_lock
+
     out = out or sys.stdout
     codes = load_codes(cfg)
+    check_sizes(cfg, codes)
     check_failures(cfg, codes)
     settings = expand_settings(cfg)
-    started = False
-    if cfg.engine == "ray":
-        from util.ray_cluster import start_ray
+    with folder_lock(cfg.out_dir, "serving results folder"):  # one writer; its temporaries are stale
+        remove_result_temps(Path(cfg.out_dir))
+        return _serve_settings(cfg, codes, settings, out)
 
-        started = start_ray(cfg.address, cfg.num_cpus)
+
+def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out) -> list[tuple[dict, list[dict]]]:
+    ours = False  # whether this call starts Ray (and so shuts it down, even when interrupted while starting)
+    if cfg.engine == "ray":
+        import ray
+
+        ours = not ray.is_initialized()
     results = []
     try:
+        if cfg.engine == "ray":
+            from util.ray_cluster import start_ray
+
+            start_ray(cfg.address, cfg.num_cpus)
+            keep_sigterm()  # ray.init installs its own handler, which exits without a word
         pools = {}
         for setting in settings:
             loaded = codes[setting.run]
@@ -84,9 +113,7 @@ def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
         for pool in pools.values():
             pool.shutdown()
     finally:
-        if started:
-            import ray
-
+        if ours:
             ray.shutdown()
     return results
 
@@ -99,14 +126,20 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         pad_output = code.base(torch.zeros(1, *x.shape[1:]))[0]
     queries = make_queries(cfg, setting.rate, y.numpy())
     folder = Path(cfg.out_dir) / setting.name
+    policies = all_policies(cfg)
+    names = [p.name or policy_name(p) for p in policies]
     record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
-              "delay": setting.delay, "k": k, "r": r, "strategies": list(cfg.strategies), "engine": cfg.engine,
+              "delay": setting.delay, "k": k, "r": r, "strategies": names, "engine": cfg.engine,
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
     print(f"== {setting.name}: {setting.describe()} (k={k}, r={r}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
     summaries, curves, measured = [], {}, []
-    for si, strategy in enumerate(cfg.strategies):
-        plan = build_plan(cfg, strategy, k, r, queries, setting.delay, si)
+    for si, (policy, strategy) in enumerate(zip(policies, names)):
+        # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
+        index = si if si < len(cfg.strategies) else \
+            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
+        plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
+                          setting.delay, index)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))
@@ -119,7 +152,9 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         summaries.append(summary)
         curves[strategy] = ((outcome.done - outcome.arrival) * 1000.0)[cfg.warmup_queries:]
         print(f"  {strategy}: p50 {summary['p50_ms']:.1f} ms, p99.9 {summary['p99.9_ms']:.1f} ms, "
-              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}", file=out, flush=True)
+              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}, "
+              f"{summary['requests_per_query']:.2f} requests and {summary['busy_ms_per_query']:.2f} instance-ms "
+              f"per query", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
     if measured:  # what the simulator's "profile" key reads: compute and overhead per request and instance
         from serve.sim import write_profile
@@ -131,19 +166,153 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
     return record, summaries
 
 
+def check_live_f(cfg: ServeConfig, k: int, r: int, strategies, run: str = "", instances_of=None) -> None:
+    """Refuse a strategy whose every F instance fails: the queries after the last failure could not be
+    answered (``instances_of(strategy)``: its m, when not ``cfg.instances``, as in the map)."""
+    failed = {f["instance"] for f in cfg.failures}
+    for strategy in strategies:
+        m = instances_of(strategy) if instances_of else cfg.instances
+        f_instances = [i for i, role in enumerate(pool_roles(strategy, m, k, r)) if role == ROLE_F]
+        if set(f_instances) <= failed:
+            where = f" for run '{run}'" if run else ""
+            raise ConfigError(f"Config key 'failures': every instance holding F under strategy '{strategy}'{where} "
+                              f"(k={k}, r={r}: instances {f_instances[0]}..{f_instances[-1]}) fails, so the queries "
+                              f"arriving after the last failure could not be answered. Fix: keep at least one of "
+                              f"them live, or drop strategy '{strategy}'.")
+
+
+def measured_compute_s(code, x) -> float:
+    """F's compute time on one query (the median of a few), the least work an instance does per request."""
+    with torch.no_grad():
+        one = x[:1]
+        code.base(one)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            code.base(one)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.limits.plan_bytes), and its fix
+    "num_queries": ("num_queries", "lower 'num_queries'."),
+    "parities": ("num_queries", "lower 'num_queries'."),
+    "groups": ("num_queries", "lower 'num_queries'."),
+    "instances": ("instances", "lower 'instances'."),
+    "slowdown": ("slowdown", "a longer 'period_ms' in 'slowdown' (its table holds one cell per period and instance)."),
+}
+
+
+def check_sizes(cfg: ServeConfig, codes: dict) -> None:
+    """Memory, actors and load of every setting, refused with the figure before any work (serve/limits.py)."""
+    from serve.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
+                              mean_delay_ms, slow_factor, strategy_load)
+    cfg = replace(cfg, strategies=row_strategies(cfg))  # a policy's plan and load are its strategy's
+    shapes = sorted({(c.code.k, c.code.r) for c in codes.values()})
+    durations = [cfg.num_queries / rate + cfg.group_timeout_ms / 1000.0 for rate in cfg.rates]
+    check_plan_sizes(cfg, shapes, durations, lambda s, k, r: instance_count(s, cfg.instances, k, r)[0], SIZE_KEYS)
+    if cfg.engine == "ray":  # the pool: the most F, parity and backup actors any strategy needs
+        counts = [instance_count(s, cfg.instances, k, r) for k, r in shapes for s in cfg.strategies]
+        check_ray_actors(cfg, sum(max(c[i] for c in counts) for i in (1, 2, 3)))
+    for setting in expand_settings(cfg):
+        loaded = codes[setting.run]
+        k, r = loaded.code.k, loaded.code.r
+        if cfg.engine == "ray":
+            compute_ms = 1000.0 * measured_compute_s(loaded.code, loaded.splits.test_x)
+        elif cfg.profile:
+            from serve.sim import read_profile
+
+            compute_ms = float(np.nanmean(read_profile(cfg.profile)["compute_ms"]))
+        else:
+            compute_ms = least_mean_ms(cfg.service, "service")
+        delay_ms = mean_delay_ms(setting.delay, lambda d: least_mean_ms(d, "delays"))
+        work_s = (compute_ms + delay_ms) * slow_factor(cfg.slowdown) / 1000.0
+        # The keys that set the load: the rate, and whichever of the delay and the service is most of the work.
+        label = "Config key 'rates'" + (" with 'delays'" if delay_ms > compute_ms else
+                                         " with 'service'" if cfg.engine == "sim" and not cfg.profile else "")
+        for strategy in cfg.strategies:
+            total, num_f, _, _ = instance_count(strategy, cfg.instances, k, r)
+            load = strategy_load(strategy, setting.rate, work_s, k, r, total, num_f)
+            check_load(load, f"strategy '{strategy}'", f"{setting.name} ({setting.describe()})", label,
+                       f"an arrival rate of at most {setting.rate * MAX_LOAD / load:.3g} queries/s for this setting, "
+                       f"or more 'instances'.")
+
+
+def least_mean_ms(dist: dict, key: str) -> float:
+    """A distribution's mean in ms; for a Pareto with no mean (alpha <= 1), its least value, a lower bound
+    that is enough to refuse a rate no instance count could serve."""
+    from serve.limits import mean_ms
+
+    if dist["dist"] == "pareto" and dist["alpha"] <= 1:
+        return float(dist["scale_ms"])
+    return mean_ms(dist, key)
+
+
+def remove_result_temps(out_dir: Path) -> None:
+    """Remove what a killed results write left under ``out_dir`` (called with its lock held)."""
+    if out_dir.is_dir():
+        for folder in [out_dir, *(p for p in out_dir.rglob("*") if p.is_dir())]:
+            remove_stale_temps(folder, RESULT_FILES)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (Ray's shutdown) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+_SIGTERM_OWNED = False  # main() handles SIGTERM; a library caller of serve_all keeps its own handler
+
+
+def keep_sigterm() -> None:
+    if _SIGTERM_OWNED and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def stops_cleanly(work, out_dir: str, command: str) -> int:
+    """Run ``work()``; Ctrl-C and SIGTERM end it with one line and exit 130 / 143, after every ``finally``
+    (Ray's shutdown, the folder lock) has run. Files of finished settings are complete (atomic writes)."""
+    global _SIGTERM_OWNED
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    _SIGTERM_OWNED = main_thread
+    said = (f"the settings already finished are complete under '{out_dir}'; rerun {command} to serve them all "
+            f"again")
+    try:
+        work()
+        return 0
+    except KeyboardInterrupt:
+        print(f"\ninterrupted (Ctrl-C): {said}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"terminated (SIGTERM): {said}", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        _SIGTERM_OWNED = False
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
-    from serve.runtime import Frontend, Pool
+    from serve.runtime import Frontend, PolicyFrontend, Pool
 
     code = loaded.code
     if setting.run not in pools:
-        num_f = max(sum(1 for role in pool_roles(s, cfg.instances, code.k, code.r) if role == ROLE_F)
-                    for s in cfg.strategies)
+        policies = all_policies(cfg)
+        num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, code.k, code.r, p.pool) if role == ROLE_F)
+                    for p in policies)
         per = parity_per_model(cfg.instances, code.k)
-        pools[setting.run] = Pool(code, cfg, num_f, [per if "coded" in cfg.strategies else 0] * code.r,
+        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)
+        pools[setting.run] = Pool(code, cfg, num_f, [per if split_coded else 0] * code.r,
                                   loaded.backup, code.r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
-    frontend = Frontend(plan, actors, code, x, pad_output)
+    if plan.dynamic:
+        frontend = PolicyFrontend(plan, actors, code, x, pad_output)
+    else:
+        frontend = Frontend(plan, actors, code, x, pad_output)
     outcome = frontend.run(cfg.interference)
     pool.replace_dead({actors[i] for i in frontend.dead})
     return outcome
@@ -168,5 +337,4 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ImportError:
             raise ConfigError("Config key 'engine': \"ray\" needs Ray, which is not installed. Fix: "
                               "pip install -e \".[serve]\", or set \"engine\": \"sim\".") from None
-    serve_all(cfg)
-    return 0
+    return stops_cleanly(lambda: serve_all(cfg), cfg.out_dir, "python -m serve")

@@ -33,6 +33,11 @@ DISTRIBUTIONS = {
     "file": (("path",), ("column",)),
 }
 COMMON_DELAY_KEYS = ("dist", "probability", "instances")
+ROUTINGS = ("static", "jsq", "p2c")
+POOLS = ("split", "shared")
+MAX_WINDOW = 1_000_000  # latencies a percentile deferral keeps (memory: 8 bytes each)
+MAX_INTERFERENCE = 64  # busy processes of 'interference' in all
+MAX_THREADS = 1024     # torch threads per instance
 
 
 @dataclass
@@ -64,6 +69,7 @@ class ServeConfig:
     profile: Optional[str] = None       # sim: per-instance service times (ms) measured by a ray run, a CSV
     backup_model: Optional[dict] = None  # "backup": {"model": F-like class path or name, "file": its weights}
     service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
+    policies: list[dict] = field(default_factory=list)  # more rows beside 'strategies': PolicyConfig objects
     app: dict = field(default_factory=dict)  # the HTTP service (python -m serve.app): keys of AppConfig below
 
 
@@ -80,6 +86,31 @@ class AppConfig:
     max_batch: int = 64                 # inputs in one POST /predict/batch
     max_body_bytes: int = 1_048_576     # largest request body; larger gets 413 before it is parsed
     retry_after_s: int = 1              # the Retry-After an overloaded service sends with 503
+
+
+@dataclass
+class PolicyConfig:
+    """One entry of ``policies``: a strategy plus how its requests are routed, cancelled and deferred.
+
+    A plain entry of ``strategies`` is the policy with every default below (today's fixed layouts).
+    """
+
+    strategy: str                       # none, equal-resources, replicate or coded
+    name: Optional[str] = None          # its row and results folder (default: built from the keys below)
+    routing: str = "static"             # "static": the strategy's fixed layout (round robin, fixed parity
+                                        # instances); "jsq": the live instance with the fewest outstanding
+                                        # requests; "p2c": the shorter queue of two live instances drawn at random
+    pool: str = "split"                 # coded: "split": data on the m F instances, parity j on its own; "shared":
+                                        # every instance holds F and serves data and parities (needs parities
+                                        # that go through F: a learned code, not parity models)
+    cancel: bool = False                # drop a request still queued once it cannot matter: a group's parities
+                                        # (and a rebuilt query's data request) once every member is answered,
+                                        # the losing copy of "replicate"
+    defer: Optional[dict] = None        # coded: send a group's parities only if one of its data outputs is still
+                                        # missing this long after the group closed; replicate: send the second
+                                        # copy only if unanswered this long after arrival (hedged requests).
+                                        # {"ms": t} or {"percentile": p, "window": n}: p-th percentile of the
+                                        # last n first-request latencies (no delay until 50 are in)
 
 
 @dataclass(frozen=True)
@@ -228,6 +259,10 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                 or not all(_index(v) for v in i["instances"]) or not _index(i["processes"]) or i["processes"] < 1:
             raise _bad(source, "interference", f"must be null or {{\"instances\": [i, ...], \"processes\": "
                        f"p >= 1}}; got {i}.")
+        if i["processes"] * len(i["instances"]) > MAX_INTERFERENCE:
+            raise _bad(source, "interference", f"starts {i['processes']} busy processes on each of "
+                       f"{len(i['instances'])} instances, more than {MAX_INTERFERENCE} in all, which would starve the "
+                       f"machine rather than slow an instance. Fix: a few processes per instance (1-4).")
     for f in cfg.failures:
         if not isinstance(f, dict) or set(f) != {"instance", "at_ms"} or not _index(f["instance"]) \
                 or not _number(f["at_ms"]) or f["at_ms"] < 0:
@@ -253,23 +288,28 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
         raise _bad(source, "num_cpus", f"must be 1 or more (or null); got {cfg.num_cpus}.")
     if not _number(cfg.instance_cpus) or cfg.instance_cpus < 0:
         raise _bad(source, "instance_cpus", f"must be 0 or more; got {cfg.instance_cpus}.")
-    if cfg.instance_threads < 1:
-        raise _bad(source, "instance_threads", f"must be 1 or more; got {cfg.instance_threads}.")
+    if not 1 <= cfg.instance_threads <= MAX_THREADS:
+        raise _bad(source, "instance_threads", f"must be from 1 to {MAX_THREADS}; got {cfg.instance_threads}.")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise _bad(source, "device", f"must be \"cpu\" or \"cuda\"; got {cfg.device!r}.")
+    if cfg.engine == "ray" and cfg.address is None and cfg.device != "cpu":  # a local Ray: this machine's GPUs
+        from util.checks import check_device
+
+        check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
                    "'slowdown' or 'delays'.")
+    check_policies(cfg, source)
     if cfg.profile is not None and not Path(cfg.profile).is_file():
         raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")
     if not cfg.out_dir.strip():  # "" would write the settings' folders into the current directory
         raise _bad(source, "out_dir", f"must name a folder (e.g. {ServeConfig.out_dir!r}); got {cfg.out_dir!r}.")
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise _bad(source, "out_dir", f"'{out}' is a file. Fix: name a folder.")
+    from util.checks import check_writable_folder
+
+    check_writable_folder(cfg.out_dir, "out_dir", f"{source}: config key 'out_dir'")  # a file above it, too
 
 
 def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
@@ -293,6 +333,81 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
         raise _bad(source, "backup_model", "must be {\"model\": ..., \"file\": ...} when 'app.strategy' is "
                    "\"backup\".")
     return app
+
+
+POLICY_STRATEGIES = ("none", "equal-resources", "replicate", "coded")
+NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+="
+
+
+def policy_from(raw: Any, source: str, index: int) -> PolicyConfig:
+    """A checked :class:`PolicyConfig` from one entry of ``policies``."""
+    where = f"{source}: 'policies[{index}]'"
+    pol = validate_schema(raw, PolicyConfig, where)
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where}: config key '{key}' {msg}")
+
+    if pol.strategy not in POLICY_STRATEGIES:
+        raise bad("strategy", f"must be one of {', '.join(POLICY_STRATEGIES)}; got {pol.strategy!r}.")
+    if pol.routing not in ROUTINGS:
+        raise bad("routing", f"must be one of {', '.join(ROUTINGS)}; got {pol.routing!r}.")
+    if pol.pool not in POOLS:
+        raise bad("pool", f"must be one of {', '.join(POOLS)}; got {pol.pool!r}.")
+    if pol.pool == "shared" and pol.strategy != "coded":
+        raise bad("pool", f"\"shared\" pools a code's data and parity instances; strategy {pol.strategy!r} has "
+                  f"only F instances. Fix: drop 'pool', or use it with \"strategy\": \"coded\".")
+    if pol.defer is not None:
+        d = pol.defer
+        fixed = set(d) == {"ms"} and _number(d["ms"]) and d["ms"] >= 0
+        pct = set(d) == {"percentile", "window"} and _number(d["percentile"]) and 0 < d["percentile"] < 100 \
+            and _index(d["window"]) and 1 <= d["window"] <= MAX_WINDOW
+        if not (fixed or pct):
+            raise bad("defer", f"must be null, {{\"ms\": t >= 0}} or {{\"percentile\": 0 < p < 100, \"window\": "
+                      f"n from 1 to {MAX_WINDOW:,}}} (the latencies kept); got {d!r}.")
+        if pol.strategy not in ("coded", "replicate"):
+            raise bad("defer", f"delays a redundant request (a code's parities, a replica's second copy); "
+                      f"strategy {pol.strategy!r} sends none. Fix: drop 'defer', or use coded or replicate.")
+    if pol.name is not None and (not pol.name or any(c not in NAME_CHARS for c in pol.name)):
+        raise bad("name", f"names a results folder: letters, digits and - _ . + = only; got {pol.name!r}.")
+    return pol
+
+
+def policy_name(pol: PolicyConfig) -> str:
+    """A policy's row name: its ``name``, or the strategy and every key that differs from the default."""
+    if pol.name:
+        return pol.name
+    parts = [pol.strategy]
+    if pol.routing != "static":
+        parts.append(pol.routing)
+    if pol.pool != "split":
+        parts.append("pooled")
+    if pol.cancel:
+        parts.append("cancel")
+    if pol.defer is not None:
+        parts.append(f"defer{pol.defer['ms']:g}ms" if "ms" in pol.defer else f"defer-p{pol.defer['percentile']:g}")
+    return "+".join(parts)
+
+
+def all_policies(cfg: ServeConfig) -> list[PolicyConfig]:
+    """Every row a setting compares: each of ``strategies`` as a plain policy, then ``policies``."""
+    plain = [PolicyConfig(strategy=s, name=s) for s in cfg.strategies]
+    return plain + [policy_from(raw, "serve config", i) for i, raw in enumerate(cfg.policies)]
+
+
+def row_strategies(cfg: ServeConfig) -> list[str]:
+    """Every strategy some row runs, once each: ``strategies``, then those only ``policies`` use (for the
+    checks made before any work, which a policy's plan must pass as its strategy's does)."""
+    return list(dict.fromkeys(p.strategy for p in all_policies(cfg)))
+
+
+def check_policies(cfg: ServeConfig, source: str) -> None:
+    names = list(cfg.strategies)
+    for i, raw in enumerate(cfg.policies):
+        names.append(policy_name(policy_from(raw, source, i)))
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise _bad(source, "policies", f"gives two rows the name {dup[0]!r} (a strategy's own row, or a policy's "
+                   f"name built from its keys). Fix: give one of them a distinct \"name\".")
 
 
 def validate(raw: Any, source: str = "serve config", need_runs: bool = True) -> ServeConfig:

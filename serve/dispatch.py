@@ -210,24 +210,37 @@ class Dispatcher:
 
     def settle(self, ref, now: float) -> None:
         """A request has finished (its ref is ready): answer from its output, or recover from its failure."""
+        got = self.collect(ref, now)
+        if got is None:
+            return
+        req, instance, output, ok, _ = got
+        if ok:
+            self.on_result(req, output, now)
+        else:
+            self.on_failure(req, instance)
+
+    def collect(self, ref, now: float) -> Optional[tuple]:
+        """Take a finished request off the books and log it: ``(request, instance, output, ok, cancelled)``,
+        or None if it was not pending. ``cancelled``: a ``ray.cancel`` dropped it before it started (only a
+        driver that cancels, :class:`serve.runtime.PolicyFrontend`, sees one)."""
         entry = self.pending.pop(ref, None)
         if entry is None:
-            return
+            return None
         req, instance, sent, delay, factor = entry
         ray = self.ray
+        cancelled = False
         try:
             output, compute = ray.get(ref)
             ok = True
+        except ray.exceptions.TaskCancelledError:
+            output, compute, ok, cancelled = None, float("nan"), False, True
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
             output, compute, ok = None, float("nan"), False
         if self.req is not None:
             for name, v in (("instance", instance), ("role", self.roles[instance]), ("sent", sent), ("done", now),
                             ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok)):
                 self.req[name].append(v)
-        if ok:
-            self.on_result(req, output, now)
-        else:
-            self.on_failure(req, instance)
+        return req, instance, output, ok, cancelled
 
     def kill(self, instance: int) -> None:
         """Fail-stop ``instance`` now; detected at once, so nothing more is sent there."""

@@ -20,6 +20,13 @@ lowest p99.9 latency and the factor by which it beats the runner-up; the
 heatmap (``out_dir/map.png``, one panel per k and r, load against straggler
 rate) colours log2(best other p99.9 / coded p99.9): positive where coding
 wins. ``out_dir/map.csv`` holds every figure.
+
+The config's ``policies`` (shortest-queue routing, pooled instances,
+cancellation, deferred parities, hedged copies: :mod:`serve.policy`) are
+rows of their own, on the same B instances; with any, a second heatmap
+(``out_dir/map_policies.png``) colours log2(best other p99.9 / best coded
+p99.9) over every row, and each cell also records each row's requests
+started and busy instance-milliseconds per query.
 """
 from __future__ import annotations
 
@@ -28,14 +35,17 @@ import io
 import itertools
 import math
 import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from serve.config import STRATEGIES, ServeConfig, validate
-from serve.plan import Queries, build_plan, parity_per_model, read_latency_file
+from serve.config import STRATEGIES, ServeConfig, all_policies, policy_name, row_strategies, validate
+from serve.plan import Queries, build_plan, parity_per_model
+from serve.limits import mean_ms
+from serve.results import extra_work
 from serve.sim import read_profile, simulate
 from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
@@ -50,25 +60,6 @@ MAP_KEYS = {
 REFUSED = {"runs": "the map sweeps k and r itself and runs no trained code",
            "rates": "the map derives arrival rates from \"map\": {\"loads\"}"}
 EQUAL_COST = ("equal-resources", "replicate", "coded")
-
-
-def mean_ms(dist: dict, key: str) -> float:
-    """Mean of a delay or service distribution (its ``probability`` left out), in ms."""
-    name = dist["dist"]
-    if name == "none":
-        return 0.0
-    if name == "constant":
-        return float(dist["ms"])
-    if name == "exponential":
-        return float(dist["mean_ms"])
-    if name == "shifted-exponential":
-        return float(dist["shift_ms"] + dist["mean_ms"])
-    if name == "pareto":
-        if dist["alpha"] <= 1:
-            raise ConfigError(f"Config key '{key}': a Pareto distribution with alpha <= 1 has no mean, so a load "
-                              f"cannot be set from it. Fix: alpha > 1.")
-        return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
-    return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
 
 
 def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
@@ -114,10 +105,64 @@ def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple
     if cfg.delays[0]["dist"] == "none":
         raise ConfigError(f"{source}: config key 'delays' gives no delay (\"dist\": \"none\"), so no request can "
                           f"straggle. Fix: a delay model such as {{\"dist\": \"constant\", \"ms\": 50}}.")
-    if "coded" not in cfg.strategies or not {"equal-resources", "replicate"} & set(cfg.strategies):
+    rows = {p.strategy for p in all_policies(cfg)}
+    if "coded" not in rows or not {"equal-resources", "replicate"} & rows:
         raise ConfigError(f"{source}: config key 'strategies' must include \"coded\" and one of "
-                          f"\"equal-resources\", \"replicate\" for the map to compare; got {cfg.strategies}.")
+                          f"\"equal-resources\", \"replicate\" (or 'policies' of them) for the map to compare; "
+                          f"got {cfg.strategies}.")
+    check_map(cfg, lists, source)
     return cfg, lists
+
+
+def cell_instances(cfg: ServeConfig, strategy: str, k: int, r: int) -> int:
+    """The m a strategy is given in a cell: B/2 pairs for ``replicate``, ``instances`` otherwise (see run_cell)."""
+    budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+    return max(budget // 2 if strategy == "replicate" else cfg.instances, 1)
+
+
+def check_map(cfg: ServeConfig, lists: dict, source: str) -> None:
+    """What every cell needs, checked before the first: a group of k can fill, requests do some work, the
+    loads can be served, the plans fit in memory, and every strategy keeps a live F instance."""
+    from serve.cli import SIZE_KEYS, check_live_f
+    from serve.limits import MAX_LOAD, check_plan_sizes, instance_count
+    from serve.plan import check_failed_instances
+
+    big = [k for k in lists["k_vals"] if k > cfg.num_queries]
+    if big:
+        raise ConfigError(f"{source}: config key 'map.k_vals' holds k={big[0]}, more than the {cfg.num_queries:,} "
+                          f"queries of a cell ('num_queries'), so no group of k could ever fill. Fix: k_vals of "
+                          f"at most num_queries.")
+    for rate in lists["straggler_rates"]:
+        if mean_work_ms(cfg, rate) <= 0:
+            what = f"profile '{cfg.profile}'" if cfg.profile else "'service'"
+            raise ConfigError(f"{source}: config key 'service': {what} gives requests no compute time and straggler "
+                              f"rate {rate:g} adds no delay, so a load cannot set an arrival rate (it would be "
+                              f"infinite). Fix: a service time above 0 ms, or straggler rates above 0.")
+    for load in lists["loads"]:
+        if load > MAX_LOAD:
+            raise ConfigError(f"{source}: config key 'map.loads' holds {load:g}: at a load above {MAX_LOAD:g} the "
+                              f"queues grow for the whole run, so every strategy's latency would measure the run's "
+                              f"length, not the strategy. Fix: loads of at most {MAX_LOAD:g} (below 1 for a steady "
+                              f"state).")
+        if load > 1:
+            print(f"warning: 'map.loads' holds {load:g} (above 1): the queues grow for the whole run, and the "
+                  f"latencies of those cells grow with num_queries.", file=sys.stderr)
+    cells = [(k, r) for k in lists["k_vals"] for r in lists["r_vals"]]
+    # Every row's strategy, the policies' too (a policy's plan is its strategy's plan, as large).
+    cfg = replace(cfg, strategies=row_strategies(cfg))
+    durations = []
+    for k, r in cells:
+        budget = cfg.instances + r * parity_per_model(cfg.instances, k)
+        for rate in lists["straggler_rates"]:
+            durations += [cfg.num_queries * mean_work_ms(cfg, rate) / 1000.0 / (load * budget)
+                          for load in lists["loads"]]
+    check_plan_sizes(cfg, cells, [max(durations)], lambda s, k, r: instance_count(s, cell_instances(cfg, s, k, r), k, r)[0],
+                     {**SIZE_KEYS, "groups": ("map.k_vals", "smaller 'map.k_vals' (or fewer 'num_queries')."),
+                      "parities": ("map.r_vals", "smaller 'map.r_vals' (or fewer 'num_queries').")})
+    for k, r in cells:
+        for strategy in cfg.strategies:
+            check_failed_instances(replace(cfg, instances=cell_instances(cfg, strategy, k, r)), k, r, [strategy])
+        check_live_f(cfg, k, r, cfg.strategies, instances_of=lambda s: cell_instances(cfg, s, k, r))
 
 
 def mean_work_ms(cfg: ServeConfig, straggler_rate: float) -> float:
@@ -141,31 +186,51 @@ def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> di
     queries = Queries(arrivals, np.zeros(n, dtype=int), np.zeros(n, dtype=int))
     row: dict[str, Any] = {"load": load, "straggler_rate": rate_s, "k": k, "r": r, "budget": budget,
                            "arrival_rate": arrival_rate}
-    for strategy in cfg.strategies:
-        instances = budget // 2 if strategy == "replicate" else m
-        scfg = replace(cfg, instances=max(instances, 1))
-        plan = build_plan(scfg, strategy, k, r, queries, delay, STRATEGIES.index(strategy))
+    kinds = {}
+    for i, policy in enumerate(all_policies(cfg)):
+        name = policy_name(policy)
+        strategy = policy.strategy
+        kinds[name] = strategy
+        scfg = replace(cfg, instances=cell_instances(cfg, strategy, k, r))
+        plan = build_plan(scfg, policy if i >= len(cfg.strategies) else strategy, k, r, queries, delay,
+                          STRATEGIES.index(strategy))
         out = simulate(plan, scfg)
         latency = (out.done - out.arrival)[cfg.warmup_queries:] * 1000.0
-        row[f"{strategy}_instances"] = plan.num_instances
-        row[f"{strategy}_p50_ms"] = float(np.percentile(latency, 50))
-        row[f"{strategy}_p99.9_ms"] = float(np.percentile(latency, 99.9))
-    contenders = sorted((row[f"{s}_p99.9_ms"], s) for s in cfg.strategies if s in EQUAL_COST)
+        work = extra_work(out.requests, n)
+        row[f"{name}_instances"] = plan.num_instances
+        row[f"{name}_p50_ms"] = float(np.percentile(latency, 50))
+        row[f"{name}_p99.9_ms"] = float(np.percentile(latency, 99.9))
+        row[f"{name}_requests"] = work["requests_per_query"]
+        row[f"{name}_busy_ms"] = work["busy_ms_per_query"]
+    contenders = sorted((row[f"{s}_p99.9_ms"], s) for s in kinds if kinds[s] in EQUAL_COST)
     row["winner"] = contenders[0][1]
     row["factor"] = contenders[1][0] / contenders[0][0] if len(contenders) > 1 else float("nan")
-    others = [p for p, s in contenders if s != "coded"]
-    row["coded_gain"] = min(others) / row["coded_p99.9_ms"] if others else float("nan")
+    plain = [(row[f"{s}_p99.9_ms"], s) for s in cfg.strategies if s in EQUAL_COST and s != "coded"]
+    row["coded_gain"] = min(plain)[0] / row["coded_p99.9_ms"] if plain and "coded" in cfg.strategies \
+        else float("nan")
+    coded = [(p, s) for p, s in contenders if kinds[s] == "coded"]
+    others = [(p, s) for p, s in contenders if kinds[s] != "coded"]
+    row["best_coded"], row["best_other"] = min(coded)[1], min(others)[1]
+    row["policy_gain"] = min(others)[0] / min(coded)[0]
     return row
 
 
-def sweep(cfg: ServeConfig, lists: dict, out=None) -> list[dict]:
+def sweep(cfg: ServeConfig, lists: dict, out=None, partial: Optional[Path] = None) -> list[dict]:
+    """Every cell; with ``partial``, the CSV of the cells so far is rewritten after each one."""
     out = out or sys.stdout
     rows = []
+    names = row_names(cfg)
     for k, r, load, rate_s in itertools.product(lists["k_vals"], lists["r_vals"], lists["loads"],
                                                 lists["straggler_rates"]):
         rows.append(run_cell(cfg, load, rate_s, k, r))
-        print(format_row(rows[-1], cfg.strategies), file=out, flush=True)
+        print(format_row(rows[-1], names), file=out, flush=True)
+        if partial is not None:
+            write_csv(rows, partial)
     return rows
+
+
+def row_names(cfg: ServeConfig) -> list[str]:
+    return [policy_name(p) for p in all_policies(cfg)]
 
 
 def header(strategies: list[str]) -> str:
@@ -188,8 +253,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(buf.getvalue(), path)
 
 
-def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[Path]:
-    """One panel per (k, r): load (rows) x straggler rate (columns), colour log2(best other / coded)."""
+def plot_map(rows: list[dict], lists: dict, path: Path, title: str, gain: str = "coded_gain",
+             label: str = "log2(best other p99.9 / coded p99.9)", text=None) -> Optional[Path]:
+    """One panel per (k, r): load (rows) x straggler rate (columns), colour log2 of ``gain`` (best other /
+    coded); ``text(row)`` is each cell's label (default: the winner and its factor over the runner-up)."""
+    text = text or (lambda row: f"{row['winner'][:3]}\n{row['factor']:.2f}x")
     try:
         import matplotlib
 
@@ -200,17 +268,17 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
     ks, rs, loads, rates = lists["k_vals"], lists["r_vals"], lists["loads"], lists["straggler_rates"]
     fig, axes = plt.subplots(len(ks), len(rs), figsize=(3.2 * len(rs) + 1.2, 2.6 * len(ks) + 0.8), squeeze=False)
     index = {(row["k"], row["r"], row["load"], row["straggler_rate"]): row for row in rows}
-    limit = max(1.0, max(abs(math.log2(row["coded_gain"])) for row in rows if row["coded_gain"] > 0))
+    limit = max(1.0, max(abs(math.log2(row[gain])) for row in rows if row[gain] > 0))
     image = None
     for a, k in enumerate(ks):
         for b, r in enumerate(rs):
             ax = axes[a][b]
-            grid = np.array([[math.log2(index[(k, r, ld, rt)]["coded_gain"]) for rt in rates] for ld in loads])
+            grid = np.array([[math.log2(index[(k, r, ld, rt)][gain]) for rt in rates] for ld in loads])
             image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower", aspect="auto")
             for i, ld in enumerate(loads):
                 for j, rt in enumerate(rates):
                     row = index[(k, r, ld, rt)]
-                    ax.text(j, i, f"{row['winner'][:3]}\n{row['factor']:.2f}x", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, text(row), ha="center", va="center", fontsize=6,
                             color="white" if abs(grid[i, j]) > 0.6 * limit else "black")
             ax.set_xticks(range(len(rates)), [f"{v:g}" for v in rates], fontsize=7)
             ax.set_yticks(range(len(loads)), [f"{v:g}" for v in loads], fontsize=7)
@@ -219,8 +287,8 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
                 ax.set_xlabel("straggler rate", fontsize=8)
             if b == 0:
                 ax.set_ylabel("load", fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="log2(best other p99.9 / coded p99.9)")
+    fig.suptitle(textwrap.fill(title, 90), fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label=label)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -229,7 +297,7 @@ def plot_map(rows: list[dict], lists: dict, path: Path, title: str) -> Optional[
 
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
-    from serve.cli import config_command
+    from serve.cli import config_command, stops_cleanly
 
     cfg, lists = read_map_config(*config_command(argv, "python -m serve.map", __doc__, "conf/map/stragglers.json"))
     d = cfg.delays[0]
@@ -238,17 +306,60 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{cfg.service['dist']} service ({', '.join(f'{a}={v}' for a, v in cfg.service.items() if a != 'dist')})"
     title = (f"m = {cfg.instances} data instances, {service}, stragglers {d['dist']} ({params}), "
              f"{cfg.num_queries:,} queries per cell")
-    print(f"{title}\n", flush=True)
-    print(header(cfg.strategies), flush=True)
-    rows = sweep(cfg, lists)
+    return stops_cleanly(lambda: run_map(cfg, lists, title), cfg.out_dir, "python -m serve.map")
+
+
+def run_map(cfg: ServeConfig, lists: dict, title: str) -> None:
+    from serve.cli import remove_result_temps
+    from util.lock import folder_lock
+
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "map.csv")
-    wins = sum(row["winner"] == "coded" for row in rows)
-    print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
-    if cfg.plot and plot_map(rows, lists, out / "map.png", title):
-        print(f"heatmap: {out / 'map.png'}")
-    return 0
+    with folder_lock(out, "map results folder"):  # one writer; its temporaries are stale
+        remove_result_temps(out)
+        print(f"{title}\n", flush=True)
+        print(header(row_names(cfg)), flush=True)
+        rows = sweep(cfg, lists, partial=out / "map.partial.csv")
+        write_csv(rows, out / "map.csv")
+        (out / "map.partial.csv").unlink()
+        wins = sum(row["winner"] == "coded" for row in rows)
+        print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
+        if cfg.policies:
+            near = sum(row["policy_gain"] >= 1 / 1.1 for row in rows)
+            print(f"the best coded policy has the lowest p99.9, or is within 10% of it, in {near} of {len(rows)} "
+                  f"cells")
+            print("\n" + policy_table(rows, lists))
+        if cfg.plot and "coded" in cfg.strategies and plot_map(rows, lists, out / "map.png", title):
+            print(f"heatmap: {out / 'map.png'}")
+        if cfg.plot and cfg.policies and plot_map(
+                rows, lists, out / "map_policies.png", title + " | best coded policy against best other",
+                gain="policy_gain", label="log2(best other p99.9 / best coded p99.9)",
+                text=lambda row: f"{row['policy_gain']:.2f}x"):
+            print(f"heatmap of the policies: {out / 'map_policies.png'}")
+
+
+def policy_table(rows: list[dict], lists: dict) -> str:
+    """Markdown: per (k, r) and load, each straggler rate's best-other p99.9 / best-coded p99.9 (bold where
+    the best coded policy is within 10% of the lowest), with the two rows' names."""
+    rates = lists["straggler_rates"]
+    lines = ["| k, r | load | " + " | ".join(f"stragglers {v:g}" for v in rates) + " |",
+             "|---|---:|" + "---|" * len(rates)]
+    index = {(row["k"], row["r"], row["load"], row["straggler_rate"]): row for row in rows}
+    for k, r in itertools.product(lists["k_vals"], lists["r_vals"]):
+        for load in lists["loads"]:
+            cells = []
+            for rate in rates:
+                row = index[(k, r, load, rate)]
+                gain = row["policy_gain"]
+                text = f"{gain:.2f}x ({short(row['best_coded'])} / {short(row['best_other'])})"
+                cells.append(f"**{text}**" if gain >= 1 / 1.1 else text)
+            lines.append(f"| {k}, {r} | {load:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def short(name: str) -> str:
+    """A row name small enough for a heatmap cell."""
+    return (name.replace("equal-resources", "eq").replace("replicate", "rep").replace("coded", "cod")
+            .replace("+cancel", "+c").replace("+pooled", "+pool"))
 
 
 if __name__ == "__main__":

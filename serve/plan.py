@@ -28,6 +28,12 @@ a group closed early is padded with blank (all-zero) inputs whose outputs
 the frontend knows in advance, so they count as available at once.
 An instance that has failed gets no more requests: a request that would go
 to it goes to the next live instance of the same role.
+
+A plan made for a policy (``policies`` in the config, :mod:`serve.policy`)
+keeps the same requests, but its times and instances are the earliest moment
+and the fixed-layout choice only: a dynamic policy picks each instance when it
+sends, defers or drops requests, so the plan also carries what those choices
+need (the delay a request gets on any instance, the slow periods).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from serve.config import ServeConfig, read_latency_file
+from serve.config import PolicyConfig, ServeConfig, read_latency_file
 from util.errors import ConfigError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
@@ -48,9 +54,11 @@ def parity_per_model(m: int, k: int) -> int:
     return math.ceil(m / k)
 
 
-def pool_roles(strategy: str, m: int, k: int, r: int) -> list[int]:
-    """The role of each instance of ``strategy``: ROLE_F, or j for parity j."""
+def pool_roles(strategy: str, m: int, k: int, r: int, pool: str = "split") -> list[int]:
+    """The role of each instance of ``strategy``: ROLE_F, or j for parity j (``pool`` "shared": all F)."""
     per = parity_per_model(m, k)
+    if strategy == "coded" and pool == "shared":
+        return [ROLE_F] * (m + r * per)
     if strategy == "none":
         return [ROLE_F] * m
     if strategy == "equal-resources":
@@ -109,6 +117,17 @@ class Plan:
     members: Optional[np.ndarray] = None
     closed: Optional[np.ndarray] = None
     failures: dict = field(default_factory=dict)  # instance -> failure time (s)
+    policy: Optional[PolicyConfig] = None  # how requests are routed, cancelled, deferred (None: the fixed layout)
+    delay_any: Optional[np.ndarray] = None  # per request: its injected delay on an instance the model covers (s)
+    delay_instances: Optional[list] = None  # the delay model's "instances" (None: every instance)
+    slowdown: Optional[dict] = None         # the config's slow periods, drawn per period by slow_table()
+    seed: int = 0
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the policy decides anything while it runs (else the plan is executed as it stands)."""
+        p = self.policy
+        return p is not None and (p.routing != "static" or p.cancel or p.defer is not None or p.pool != "split")
 
     @property
     def num_instances(self) -> int:
@@ -178,6 +197,12 @@ def sample_delays(delay: dict, instance: np.ndarray, rng: np.random.Generator) -
     return np.where(hit, ms, 0.0) / 1000.0
 
 
+def slow_table(seed: int, slowdown: dict, n_periods: int, num_instances: int) -> np.ndarray:
+    """(n_periods, instances): whether each instance is slow in each period. Drawn row by row from one
+    stream, so a longer table starts with the rows of a shorter one."""
+    return streams(seed)["slowdown"].random((n_periods, max(num_instances, 1))) < slowdown["fraction"]
+
+
 def slow_factors(cfg: ServeConfig, instance: np.ndarray, time: np.ndarray, num_instances: int) -> np.ndarray:
     """The slow-down factor of each request: ``factor`` when its instance is in a slow period."""
     if cfg.slowdown is None:
@@ -185,7 +210,7 @@ def slow_factors(cfg: ServeConfig, instance: np.ndarray, time: np.ndarray, num_i
     s = cfg.slowdown
     period = s["period_ms"] / 1000.0
     n_periods = int(time.max() // period) + 1 if len(time) else 1
-    slow = streams(cfg.seed)["slowdown"].random((n_periods, max(num_instances, 1))) < s["fraction"]
+    slow = slow_table(cfg.seed, s, n_periods, num_instances)
     return np.where(slow[(time // period).astype(int), instance], float(s["factor"]), 1.0)
 
 
@@ -229,11 +254,14 @@ def check_failed_instances(cfg: ServeConfig, k: int, r: int, strategies: Sequenc
                                   f"Fix: name an instance below {smallest}, or drop that strategy.")
 
 
-def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries, delay: dict,
+def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, delay: dict,
                strategy_index: int = 0) -> Plan:
-    """The requests of ``strategy`` for ``queries``; see the module docstring for the routing."""
+    """The requests of ``strategy`` (a name, or a :class:`serve.config.PolicyConfig`) for ``queries``; see the
+    module docstring for the routing."""
+    policy = strategy if isinstance(strategy, PolicyConfig) else None
+    strategy = policy.strategy if policy else strategy
     m = cfg.instances
-    roles = pool_roles(strategy, m, k, r)
+    roles = pool_roles(strategy, m, k, r, policy.pool if policy else "split")
     check_failed_instances(cfg, k, r, [strategy])
     failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
     n = len(queries.arrival)
@@ -264,7 +292,10 @@ def build_plan(cfg: ServeConfig, strategy: str, k: int, r: int, queries: Queries
     inst = route(strategy, m, k, r, query, slot, group)
     inst = reroute(inst, time, roles, failures)
     rng = np.random.default_rng([cfg.seed, 2, strategy_index])
-    delays = sample_delays(delay, inst, rng)
+    # The instance filter draws nothing, so the delay on any instance comes from the same draws.
+    delay_any = sample_delays({**delay, "instances": None}, inst, rng)
+    delays = delay_any if delay.get("instances") is None else np.where(np.isin(inst, delay["instances"]),
+                                                                       delay_any, 0.0)
     factor = slow_factors(cfg, inst, time, len(roles))
     return Plan(strategy, k, r, roles, queries, time, inst, query, group, slot, delays, factor,
-                members, closed, failures)
+                members, closed, failures, policy, delay_any, delay.get("instances"), cfg.slowdown, cfg.seed)

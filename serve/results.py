@@ -18,6 +18,8 @@ import numpy as np
 from util.files import atomic_write_text
 
 PERCENTILES = (50, 90, 99, 99.9)
+# Files written (atomically) under a serving or map out_dir; a killed write leaves "<name>.<random>.tmp".
+RESULT_FILES = ("setting.json", "queries.csv", "requests.csv", "summary.json", "profile.csv", "map.csv")
 SUMMARY_COLUMNS = [  # (key, header, format)
     ("strategy", "strategy", "{}"),
     ("instances", "instances", "{}"),
@@ -32,6 +34,8 @@ SUMMARY_COLUMNS = [  # (key, header, format)
     ("accuracy", "served top-1 (%)", "{:.2%}"),
     ("accuracy_reconstructed", "top-1 on reconstructed (%)", "{:.2%}"),
     ("throughput", "throughput (q/s)", "{:.1f}"),
+    ("requests_per_query", "requests started / query", "{:.3f}"),
+    ("busy_ms_per_query", "busy instance-ms / query", "{:.2f}"),
 ]
 
 
@@ -54,10 +58,35 @@ def summarize(outcome, strategy: str, instances: int, warmup: int = 0) -> dict:
     span = float(done.max() - arrival.min())
     out["throughput"] = len(latency_ms) / span if span > 0 else float("nan")
     out["retried"] = float(np.mean(outcome.retried[keep]))
+    out.update(extra_work(getattr(outcome, "requests", None) or {}, len(outcome.arrival)))
     cost = getattr(outcome, "frontend_s", None) or {}
     for name, seconds in cost.items():
         out[f"frontend_{name}_us_per_query"] = 1e6 * seconds / len(outcome.arrival)
     return out
+
+
+def extra_work(requests: dict, num_queries: int) -> dict:
+    """What a strategy spent per query, over all its queries: requests sent, started (that held an instance)
+    and cancelled before they started, and instance-milliseconds held. A request the runtime measured holds
+    its instance for (compute + delay) x factor; one lost to a failure counts only where the simulator knows
+    how long it ran."""
+    inst = np.asarray(requests.get("instance", []))
+    if num_queries == 0:
+        return {}
+    ok = np.asarray(requests.get("ok", np.zeros(len(inst), dtype=bool)), dtype=bool)
+    if "busy" in requests:
+        busy = np.asarray(requests["busy"], dtype=float)
+        started = np.asarray(requests["started"], dtype=bool)
+    else:
+        held = (np.asarray(requests.get("compute", []), dtype=float) + np.asarray(requests.get("delay", []),
+                dtype=float)) * np.asarray(requests.get("factor", []), dtype=float)
+        busy = np.where(ok, held, 0.0) if len(inst) else np.zeros(0)
+        started = ok
+    cancelled = np.asarray(requests.get("cancelled", np.zeros(len(inst), dtype=bool)), dtype=bool)
+    return {"requests_sent_per_query": len(inst) / num_queries,
+            "requests_per_query": float(started.sum()) / num_queries,
+            "cancelled_per_query": float(cancelled.sum()) / num_queries,
+            "busy_ms_per_query": 1000.0 * float(np.nansum(busy)) / num_queries}
 
 
 def queries_csv(outcome) -> str:

@@ -281,3 +281,134 @@ class Frontend:
         q = p.queries
         return Outcome(q.arrival, self.done, self.reconstructed, self.retried, self.predicted, q.label, q.index,
                        dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, self.answers, self.served)
+
+
+class PolicyFrontend(Frontend):
+    """Executes a plan under a dynamic policy (:mod:`serve.policy`) against live actors.
+
+    The policy's :class:`serve.policy.PolicyMachine` makes every decision, as it does in the simulator: which
+    request goes to which instance and when, which are dropped, and which output or decoding answers a query.
+    This loop keeps the wall clock and carries those decisions out with the answering core the fixed plans
+    and the HTTP service share (:class:`serve.dispatch.Dispatcher`, ``self.core``): it sends and logs the
+    requests, encodes a group's parities once (when the first one goes out), decodes, and records each answer.
+    Queue lengths are the frontend's count of requests sent to an actor and not yet back. A cancel is
+    ``ray.cancel`` on the request: Ray drops it if the actor has not started it (its ``ray.get`` then raises
+    TaskCancelledError), and lets it run otherwise.
+    """
+
+    def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
+                 seed_index: int = 0):
+        from serve.policy import PolicyMachine
+
+        super().__init__(plan, actors, code, inputs, pad_output)
+        self.policy = PolicyMachine(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
+        self.timers: list = []
+        self.ref_of: dict = {}    # request n -> its ObjectRef
+        self.n_of: dict = {}      # ObjectRef -> request n
+        self.outputs_of: dict = {}
+        self.core.req["cancelled"] = []
+
+    # -- what the policy machine calls -----------------------------------------------------------------
+    def send(self, n: int, inst: int, delay: float, factor: float) -> None:  # noqa: D102 (the driver's send)
+        d, p = self.policy, self.plan
+        if d.is_retry(n):
+            q = d.query_of(n)
+            x, req = self.inputs[p.queries.index[q]].numpy(), Request("retry", q, -1, 0)
+        else:
+            self.arrive(n)  # the group's members join the core's group, for its parities and its decoding
+            x, req = self.payload(n), self.request(n)
+        ref = self.core.send(inst, x, delay, factor, req)
+        self.ref_of[n] = ref
+        self.n_of[ref] = n
+
+    def cancel(self, n: int) -> None:
+        ref = self.ref_of.get(n)
+        if ref is not None and ref in self.core.pending:
+            self.ray.cancel(ref)
+
+    def wake(self, n: int, t: float) -> None:
+        import heapq
+
+        heapq.heappush(self.timers, (t, n))
+
+    def answer_own(self, q: int, n: int) -> None:
+        self.core.answer(q, self.outputs_of.pop(n), self.clock(), reconstructed=False)
+
+    def answer_decoded(self, g: int, queries: list, available) -> None:
+        """Decode group ``g`` from the outputs the machine says are in hand; the core answers ``queries``."""
+        grp = self.core.groups[g]
+        grp.have = torch.as_tensor(np.asarray(available, dtype=bool))
+        waiting = {int(q) for q in queries}
+        if {q for q in grp.members if q >= 0 and q in self.core.open} != waiting:
+            raise RuntimeError(f"group {g}: the policy and the answering core disagree on which queries wait")
+        self.core.try_decode(g, self.clock())
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, interference: Optional[dict] = None) -> Outcome:
+        import heapq
+
+        ray, p, d, core = self.ray, self.plan, self.policy, self.core
+        self.opened = np.zeros(len(p.closed) if p.closed is not None else 0, dtype=bool)
+        for q, index in enumerate(p.queries.index):  # every query can be answered from the start (a retry or a
+            core.add_query(q, self.inputs[index].numpy())  # decoding may answer it before its own request goes)
+        self.arrived[:] = True
+        kills = sorted((t, i) for i, t in p.failures.items())
+        busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)] if interference else []
+        if busy:
+            ray.get([a.start_interference.remote(interference["processes"]) for a in busy])
+        self.t0 = time.perf_counter()
+        self.next = 0
+        n_req = len(p)
+        while not all(d.answers_of):
+            now = self.clock()
+            while kills and kills[0][0] <= now:
+                _, i = kills.pop(0)
+                core.kill(i)
+                d.failed(i, now)
+            while self.next < n_req and p.time[self.next] <= now:
+                self.next += 1
+                d.due(self.next - 1, now)
+            while self.timers and self.timers[0][0] <= now:
+                _, n = heapq.heappop(self.timers)
+                d.due(n, now)
+            upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
+                           self.timers[0][0] if self.timers else np.inf)
+            wait = max(0.0, min(upcoming - self.clock(), 1.0))
+            if not core.pending:
+                if upcoming == np.inf:
+                    break
+                time.sleep(wait)
+                continue
+            ready, _ = ray.wait(list(core.pending), num_returns=1, timeout=wait)
+            if not ready:
+                continue
+            ready, _ = ray.wait(list(core.pending), num_returns=len(core.pending), timeout=0)
+            now = self.clock()
+            for ref in ready:
+                n = self.n_of.pop(ref)
+                req, inst, output, ok, cancelled = core.collect(ref, now)
+                core.req["cancelled"].append(cancelled)
+                if cancelled:
+                    d.cancelled(n)
+                elif not ok:
+                    self.dead.add(inst)
+                    d.lost(n, now)
+                else:
+                    out = torch.from_numpy(np.array(output))
+                    grp = core.groups.get(req.group) if req.kind == "plan" and req.group >= 0 else None
+                    if grp is not None:  # a coded output, for the decoder
+                        grp.outputs[req.slot] = out
+                        grp.have[req.slot] = True
+                    self.outputs_of[n] = out
+                    d.output(n, now)
+                    self.outputs_of.pop(n, None)
+        if not all(d.answers_of):  # every path answers or re-sends; this would be a bug
+            raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of policy "
+                               f"{p.policy.name or p.strategy} were never answered and nothing is left to wait for")
+        if core.pending:  # late outputs are dropped, but the next policy must find the instances idle
+            ray.wait(list(core.pending), num_returns=len(core.pending), timeout=60)
+        if busy:
+            ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
+        q = p.queries
+        return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
+                       dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served)

@@ -36,13 +36,24 @@ two by its key ``engine``. What it models:
   for reconstructed ones, computed offline in batches. Without a code,
   predictions are -1 and accuracy reads n/a.
 
+A plan with a dynamic policy (shortest-queue routing, cancellation,
+deferred parities or hedged copies: :mod:`serve.policy`) is run event by
+event instead (:class:`EventRun`): the policy's :class:`serve.policy.PolicyMachine`
+makes every decision, this loop keeps each instance's FIFO queue and the
+clock. A cancelled request still queued is dropped without holding its
+instance; one already started runs on. Compute draws come from the same
+streams as the fixed plans', so a policy that decides nothing differently
+gives the very same figures (tested).
+
 Randomness (compute and overhead draws) comes from its own seeded streams,
 so the same config and seed give the same figures.
 """
 from __future__ import annotations
 
 import csv
+import heapq
 import io
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -363,6 +374,8 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
+    if plan.dynamic:
+        return EventRun(plan, cfg).outcome(code, inputs, batch)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
     n = len(plan.queries.arrival)
@@ -378,8 +391,10 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
     predicted = np.full(n, -1)
     if code is not None and inputs is not None:
-        predicted = predictions(plan, run, reconstructed if plan.strategy == "coded" else
-                                np.zeros(n, dtype=bool), code, inputs, batch)
+        available = run.slot_arrive <= run.decode_time[:, None] if plan.strategy == "coded" else None
+        predicted = predictions(plan, getattr(run, "group_of", None), available,
+                                reconstructed if plan.strategy == "coded" else np.zeros(n, dtype=bool),
+                                code, inputs, batch)
         if plan.strategy == "backup" and backup is not None and reconstructed.any():
             import torch
 
@@ -392,21 +407,209 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     inst = state["inst"]
     sent = inst >= 0
     roles = np.where(sent, run.roles[np.maximum(inst, 0)], ROLE_F)
+    delay = np.concatenate([plan.delay, np.zeros(len(inst) - n_plan)])
+    factor = np.concatenate([plan.factor, np.ones(len(inst) - n_plan)])
+    held = (state["compute"] + delay) * factor
+    # A lost request held its instance from its start (finish - service) until the failure, if it had begun.
+    fail = run.fail_at[np.maximum(inst, 0)]
+    busy = np.where(state["lost"], np.clip(fail - (state["finish"] - held), 0.0, None), held)
+    busy = np.where(np.isfinite(busy), busy, 0.0)
     requests = {
         "instance": inst[sent], "role": roles[sent], "sent": state["time"][sent],
-        "done": np.where(state["lost"], np.where(sent, run.fail_at[np.maximum(inst, 0)], state["time"]),
+        "done": np.where(state["lost"], np.where(sent, fail, state["time"]),
                          np.concatenate([state["arrive"], state["r_arrive"]]))[sent],
-        "compute": state["compute"][sent],
-        "delay": np.concatenate([plan.delay, np.zeros(len(inst) - n_plan)])[sent],
-        "factor": np.concatenate([plan.factor, np.ones(len(inst) - n_plan)])[sent],
-        "ok": ~state["lost"][sent],
+        "compute": state["compute"][sent], "delay": delay[sent], "factor": factor[sent],
+        "ok": ~state["lost"][sent], "started": (busy > 0)[sent] | ~state["lost"][sent], "busy": busy[sent],
+        "cancelled": np.zeros(int(sent.sum()), dtype=bool),
     }
     return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
                    np.ones(n, dtype=int))
 
 
-def predictions(plan: Plan, run: _Run, reconstructed: np.ndarray, code, inputs, batch: int) -> np.ndarray:
-    """F's argmax for own answers; the decoder's reconstruction from the outputs in hand for reconstructed ones."""
+class EventRun:
+    """One plan under a dynamic policy, event by event: the driver of a :class:`serve.policy.PolicyMachine`.
+
+    Events at one time: outputs first, then failures, then dispatches (as the fixed plans' reference order).
+    """
+
+    FINISH, ARRIVE, FAIL, DUE = 0, 1, 2, 3  # the order of events at one time
+
+    def __init__(self, plan: Plan, cfg: ServeConfig):
+        from serve.policy import PolicyMachine
+
+        self.plan, self.cfg = plan, cfg
+        name = plan.policy.strategy if plan.policy else plan.strategy
+        index = STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES)
+        self.roles = np.asarray(plan.roles)
+        self.model = ServiceModel(cfg, plan.roles)
+        # The fixed plans' compute draws, request by request; with a profile, drawn at each send instead.
+        rng = np.random.default_rng([cfg.seed, 8, index])
+        self.compute, self.overhead = self.model.draw(np.maximum(plan.instance, 0), rng)
+        self.profile_rng = np.random.default_rng([cfg.seed, 10, index])
+        self.retry_rng_seed = [cfg.seed, 9, index]
+        self.retry_compute: Optional[np.ndarray] = None
+        self.policy = PolicyMachine(plan, self, np.random.default_rng([cfg.seed, 11, index]))
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0.0
+        num = len(plan.roles)
+        self.queue = [deque() for _ in range(num)]
+        self.running = [-1] * num
+        self.compute_l, self.overhead_l = self.compute.tolist(), self.overhead.tolist()
+        # per request (plan rows, then retries in the order they are made): what happened to it
+        size = len(plan)
+        self.rec = {name: [np.nan] * size for name in ("instance", "sent", "start", "finish", "compute", "delay",
+                                                       "factor", "overhead")}
+        self.status = [None] * size  # None: never sent; queued, running, done, lost, cancelled
+
+    # -- the driver interface the policy machine calls --------------------------------------------------------
+    def send(self, n: int, inst: int, delay: float, factor: float) -> None:
+        if n < len(self.compute_l):
+            if self.model.profile is None:
+                compute, overhead = self.compute_l[n], self.overhead_l[n]
+            else:
+                c, o = self.model.draw(np.array([inst]), self.profile_rng)
+                compute, overhead = float(c[0]), float(o[0])
+        else:
+            compute, overhead = self.retry_draw(self.policy.query_of(n))
+            for column in self.rec.values():
+                column.append(np.nan)
+            self.status.append(None)
+        rec = self.rec
+        rec["instance"][n], rec["sent"][n], rec["finish"][n] = inst, self.now, np.inf
+        rec["compute"][n], rec["delay"][n], rec["factor"][n], rec["overhead"][n] = compute, delay, factor, overhead
+        self.status[n] = "queued"
+        self.queue[inst].append(n)
+        if self.running[inst] < 0:
+            self.start_next(inst)
+
+    def cancel(self, n: int) -> None:
+        if self.status[n] == "queued":
+            self.status[n] = "cancelled"
+            self.policy.cancelled(n)
+
+    def wake(self, n: int, t: float) -> None:
+        self.push(t, self.DUE, n)
+
+    def answer_own(self, q: int, n: int) -> None:
+        pass
+
+    def answer_decoded(self, g: int, queries: list, available: np.ndarray) -> None:
+        pass
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def retry_draw(self, q: int) -> tuple[float, float]:
+        if self.retry_compute is None:
+            n = len(self.plan.queries.arrival)
+            f_instances = np.nonzero(self.roles == ROLE_F)[0]
+            self.retry_compute, self.retry_overhead = self.model.draw(
+                f_instances[np.arange(n) % len(f_instances)], np.random.default_rng(self.retry_rng_seed))
+        return float(self.retry_compute[q]), float(self.retry_overhead[q])
+
+    def push(self, t: float, kind: int, payload: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+
+    def start_next(self, inst: int) -> None:
+        rec, q, status = self.rec, self.queue[inst], self.status
+        while q:
+            n = q.popleft()
+            if status[n] != "queued":
+                continue
+            status[n] = "running"
+            rec["start"][n] = self.now
+            end = self.now + (rec["compute"][n] + rec["delay"][n]) * rec["factor"][n]
+            rec["finish"][n] = end
+            self.running[inst] = n
+            self.push(end, self.FINISH, n)
+            return
+        self.running[inst] = -1
+
+    def run(self) -> None:
+        p, d = self.plan, self.policy
+        for i, t in p.failures.items():
+            self.push(t, self.FAIL, i)
+        times = p.time
+        nxt, n_plan = 0, len(p)
+        heap = self.heap
+        while nxt < n_plan or heap:
+            if heap and (nxt >= n_plan or heap[0][0] < times[nxt] or (heap[0][0] == times[nxt] and heap[0][1] < self.DUE)):
+                t, kind, _, x = heapq.heappop(heap)
+                self.now = t
+                if kind == self.FINISH:
+                    self.finish(x, t)
+                elif kind == self.FAIL:
+                    self.fail(x, t)
+                elif kind == self.DUE:
+                    d.due(x, t)
+                else:  # an output reaching the frontend after its response overhead
+                    d.output(x, t)
+            else:
+                self.now = float(times[nxt])
+                d.due(nxt, self.now)
+                nxt += 1
+
+    def finish(self, n: int, t: float) -> None:
+        if self.status[n] != "running":
+            return  # lost to a failure before it finished
+        self.status[n] = "done"
+        inst = self.rec["instance"][n]
+        overhead = self.rec["overhead"][n]
+        self.start_next(inst)
+        if overhead > 0:
+            self.push(t + overhead, self.ARRIVE, n)
+        else:
+            self.policy.output(n, t)
+
+    def fail(self, i: int, t: float) -> None:
+        self.policy.failed(i, t)
+        lost = []
+        if self.running[i] >= 0:
+            lost.append(self.running[i])
+        lost += [n for n in self.queue[i] if self.status[n] == "queued"]
+        self.queue[i].clear()
+        self.running[i] = -1
+        for n in lost:
+            self.status[n] = "lost"
+            self.rec["finish"][n] = t
+        for n in lost:
+            self.policy.lost(n, t)
+
+    def outcome(self, code=None, inputs=None, batch: int = 2048) -> Outcome:
+        self.run()
+        p, d = self.plan, self.policy
+        if np.any(np.isinf(d.done)):
+            raise UserError("The simulation left a query unanswered; this is a bug in serve/policy.py.")
+        n = len(p.queries.arrival)
+        predicted = np.full(n, -1)
+        if code is not None and inputs is not None:
+            group_of = d._group_of if p.strategy == "coded" else None
+            predicted = predictions(p, group_of, d.available if p.strategy == "coded" else None,
+                                    d.reconstructed if p.strategy == "coded" else np.zeros(n, dtype=bool),
+                                    code, inputs, batch)
+        status = np.array([x or "" for x in self.status])
+        sent = status != ""
+        rec = {name: np.asarray(v, dtype=float)[sent] for name, v in self.rec.items()}
+        status = status[sent]
+        inst = rec["instance"].astype(int)
+        started = np.isfinite(rec["start"])
+        ok = status == "done"
+        requests = {
+            "instance": inst, "role": self.roles[inst], "sent": rec["sent"],
+            "done": np.where(ok, rec["finish"] + rec["overhead"], rec["finish"]),
+            "compute": rec["compute"], "delay": rec["delay"], "factor": rec["factor"], "ok": ok,
+            "started": started, "busy": np.where(started, rec["finish"] - rec["start"], 0.0),
+            "cancelled": status == "cancelled",
+        }
+        q = p.queries
+        return Outcome(q.arrival, d.done, d.reconstructed, d.retried, predicted, q.label, q.index, {}, requests,
+                       d.answers)
+
+
+def predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconstructed: np.ndarray, code, inputs,
+                batch: int) -> np.ndarray:
+    """F's argmax for own answers; the decoder's reconstruction from the outputs in hand for reconstructed ones
+    (``available``: (groups, k + r), which outputs each group had when it decoded)."""
     import torch
 
     q = plan.queries
@@ -418,7 +621,7 @@ def predictions(plan: Plan, run: _Run, reconstructed: np.ndarray, code, inputs, 
     if not reconstructed.any():
         return predicted
     k, r = plan.k, plan.r
-    groups = np.unique(run.group_of[reconstructed])
+    groups = np.unique(group_of[reconstructed])
     for lo in range(0, len(groups), batch):
         g = groups[lo:lo + batch]
         members = plan.members[g]                                      # (B, k)
@@ -430,8 +633,7 @@ def predictions(plan: Plan, run: _Run, reconstructed: np.ndarray, code, inputs, 
             own = fx[torch.as_tensor(where[np.maximum(members, 0)].reshape(-1))].reshape(len(g), k, -1).clone()
             own[torch.as_tensor(~real)] = pad_output
             parity = code.parity_outputs(code.encode(x))
-            available = torch.as_tensor(run.slot_arrive[g] <= run.decode_time[g][:, None])
-            recon = code.decode(torch.cat([own, parity], 1), available)
+            recon = code.decode(torch.cat([own, parity], 1), torch.as_tensor(available[g]))
         pick = real & reconstructed[np.maximum(members, 0)]
         rows, cols = np.nonzero(pick)
         predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()

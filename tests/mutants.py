@@ -7,7 +7,7 @@
 
 Each mutant replaces one exact piece of source text (a line or part of one) in
 the core modules (``train/``, ``coders/``, ``datasets/``, ``base_models/``,
-``util/``). The replacement is made in a temporary copy of the repository,
+``util/``, ``serve/``). The replacement is made in a temporary copy of the repository,
 never in the working tree, and only the few tests meant to catch that bug run
 against it. A mutant is *killed* when one of them turns red, *survived* when
 all stay green, and *not applied* when its text is no longer found exactly
@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("train", "coders", "datasets", "base_models", "util")
+CORE = ("train", "coders", "datasets", "base_models", "util", "serve")
 
 CATCH = "tests/test_catchers.py::"
+STRENGTH = "tests/test_serve_strength.py::"
+HARDENING = "tests/test_hardening.py::"
 ENGINE = "tests/test_engine.py::"
 PARITY = "tests/test_parity_coders.py::"
 TRAINING = "tests/test_parity_training.py::"
@@ -213,6 +215,77 @@ MUTANTS = [
            '"group": str(folder.parent if config.get("run_seed") is not None else folder),',
            ["tests/test_report.py::test_a_plain_run_in_the_folder_above_its_seed_sweep_is_not_one_of_the_seeds"],
            why="util.report counts a plain run as one more seed of the sweep in the folders below it"),
+    # -- serving and the simulator (issue 25) --
+    Mutant("summary_keeps_warmup",
+           "keep = slice(warmup, None)", "keep = slice(0, None)",
+           [STRENGTH + "test_the_summary_is_the_percentiles_and_accuracies_of_the_queries_after_warmup"],
+           why="summary.json counts the warmup queries"),
+    Mutant("summary_recon_accuracy_over_all",
+           'out["accuracy_reconstructed"] = float(correct[recon].mean()) if recon.any() else float("nan")',
+           'out["accuracy_reconstructed"] = float(correct.mean()) if recon.any() else float("nan")',
+           [STRENGTH + "test_the_summary_is_the_percentiles_and_accuracies_of_the_queries_after_warmup"],
+           why="top-1 on reconstructed queries counts every query"),
+    Mutant("summary_p999_is_p99",
+           'out[f"p{p:g}_ms"] = float(np.percentile(latency_ms, p))',
+           'out[f"p{p:g}_ms"] = float(np.percentile(latency_ms, min(p, 99)))',
+           [STRENGTH + "test_the_summary_is_the_percentiles_and_accuracies_of_the_queries_after_warmup"],
+           why="p99.9 reported as p99"),
+    Mutant("parity_instances_interleaved",
+           "return np.where(query >= 0, query % m, m + (slot - k) * per + group % per)",
+           "return np.where(query >= 0, query % m, m + (group % per) * r + (slot - k))",
+           [STRENGTH + "test_with_r_of_2_or_more_and_more_instances_than_k_parity_j_reaches_parity_model_j"],
+           why="with r >= 2 and m > k, parity j reaches another parity model's instance"),
+    Mutant("reroute_to_any_role",
+           "same = np.nonzero(roles_arr == roles_arr[i])[0]", "same = np.arange(len(roles_arr))",
+           [STRENGTH + "test_after_a_fail_stop_requests_go_to_a_live_instance_of_the_same_role",
+            "tests/test_serve.py::test_requests_after_a_failure_go_to_a_live_instance_of_the_same_role"],
+           why="after a fail-stop, a request goes to the next live instance of any role"),
+    Mutant("slow_fraction_inverted",
+           'return streams(seed)["slowdown"].random((n_periods, max(num_instances, 1))) < slowdown["fraction"]',
+           'return streams(seed)["slowdown"].random((n_periods, max(num_instances, 1))) > slowdown["fraction"]',
+           [STRENGTH + "test_a_fraction_of_periods_is_slow_and_the_factor_stretches_compute_and_delay"],
+           why="1 - fraction of the periods are slow"),
+    Mutant("slow_factor_on_delay_only",
+           "self.service = (self.compute + plan.delay) * plan.factor",
+           "self.service = self.compute + plan.delay * plan.factor",
+           [STRENGTH + "test_a_fraction_of_periods_is_slow_and_the_factor_stretches_compute_and_delay"],
+           why="the simulator slows the injected delay but not the compute"),
+    Mutant("replicate_retry_at_first_loss",
+           "later = copies[need].argmax(axis=1)", "later = copies[need].argmin(axis=1)",
+           [STRENGTH + "test_a_query_is_sent_again_only_when_both_copies_are_lost_and_at_the_later_loss"],
+           why="the simulator sends a replicated query again when its first copy is lost, not its last"),
+    Mutant("ray_resends_while_copy_coming",
+           'if q in self.open and not (self.strategy in ("replicate", "backup") and self.copy_in_flight(req)):',
+           "if q in self.open:",
+           [STRENGTH + "test_on_ray_a_lost_copy_is_not_sent_again_while_the_other_is_still_coming"],
+           why="on Ray, a lost copy is sent again while the other copy is still coming"),
+    Mutant("ray_parity_actors_of_model_0",
+           "out.append(self.f[n] if role == ROLE_F else self.backup[n] if role == ROLE_BACKUP else self.parity[role][n])",
+           "out.append(self.f[n] if role == ROLE_F else self.backup[n] if role == ROLE_BACKUP else self.parity[0][n])",
+           [STRENGTH + "test_with_r_of_2_or_more_and_more_instances_than_k_parity_j_reaches_parity_model_j"],
+           why="on Ray, every parity goes through parity model 0"),
+    Mutant("digest_train_split_only",
+           'for s in ("train", "val", "test") for xy in ("x", "y"))',
+           'for s in ("train",) for xy in ("x", "y"))',
+           [STRENGTH + "test_resume_refuses_other_images_or_labels_in_any_one_split"],
+           why="resume accepts changed validation or test images when the training images are the same"),
+    Mutant("checkpoint_contents_unchecked",
+           "    check_contents(state, path)\n", "",
+           [HARDENING + "test_resume_on_a_checkpoint_without_module_weights_is_exit_2_naming_the_file"],
+           why="a checkpoint without the module weights ends in KeyError: 'encoder'"),
+    Mutant("encode_channels_mixed_with_parities",
+           "return parities.reshape(b, c, self.r, -1).transpose(1, 2).reshape(b, self.r, c, *spatial)",
+           "return parities.reshape(b, self.r, c, *spatial)",
+           [STRENGTH + "test_colour_images_are_encoded_channel_by_channel_with_r_of_two_or_more"],
+           why="with C > 1 and r >= 2, parity j's channel c holds another parity's or channel's values"),
+    Mutant("dataset_cache_by_name",
+           "key = (name, os.path.abspath(root))", "key = (name,)",
+           [STRENGTH + "test_the_dataset_cache_reads_each_folder_once_and_each_its_own"],
+           why="a second data_dir in one process gets the first folder's images"),
+    Mutant("ray_sweep_completion_order",
+           "return [results[i] for i in sorted(results)]", "return list(results.values())",
+           [STRENGTH + "test_a_ray_sweep_returns_results_in_the_sweeps_run_order"],
+           why="--ray returns the runs' results in the order they finished"),
 ]
 
 

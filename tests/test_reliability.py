@@ -127,8 +127,9 @@ def test_a_run_folder_has_one_writer(digits_config):
     try:
         _wait_for_rows(folder / "metrics.jsonl", first, 1)
         for flags in (["--resume"], []):
+            # A second writer refuses at once; the timeout turns a wait for the lock into a failure, not a hang.
             proc = subprocess.run([sys.executable, "train.py", str(path), *flags], cwd=ROOT,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, timeout=180)
             assert proc.returncode == 2, (flags, proc.stderr[-2000:])
             assert f"in use by process {first.pid}" in proc.stderr and "Traceback" not in proc.stderr
         assert holder(folder) is not None

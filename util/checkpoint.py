@@ -22,6 +22,9 @@ IDENTITY_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder",
 # are not compared as strings, since the same files may be named another way (a relative path, a
 # moved folder); what they hold is.
 _DATA_DIGESTS: dict = {}
+# What every checkpoint holds (train.engine.Trainer.state), with the kind of each value.
+REQUIRED = {"epoch": int, "best_val": (int, float), "encoder": dict, "decoder": dict,
+            "parity_models": (dict, type(None)), "optimizer": (dict, type(None)), "rng": dict, "config": dict}
 
 
 def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
@@ -103,6 +106,7 @@ def load_checkpoint(path: Path, expected: dict | None = None) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"Checkpoint '{path}' is not an lcc checkpoint of format {FORMAT}. "
                         f"Fix: delete it or rerun with --overwrite.")
+    check_contents(state, path)
     if expected is not None:
         saved = state.get("config", {})
         diff = [k for k in IDENTITY_KEYS if saved.get(k) != expected.get(k)]
@@ -112,6 +116,22 @@ def load_checkpoint(path: Path, expected: dict | None = None) -> dict[str, Any]:
                             f"Fix: resume with the config that made it, or rerun with --overwrite.")
         check_fingerprint(saved, expected, path)
     return state
+
+
+def check_contents(state: dict, path: Path) -> None:
+    """A UserError naming what ``path`` lacks of what every checkpoint holds (see REQUIRED), e.g. a file of
+    the right format and config assembled elsewhere without the module weights."""
+    missing = [key for key, kind in REQUIRED.items() if key not in state or not isinstance(state[key], kind)]
+    if not missing:
+        rng = state["rng"]
+        missing = [f"rng.{key}" for key in ("torch", "shuffle", "cuda") if key not in rng]
+    if missing:
+        held = ", ".join(sorted(str(key) for key in state)) or "nothing"
+        weights = [key for key in missing if key in ("encoder", "decoder", "parity_models")]
+        what = f"the module weights {', '.join(weights)}" if weights else "what resuming needs"
+        raise UserError(f"Checkpoint '{path}' lacks {what} (missing or of the wrong kind: {', '.join(missing)}; it "
+                        f"holds {held}), so it cannot be loaded. Fix: use a checkpoint that train.py wrote for this "
+                        f"run (the folder's best.pt or current.pt), or rerun with --overwrite to start again.")
 
 
 def remove_partial_writes(folder: Path) -> None:

@@ -1,0 +1,462 @@
+"""Serving policies as one state machine: where each request goes, and which requests are deferred or dropped.
+
+Not to be confused with :mod:`serve.dispatch`, the answering core (encode once, answer from F or the
+decoder, recover lost requests) that the fixed-plan Ray frontend and the HTTP service share; on Ray a policy's
+driver (:class:`serve.runtime.PolicyFrontend`) uses that core for encoding, decoding and recording answers,
+while this machine decides which request goes where and when, and which are answered from what.
+
+A :class:`PolicyMachine` executes a :class:`serve.plan.Plan` under its policy
+(:class:`serve.config.PolicyConfig`); it owns every decision and every
+answer, and knows nothing of clocks or actors. Two drivers feed it events:
+the simulator's event loop (``serve/sim.py``) in simulated time and the Ray
+frontend (``serve/runtime.py``) in wall-clock time, so both run one policy
+with the same rules. The driver calls
+
+* ``due(n, now)``: plan request n's earliest time has come (or a wake-up the
+  dispatcher asked for);
+* ``output(n, now)``: request n's output is back;
+* ``lost(n, now)``: request n will never answer (its instance failed);
+* ``cancelled(n)``: a cancel the dispatcher asked for took effect (the
+  request had not started, so it never will);
+* ``failed(i, now)``: instance i has failed (before the losses it causes);
+
+and the dispatcher calls the driver's ``send(n, instance, delay_s,
+factor)``, ``cancel(n)`` (drop n if it has not started), ``wake(n, t)``
+(call ``due(n, t)`` at t) and, for served outputs, ``answer_own(q, n)`` and
+``answer_decoded(g, queries, available)``. Requests n >= len(plan) are
+retries, whose queries are in ``retry_query``.
+
+The policy's parts:
+
+* **Routing.** ``static``: the plan's fixed instance (the strategy's layout),
+  or, when that one has failed, the next live instance of its role.
+  ``jsq``: the live instance with the fewest outstanding requests (sent, not
+  yet answered, as the frontend counts them), ties broken round robin;
+  ``p2c``: the one with fewer of two live instances drawn at random. Either
+  avoids an instance that already holds a request of the same group (coded)
+  or query (replicate) when another is free of one, so redundant requests
+  never queue behind each other. The candidates are the instances of the
+  request's role: with ``pool`` "shared" (a code whose parities go through
+  F) every instance serves data and parities; with "split" the data
+  instances balance among themselves and parity j's among themselves.
+* **Cancellation.** Once every member of a group is answered, its requests
+  still queued (parities, and data requests of rebuilt queries) are
+  dropped; once a query of ``replicate`` is answered its other copy still
+  queued is dropped; a deferred request whose reason is gone is never sent.
+  A request already started runs on (an instance cannot be interrupted).
+* **Deferral.** A group's parities wait ``d`` after the group closes and go
+  out only if a member is still unanswered then; ``replicate``'s second copy
+  waits ``d`` after arrival (a hedged request). ``d`` is fixed, or the
+  percentile of the last ``window`` latencies of first requests (data
+  requests, first copies), no delay until 50 are in. A failure in the group
+  (or of the first copy) sends the deferred requests at once.
+* **Failures**, as the fixed plans recover them: a lost request's query is
+  rebuilt when its group can still reach k outputs (in hand, in flight or
+  still to be sent), and is otherwise sent again (with no injected delay) to
+  a live F instance: the next after the failed one (static), or the routed
+  one. ``replicate`` sends a query again when both copies are lost.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from serve.plan import ROLE_F, Plan, slow_table
+from util.errors import UserError
+
+PLANNED, OUTSTANDING, DONE, LOST, CANCELLED, SKIPPED = range(6)
+WARM_SAMPLES = 50  # latencies needed before a percentile deferral delays anything
+
+
+class PolicyMachine:
+    """The decisions and answers of one policy over one plan; see the module docstring."""
+
+    def __init__(self, plan: Plan, driver, rng: Optional[np.random.Generator] = None):
+        self.plan, self.driver = plan, driver
+        pol = plan.policy
+        self.routing = pol.routing if pol else "static"
+        self.cancel_on = bool(pol and pol.cancel)
+        self.defer = pol.defer if pol else None
+        self.rng = rng if rng is not None else np.random.default_rng([plan.seed, 11])
+        self.k, self.r = plan.k, plan.r
+        self.strategy = plan.strategy
+        n = len(plan.queries.arrival)
+        self.roles = [int(x) for x in plan.roles]
+        self.num = len(self.roles)
+        self.all_f = max(self.roles) == ROLE_F  # every instance holds F (a request of any role may go anywhere)
+        self.outstanding = [0] * self.num
+        self.dead = [False] * self.num
+        # Live instances of each role bucketed by outstanding count: shortest queue without a scan.
+        self.levels = {role: [set(i for i in range(self.num) if self.roles[i] == role)] for role in set(self.roles)}
+        self.live = {role: [i for i in range(self.num) if self.roles[i] == role] for role in set(self.roles)}
+        self.coins: list = []
+        self.p_query, self.p_group = plan.query.tolist(), plan.group.tolist()
+        self.p_slot, self.p_inst, self.p_time = plan.slot.tolist(), plan.instance.tolist(), plan.time.tolist()
+        self.p_delay = (plan.delay_any if plan.delay_any is not None else plan.delay).tolist()
+        self.p_factor = plan.factor.tolist()
+        # per query
+        self.done_at = [np.inf] * n
+        self.rebuilt = [False] * n
+        self.was_retried = [False] * n
+        self.answers_of = [0] * n
+        self.retry_of = [-1] * n                # the query's retry in flight, or -1
+        # per request (plan rows, then retries)
+        self.state = [PLANNED] * len(plan)
+        self.inst = [-1] * len(plan)
+        self.sent = [np.nan] * len(plan)
+        self.woken = set()
+        self.retry_query: list[int] = []
+        self.retry_from: list[int] = []
+        # rows of each query (replicate copies) and of each group (coded)
+        self.delay_set = None if plan.delay_instances is None else set(plan.delay_instances)
+        self.slow = None
+        if self.strategy == "replicate":
+            copies = np.full((n, 2), -1)
+            copies[plan.query, plan.slot] = np.arange(len(plan))
+            self.copies = copies.tolist()
+        if self.strategy == "coded":
+            g = len(plan.closed)
+            rows = np.full((g, self.k + self.r), -1)
+            rows[plan.group, plan.slot] = np.arange(len(plan))
+            self.rows = [[x for x in row if x >= 0] for row in rows.tolist()]
+            self.parity_rows = [[x for x in row[self.k:] if x >= 0] for row in rows.tolist()]
+            self.members = plan.members.tolist()
+            self.closed = plan.closed.tolist()
+            gq = np.full(n, -1)
+            data = plan.query >= 0
+            gq[plan.query[data]] = plan.group[data]
+            self.group_list = gq.tolist()
+            self._group_of = gq
+            have = np.zeros((g, self.k + self.r), dtype=bool)
+            have[:, :self.k] = plan.members < 0                # blank padding: known in advance
+            self.count = have.sum(axis=1).tolist()
+            self.have = have.tolist()
+            self.slot_lost = np.zeros((g, self.k + self.r), dtype=bool)
+            self.urgent = [False] * g                          # a loss in the group: no more deferral
+            self.decoded = {}                                  # group -> the outputs in hand when it decoded
+            self.unanswered = (plan.members >= 0).sum(axis=1).tolist()
+        # recent first-request latencies, for a percentile deferral
+        self.window = np.zeros(int(self.defer.get("window", 1)) if self.defer else 1)
+        self.samples = 0
+        self.delay_now = 0.0
+
+    # -- what the drivers read ------------------------------------------------------------------------
+    @property
+    def done(self) -> np.ndarray:
+        return np.asarray(self.done_at, dtype=float)
+
+    @property
+    def reconstructed(self) -> np.ndarray:
+        return np.asarray(self.rebuilt, dtype=bool)
+
+    @property
+    def retried(self) -> np.ndarray:
+        return np.asarray(self.was_retried, dtype=bool)
+
+    @property
+    def available(self) -> np.ndarray:
+        """(groups, k + r): the outputs each group had in hand when it decoded (all False if it never did)."""
+        out = np.zeros((len(self.have), self.k + self.r), dtype=bool)
+        for g, mask in self.decoded.items():
+            out[g] = mask
+        return out
+
+    @property
+    def answers(self) -> np.ndarray:
+        return np.asarray(self.answers_of, dtype=int)
+
+    def query_of(self, n: int) -> int:
+        return self.p_query[n] if n < len(self.p_query) else self.retry_query[n - len(self.p_query)]
+
+    def is_retry(self, n: int) -> bool:
+        return n >= len(self.p_query)
+
+    # -- events ----------------------------------------------------------------------------------------
+    def due(self, n: int, now: float) -> None:
+        if self.state[n] != PLANNED:
+            return
+        if self.strategy == "coded" and self.p_query[n] < 0:
+            g = self.p_group[n]
+            if self.unanswered[g] == 0 and (self.cancel_on or self.defer is not None):
+                self.skip(n)
+                return
+            if self.defer is not None and n not in self.woken and not self.urgent[g]:
+                self.woken.add(n)
+                d = self.defer_s()
+                if d > 0:
+                    self.driver.wake(n, self.closed[g] + d)
+                    return
+        elif self.strategy == "replicate" and self.p_slot[n] == 1:
+            q = self.p_query[n]
+            if self.answers_of[q] and (self.cancel_on or self.defer is not None):
+                self.skip(n)
+                return
+            if self.defer is not None and n not in self.woken:
+                self.woken.add(n)
+                first = self.copies[q][0]
+                d = self.defer_s()
+                if d > 0 and self.state[first] in (PLANNED, OUTSTANDING):
+                    self.driver.wake(n, self.p_time[n] + d)
+                    return
+        self.route_and_send(n, now)
+
+    def output(self, n: int, now: float) -> None:
+        if self.state[n] != OUTSTANDING:
+            return  # a late output of a request already written off
+        self.state[n] = DONE
+        self.leave(self.inst[n])
+        q = self.query_of(n)
+        if self.is_retry(n):
+            self.retry_of[q] = -1
+            if not self.answers_of[q]:
+                self.answer(q, now, False)
+                self.driver.answer_own(q, n)
+                self.after_answer(q)
+            return
+        if self.strategy != "coded":
+            if self.strategy == "replicate" and self.p_slot[n] == 0:
+                self.record_latency(now - self.sent[n])
+            if not self.answers_of[q]:
+                self.answer(q, now, False)
+                self.driver.answer_own(q, n)
+                self.after_answer(q)
+            return
+        g, slot = self.p_group[n], self.p_slot[n]
+        self.have[g][slot] = True
+        self.count[g] += 1
+        if q >= 0:
+            self.record_latency(now - self.sent[n])
+            if not self.answers_of[q]:
+                self.answer(q, now, False)
+                self.driver.answer_own(q, n)
+                self.after_answer(q)
+        if self.count[g] >= self.k and self.unanswered[g] > 0:
+            waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
+            self.decoded[g] = list(self.have[g])
+            for x in waiting:
+                self.answer(x, now, True)
+            self.driver.answer_decoded(g, waiting, self.decoded[g])
+            for x in waiting:
+                self.after_answer(x)
+
+    def cancelled(self, n: int) -> None:
+        if self.state[n] == OUTSTANDING:
+            self.state[n] = CANCELLED
+            self.leave(self.inst[n])
+            if self.is_retry(n):
+                self.retry_of[self.query_of(n)] = -1
+
+    def failed(self, i: int, now: float) -> None:
+        if not self.dead[i]:
+            self.dead[i] = True
+            self.levels[self.roles[i]][self.outstanding[i]].discard(i)
+            self.live[self.roles[i]].remove(i)
+
+    def lost(self, n: int, now: float) -> None:
+        if self.state[n] == OUTSTANDING:
+            self.leave(self.inst[n])
+        elif self.state[n] != PLANNED:
+            return
+        self.state[n] = LOST
+        failed = max(self.inst[n], 0)
+        q = self.query_of(n)
+        if self.is_retry(n):
+            self.retry_of[q] = -1
+            if not self.answers_of[q]:
+                self.retry(q, failed, now)
+            return
+        if self.strategy == "coded":
+            g = self.p_group[n]
+            self.slot_lost[g, self.p_slot[n]] = True
+            self.urgent[g] = True
+            for row in self.parity_rows[g]:  # deferred parities go out now: the group needs them
+                if self.state[row] == PLANNED and row in self.woken:
+                    self.route_and_send(row, now)
+            coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING))
+            if self.count[g] + coming >= self.k:
+                return  # the decoder will still get k outputs
+            for s, x in enumerate(self.members[g]):
+                if x >= 0 and not self.answers_of[x] and self.slot_lost[g, s]:
+                    self.retry(x, failed, now)
+            return
+        if self.answers_of[q]:
+            return
+        if self.strategy == "replicate":
+            other = self.copies[q][1 - self.p_slot[n]]
+            if self.state[other] == OUTSTANDING:
+                return
+            if self.state[other] == PLANNED:
+                if other in self.woken:  # a hedged copy waiting for its delay: it goes now
+                    self.route_and_send(other, now)
+                return
+        self.retry(q, failed, now)
+
+    # -- decisions ---------------------------------------------------------------------------------------
+    def defer_s(self) -> float:
+        d = self.defer
+        if "ms" in d:
+            return d["ms"] / 1000.0
+        return self.delay_now
+
+    def record_latency(self, seconds: float) -> None:
+        if self.defer is None or "ms" in self.defer:
+            return
+        w = len(self.window)
+        self.window[self.samples % w] = seconds
+        self.samples += 1
+        if self.samples >= min(WARM_SAMPLES, w) and self.samples % max(1, w // 20) == 0:
+            self.delay_now = float(np.percentile(self.window[:min(self.samples, w)], self.defer["percentile"]))
+
+    def answer(self, q: int, now: float, reconstructed: bool) -> None:
+        self.answers_of[q] += 1
+        self.done_at[q] = now
+        self.rebuilt[q] = reconstructed
+        if self.strategy == "coded":
+            self.unanswered[self.group_list[q]] -= 1
+
+    def after_answer(self, q: int) -> None:
+        """With cancellation: drop what the answer made useless, if it has not started."""
+        if not self.cancel_on:
+            return
+        if self.retry_of[q] >= 0:
+            self.driver.cancel(self.retry_of[q])
+        if self.strategy == "replicate":
+            for row in self.copies[q]:
+                if self.state[row] == OUTSTANDING:
+                    self.driver.cancel(row)
+        elif self.strategy == "coded":
+            g = self.group_list[q]
+            if self.unanswered[g] == 0:
+                for row in self.rows[g]:
+                    if self.state[row] == OUTSTANDING:
+                        self.driver.cancel(row)
+
+    def skip(self, n: int) -> None:
+        self.state[n] = SKIPPED
+
+    def role_of(self, n: int) -> int:
+        if self.all_f or self.is_retry(n) or self.p_query[n] >= 0:
+            return ROLE_F  # a data request, or any request when every instance holds F
+        return self.p_slot[n] - self.k
+
+    def route_and_send(self, n: int, now: float) -> None:
+        inst = self.route(n)
+        if inst < 0:  # no live instance of its role: lost at dispatch, recovered like any loss
+            self.lost(n, now)
+            return
+        self.send(n, inst, now)
+
+    def route(self, n: int) -> int:
+        role = self.role_of(n)
+        if self.routing == "static":
+            planned = self.p_inst[n] if n < len(self.p_inst) else -1
+            if planned >= 0 and not self.dead[planned]:
+                return planned
+            return self.next_live(role, planned if planned >= 0 else 0)
+        busy = self.holders(n)
+        if self.routing == "p2c":
+            live = self.live.get(role, [])
+            free = [i for i in live if i not in busy] if busy else live
+            free = free or live
+            if len(free) <= 2:
+                return min(free, key=self.outstanding.__getitem__) if free else -1
+            if not self.coins:
+                self.coins = self.rng.random(8192).tolist()
+            a = int(self.coins.pop() * len(free))
+            b = int(self.coins.pop() * (len(free) - 1))
+            b += b >= a
+            a, b = free[a], free[b]
+            return a if self.outstanding[a] <= self.outstanding[b] else b
+        fallback = -1
+        for level in self.levels.get(role, []):  # jsq: the first live instance of the lowest count
+            for i in level:
+                if i not in busy:
+                    return i
+                if fallback < 0:
+                    fallback = i
+            if fallback >= 0 and not busy:
+                break
+        return fallback
+
+    def holders(self, n: int) -> list:
+        """Instances holding an outstanding request of n's group (coded) or query (replicate)."""
+        if self.is_retry(n):
+            return []
+        if self.strategy == "coded":
+            rows = self.rows[self.p_group[n]]
+        elif self.strategy == "replicate":
+            rows = self.copies[self.p_query[n]]
+        else:
+            return []
+        return [self.inst[row] for row in rows if self.state[row] == OUTSTANDING]
+
+    def join(self, i: int) -> None:
+        c = self.outstanding[i]
+        self.outstanding[i] = c + 1
+        if not self.dead[i]:
+            levels = self.levels[self.roles[i]]
+            levels[c].discard(i)
+            if len(levels) <= c + 1:
+                levels.append(set())
+            levels[c + 1].add(i)
+
+    def leave(self, i: int) -> None:
+        c = self.outstanding[i]
+        self.outstanding[i] = c - 1
+        if not self.dead[i]:
+            levels = self.levels[self.roles[i]]
+            levels[c].discard(i)
+            levels[c - 1].add(i)
+
+    def next_live(self, role: int, after: int) -> int:
+        for step in range(1, self.num + 1):
+            i = (after + step) % self.num
+            if self.roles[i] == role and not self.dead[i]:
+                return i
+        return -1
+
+    def send(self, n: int, inst: int, now: float) -> None:
+        if self.is_retry(n):
+            delay, factor = 0.0, 1.0
+        else:
+            delay = self.p_delay[n]
+            if self.delay_set is not None and inst not in self.delay_set:
+                delay = 0.0
+            factor = self.p_factor[n] if inst == self.p_inst[n] and now == self.p_time[n] else \
+                self.factor_at(inst, now)
+        self.state[n] = OUTSTANDING
+        self.inst[n] = inst
+        self.sent[n] = now
+        self.join(inst)
+        self.driver.send(n, inst, delay, factor)
+
+    def factor_at(self, inst: int, now: float) -> float:
+        s = self.plan.slowdown
+        if s is None:
+            return 1.0
+        period = int(now // (s["period_ms"] / 1000.0))
+        if self.slow is None or period >= len(self.slow):
+            self.slow = slow_table(self.plan.seed, s, max(2 * period + 1, 16), self.num)
+        return float(s["factor"]) if self.slow[period, inst] else 1.0
+
+    def retry(self, q: int, failed: int, now: float) -> None:
+        """Send query ``q`` again (no injected delay), once while that retry is in flight."""
+        if self.retry_of[q] >= 0:
+            return
+        n = len(self.state)
+        self.state.append(PLANNED)
+        self.inst.append(-1)
+        self.sent.append(np.nan)
+        self.retry_query.append(q)
+        self.retry_from.append(failed)
+        if self.routing == "static":
+            inst = self.next_live(ROLE_F, failed)
+        else:
+            inst = self.route(n)
+        if inst < 0:
+            raise UserError("Every instance holding F has failed, so some queries cannot be answered. Fix: fail "
+                            "fewer instances in 'failures'.")
+        self.was_retried[q] = True
+        self.retry_of[q] = n
+        self.send(n, inst, now)
