@@ -232,8 +232,10 @@ class NWorkerRun:
     def state(self) -> dict:
         return {"epoch": self.epoch, "best_val": self.best_val,
                 "encoder": self.code.encoder.state_dict(), "decoder": self.code.decoder.state_dict(),
+                "parity_models": None,  # N-worker codes have none; every checkpoint names the slot (util.checkpoint)
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "shuffle": self.gen.get_state()},
+                "rng": {"torch": torch.get_rng_state(), "shuffle": self.gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                 "config": self.config}
 
     def load_state(self, path: Path) -> None:
@@ -244,6 +246,8 @@ class NWorkerRun:
             self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         self.gen.set_state(state["rng"]["shuffle"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.epoch, self.best_val = state["epoch"], state["best_val"]
 
     def score(self, row: dict) -> Optional[float]:
