@@ -195,4 +195,4 @@ def test_k48_configs_pass_the_whole_sweep_preflight(anchor_dir, monkeypatch):
         assert cfg.seeds == [0, 1, 2] and cfg.save_dir == f"results_k48/{path.stem}", path
         assert Path(raw["base_model_file"]).is_file(), path
         preflight(cfg, expand_runs(cfg))
-    assert len(shared) >= 13  # seven coder pairs at k = 4 and six at k = 8 were really probed
+    assert len(shared) >= 17  # nine coder pairs at k = 4 and eight at k = 8 were really probed
