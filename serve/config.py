@@ -86,6 +86,9 @@ class AppConfig:
     max_batch: int = 64                 # inputs in one POST /predict/batch
     max_body_bytes: int = 1_048_576     # largest request body; larger gets 413 before it is parsed
     retry_after_s: int = 1              # the Retry-After an overloaded service sends with 503
+    pool: str = ""                      # "": this front end starts its own instances; a name: front ends on one
+                                        # Ray cluster (address) that serve the same code under this name share
+                                        # its instances (named Ray actors; the first starts them)
 
 
 @dataclass
@@ -329,6 +332,8 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     for name in ("max_queue", "max_batch", "max_body_bytes", "retry_after_s"):
         if getattr(app, name) < 1:
             raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
+    if app.pool and (set(app.pool) - set(NAME_CHARS) or ":" in app.pool):
+        raise _bad(source, key.format("pool"), f"must be a name of letters, digits and -_.+=; got {app.pool!r}.")
     if app.strategy == "backup" and not isinstance(cfg.backup_model, dict):
         raise _bad(source, "backup_model", "must be {\"model\": ..., \"file\": ...} when 'app.strategy' is "
                    "\"backup\".")
