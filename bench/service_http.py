@@ -15,7 +15,7 @@
     One service (``app.strategy``), no injected delay, the load generator at
     each rate in turn: the highest rate before the front end's p99 doubles
     from its value at the first (lowest) rate. With ``--frontends N``, N
-    front ends share one pool of instances (``app.pool``) and the load
+    front ends share one pool of instances (``app.pool_name``) and the load
     generator's queries take turns among them.
 """
 from __future__ import annotations
@@ -170,7 +170,7 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
     overrides = {**parse_overrides(sets), "delays": [{"dist": "none"}], "rates": rates, "warmup_queries": 20}
     sets = sets + ['delays=[{"dist": "none"}]']
     if frontends > 1:  # every front end attaches to the pool the first one starts
-        sets = sets + [f"app.pool=capacity-{os.getpid()}"]
+        sets = sets + [f"app.pool_name=capacity-{os.getpid()}"]
     cfg = load_serve_config(config, overrides)
     sets = shared_ray(cfg, sets)
     app = app_config(cfg)
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bench-dir", default=None, help="a finished python -m serve run of the config (its out_dir)")
     ap.add_argument("--capacity", default=None, help="comma-separated rising rates: measure capacity instead")
     ap.add_argument("--frontends", type=int, default=1, help="with --capacity: front ends sharing one pool "
-                    "(app.pool), the queries taking turns among them (default 1)")
+                    "(app.pool_name), the queries taking turns among them (default 1)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)

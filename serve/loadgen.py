@@ -13,7 +13,7 @@ It writes what ``python -m serve`` writes, under ``--out`` (default
 so far in that setting), so ``python -m serve.report`` reads both. The
 strategy is the service's own (``GET /health``): run the service once per
 strategy and the load generator against each. Several ``--url``: front ends
-of one shared pool (``app.pool``), query i going to the (i mod N)-th.
+of one shared pool (``app.pool_name``), query i going to the (i mod N)-th.
 ``http.csv`` adds, per query,
 the HTTP status, the client's and the server's latency, and their difference:
 the HTTP layer's own cost.
@@ -200,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.loadgen", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="the service's JSON serving config, e.g. conf/serve/digits.json")
     ap.add_argument("--url", action="append", default=None, help="the service (default: http://app.host:app.port "
-                    "of the config); repeat it for several front ends sharing one pool (app.pool): queries take turns")
+                    "of the config); repeat it for several front ends sharing one pool (app.pool_name): queries take turns")
     ap.add_argument("--out", default=None, help="results folder (default: the config's out_dir + '/http')")
     ap.add_argument("--connections", type=int, default=64, help="most connections open at once (default 64)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a query may take before it counts as "

@@ -259,9 +259,9 @@ def test_a_bad_app_section_exits_2_naming_the_key(tmp_path, digits_run_folder, c
     path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"max_qeue": 3}}))
     assert main([str(path)]) == 2
     assert "max_queue" in capsys.readouterr().err
-    path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"pool": "a:b"}}))
+    path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"pool_name": "a:b"}}))
     assert main([str(path)]) == 2
-    assert "'app.pool'" in capsys.readouterr().err
+    assert "'app.pool_name'" in capsys.readouterr().err
 
 
 def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_run_folder, loaded, pool):
@@ -288,7 +288,7 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
     from serve.runtime import Pool
     from util.errors import UserError
 
-    cfgs = [service_config(tmp_path, digits_run_folder, {"strategy": "coded", "pool": "test-app"}, rates=[80],
+    cfgs = [service_config(tmp_path, digits_run_folder, {"strategy": "coded", "pool_name": "test-app"}, rates=[80],
                            num_queries=20) for _ in range(2)]
     second = Pool(loaded.code, cfgs[1], 2, [1], name="test-app")  # a second front end attaches to the module's pool
     ids = [[a._actor_id.hex() for a in p.f[:2] + p.parity[0]] for p in (pool, second)]
@@ -303,7 +303,7 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
     other = copy.deepcopy(loaded.code)
     with torch.no_grad():
         next(other.base.parameters()).add_(1.0)
-    with pytest.raises(UserError, match="'app.pool'.*another code"):
+    with pytest.raises(UserError, match="'app.pool_name'.*another code"):
         Pool(other, cfgs[1], 2, [1], name="test-app")
 
 
