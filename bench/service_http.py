@@ -11,14 +11,17 @@
     how much of the benchmark's p99.9 advantage of ``coded`` over
     ``equal-resources`` survives end to end, and the machine's load.
 
-``python -m bench.service_http CONFIG.json --capacity 50,100,200,400 [--set app.strategy=coded]``
+``python -m bench.service_http CONFIG.json --capacity 50,100,200,400 [--frontends N] [--set app.strategy=coded]``
     One service (``app.strategy``), no injected delay, the load generator at
     each rate in turn: the highest rate before the front end's p99 doubles
-    from its value at the first (lowest) rate.
+    from its value at the first (lowest) rate. With ``--frontends N``, N
+    front ends share one pool of instances (``app.pool_name``) and the load
+    generator's queries take turns among them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -56,6 +59,13 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
+        try:
+            return self._wait_healthy()
+        except BaseException:  # Ctrl-C or no start: stop the child too
+            self.__exit__()
+            raise
+
+    def _wait_healthy(self):
         import httpx
 
         deadline = time.time() + 900
@@ -155,21 +165,27 @@ def compare(config: str, sets: list[str], out: Path, bench_dir: str | None, conn
     return 0
 
 
-def capacity(config: str, sets: list[str], out: Path, rates: list[float], connections: int) -> int:
+def capacity(config: str, sets: list[str], out: Path, rates: list[float], connections: int,
+             frontends: int = 1) -> int:
     overrides = {**parse_overrides(sets), "delays": [{"dist": "none"}], "rates": rates, "warmup_queries": 20}
     sets = sets + ['delays=[{"dist": "none"}]']
+    if frontends > 1:  # every front end attaches to the pool the first one starts
+        sets = sets + [f"app.pool_name=capacity-{os.getpid()}"]
     cfg = load_serve_config(config, overrides)
     sets = shared_ray(cfg, sets)
     app = app_config(cfg)
     before = load()
-    with Service(config, sets, out / "logs" / f"capacity-{app.strategy}.log") as svc:
-        cpu0, client0 = cpu_seconds(svc.proc.pid), time.process_time()
-        summaries = loadgen(cfg, svc.url, out / "capacity", connections, 120.0, stream=open(os.devnull, "w"))
-        cpu, client = cpu_seconds(svc.proc.pid) - cpu0, time.process_time() - client0
+    with contextlib.ExitStack() as stack:  # the first (the pool's starter) stops last
+        svcs = [stack.enter_context(Service(config, sets, out / "logs" / f"capacity-{app.strategy}-{i}.log"))
+                for i in range(frontends)]
+        cpu0, client0 = sum(cpu_seconds(s.proc.pid) for s in svcs), time.process_time()
+        summaries = loadgen(cfg, [s.url for s in svcs], out / "capacity", connections, 120.0,
+                            stream=open(os.devnull, "w"))
+        cpu, client = sum(cpu_seconds(s.proc.pid) for s in svcs) - cpu0, time.process_time() - client0
     per_query = 1000.0 * cpu / (cfg.num_queries * len(rates))
     base = summaries[0]["p99_ms"]
     print(f"config {config} {' '.join(sets)}: strategy {app.strategy}, {cfg.num_queries} queries per rate, "
-          f"no injected delay")
+          f"no injected delay, {frontends} front end{'s sharing one pool' if frontends > 1 else ''}")
     print("| rate (q/s) | achieved (q/s) | p50 (ms) | p99 (ms) | server p99 (ms) | HTTP layer p99 (ms) | failed |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     sustained, ok = rates[0], True
@@ -180,7 +196,7 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
         sustained = rate if ok else sustained
     print(f"\ncapacity: {sustained:g} queries/s is the highest rate whose p99 stays within twice the "
           f"{rates[0]:g} q/s p99 ({base:.1f} ms)")
-    print(f"front end CPU: {per_query:.2f} ms per query (the service process: HTTP, dispatch, encode, decode, Ray "
+    print(f"front end CPU: {per_query:.2f} ms per query (the service processes: HTTP, dispatch, encode, decode, Ray "
           f"client), so one quiet core would carry about {1000 / per_query:.0f} queries/s; the load generator used "
           f"{1000.0 * client / (cfg.num_queries * len(rates)):.2f} ms per query")
     print(f"machine: {before}; {load()}")
@@ -194,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="serve_results/service_http", help="results folder")
     ap.add_argument("--bench-dir", default=None, help="a finished python -m serve run of the config (its out_dir)")
     ap.add_argument("--capacity", default=None, help="comma-separated rising rates: measure capacity instead")
+    ap.add_argument("--frontends", type=int, default=1, help="with --capacity: front ends sharing one pool "
+                    "(app.pool_name), the queries taking turns among them (default 1)")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
@@ -203,7 +221,9 @@ def main(argv=None) -> int:
             rates = [float(r) for r in args.capacity.split(",")]
         except ValueError:
             raise UserError(f"--capacity takes comma-separated rates such as 50,100,200; got {args.capacity!r}.")
-        return capacity(args.config, args.sets, out, rates, args.connections)
+        if args.frontends < 1:
+            raise UserError(f"--frontends must be 1 or more; got {args.frontends}.")
+        return capacity(args.config, args.sets, out, rates, args.connections, args.frontends)
     return compare(args.config, args.sets, out, args.bench_dir, args.connections)
 
 

@@ -17,6 +17,9 @@ mean to ``python -m serve``. Endpoints:
 Bad input gets a 4xx with a one-line reason and never reaches an instance;
 more than ``app.max_queue`` waiting queries get 503 with ``Retry-After``.
 Ctrl-C stops the service, its actors and the Ray it started (exit 130).
+With ``app.pool_name`` set, front ends on one Ray cluster share one pool of
+instances (named Ray actors): the first starts them, the others attach
+(serve/runtime.py, ``Pool``; docs/service.md, "Scaling out").
 
 Why FastAPI + uvicorn in front of Ray Core actors rather than Ray Serve: see
 docs/service.md (the dispatch core must pick each request's instance and see
@@ -275,13 +278,14 @@ def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
 
 
 def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
-    """The actors of ``app.strategy`` (or ``app.policy``'s pool) alone."""
+    """The actors of ``app.strategy`` (or ``app.policy``'s pool) alone: this front end's own, or the shared pool
+    ``app.pool_name`` (attached where another front end on the same Ray cluster started them)."""
     from serve.runtime import Pool, service_roles
 
     code = loaded.code
     roles = service_roles(app.strategy, cfg.instances, code.k, code.r, app_policy(cfg, app))
     num_f, num_parity, num_backup = roles.count(ROLE_F), [roles.count(j) for j in range(code.r)], roles.count(ROLE_BACKUP)
-    return Pool(code, cfg, num_f, num_parity, loaded.backup, num_backup)
+    return Pool(code, cfg, num_f, num_parity, loaded.backup, num_backup, name=app.pool_name)
 
 
 def load_service_code(cfg: ServeConfig, app: AppConfig):
@@ -364,14 +368,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         pool = start_pool(cfg, app, loaded)
         service = build_service(cfg, app, loaded, pool)
         busy = []
-        if cfg.interference:
-            busy = [service.core.actors[i] for i in cfg.interference["instances"]]
+        if cfg.interference:  # on the instances this front end started (a shared pool's others have theirs)
+            busy = [a for a in (service.core.actors[i] for i in cfg.interference["instances"]) if a in pool.started]
             ray.get([a.start_interference.remote(cfg.interference["processes"]) for a in busy])
         server = make_server(uvicorn.Config(create_app(service, loaded.splits.name), host=app.host,
                                                port=app.port, log_level="warning", access_log=False,
                                                timeout_graceful_shutdown=5))
+        shared = (f" of pool '{app.pool_name}' ({pool.attached} attached, {len(pool.started)} started here)"
+                  if app.pool_name else "")
         print(f"serving {cfg.runs[app.run]} (k={loaded.code.k}, r={loaded.code.r}), strategy {app.strategy} on "
-              f"{len(service.roles)} instances, at http://{app.host}:{app.port} (Ctrl-C stops)", flush=True)
+              f"{len(service.roles)} instances{shared}, at http://{app.host}:{app.port} (Ctrl-C stops)", flush=True)
         # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: to a
         # handler that only notes it, so the clean-up below runs either way.
         signal.signal(signal.SIGINT, lambda *_: None)

@@ -89,6 +89,9 @@ class AppConfig:
     retry_after_s: int = 1              # the Retry-After an overloaded service sends with 503
     policy: Optional[str] = None        # the name of a 'policies' row to serve (its strategy, routing,
                                         # pool, cancel, defer) in place of 'strategy''s fixed layout
+    pool_name: str = ""                 # "": this front end starts its own instances; a name: front ends on one
+                                        # Ray cluster (address) that serve the same code under this name share
+                                        # its instances (named Ray actors; the first starts them)
 
 
 @dataclass
@@ -332,6 +335,9 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     for name in ("max_queue", "max_batch", "max_body_bytes", "retry_after_s"):
         if getattr(app, name) < 1:
             raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
+    if app.pool_name and (set(app.pool_name) - set(NAME_CHARS) or ":" in app.pool_name):
+        raise _bad(source, key.format("pool_name"), f"must be a name of letters, digits and -_.+=; got "
+                   f"{app.pool_name!r}.")
     if app.policy is not None:
         rows = {policy_name(p): p for p in all_policies(cfg)[len(cfg.strategies):]}
         if app.policy not in rows:

@@ -1,4 +1,4 @@
-"""``python -m serve.loadgen CONFIG.json [--url URL] [--set KEY=VALUE ...]``: a real client of the service.
+"""``python -m serve.loadgen CONFIG.json [--url URL ...] [--set KEY=VALUE ...]``: a real client of the service.
 
 Sends the benchmark's seeded queries (:func:`serve.plan.make_queries`: the
 config's ``seed``, ``num_queries``, each of ``rates``, images from ``split``
@@ -12,7 +12,9 @@ It writes what ``python -m serve`` writes, under ``--out`` (default
 ``<setting>/setting.json`` and ``<setting>/cdf.png`` (every strategy measured
 so far in that setting), so ``python -m serve.report`` reads both. The
 strategy is the service's own (``GET /health``): run the service once per
-strategy and the load generator against each. ``http.csv`` adds, per query,
+strategy and the load generator against each. Several ``--url``: front ends
+of one shared pool (``app.pool_name``), query i going to the (i mod N)-th.
+``http.csv`` adds, per query,
 the HTTP status, the client's and the server's latency, and their difference:
 the HTTP layer's own cost.
 """
@@ -20,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,23 +35,10 @@ import numpy as np
 
 from serve.config import ServeConfig, app_config, expand_settings, load_serve_config
 from serve.plan import make_queries
-from serve.results import markdown_table, plot_cdf, summarize, write_strategy
+from serve.results import Outcome, markdown_table, plot_cdf, summarize, write_strategy
 from coders.config import parse_overrides
 from util.errors import UserError, exits_on_user_error
 from util.files import atomic_write_text
-
-
-@dataclass
-class HttpOutcome:
-    """What :func:`serve.results.summarize` reads, for the queries the service answered."""
-
-    arrival: np.ndarray
-    done: np.ndarray
-    reconstructed: np.ndarray
-    retried: np.ndarray
-    predicted: np.ndarray
-    label: np.ndarray
-    image: np.ndarray
 
 
 def load_split(cfg: ServeConfig, run: str):
@@ -63,22 +52,27 @@ def load_split(cfg: ServeConfig, run: str):
     return splits.split(cfg.split)
 
 
-async def send_all(url: str, bodies: list, arrival: np.ndarray, connections: int, timeout_s: float) -> dict:
-    """POST ``bodies[i]`` at ``arrival[i]`` seconds from now (open loop); per query: status, times, answer."""
+async def send_all(urls, bodies: list, arrival: np.ndarray, connections: int, timeout_s: float) -> dict:
+    """POST ``bodies[i]`` at ``arrival[i]`` seconds from now (open loop) to ``urls[i % len(urls)]`` (one URL, or
+    several front ends taking turns); per query: status, times, answer."""
     import httpx
+
+    urls = [urls] if isinstance(urls, str) else list(urls)
 
     n = len(bodies)
     rec = {"status": np.zeros(n, dtype=int), "sent": np.full(n, np.nan), "done": np.full(n, np.nan),
            "server_ms": np.full(n, np.nan), "rebuilt": np.zeros(n, dtype=bool), "retried": np.zeros(n, dtype=bool),
            "predicted": np.full(n, -1), "reason": [""] * n}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=u, limits=limits, timeout=timeout_s))
+                   for u in urls]
         t0 = time.perf_counter()
 
         async def one(i: int) -> None:
             rec["sent"][i] = time.perf_counter() - t0
             try:
-                resp = await client.post("/predict", content=bodies[i], headers={"Content-Type": "application/json"})
+                resp = await clients[i % len(clients)].post("/predict", content=bodies[i], headers={"Content-Type": "application/json"})
             except httpx.HTTPError as exc:
                 rec["reason"][i] = f"{type(exc).__name__}: {exc}"
                 return
@@ -126,11 +120,21 @@ def health(url: str) -> dict:
                         f"serve.app CONFIG.json, and pass its address with --url.") from None
 
 
-def run(cfg: ServeConfig, url: str, out: Path, connections: int, timeout_s: float, stream=None) -> list[dict]:
-    """Measure every rate of the config against the service at ``url``; returns the summaries."""
+def run(cfg: ServeConfig, url, out: Path, connections: int, timeout_s: float, stream=None) -> list[dict]:
+    """Measure every rate of the config against the service at ``url`` (or front ends of one service taking turns:
+    a list of URLs); returns the summaries."""
     stream = stream or sys.stdout
     app = app_config(cfg)
-    state = health(url)
+    urls = [url] if isinstance(url, str) else list(url)
+    states = [health(u) for u in urls]
+    state = states[0]
+    for u, other in zip(urls[1:], states[1:]):
+        if (other["strategy"], other.get("input_shape"), other["k"], other["r"]) != (
+                state["strategy"], state.get("input_shape"), state["k"], state["r"]):
+            raise UserError(f"The front ends at {urls[0]} and {u} serve different things (strategy "
+                            f"{state['strategy']} vs {other['strategy']}, k={state['k']}/{other['k']}, "
+                            f"r={state['r']}/{other['r']}). Fix: pass the --url of front ends of one service.")
+    url = " ".join(urls)
     strategy = state["strategy"]
     run_folder = cfg.runs[app.run]
     x, y = load_split(cfg, run_folder)
@@ -146,10 +150,10 @@ def run(cfg: ServeConfig, url: str, out: Path, connections: int, timeout_s: floa
         bodies = [json.dumps(x[i].flatten().tolist()).encode() for i in queries.index]
         print(f"== {setting.name}: {setting.describe()} -> {url} ({strategy}, {len(bodies)} queries)",
               file=stream, flush=True)
-        rec = asyncio.run(send_all(url, bodies, queries.arrival, connections, timeout_s))
+        rec = asyncio.run(send_all(urls, bodies, queries.arrival, connections, timeout_s))
         ok = rec["status"] == 200
         folder = out / setting.name
-        outcome = HttpOutcome(queries.arrival[ok], rec["done"][ok], rec["rebuilt"][ok], rec["retried"][ok],
+        outcome = Outcome(queries.arrival[ok], rec["done"][ok], rec["rebuilt"][ok], rec["retried"][ok],
                               rec["predicted"][ok], queries.label[ok], queries.index[ok])
         if not ok.any():
             raise UserError(f"The service at {url} answered none of {len(ok)} queries (first reply: "
@@ -195,7 +199,8 @@ def write_setting(folder: Path, setting, cfg: ServeConfig, strategy: str, url: s
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.loadgen", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="the service's JSON serving config, e.g. conf/serve/digits.json")
-    ap.add_argument("--url", default=None, help="the service (default: http://app.host:app.port of the config)")
+    ap.add_argument("--url", action="append", default=None, help="the service (default: http://app.host:app.port "
+                    "of the config); repeat it for several front ends sharing one pool (app.pool_name): queries take turns")
     ap.add_argument("--out", default=None, help="results folder (default: the config's out_dir + '/http')")
     ap.add_argument("--connections", type=int, default=64, help="most connections open at once (default 64)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a query may take before it counts as "
@@ -208,7 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"{args.connections} and {args.timeout}.")
     cfg = load_serve_config(args.config, parse_overrides(args.overrides))
     app = app_config(cfg)
-    url = args.url or f"http://{app.host}:{app.port}"
+    url = args.url or [f"http://{app.host}:{app.port}"]
     run(cfg, url, Path(args.out or Path(cfg.out_dir) / "http"), args.connections, args.timeout)
     return 0
 

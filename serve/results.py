@@ -1,7 +1,8 @@
-"""Figures of a served strategy: the per-query CSV, the summary, the latency CDF and markdown tables.
+"""Figures of a served strategy: what happened to each query, the per-query CSV, the summary, the latency CDF
+and markdown tables.
 
-Shared by the Ray runtime and the simulator: both hand over an
-:class:`serve.runtime.Outcome`-shaped object (arrays per query).
+Shared by the Ray runtime, the simulator and the HTTP load generator: each hands over an :class:`Outcome`
+(arrays per query); the load generator has no frontend cost or request log to give, so it leaves those empty.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import io
 import json
 import math
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,6 +20,23 @@ import numpy as np
 from util.files import atomic_write_text
 
 PERCENTILES = (50, 90, 99, 99.9)
+
+
+@dataclass
+class Outcome:
+    """What happened to every query of one strategy (arrays of length N, times in seconds)."""
+
+    arrival: np.ndarray
+    done: np.ndarray
+    reconstructed: np.ndarray
+    retried: np.ndarray
+    predicted: np.ndarray
+    label: np.ndarray
+    image: np.ndarray
+    frontend_s: dict = field(default_factory=dict)  # seconds the frontend spent encoding, dispatching, decoding
+    requests: dict = field(default_factory=dict)    # per request: instance, role, sent, done, compute, delay, ...
+    answers: Optional[np.ndarray] = None  # how many times each query was answered (1 when all is well)
+    outputs: Optional[np.ndarray] = None  # (N, n): each query's served answer (F's output or a reconstruction)
 # Files written (atomically) under a serving or map out_dir; a killed write leaves "<name>.<random>.tmp".
 RESULT_FILES = ("setting.json", "queries.csv", "requests.csv", "summary.json", "profile.csv", "map.csv")
 SUMMARY_COLUMNS = [  # (key, header, format)

@@ -24,12 +24,12 @@ time, in arrival order), which is what a straggling server looks like.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -39,6 +39,7 @@ from serve.config import STRATEGIES, PolicyConfig
 from serve.dispatch import Dispatcher, Request
 from serve.online import Service
 from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, pool_roles, route, sample_delays
+from serve.results import Outcome
 from util.errors import UserError
 from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
 
@@ -84,27 +85,95 @@ class Instance:
         self.busy = []
 
 
-class Pool:
-    """The actors of one setting: F instances and parity instances, shared by the strategies."""
+POOL_NAMESPACE = "lcc"  # the Ray namespace of shared pools' named actors (every front end's driver looks there)
 
-    def __init__(self, code, cfg, num_f: int, num_parity: list[int], backup=None, num_backup: int = 0):
+
+def fingerprint(modules) -> str:
+    """A short digest of the modules' weights: front ends share a pool only when they serve the same code."""
+    h = hashlib.sha1()
+    for m in modules:
+        for key, t in m.state_dict().items():
+            h.update(key.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class Pool:
+    """The actors of one setting: F instances and parity instances, shared by the strategies.
+
+    With a ``name`` the actors are named Ray actors (namespace ``lcc``,
+    ``<name>:<fingerprint of the code>:<slot>``, slot ``f0``, ``p0.1``, ``b0``),
+    so every front end on the same Ray cluster that builds a pool of the same
+    name and code gets the same instances: a slot that exists is attached, a
+    missing one is started. A pool stops only the actors it started
+    (:meth:`shutdown`); Ray ends them too when their starter's process exits.
+    """
+
+    def __init__(self, code, cfg, num_f: int, num_parity: list[int], backup=None, num_backup: int = 0,
+                 name: str = ""):
         import ray
 
         self.ray = ray
-        self.code, self.cfg = code, cfg
+        self.code, self.cfg, self.name = code, cfg, name
         opts = {"num_cpus": cfg.instance_cpus, "max_restarts": 0}
         if cfg.device.startswith("cuda"):
             opts["num_gpus"] = 1.0 / (num_f + sum(num_parity))
         self.remote = ray.remote(**opts)(Instance)
-        self.f = [self._start(code.base) for _ in range(num_f)]
-        self.parity = [[self._start(code.parity_model(j)) for _ in range(n)] for j, n in enumerate(num_parity)]
         self.backup_model = backup
-        self.backup = [self._start(backup) for _ in range(num_backup)]
+        self.started: list = []   # the actors this pool started (and stops); the rest were attached
+        self.prefix = ""
+        if name:
+            modules = [code.base] + [code.parity_model(j) for j in range(len(num_parity))] + ([backup] if backup else [])
+            self.prefix = f"{name}:{fingerprint(modules)}:"
+            self._check_shared_name()
+        self.f = [self._start(code.base, f"f{i}") for i in range(num_f)]
+        self.parity = [[self._start(code.parity_model(j), f"p{j}.{i}") for i in range(n)]
+                       for j, n in enumerate(num_parity)]
+        self.backup = [self._start(backup, f"b{i}") for i in range(num_backup)]
         self.wait_ready(self.f + [a for row in self.parity for a in row] + self.backup)
 
-    def _start(self, module):
+    def _named(self) -> set:
+        return {a["name"] for a in self.ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == POOL_NAMESPACE}
+
+    def _check_shared_name(self) -> None:
+        others = {n.split(":")[1] for n in self._named() if n.startswith(self.name + ":")} - {self.prefix.split(":")[1]}
+        if others:
+            raise UserError(f"Config key 'app.pool_name': the pool '{self.name}' on this Ray cluster holds instances of "
+                            f"another code (weights {', '.join(sorted(others))}, this run's are "
+                            f"{self.prefix.split(':')[1]}). Fix: serve the same run and checkpoint as the front end "
+                            f"that started it, or pick another pool name with --set app.pool_name=NAME.")
+
+    def _start(self, module, slot: str = "", replace: bool = False):
+        """A new actor holding ``module``; in a shared pool, the named one of ``slot`` (attached when it exists,
+        unless ``replace``: then the dead one's name is waited for and taken)."""
         cfg = self.cfg
-        return self.remote.remote(module, cfg.instance_threads, cfg.flush_denormal, cfg.device)
+        args = (module, cfg.instance_threads, cfg.flush_denormal, cfg.device)
+        if not self.name:
+            actor = self.remote.remote(*args)
+            self.started.append(actor)
+            return actor
+        name = self.prefix + slot
+        for attempt in range(100):
+            if not replace:
+                try:
+                    return self.ray.get_actor(name, namespace=POOL_NAMESPACE)
+                except ValueError:  # not there: start it
+                    pass
+            try:
+                actor = self.remote.options(name=name, namespace=POOL_NAMESPACE).remote(*args)
+            except ValueError:  # taken: another front end started it a moment ago, or a killed one still holds it
+                time.sleep(0.1 if replace else 0.0)
+                continue
+            self.started.append(actor)
+            return actor
+        raise UserError(f"The instance '{name}' of pool '{self.name}' could neither be found nor started on this Ray "
+                        f"cluster. Fix: start the front ends one after another.")
+
+    @property
+    def attached(self) -> int:
+        """How many of this pool's instances another front end started."""
+        return len(self.f) + sum(len(row) for row in self.parity) + len(self.backup) - len(self.started)
 
     def wait_ready(self, actors) -> None:
         try:
@@ -128,40 +197,25 @@ class Pool:
         fresh = []
         for i, a in enumerate(self.f):
             if a in dead:
-                self.f[i] = self._start(self.code.base)
+                self.f[i] = self._start(self.code.base, f"f{i}", replace=True)
                 fresh.append(self.f[i])
         for j, row in enumerate(self.parity):
             for i, a in enumerate(row):
                 if a in dead:
-                    row[i] = self._start(self.code.parity_model(j))
+                    row[i] = self._start(self.code.parity_model(j), f"p{j}.{i}", replace=True)
                     fresh.append(row[i])
         for i, a in enumerate(self.backup):
             if a in dead:
-                self.backup[i] = self._start(self.backup_model)
+                self.backup[i] = self._start(self.backup_model, f"b{i}", replace=True)
                 fresh.append(self.backup[i])
         if fresh:
             self.wait_ready(fresh)
 
     def shutdown(self) -> None:
-        for a in self.f + [a for row in self.parity for a in row] + self.backup:
+        """Stop the actors this pool started (a shared pool's attached ones belong to the front end that started them)."""
+        for a in self.started:
             self.ray.kill(a)
-
-
-@dataclass
-class Outcome:
-    """What happened to every query of one strategy (arrays of length N, times in seconds)."""
-
-    arrival: np.ndarray
-    done: np.ndarray
-    reconstructed: np.ndarray
-    retried: np.ndarray
-    predicted: np.ndarray
-    label: np.ndarray
-    image: np.ndarray
-    frontend_s: dict          # seconds the frontend spent encoding, dispatching and decoding
-    requests: dict            # per request: instance, role, sent, done, compute, delay, factor, ok
-    answers: np.ndarray       # how many times each query was answered (1 when all is well)
-    outputs: Optional[np.ndarray] = None  # (N, n): each query's served answer (F's output or a reconstruction)
+        self.started = []
 
 
 class Driver:

@@ -52,11 +52,12 @@ def loaded(digits_run_folder):
 
 @pytest.fixture(scope="module")
 def pool(local_ray, loaded, tmp_path_factory, digits_run_folder):
-    """Four F instances and one parity instance: enough for every strategy at m = 2, k = 2, r = 1."""
+    """Four F instances and one parity instance: enough for every strategy at m = 2, k = 2, r = 1. A shared pool
+    (named actors), so a second front end can attach to it."""
     from serve.runtime import Pool
 
     cfg = service_config(tmp_path_factory.mktemp("pool"), digits_run_folder)
-    p = Pool(loaded.code, cfg, 4, [1])
+    p = Pool(loaded.code, cfg, 4, [1], name="test-app")
     yield p
     p.shutdown()
 
@@ -258,6 +259,9 @@ def test_a_bad_app_section_exits_2_naming_the_key(tmp_path, digits_run_folder, c
     path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"max_qeue": 3}}))
     assert main([str(path)]) == 2
     assert "max_queue" in capsys.readouterr().err
+    path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"pool_name": "a:b"}}))
+    assert main([str(path)]) == 2
+    assert "'app.pool_name'" in capsys.readouterr().err
 
 
 def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_run_folder, loaded, pool):
@@ -275,6 +279,32 @@ def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_ru
     assert 0 <= summary["http_p50_ms"] <= summary["http_p99_ms"] < summary["p99_ms"] + 1
     assert summary["accuracy"] > 0.5  # the served answers are the right classes
     assert "| coded |" in report(tmp_path / "http")
+
+
+def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_folder, loaded, pool, local_ray):
+    import copy
+
+    from serve.loadgen import run
+    from serve.runtime import Pool
+    from util.errors import UserError
+
+    cfgs = [service_config(tmp_path, digits_run_folder, {"strategy": "coded", "pool_name": "test-app"}, rates=[80],
+                           num_queries=20) for _ in range(2)]
+    second = Pool(loaded.code, cfgs[1], 2, [1], name="test-app")  # a second front end attaches to the module's pool
+    ids = [[a._actor_id.hex() for a in p.f[:2] + p.parity[0]] for p in (pool, second)]
+    assert ids[0] == ids[1] and second.started == [] and second.attached == 3
+    with serving(cfgs[0], loaded, pool) as (url0, one), serving(cfgs[1], loaded, second) as (url1, two):
+        summary, = run(cfgs[0], [url0, url1], tmp_path / "http", 8, 30.0, stream=open(os.devnull, "w"))
+        assert summary["failed"] == 0 and summary["sent"] == 20 and summary["accuracy"] > 0.5
+        assert one.counts["answered"] == two.counts["answered"] == 10  # the client's queries took turns
+        assert one.core.sent > 0 and two.core.sent > 0
+    second.shutdown()  # stops nothing: the first front end started every instance
+    assert len(local_ray.get([a.ready.remote() for a in pool.f[:2] + pool.parity[0]], timeout=60)) == 3
+    other = copy.deepcopy(loaded.code)
+    with torch.no_grad():
+        next(other.base.parameters()).add_(1.0)
+    with pytest.raises(UserError, match="'app.pool_name'.*another code"):
+        Pool(other, cfgs[1], 2, [1], name="test-app")
 
 
 def descendants(pid: int) -> set:
