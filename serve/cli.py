@@ -25,7 +25,7 @@ import torch
 from serve.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
-from serve.plan import (ROLE_BACKUP, ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model,
+from serve.plan import (ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model,
                         pool_roles)
 from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
 from util.errors import ConfigError, UserError, exits_on_user_error

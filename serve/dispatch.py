@@ -99,34 +99,16 @@ class GroupFormer:
         return out
 
 
-def next_live(instance: int, roles: list[int], dead: set) -> int:
-    """``instance`` if live, else the next live instance of the same role cyclically after it; -1 if none.
-
-    Kept for callers that route by hand; the frontends route through :class:`serve.policy.PolicyMachine`."""
-    if instance not in dead:
-        return instance
-    n = len(roles)
-    for step in range(1, n):
-        i = (instance + step) % n
-        if roles[i] == roles[instance] and i not in dead:
-            return i
-    return -1
-
-
 class Dispatcher:
     """The payloads, requests in flight and answers of one strategy's queries; see the module docstring.
 
     ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query; ``watch(ref)``
     (optional) is told of every request sent, for drivers that wait by callback rather than ray.wait.
-    ``to_come``, ``copy_to_come`` and ``unanswerable`` are accepted for callers written before the policy
-    machine took the recovery decisions, and ignored.
     """
 
     def __init__(self, strategy: str, roles: list[int], actors: list, code, pad_output: torch.Tensor,
                  input_shape, clock: Callable[[], float], on_answer: Callable,
-                 to_come: Optional[Callable] = None, copy_to_come: Optional[Callable] = None,
-                 watch: Optional[Callable] = None, log_requests: bool = True,
-                 unanswerable: Optional[Callable[[int], None]] = None):
+                 watch: Optional[Callable] = None, log_requests: bool = True):
         import ray
 
         self.ray = ray

@@ -1,21 +1,14 @@
-"""The service's frontend: queries from clients, answered by the benchmark's dispatch core.
+"""The service's bookkeeping: admission, the clients' futures and what /health and /metrics show.
 
-:class:`Service` runs on the web server's asyncio event loop and owns every
-piece of dispatch state there, so nothing needs a lock: a client's input
-becomes a query the moment it is admitted; it is routed by the plan's rules
-(:func:`serve.plan.route`, the next live instance of the same role after a
-failure), given the config's injected delay and slow-down, and sent to its
-Ray actor. Coded queries are grouped k at a time by :class:`GroupFormer`
-(closing at the k-th arrival or ``group_timeout_ms`` after the first, by a
-timer on the loop); a closed group's parities are encoded and sent at once.
-Each actor's reply comes back through a Ray future's callback onto the loop
-and goes to :class:`serve.dispatch.Dispatcher`, which answers from F's output
-or the decoder, whichever is first, and recovers requests of dead instances,
-exactly as in ``python -m serve``. The answer resolves the client's future.
-
-Admission is bounded: at most ``app.max_queue`` queries are admitted and
-unanswered at once; beyond that :meth:`Service.predict` raises
-:class:`Overloaded` (the HTTP layer answers 503 with ``Retry-After``).
+:class:`Service` is the part of the HTTP service that is not dispatch: it runs
+on the web server's asyncio event loop, admits a client's input as a query
+(at most ``app.max_queue`` admitted and unanswered at once; beyond that
+:meth:`Service.predict` raises :class:`Overloaded`, which the HTTP layer
+answers with 503 and ``Retry-After``), resolves the query's future when the
+answer comes, and counts. Every dispatch decision (grouping, routing,
+deferral, recovery after a failure) is made by the one policy machine the
+benchmark and the simulator use too: :class:`serve.runtime.ServiceFrontend`
+is the subclass that drives it, and the only one to build.
 """
 from __future__ import annotations
 
@@ -28,8 +21,7 @@ import numpy as np
 import torch
 
 from serve.config import STRATEGIES, AppConfig, ServeConfig
-from serve.dispatch import Dispatcher, GroupFormer, Request, next_live
-from serve.plan import ROLE_BACKUP, ROLE_F, pool_roles, route, sample_delays, streams
+from serve.plan import ROLE_BACKUP, ROLE_F, pool_roles
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -42,22 +34,6 @@ class Unanswerable(Exception):
     """No live instance holds F, so a query that lost its request cannot be re-sent."""
 
 
-class SlowPeriods:
-    """The config's ``slowdown`` periods: the very table :func:`serve.plan.slow_factors` draws, grown as time goes."""
-
-    def __init__(self, cfg: ServeConfig, num_instances: int):
-        self.cfg, self.n = cfg, max(num_instances, 1)
-        self.slow = np.zeros((0, self.n), dtype=bool)
-
-    def factor(self, instance: int, t: float) -> float:
-        s = self.cfg.slowdown
-        period = int(t // (s["period_ms"] / 1000.0))
-        if period >= len(self.slow):  # same generator, more rows: the earlier rows stay as they were
-            rows = max(2 * len(self.slow), period + 1, 1024)
-            self.slow = streams(self.cfg.seed)["slowdown"].random((rows, self.n)) < s["fraction"]
-        return float(s["factor"]) if self.slow[period, instance] else 1.0
-
-
 def instances_needed(strategy: str, m: int, k: int, r: int) -> tuple[int, list[int], int]:
     """``(F instances, parity instances per parity model, backup instances)`` of one strategy."""
     roles = pool_roles(strategy, m, k, r)
@@ -65,22 +41,19 @@ def instances_needed(strategy: str, m: int, k: int, r: int) -> tuple[int, list[i
 
 
 class Service:
-    """One strategy of a trained code served to clients; see the module docstring."""
+    """Admission, futures and metrics of one served code; see the module docstring.
 
-    def __init__(self, cfg: ServeConfig, app: AppConfig, code, actors: list, pad_output: torch.Tensor,
-                 input_shape, classifier: bool):
+    A subclass sets ``roles`` (one per instance) and ``core`` (the :class:`serve.dispatch.Dispatcher`
+    holding payloads and answers) and implements :meth:`start` and :meth:`submit`.
+    """
+
+    def __init__(self, cfg: ServeConfig, app: AppConfig, code, input_shape, classifier: bool):
         self.cfg, self.app, self.code = cfg, app, code
         self.strategy = app.strategy
         self.k, self.r, self.m = code.k, code.r, cfg.instances
-        self.roles = pool_roles(self.strategy, self.m, self.k, self.r)
         self.input_shape, self.classifier = tuple(input_shape), classifier
         self.delay_model = cfg.delays[app.delay]
         self.rng = np.random.default_rng([cfg.seed, 2, STRATEGIES.index(self.strategy)])
-        self.slow = SlowPeriods(cfg, len(self.roles)) if cfg.slowdown is not None else None
-        self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
-                               self._answered, to_come=self._to_come, watch=self._watch, log_requests=False,
-                               unanswerable=self._unanswerable)
-        self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.futures: dict = {}  # admitted, unanswered query -> (asyncio future, admitted at)
         self.next_query = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None
@@ -92,11 +65,7 @@ class Service:
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Begin serving on ``loop``: the clock starts, and the config's fail-stop kills are scheduled."""
-        self.loop = loop
-        self.t0 = time.perf_counter()
-        for f in self.cfg.failures:
-            if f["instance"] < len(self.roles):
-                self.timers.append(loop.call_later(f["at_ms"] / 1000.0, self.core.kill, f["instance"]))
+        raise NotImplementedError
 
     def stop(self) -> None:
         for timer in self.timers:
@@ -118,53 +87,8 @@ class Service:
         return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
 
     def submit(self, x: np.ndarray) -> asyncio.Future:
-        q = self.next_query
-        self.next_query += 1
-        fut = self.loop.create_future()
-        self.futures[q] = (fut, self.clock())
-        core = self.core
-        core.add_query(q, x)
-        if self.strategy == "coded":
-            g, slot, closed = self.former.add(q, self.clock())
-            if slot == 0:
-                core.open_group(g)
-                self.loop.call_later(self.former.timeout, self._expire, g)
-            core.join(g, slot, q, x)
-            self._send(Request("plan", q, g, slot), x)
-            for done_group, _, _ in closed:
-                self._close(done_group)
-        else:
-            for copy in range(2 if self.strategy in ("replicate", "backup") else 1):
-                self._send(Request("plan", q, -1, copy), x)
-        return fut
-
-    def _send(self, req: Request, x: np.ndarray) -> None:
-        target = int(route(self.strategy, self.m, self.k, self.r, req.query, req.slot, req.group))
-        inst = next_live(target, self.roles, self.core.dead)
-        if inst < 0:  # no live instance of its role
-            self.core.on_failure(req, -1)
-            return
-        delay = float(sample_delays(self.delay_model, np.array([inst]), self.rng)[0])
-        factor = self.slow.factor(inst, self.clock()) if self.slow is not None else 1.0
-        self.core.send(inst, x, delay, factor, req)
-
-    def _close(self, g: int) -> None:
-        """Group ``g`` has its members: seal it, encode its parities and send them."""
-        self.core.seal(g)
-        for j in range(self.r):
-            self._send(Request("plan", -1, g, self.k + j), self.core.parity(g, j))
-
-    def _expire(self, g: int) -> None:
-        if self.former.members and self.former.group == g:
-            self._close(self.former.flush()[0])
-
-    def _to_come(self, g: int) -> int:
-        """Outputs of group ``g`` not yet sent: while it is open, its missing members and its parities."""
-        if not (self.former.members and self.former.group == g):
-            return 0  # a closed group's requests have all gone out
-        live_parity = sum(1 for j in range(self.r)
-                          if any(role == j and i not in self.core.dead for i, role in enumerate(self.roles)))
-        return self.k - len(self.former.members) + live_parity
+        """Admit ``x`` as the next query and set its requests going; the future resolves to its answer."""
+        raise NotImplementedError
 
     # -- answers out -----------------------------------------------------------------------------------
     def _watch(self, ref) -> None:
@@ -177,9 +101,6 @@ class Service:
                 pass
 
         ref.future().add_done_callback(done)
-
-    def _settle(self, ref) -> None:
-        self.core.settle(ref, self.clock())
 
     def _answered(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
         fut, admitted = self.futures.pop(q)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from serve.config import STRATEGIES, PolicyConfig
-from serve.dispatch import Dispatcher, Request
+from serve.dispatch import Dispatcher, GroupFormer, Request
 from serve.online import Service
 from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, pool_roles, route, sample_delays
 from serve.results import Outcome
@@ -448,13 +448,13 @@ class ServiceFrontend(Driver, Service):
         from serve.policy import PolicyMachine
 
         pol = policy if policy is not None else PolicyConfig(strategy=app.strategy, name=app.strategy)
-        super().__init__(cfg, dataclasses.replace(app, strategy=pol.strategy), code, actors, pad_output,
-                         input_shape, classifier)
+        super().__init__(cfg, dataclasses.replace(app, strategy=pol.strategy), code, input_shape, classifier)
         self.policy_config = pol
         self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
-        self.ray = self.core.ray
         self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
                                self._answered, watch=self._watch, log_requests=False)
+        self.ray = self.core.ray
+        self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
         index = STRATEGIES.index(pol.strategy)
         self.policy = PolicyMachine(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model), self,

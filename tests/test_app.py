@@ -128,13 +128,17 @@ def test_groups_formed_one_arrival_at_a_time_match_the_plans():
 
 
 def test_slow_periods_online_are_the_plans(tmp_path, digits_run_folder):
-    from serve.online import SlowPeriods
+    """The service's machine grows its slow-period table as time goes; every factor is the plan's."""
+    from serve.config import PolicyConfig
+    from serve.policy import PolicyMachine
+    from serve.runtime import service_plan
 
     cfg = service_config(tmp_path, digits_run_folder, slowdown={"fraction": 0.3, "factor": 5, "period_ms": 50})
     times = np.sort(np.random.default_rng(1).uniform(0, 200, 400))  # 4,000 periods: the table grows
     inst = np.arange(400) % 3
-    online = SlowPeriods(cfg, 3)
-    assert [online.factor(int(i), float(t)) for i, t in zip(inst, times)] == slow_factors(cfg, inst, times, 3).tolist()
+    machine = PolicyMachine(service_plan(cfg, PolicyConfig("none", name="none"), 2, 1, [0, 0, 0], {}), None)
+    assert [machine.factor_at(int(i), float(t)) for i, t in zip(inst, times)] == \
+        slow_factors(cfg, inst, times, 3).tolist()
 
 
 # -- answers ------------------------------------------------------------------------------------------
