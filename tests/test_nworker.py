@@ -1,6 +1,7 @@
 """N-worker codes: Berrut (BACC / ApproxIFER), LeTCC's splines, the learned pair, patterns, config."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ from coders.nworker import (BerrutDecoder, BerrutEncoder, MLPDecoder, MLPEncoder
 from coders.spline import SplineDecoder, SplineEncoder
 from coders.config import validate_dict
 from util.errors import ConfigError
+from util.report import main as report_main
 
 
 class Affine(torch.nn.Module):
@@ -197,7 +199,7 @@ def nworker_config(digits_config, **extra):
     learned = [{"class": "coders.nworker.MLPEncoder", "args": {"hidden": 32}},
                {"class": "coders.nworker.MLPDecoder", "args": {"hidden": 32}}]
     return digits_config(form="nworker", k_vals=[3], n_workers=[5], stragglers=[1], enc_dec_types=[learned],
-                         num_epoch=2, **extra)
+                         num_epoch=2, epoch_groups="disjoint", **extra)
 
 
 def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config, tmp_path, capsys):
@@ -207,7 +209,8 @@ def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config
     path = nworker_config(digits_config)
     straight = run_all(str(path), {"save_dir": str(tmp_path / "a")})[0]
     run_all(str(path), {"save_dir": str(tmp_path / "b"), "num_epoch": 1})
-    resumed = run_all(str(path), {"save_dir": str(tmp_path / "b")}, resume=True)[0]
+    one_run = next((tmp_path / "b").rglob("best.pt")).parent  # resumed from its run folder, as a systematic run
+    resumed = run_all(str(one_run), {"num_epoch": 2}, resume=True)[0]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert [r["epoch"] for r in straight] == [0, 1, 2]
     assert drop(straight) == drop(resumed)
@@ -217,6 +220,11 @@ def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config
     assert folder.parts[-6:-3] == ("k3", "n5", "s1")
     saved = json.loads((folder / "config.json").read_text())
     assert saved["patterns_total"] == 5 and saved["form"] == "nworker"
+    report = io.StringIO()
+    assert report_main([str(tmp_path / "a"), "--no-plots"], out=report, err=io.StringIO()) == 0
+    head, _, row = report.getvalue().splitlines()[:3]
+    assert "| K | N | S |" in head and "all K answers" in head and "all-k" not in head
+    assert "| 3 | 5 | 1 |" in row and "MLPEncoder-hidden32" in row
 
 
 def test_train_py_refuses_a_spline_code_it_cannot_build(digits_config, capsys):
