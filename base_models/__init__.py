@@ -16,4 +16,4 @@ MODEL_ALIASES = {
 
 
 # ``python -m base_models.train`` (the command before the rename) runs base_models.fit.
-keep_moved_names(__name__, __file__, {"train": "fit"})
+keep_moved_names(__name__, {"train": "fit"})

@@ -1,10 +1,14 @@
 """Old module names a rename moved, kept working without a file of the old name.
 
-A file named like a package of the project (``base_models/train.py``,
+This is the project's one mechanism for old names. A file at the old path would
+be a copy to keep in step, and some old names cannot have a file at all: one
+named like a package of the project (``base_models/train.py``,
 ``bench/base_models.py``) would hide that package from every script run in its
-folder (tests/test_layout.py), so the old name is served by an import hook
-instead: ``import old`` gives the new module itself (one object under both
-names), and ``python -m old`` runs the new module's file.
+folder (tests/test_layout.py). So an import hook serves them: ``import old``
+gives the new module itself (one object under both names, so patching either
+acts on both), and ``python -m old`` runs the new module's file. The new home
+may be in the same package (``"fit"``) or anywhere (``"coders.code"``), and
+nothing is imported until the old name is.
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ import importlib.machinery
 import importlib.util
 import sys
 
-_MOVED: dict[str, tuple[str, str]] = {}  # old full name -> (new full name, its file)
+_MOVED: dict[str, str] = {}  # old full name -> new full name
 
 
 class _MovedLoader(importlib.machinery.SourceFileLoader):
     def create_module(self, spec):
-        return importlib.import_module(_MOVED[spec.name][0])
+        return importlib.import_module(_MOVED[spec.name])
 
     def exec_module(self, module):  # already executed under its new name
         pass
@@ -29,16 +33,17 @@ class _MovedNames(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in _MOVED:
             return None
-        where = _MOVED[fullname][1]
-        return importlib.util.spec_from_file_location(fullname, where, loader=_MovedLoader(fullname, where))
+        new = importlib.util.find_spec(_MOVED[fullname])
+        if new is None or not new.origin:
+            return None
+        return importlib.util.spec_from_file_location(fullname, new.origin, loader=_MovedLoader(fullname, new.origin))
 
 
-def keep_moved_names(package: str, package_file: str, moved: dict[str, str]) -> None:
-    """Serve ``package.<old>`` as ``package.<new>`` for each ``old: new`` of ``moved`` (call from the
-    package's ``__init__`` with its ``__name__`` and ``__file__``)."""
-    from pathlib import Path
-
+def keep_moved_names(package: str, moved: dict[str, str]) -> None:
+    """Serve ``package.<old>`` as the module ``new`` for each ``old: new`` of ``moved`` (call from the
+    package's ``__init__`` with its ``__name__``). A ``new`` without a dot is a module of the same
+    package; one with a dot is a full module name."""
     for old, new in moved.items():
-        _MOVED[f"{package}.{old}"] = (f"{package}.{new}", str(Path(package_file).with_name(new + ".py")))
+        _MOVED[f"{package}.{old}"] = new if "." in new else f"{package}.{new}"
     if not any(isinstance(f, _MovedNames) for f in sys.meta_path):
         sys.meta_path.append(_MovedNames())

@@ -40,11 +40,10 @@ CONFIG_FILE = "config.json"
 SORT_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder")
 NWORKER_KEYS = ("dataset", "model", "k", "n_workers", "stragglers", "loss", "encoder", "decoder")
 
-# (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage.
-COLUMNS = [
+# (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage, "num" 4 digits.
+_RUN = [  # what the run is, and how far it got: every table starts with these
     ("dataset", "dataset", "str"),
     ("model", "base model", "str"),
-    ("f_test_acc", "F test acc (%)", "pct"),
     ("k", "k", "str"),
     ("r", "r", "str"),
     ("loss", "loss", "str"),
@@ -52,28 +51,20 @@ COLUMNS = [
     ("decoder", "decoder", "str"),
     ("epochs_run", "epochs run", "str"),
     ("best_epoch", "best epoch", "str"),
+]
+_SECONDS = [("epoch_seconds", "s / epoch", "sec")]
+COLUMNS = _RUN[:2] + [("f_test_acc", "F test acc (%)", "pct")] + _RUN[2:] + [
     ("test_recon_acc", "test recon acc (%)", "pct"),
     ("test_degraded_acc", "test degraded acc (%)", "pct"),
     ("test_group_acc", "test all-k acc (%)", "pct"),
     ("acc_lost", "accuracy lost vs F (points)", "pct"),
-    ("epoch_seconds", "s / epoch", "sec"),
-]
-# The table of runs whose F has no classes: errors of the rebuilt outputs only; kind "num" prints 4 digits.
-REGRESSION_COLUMNS = [
-    ("dataset", "dataset", "str"),
-    ("model", "base model", "str"),
-    ("k", "k", "str"),
-    ("r", "r", "str"),
-    ("loss", "loss", "str"),
-    ("encoder", "encoder", "str"),
-    ("decoder", "decoder", "str"),
-    ("epochs_run", "epochs run", "str"),
-    ("best_epoch", "best epoch", "str"),
+] + _SECONDS
+# The table of runs whose F has no classes: errors of the rebuilt outputs only.
+REGRESSION_COLUMNS = _RUN + [
     ("test_mse", "test MSE", "num"),
     ("test_nmse", "test NMSE", "num"),
     ("test_rel_l2", "test rel. L2", "num"),
-    ("epoch_seconds", "s / epoch", "sec"),
-]
+] + _SECONDS
 
 
 class RunReadError(ValueError):
