@@ -3,10 +3,11 @@
 One run: K = one of ``k_vals`` inputs per group, N = one of ``n_workers``
 workers, S = one of ``stragglers`` late workers, an [encoder, decoder] pair of
 ``coders/nworker.py`` or ``coders/spline.py``. The computation is
-:class:`coders.nworker.NWorkerCode`; this module only feeds it data, a loss and
-an optimizer, scores it and writes the run folder (config.json, metrics.csv /
-metrics.jsonl, current.pt, best.pt), like :class:`train.engine.CodedRun` does
-for the systematic form.
+:class:`coders.nworker.NWorkerCode`; :class:`NWorkerRun` is the systematic
+run (:class:`train.engine.CodedRun`) with this code, its training step and its
+evaluation: the data, the epoch loop, the schedule, the run folder
+(config.json, metrics.csv / metrics.jsonl, current.pt, best.pt), resume and
+the lock are the systematic run's. ``python train.py`` drives both forms.
 
 Straggler patterns: the training patterns are all C(N, S) sets of late workers
 when there are at most ``max_patterns`` of them, else ``max_patterns`` drawn
@@ -26,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,9 +238,10 @@ def results_table(root: str | Path) -> list[str]:
 
 def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
     """Markdown rows: ``column`` at the best validation epoch against N, one row per (dataset, K, S,
-    family); of several runs of one family (a decoder's lam, say) the one with the lowest validation
+    family). The runs of a ``seeds`` sweep are averaged (mean ± standard deviation, with the count);
+    of several variants of one family (a decoder's lam, say) the one with the lowest mean validation
     MSE is shown, with its lam."""
-    best: dict = {}
+    variants: dict = {}
     for cfg_path in sorted(Path(root).rglob("config.json")):
         saved = json.loads(cfg_path.read_text())
         rows_path = cfg_path.parent / "metrics.jsonl"
@@ -249,16 +252,21 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
         family = spec_name(saved["encoder"]).split("-")[0]
         lam = saved["decoder"].get("args", {}).get("lam") if isinstance(saved["decoder"], dict) else None
         key = (spec_name(saved["dataset"]), saved["k"], saved["stragglers"], family, saved["n_workers"])
-        if key not in best or row["val_mse"] < best[key][0]:
-            best[key] = (row["val_mse"], row[column], lam)
+        variant = json.dumps([saved["encoder"], saved["decoder"]], sort_keys=True)
+        variants.setdefault(key, {}).setdefault(variant, (lam, []))[1].append((row["val_mse"], row[column]))
+    best = {}
+    for key, by_variant in variants.items():
+        lam, runs = min(by_variant.values(), key=lambda v: statistics.fmean(r[0] for r in v[1]))
+        tests = [r[1] for r in runs]
+        best[key] = (statistics.fmean(tests), statistics.stdev(tests) if len(tests) > 1 else None, len(tests), lam)
     ns = sorted({key[-1] for key in best})
     lines = ["| dataset | K | S | code | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|---:|---:|---|" + "---:|" * len(ns)]
     for head in sorted({key[:-1] for key in best}):
         cells = [best.get((*head, n)) for n in ns]
         lines.append(f"| {head[0]} | {head[1]} | {head[2]} | {head[3]} | " + " | ".join(
-            "" if c is None else f"{c[1]:.4g}" + (f" (lam {c[2]:g})" if c[2] is not None else "") for c in cells)
-            + " |")
+            "" if c is None else f"{c[0]:.4g}" + (f" ± {c[1]:.2g} ({c[2]} seeds)" if c[1] is not None else "")
+            + (f" (lam {c[3]:g})" if c[3] is not None else "") for c in cells) + " |")
     return lines
 
 
