@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -264,3 +265,32 @@ def test_a_learned_nworker_code_beats_the_untrained_one_on_x_sin_x():
         loss.backward()
         opt.step()
     assert error() < 0.5 * untrained
+
+
+# -- serving: the simulator ---------------------------------------------------------------------------
+@pytest.mark.parametrize("slow,expect_ms", [([0, 2], [51.0, 51.0]), ([0], [1.0, 1.0])])
+def test_simulated_nworker_answers_wait_for_the_k_th_of_k_plus_r_outputs(slow, expect_ms):
+    """K = 2, r = S = 1, so N = 3: both answers arrive with the 2nd of the group's 3 coded outputs, never
+    with a query's own output (there is none). Compute takes 1 ms; the instances in ``slow`` add 50 ms."""
+    from serve.config import validate
+    from serve.plan import Queries, build_plan
+    from serve.sim import simulate
+
+    cfg = validate({"instances": 2, "num_queries": 2, "engine": "sim", "plot": False, "group_timeout_ms": 1.0,
+                    "service": {"dist": "constant", "ms": 1.0}, "strategies": ["coded", "nworker"],
+                    "delays": [{"dist": "constant", "ms": 50.0, "instances": slow}]}, need_runs=False)
+    queries = Queries(np.zeros(2), np.arange(2), np.zeros(2, dtype=int))
+    plan = build_plan(cfg, "nworker", 2, 1, queries, cfg.delays[0])
+    assert sorted(plan.instance.tolist()) == [0, 1, 2] and (plan.query == -1).all()  # three coded inputs, no raw one
+    out = simulate(plan, cfg)
+    assert (out.done - out.arrival) * 1000 == pytest.approx(expect_ms) and out.reconstructed.all()
+    if slow == [0, 2]:  # the systematic code answers query 1 with its own output
+        coded = simulate(build_plan(cfg, "coded", 2, 1, queries, cfg.delays[0]), cfg)
+        assert (coded.done - coded.arrival)[1] * 1000 == pytest.approx(1.0)
+
+
+def test_nworker_serving_on_ray_is_refused_naming_the_key():
+    from serve.config import validate
+
+    with pytest.raises(ConfigError, match="'strategies'.*simulator only"):
+        validate({"instances": 2, "engine": "ray", "strategies": ["coded", "nworker"]}, need_runs=False)
