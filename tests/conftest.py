@@ -1,8 +1,12 @@
-"""Shared fixtures: where the real data and reference weights are, and tiny digits configs."""
+"""Shared fixtures: where the real data and reference weights are, tiny digits configs, a killed run."""
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +115,44 @@ def _threads_handed_back():
 # own fixtures may set it before its first test), so no test's numbers depend on the tests before it.
 keep_torch_threads = pytest.fixture(autouse=True)(_threads_handed_back)
 keep_torch_threads_per_module = pytest.fixture(scope="module", autouse=True)(_threads_handed_back)
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.fixture
+def killed_and_resumed(tmp_path):
+    """``run(make_config, num_epoch)``: train one config to the end in a process of its own, and the same
+    config again in another process killed with SIGKILL (no clean-up: the worst case) after its second
+    epoch, then ``--resume``d. Returns both runs' metrics rows without their timings. Every run is a
+    process of its own, as a user's are, so no process setting an earlier test changed tells them apart."""
+    from train.metrics import MetricsLog
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def train(path, *args, **popen):
+        cmd = [sys.executable, "train.py", str(path), *args]
+        if popen:
+            return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+        return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+
+    def run(make_config, num_epoch: int) -> tuple[list[dict], list[dict]]:
+        train(make_config(num_epoch=num_epoch, save_dir=str(tmp_path / "full")))
+        full = MetricsLog(next((tmp_path / "full").rglob("metrics.jsonl")).parent).rows()
+        path = make_config(num_epoch=num_epoch, save_dir=str(tmp_path / "killed"))
+        proc = train(path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline, log = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            log = log or next((tmp_path / "killed").rglob("metrics.jsonl"), None)
+            if log is not None and len(log.read_text().splitlines()) >= 3:  # epochs 0-2 are in
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if proc.returncode == 0:
+            pytest.fail("the run finished before it could be killed; make it longer")
+        train(path, "--resume")
+        return _without_seconds(full), _without_seconds(MetricsLog(log.parent).rows())
+
+    return run

@@ -12,7 +12,7 @@ from base_models.resnet import ResNet18
 from train.cli import main, run_all
 from coders.config import expand_runs, load_config
 from train.engine import CodedRun
-from train.metrics import MetricsLog, Tally
+from train.metrics import Tally
 from coders.scenarios import gather_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,33 +317,10 @@ def test_resume_and_only_test_from_a_moved_run_folder(digits_config, tmp_path, c
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_a_killed_process_resumes_to_the_same_numbers(digits_config, tmp_path):
-    import os
-    import signal
-    import time
-
-    # Every run is a process of its own, as a user's are: a process setting that earlier tests
-    # changed in this one (thread count, say) must not tell the runs apart.
-    full_path = digits_config(num_epoch=6, save_dir=str(tmp_path / "a"))
-    subprocess.run([sys.executable, "train.py", str(full_path)], cwd=ROOT, check=True, capture_output=True)
-    full = MetricsLog(next((tmp_path / "a").rglob("metrics.jsonl")).parent).rows()
-    path = digits_config(num_epoch=6, save_dir=str(tmp_path / "b"))
-    log = tmp_path / "b/digits/base-mlp/k2/r1/MSELoss/MLPEncoder/MLPDecoder/metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= 3:
-            os.kill(proc.pid, signal.SIGKILL)  # no clean-up: the worst case
-            break
-        time.sleep(0.02)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.fail("the run finished before it could be killed; make it longer")
-    subprocess.run([sys.executable, "train.py", str(path), "--resume"], cwd=ROOT, check=True, capture_output=True)
-    resumed = MetricsLog(log.parent).rows()
+def test_a_killed_process_resumes_to_the_same_numbers(digits_config, killed_and_resumed):
+    full, resumed = killed_and_resumed(digits_config, num_epoch=6)
     assert [r["epoch"] for r in resumed] == list(range(7))
-    assert _numbers(resumed) == _numbers(full)
+    assert resumed == full
 
 
 def test_f_runs_on_the_data_once_per_sweep(digits_config, monkeypatch):

@@ -4,11 +4,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +14,7 @@ from datasets import load_data, load_dataset
 from datasets.domains import DomainSpec, sample_domain
 from train.cli import main, run_all
 from coders.code import Code
-from train.metrics import MetricsLog, Tally, error_metrics, output_variance
+from train.metrics import Tally, error_metrics, output_variance
 from util import report
 from util.shapes import coder_in_dim
 
@@ -234,30 +229,10 @@ def test_resume_reproduces_an_uninterrupted_run(function_config, tmp_path):
     assert _numbers(resumed) == _numbers(full)
 
 
-def test_a_killed_process_resumes_to_the_same_numbers(function_config, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    full_path = function_config(num_epoch=5, save_dir=str(tmp_path / "a"))
-    subprocess.run([sys.executable, "train.py", str(full_path)], cwd=ROOT, check=True, capture_output=True, env=env)
-    full = MetricsLog(next((tmp_path / "a").rglob("metrics.jsonl")).parent).rows()
-    path = function_config(num_epoch=5, save_dir=str(tmp_path / "b"))
-    proc = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    log = None
-    while time.time() < deadline and proc.poll() is None:
-        log = log or next((tmp_path / "b").rglob("metrics.jsonl"), None)
-        if log is not None and len(log.read_text().splitlines()) >= 3:
-            os.kill(proc.pid, signal.SIGKILL)  # no clean-up: the worst case
-            break
-        time.sleep(0.02)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.fail("the run finished before it could be killed; make it longer")
-    subprocess.run([sys.executable, "train.py", str(path), "--resume"], cwd=ROOT, check=True, capture_output=True,
-                   env=env)
-    resumed = MetricsLog(log.parent).rows()
+def test_a_killed_process_resumes_to_the_same_numbers(function_config, killed_and_resumed):
+    full, resumed = killed_and_resumed(function_config, num_epoch=5)
     assert [r["epoch"] for r in resumed] == list(range(6))
-    assert _numbers(resumed) == _numbers(full)
+    assert resumed == full
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one paragraph, no work
