@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from serve.cli import config_command, load_backup
-from serve.config import AppConfig, ServeConfig, app_config, load_serve_config
-from serve.online import Overloaded, Service, Unanswerable, classifier_output, instances_needed
-from serve.plan import check_failed_instances, pool_roles
+from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
+from serve.online import Overloaded, Service, Unanswerable, classifier_output
+from serve.plan import ROLE_BACKUP, ROLE_F, check_failed_instances, pool_roles
 from util.errors import ConfigError, UserError, exits_on_user_error
 
 # Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
@@ -260,21 +260,28 @@ def prometheus_text(m: dict, responses: dict, strategy: str) -> str:
 # -- building a service -----------------------------------------------------------------------------
 
 def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
-    """The service of ``app.strategy`` on ``pool``'s actors for the trained code ``loaded``."""
+    """The service of ``app.policy`` (a ``policies`` row) or else ``app.strategy``'s fixed layout, on ``pool``'s
+    actors for the trained code ``loaded``: the policy machine's driver of :mod:`serve.runtime`."""
+    from serve.runtime import ServiceFrontend, service_roles
+
     code = loaded.code
     shape = tuple(loaded.splits.input_shape)
     with torch.no_grad():
         pad = code.base(torch.zeros(1, *shape))[0]
-    actors = pool.actors_for(pool_roles(app.strategy, cfg.instances, code.k, code.r))
-    return Service(cfg, app, code, actors, pad, shape, classifier_output(pad.shape[-1], loaded.splits.num_classes))
+    policy = app_policy(cfg, app)
+    actors = pool.actors_for(service_roles(app.strategy, cfg.instances, code.k, code.r, policy))
+    return ServiceFrontend(cfg, app, code, actors, pad, shape,
+                           classifier_output(pad.shape[-1], loaded.splits.num_classes), policy)
 
 
 def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
-    """The actors of ``app.strategy`` alone."""
-    from serve.runtime import Pool
+    """The actors of ``app.strategy`` (or ``app.policy``'s pool) alone."""
+    from serve.runtime import Pool, service_roles
 
-    num_f, num_parity, num_backup = instances_needed(app.strategy, cfg.instances, loaded.code.k, loaded.code.r)
-    return Pool(loaded.code, cfg, num_f, num_parity, loaded.backup, num_backup)
+    code = loaded.code
+    roles = service_roles(app.strategy, cfg.instances, code.k, code.r, app_policy(cfg, app))
+    num_f, num_parity, num_backup = roles.count(ROLE_F), [roles.count(j) for j in range(code.r)], roles.count(ROLE_BACKUP)
+    return Pool(code, cfg, num_f, num_parity, loaded.backup, num_backup)
 
 
 def load_service_code(cfg: ServeConfig, app: AppConfig):
@@ -284,6 +291,11 @@ def load_service_code(cfg: ServeConfig, app: AppConfig):
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
     loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
     check_failed_instances(cfg, loaded.code.k, loaded.code.r, [app.strategy], cfg.runs[app.run])
+    policy = app_policy(cfg, app)
+    if policy is not None and policy.pool == "shared" and loaded.code.parity_models is not None:
+        raise ConfigError(f"Config key 'app.policy': row {app.policy!r} pools parities on F's instances, but run "
+                          f"'{cfg.runs[app.run]}' sends its parities through parity models. Fix: serve a row with "
+                          f"\"pool\": \"split\".")
     size = len(pool_roles(app.strategy, cfg.instances, loaded.code.k, loaded.code.r))
     if cfg.interference is not None and any(i >= size for i in cfg.interference["instances"]):
         raise ConfigError(f"Config key 'interference': instances {cfg.interference['instances']} are not all among "

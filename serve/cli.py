@@ -296,7 +296,7 @@ def stops_cleanly(work, out_dir: str, command: str) -> int:
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
-    from serve.runtime import Frontend, PolicyFrontend, Pool
+    from serve.runtime import Frontend, Pool
 
     code = loaded.code
     if setting.run not in pools:
@@ -309,10 +309,7 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
                                   loaded.backup, code.r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
-    if plan.dynamic:
-        frontend = PolicyFrontend(plan, actors, code, x, pad_output)
-    else:
-        frontend = Frontend(plan, actors, code, x, pad_output)
+    frontend = Frontend(plan, actors, code, x, pad_output)  # fixed layouts and policies alike
     outcome = frontend.run(cfg.interference)
     pool.replace_dead({actors[i] for i in frontend.dead})
     return outcome

@@ -9,6 +9,7 @@ arrivals and delays, so the strategies are compared on equal terms.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class AppConfig:
     max_batch: int = 64                 # inputs in one POST /predict/batch
     max_body_bytes: int = 1_048_576     # largest request body; larger gets 413 before it is parsed
     retry_after_s: int = 1              # the Retry-After an overloaded service sends with 503
+    policy: Optional[str] = None        # the name of a 'policies' row to serve (its strategy, routing,
+                                        # pool, cancel, defer) in place of 'strategy''s fixed layout
 
 
 @dataclass
@@ -333,10 +336,24 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     for name in ("max_queue", "max_batch", "max_body_bytes", "retry_after_s"):
         if getattr(app, name) < 1:
             raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
+    if app.policy is not None:
+        rows = {policy_name(p): p for p in all_policies(cfg)[len(cfg.strategies):]}
+        if app.policy not in rows:
+            names = ", ".join(repr(n) for n in rows) or "none: the config has no 'policies'"
+            raise _bad(source, key.format("policy"), f"must name a row of 'policies' ({names}); got {app.policy!r}. "
+                       f"Fix: use one of those names, or drop 'app.policy' to serve 'app.strategy'.")
+        app = dataclasses.replace(app, strategy=rows[app.policy].strategy)
     if app.strategy == "backup" and not isinstance(cfg.backup_model, dict):
         raise _bad(source, "backup_model", "must be {\"model\": ..., \"file\": ...} when 'app.strategy' is "
                    "\"backup\".")
     return app
+
+
+def app_policy(cfg: ServeConfig, app: AppConfig) -> Optional[PolicyConfig]:
+    """The ``policies`` row ``app.policy`` names, or None (serve ``app.strategy``'s fixed layout)."""
+    if app.policy is None:
+        return None
+    return next(p for p in all_policies(cfg)[len(cfg.strategies):] if policy_name(p) == app.policy)
 
 
 POLICY_STRATEGIES = ("none", "equal-resources", "replicate", "coded")

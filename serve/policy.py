@@ -1,16 +1,20 @@
 """Serving policies as one state machine: where each request goes, and which requests are deferred or dropped.
 
-Not to be confused with :mod:`serve.dispatch`, the answering core (encode once, answer from F or the
-decoder, recover lost requests) that the fixed-plan Ray frontend and the HTTP service share; on Ray a policy's
-driver (:class:`serve.runtime.PolicyFrontend`) uses that core for encoding, decoding and recording answers,
-while this machine decides which request goes where and when, and which are answered from what.
+Not to be confused with :mod:`serve.dispatch`, the answering core (payloads, encoding once, decoding,
+recording answers): every decision is made here, and the Ray frontends (:class:`serve.runtime.Frontend` for a
+plan, :class:`serve.runtime.ServiceFrontend` for the HTTP service) carry it out with that core. A fixed
+strategy is the policy with routing "static", pool "split", no cancellation and no deferral, so fixed
+layouts and ``policies`` rows run through the same machine everywhere.
 
 A :class:`PolicyMachine` executes a :class:`serve.plan.Plan` under its policy
 (:class:`serve.config.PolicyConfig`); it owns every decision and every
-answer, and knows nothing of clocks or actors. Two drivers feed it events:
+answer, and knows nothing of clocks or actors. Drivers feed it events:
 the simulator's event loop (``serve/sim.py``) in simulated time and the Ray
-frontend (``serve/runtime.py``) in wall-clock time, so both run one policy
-with the same rules. The driver calls
+frontends (``serve/runtime.py``) in wall-clock time, so all run one policy
+with the same rules. A plan's requests are known in advance; a service adds
+its queries, groups and requests as clients make them (``add_query``,
+``open_group``, ``join_group``, ``close_group``, ``add_request``) and calls
+``due`` on each at once. The driver calls
 
 * ``due(n, now)``: plan request n's earliest time has come (or a wake-up the
   dispatcher asked for);
@@ -23,8 +27,10 @@ with the same rules. The driver calls
 and the dispatcher calls the driver's ``send(n, instance, delay_s,
 factor)``, ``cancel(n)`` (drop n if it has not started), ``wake(n, t)``
 (call ``due(n, t)`` at t) and, for served outputs, ``answer_own(q, n)`` and
-``answer_decoded(g, queries, available)``. Requests n >= len(plan) are
-retries, whose queries are in ``retry_query``.
+``answer_decoded(g, queries, available)``, and, if it has one,
+``unanswerable(q)`` when no live instance holds F to send ``q`` again (without
+it, a UserError stops the run). Retries are requests too, numbered after
+every request made before them (``is_retry``).
 
 The policy's parts:
 
@@ -62,7 +68,7 @@ from typing import Optional
 
 import numpy as np
 
-from serve.plan import ROLE_F, Plan, slow_table
+from serve.plan import ROLE_BACKUP, ROLE_F, Plan, slow_table
 from util.errors import UserError
 
 PLANNED, OUTSTANDING, DONE, LOST, CANCELLED, SKIPPED = range(6)
@@ -91,30 +97,34 @@ class PolicyMachine:
         self.levels = {role: [set(i for i in range(self.num) if self.roles[i] == role)] for role in set(self.roles)}
         self.live = {role: [i for i in range(self.num) if self.roles[i] == role] for role in set(self.roles)}
         self.coins: list = []
+        # per request (plan rows, then rows added while serving and retries, in the order they are made)
         self.p_query, self.p_group = plan.query.tolist(), plan.group.tolist()
         self.p_slot, self.p_inst, self.p_time = plan.slot.tolist(), plan.instance.tolist(), plan.time.tolist()
         self.p_delay = (plan.delay_any if plan.delay_any is not None else plan.delay).tolist()
         self.p_factor = plan.factor.tolist()
+        self.retry_row = [False] * len(plan)
+        self.state = [PLANNED] * len(plan)
+        self.inst = [-1] * len(plan)
+        self.sent = [np.nan] * len(plan)
         # per query
         self.done_at = [np.inf] * n
         self.rebuilt = [False] * n
         self.was_retried = [False] * n
         self.answers_of = [0] * n
         self.retry_of = [-1] * n                # the query's retry in flight, or -1
-        # per request (plan rows, then retries)
-        self.state = [PLANNED] * len(plan)
-        self.inst = [-1] * len(plan)
-        self.sent = [np.nan] * len(plan)
         self.woken = set()
         self.retry_query: list[int] = []
         self.retry_from: list[int] = []
-        # rows of each query (replicate copies) and of each group (coded)
         self.delay_set = None if plan.delay_instances is None else set(plan.delay_instances)
         self.slow = None
-        if self.strategy == "replicate":
+        self.copies: list = []                  # replicate, backup: each query's two rows
+        if self.strategy in ("replicate", "backup"):
             copies = np.full((n, 2), -1)
             copies[plan.query, plan.slot] = np.arange(len(plan))
             self.copies = copies.tolist()
+        # The outputs a group needs before it decodes: k of its k + r for a systematic code. The one place
+        # the threshold lives (in output() and lost()), for codes that need another count.
+        self.need = self.k
         if self.strategy == "coded":
             g = len(plan.closed)
             rows = np.full((g, self.k + self.r), -1)
@@ -132,10 +142,11 @@ class PolicyMachine:
             have[:, :self.k] = plan.members < 0                # blank padding: known in advance
             self.count = have.sum(axis=1).tolist()
             self.have = have.tolist()
-            self.slot_lost = np.zeros((g, self.k + self.r), dtype=bool)
+            self.slot_lost = np.zeros((g, self.k + self.r), dtype=bool).tolist()
             self.urgent = [False] * g                          # a loss in the group: no more deferral
             self.decoded = {}                                  # group -> the outputs in hand when it decoded
             self.unanswered = (plan.members >= 0).sum(axis=1).tolist()
+            self.unmade = [0] * g                              # requests of an open group not yet added (online)
         # recent first-request latencies, for a percentile deferral
         self.window = np.zeros(int(self.defer.get("window", 1)) if self.defer else 1)
         self.samples = 0
@@ -167,10 +178,70 @@ class PolicyMachine:
         return np.asarray(self.answers_of, dtype=int)
 
     def query_of(self, n: int) -> int:
-        return self.p_query[n] if n < len(self.p_query) else self.retry_query[n - len(self.p_query)]
+        return self.p_query[n]
 
     def is_retry(self, n: int) -> bool:
-        return n >= len(self.p_query)
+        return self.retry_row[n]
+
+    # -- requests made while serving (a service, whose queries are not known in advance) ----------------
+    def add_query(self) -> int:
+        """A new query (the next number); its requests follow with :meth:`add_request`."""
+        q = len(self.done_at)
+        self.done_at.append(np.inf)
+        self.rebuilt.append(False)
+        self.was_retried.append(False)
+        self.answers_of.append(0)
+        self.retry_of.append(-1)
+        if self.strategy in ("replicate", "backup"):
+            self.copies.append([-1, -1])
+        if self.strategy == "coded":
+            self.group_list.append(-1)
+        return q
+
+    def open_group(self) -> int:
+        """Coded: a new group (the next number), empty, whose members and parities are still to come."""
+        g = len(self.rows)
+        width = self.k + self.r
+        for name, value in (("rows", []), ("parity_rows", []), ("members", [-1] * self.k), ("closed", np.inf),
+                            ("have", [False] * width), ("count", 0), ("slot_lost", [False] * width),
+                            ("urgent", False), ("unanswered", 0), ("unmade", width)):
+            getattr(self, name).append(value)
+        return g
+
+    def join_group(self, g: int, slot: int, q: int) -> None:
+        """Query ``q`` takes ``slot`` of open group ``g`` (its data request is added next)."""
+        self.members[g][slot] = q
+        self.group_list[q] = g
+        self.unanswered[g] += 1
+
+    def close_group(self, g: int, t: float) -> None:
+        """Group ``g`` has its members at ``t``: its empty slots are blank padding, known at once (its
+        parities are added next)."""
+        self.closed[g] = t
+        for s, q in enumerate(self.members[g]):
+            if q < 0:
+                self.have[g][s] = True
+                self.count[g] += 1
+                self.unmade[g] -= 1
+
+    def add_request(self, q: int, g: int, slot: int, instance: int, t: float, delay: float,
+                    factor: float = np.nan) -> int:
+        """A request of the strategy's layout, due at ``t`` (call :meth:`due` then): query ``q`` (-1: a
+        parity), coded group ``g`` and ``slot``, its fixed-layout ``instance``, its injected delay on any
+        instance the delay model covers; ``factor`` NaN: the slow periods' factor where it goes."""
+        n = len(self.state)
+        for name, value in (("p_query", q), ("p_group", g), ("p_slot", slot), ("p_inst", instance),
+                            ("p_time", t), ("p_delay", delay), ("p_factor", factor), ("retry_row", False),
+                            ("state", PLANNED), ("inst", -1), ("sent", np.nan)):
+            getattr(self, name).append(value)
+        if self.strategy == "coded":
+            self.rows[g].append(n)
+            self.unmade[g] -= 1
+            if slot >= self.k:
+                self.parity_rows[g].append(n)
+        elif self.strategy in ("replicate", "backup"):
+            self.copies[q][slot] = n
+        return n
 
     # -- events ----------------------------------------------------------------------------------------
     def due(self, n: int, now: float) -> None:
@@ -217,8 +288,8 @@ class PolicyMachine:
         if self.strategy != "coded":
             if self.strategy == "replicate" and self.p_slot[n] == 0:
                 self.record_latency(now - self.sent[n])
-            if not self.answers_of[q]:
-                self.answer(q, now, False)
+            if not self.answers_of[q]:  # backup: the backup model's copy answers approximately
+                self.answer(q, now, self.strategy == "backup" and self.p_slot[n] == 1)
                 self.driver.answer_own(q, n)
                 self.after_answer(q)
             return
@@ -231,7 +302,7 @@ class PolicyMachine:
                 self.answer(q, now, False)
                 self.driver.answer_own(q, n)
                 self.after_answer(q)
-        if self.count[g] >= self.k and self.unanswered[g] > 0:
+        if self.count[g] >= self.need and self.unanswered[g] > 0:
             waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
             self.decoded[g] = list(self.have[g])
             for x in waiting:
@@ -268,21 +339,21 @@ class PolicyMachine:
             return
         if self.strategy == "coded":
             g = self.p_group[n]
-            self.slot_lost[g, self.p_slot[n]] = True
+            self.slot_lost[g][self.p_slot[n]] = True
             self.urgent[g] = True
             for row in self.parity_rows[g]:  # deferred parities go out now: the group needs them
                 if self.state[row] == PLANNED and row in self.woken:
                     self.route_and_send(row, now)
-            coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING))
-            if self.count[g] + coming >= self.k:
-                return  # the decoder will still get k outputs
+            coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING)) + self.unmade[g]
+            if self.count[g] + coming >= self.need:
+                return  # the decoder will still get the outputs it needs
             for s, x in enumerate(self.members[g]):
-                if x >= 0 and not self.answers_of[x] and self.slot_lost[g, s]:
+                if x >= 0 and not self.answers_of[x] and self.slot_lost[g][s]:
                     self.retry(x, failed, now)
             return
         if self.answers_of[q]:
             return
-        if self.strategy == "replicate":
+        if self.strategy in ("replicate", "backup"):
             other = self.copies[q][1 - self.p_slot[n]]
             if self.state[other] == OUTSTANDING:
                 return
@@ -321,9 +392,9 @@ class PolicyMachine:
             return
         if self.retry_of[q] >= 0:
             self.driver.cancel(self.retry_of[q])
-        if self.strategy == "replicate":
+        if self.strategy in ("replicate", "backup"):
             for row in self.copies[q]:
-                if self.state[row] == OUTSTANDING:
+                if row >= 0 and self.state[row] == OUTSTANDING:
                     self.driver.cancel(row)
         elif self.strategy == "coded":
             g = self.group_list[q]
@@ -336,8 +407,12 @@ class PolicyMachine:
         self.state[n] = SKIPPED
 
     def role_of(self, n: int) -> int:
-        if self.all_f or self.is_retry(n) or self.p_query[n] >= 0:
-            return ROLE_F  # a data request, or any request when every instance holds F
+        if self.all_f or self.is_retry(n):
+            return ROLE_F  # a retry, or any request when every instance holds F
+        if self.strategy == "backup" and self.p_slot[n] == 1:
+            return ROLE_BACKUP
+        if self.p_query[n] >= 0:
+            return ROLE_F
         return self.p_slot[n] - self.k
 
     def route_and_send(self, n: int, now: float) -> None:
@@ -350,7 +425,7 @@ class PolicyMachine:
     def route(self, n: int) -> int:
         role = self.role_of(n)
         if self.routing == "static":
-            planned = self.p_inst[n] if n < len(self.p_inst) else -1
+            planned = self.p_inst[n]
             if planned >= 0 and not self.dead[planned]:
                 return planned
             return self.next_live(role, planned if planned >= 0 else 0)
@@ -385,11 +460,11 @@ class PolicyMachine:
             return []
         if self.strategy == "coded":
             rows = self.rows[self.p_group[n]]
-        elif self.strategy == "replicate":
+        elif self.strategy in ("replicate", "backup"):
             rows = self.copies[self.p_query[n]]
         else:
             return []
-        return [self.inst[row] for row in rows if self.state[row] == OUTSTANDING]
+        return [self.inst[row] for row in rows if row >= 0 and self.state[row] == OUTSTANDING]
 
     def join(self, i: int) -> None:
         c = self.outstanding[i]
@@ -423,8 +498,9 @@ class PolicyMachine:
             delay = self.p_delay[n]
             if self.delay_set is not None and inst not in self.delay_set:
                 delay = 0.0
-            factor = self.p_factor[n] if inst == self.p_inst[n] and now == self.p_time[n] else \
-                self.factor_at(inst, now)
+            factor = self.p_factor[n]  # the plan's, where the plan sends it; else the slow periods' at ``now``
+            if inst != self.p_inst[n] or n in self.woken or factor != factor:  # NaN: a row added while serving
+                factor = self.factor_at(inst, now)
         self.state[n] = OUTSTANDING
         self.inst[n] = inst
         self.sent[n] = now
@@ -445,9 +521,10 @@ class PolicyMachine:
         if self.retry_of[q] >= 0:
             return
         n = len(self.state)
-        self.state.append(PLANNED)
-        self.inst.append(-1)
-        self.sent.append(np.nan)
+        for name, value in (("p_query", q), ("p_group", -1), ("p_slot", 0), ("p_inst", -1), ("p_time", now),
+                            ("p_delay", 0.0), ("p_factor", 1.0), ("retry_row", True), ("state", PLANNED),
+                            ("inst", -1), ("sent", np.nan)):
+            getattr(self, name).append(value)
         self.retry_query.append(q)
         self.retry_from.append(failed)
         if self.routing == "static":
@@ -455,8 +532,14 @@ class PolicyMachine:
         else:
             inst = self.route(n)
         if inst < 0:
-            raise UserError("Every instance holding F has failed, so some queries cannot be answered. Fix: fail "
-                            "fewer instances in 'failures'.")
+            self.state[n] = LOST
+            give_up = getattr(self.driver, "unanswerable", None)
+            if give_up is None:
+                raise UserError("Every instance holding F has failed, so some queries cannot be answered. Fix: "
+                                "fail fewer instances in 'failures'.")
+            self.answer(q, np.inf, False)  # no answer will come: counted off, so nothing more waits for it
+            give_up(q)
+            return
         self.was_retried[q] = True
         self.retry_of[q] = n
         self.send(n, inst, now)

@@ -1,14 +1,18 @@
 """Serving a trained code on Ray: model instances as actors, one frontend that answers queries.
 
-The frontend (this process) executes a :class:`serve.plan.Plan`: it sends
-each request when the plan says (open loop: arrivals never wait for
-answers), and answers each query the moment its own output arrives or, for
-the coded strategy, the moment the decoder has k outputs of its group in
-hand, whichever is first. The encoder and decoder are the trained code's own
-(:class:`coders.code.Code`), run here; F and the parity models run in the
-actors. Late outputs are dropped. A request that fails because its actor
-died is answered by reconstruction when its group can still be decoded,
-else sent again to a live instance of the same role, so no query is lost.
+The frontend (this process) executes a :class:`serve.plan.Plan` under its
+policy (:class:`Frontend`; a fixed strategy is the policy with the fixed
+layout), or serves clients' queries as they come (:class:`ServiceFrontend`,
+for ``python -m serve.app``). Both are drivers of one
+:class:`serve.policy.PolicyMachine`, which decides where and when each
+request goes, what is deferred or dropped, and what answers a query (the
+moment its own output arrives or, for the coded strategy, the moment the
+decoder has k outputs of its group in hand, whichever is first); a request
+whose actor died is recovered by reconstruction when its group can still be
+decoded, else sent again to a live instance holding F, so no query is lost.
+The encoder and decoder are the trained code's own
+(:class:`coders.code.Code`), run here by :class:`serve.dispatch.Dispatcher`;
+F and the parity models run in the actors. Late outputs are dropped.
 
 Why Ray Core actors rather than Ray Serve: the frontend must decide per
 request which instance gets it (round robin, replicas, a group's parities on
@@ -20,6 +24,7 @@ time, in arrival order), which is what a straggling server looks like.
 """
 from __future__ import annotations
 
+import heapq
 import os
 import subprocess
 import sys
@@ -30,8 +35,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from serve.config import STRATEGIES, PolicyConfig
 from serve.dispatch import Dispatcher, Request
-from serve.plan import ROLE_BACKUP, ROLE_F, Plan
+from serve.online import Service
+from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, pool_roles, route, sample_delays
 from util.errors import UserError
 from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
 
@@ -157,166 +164,46 @@ class Outcome:
     outputs: Optional[np.ndarray] = None  # (N, n): each query's served answer (F's output or a reconstruction)
 
 
-class Frontend:
-    """Executes one plan against live actors; see the module docstring.
+class Driver:
+    """What a Ray frontend does for its :class:`serve.policy.PolicyMachine` (``self.policy``).
 
-    The plan says when each request goes and where; what happens to it after
-    that is :class:`serve.dispatch.Dispatcher`'s, the same code the HTTP service runs.
+    The machine makes every decision, as it does in the simulator: which request goes to which instance and
+    when, which are dropped, and which output or decoding answers a query. A driver keeps the clock and carries
+    those decisions out on actors through the answering core (:class:`serve.dispatch.Dispatcher`,
+    ``self.core``): it builds each request's payload (a parity is encoded once, when the first goes out),
+    sends it, reports back what became of it (:meth:`settle`), decodes, and records each answer. Queue lengths
+    are the frontend's count of requests sent to an actor and not yet back. A cancel is ``ray.cancel`` on the
+    request: Ray drops it if the actor has not started it (its ``ray.get`` then raises TaskCancelledError) and
+    lets it run otherwise. Subclasses give :meth:`input_of` (a query's input), :meth:`wake` (a timer) and
+    ``clock()``.
     """
 
-    def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor):
-        import ray
+    policy = None  # the PolicyMachine
+    core: Dispatcher
 
-        self.ray = ray
-        self.plan, self.actors, self.code, self.inputs = plan, actors, code, inputs
-        n = len(plan.queries.arrival)
-        self.done = np.full(n, np.nan)
-        self.answers = np.zeros(n, dtype=int)
-        self.reconstructed = np.zeros(n, dtype=bool)
-        self.retried = np.zeros(n, dtype=bool)
-        self.predicted = np.full(n, -1)
-        self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
-        self.arrived = np.zeros(n, dtype=bool)
-        self.next = 0
-        self.core = Dispatcher(plan.strategy, plan.roles, actors, code, pad_output, inputs.shape[1:], self.clock,
-                               self.record, to_come=self.to_come, copy_to_come=self.copy_to_come)
+    def init_driver(self) -> None:
+        self.ref_of: dict = {}      # request n -> its ObjectRef
+        self.n_of: dict = {}        # ObjectRef -> request n
+        self.outputs_of: dict = {}  # request n -> its output, while the machine reads it
 
-    @property
-    def dead(self) -> set:
-        return self.core.dead
+    def input_of(self, q: int) -> np.ndarray:
+        raise NotImplementedError
 
-    def record(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
-        self.answers[q] += 1
-        self.done[q] = now
-        self.reconstructed[q] = reconstructed
-        self.retried[q] = retried
-        self.predicted[q] = int(output.argmax())
-        self.served[q] = output.numpy()
-
-    def request(self, n: int) -> Request:
-        p = self.plan
-        return Request("plan", int(p.query[n]), int(p.group[n]), int(p.slot[n]))
-
-    def arrive(self, n: int) -> None:
-        """Register request ``n``'s query (at its first request) and, for coded, its group (all members)."""
-        p, core = self.plan, self.core
-        q = int(p.query[n])
-        if q >= 0 and not self.arrived[q]:
-            self.arrived[q] = True
-            core.add_query(q, self.inputs[p.queries.index[q]].numpy())
-        g = int(p.group[n])
-        if p.strategy == "coded" and g not in core.groups and not self.opened[g]:
-            self.opened[g] = True
-            core.open_group(g)
-            for s, member in enumerate(p.members[g]):
-                if member >= 0:
-                    core.join(g, s, int(member), self.inputs[p.queries.index[member]])
-            core.seal(g)
-
-    def payload(self, n: int) -> np.ndarray:
-        p = self.plan
-        if p.query[n] >= 0:
-            return self.inputs[p.queries.index[p.query[n]]].numpy()
-        return self.core.parity(int(p.group[n]), int(p.slot[n]) - p.k)
-
-    def to_come(self, g: int) -> int:
-        """Requests of group ``g`` the plan has still to send, to an instance not dead."""
-        future = np.nonzero(self.plan.group[self.next:] == g)[0] + self.next
-        return sum(1 for n in future if self.plan.instance[n] >= 0 and self.plan.instance[n] not in self.dead)
-
-    def copy_to_come(self, q: int) -> bool:
-        return bool(np.any(self.plan.query[self.next:] == q))
-
-    # -- the loop ----------------------------------------------------------------------------------
-    def clock(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def run(self, interference: Optional[dict] = None) -> Outcome:
-        ray, p, core = self.ray, self.plan, self.core
-        self.opened = np.zeros(len(p.closed) if p.closed is not None else 0, dtype=bool)
-        kills = sorted((t, i) for i, t in p.failures.items())
-        busy = []
-        if interference:
-            busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)]
-            ray.get([a.start_interference.remote(interference["processes"]) for a in busy])
-        self.t0 = time.perf_counter()
-        self.next = 0
-        n_req = len(p)
-        while core.open or not self.arrived.all():
-            now = self.clock()
-            while self.next < n_req and p.time[self.next] <= now:
-                n = self.next
-                self.next += 1
-                self.arrive(n)
-                inst = int(p.instance[n])
-                if inst < 0 or inst in self.dead:  # never sent: no live instance of its role
-                    core.on_failure(self.request(n), inst)
-                    continue
-                core.send(inst, self.payload(n), float(p.delay[n]), float(p.factor[n]), self.request(n))
-            while kills and kills[0][0] <= now:
-                _, i = kills.pop(0)
-                core.kill(i)
-            upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf)
-            wait = max(0.0, min(upcoming - self.clock(), 1.0))
-            if not core.pending:
-                if upcoming == np.inf:
-                    break
-                time.sleep(wait)
-                continue
-            ready, _ = ray.wait(list(core.pending), num_returns=1, timeout=wait)
-            if not ready:
-                continue
-            ready, _ = ray.wait(list(core.pending), num_returns=len(core.pending), timeout=0)
-            now = self.clock()
-            for ref in ready:
-                core.settle(ref, now)
-        if np.any(self.answers == 0):  # every path above answers or re-sends; this would be a bug
-            raise RuntimeError(f"{int(np.sum(self.answers == 0))} queries of strategy {p.strategy} were never "
-                               f"answered and nothing is left to wait for")
-        # Late outputs are dropped, but the next strategy must find the instances idle.
-        if core.pending:
-            ray.wait(list(core.pending), num_returns=len(core.pending), timeout=60)
-        if busy:
-            ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
-        q = p.queries
-        return Outcome(q.arrival, self.done, self.reconstructed, self.retried, self.predicted, q.label, q.index,
-                       dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, self.answers, self.served)
-
-
-class PolicyFrontend(Frontend):
-    """Executes a plan under a dynamic policy (:mod:`serve.policy`) against live actors.
-
-    The policy's :class:`serve.policy.PolicyMachine` makes every decision, as it does in the simulator: which
-    request goes to which instance and when, which are dropped, and which output or decoding answers a query.
-    This loop keeps the wall clock and carries those decisions out with the answering core the fixed plans
-    and the HTTP service share (:class:`serve.dispatch.Dispatcher`, ``self.core``): it sends and logs the
-    requests, encodes a group's parities once (when the first one goes out), decodes, and records each answer.
-    Queue lengths are the frontend's count of requests sent to an actor and not yet back. A cancel is
-    ``ray.cancel`` on the request: Ray drops it if the actor has not started it (its ``ray.get`` then raises
-    TaskCancelledError), and lets it run otherwise.
-    """
-
-    def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
-                 seed_index: int = 0):
-        from serve.policy import PolicyMachine
-
-        super().__init__(plan, actors, code, inputs, pad_output)
-        self.policy = PolicyMachine(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
-        self.timers: list = []
-        self.ref_of: dict = {}    # request n -> its ObjectRef
-        self.n_of: dict = {}      # ObjectRef -> request n
-        self.outputs_of: dict = {}
-        self.core.req["cancelled"] = []
+    def open_group(self, g: int) -> None:
+        """Make sure the core holds group ``g`` (members and inputs) before one of its requests goes."""
 
     # -- what the policy machine calls -----------------------------------------------------------------
-    def send(self, n: int, inst: int, delay: float, factor: float) -> None:  # noqa: D102 (the driver's send)
-        d, p = self.policy, self.plan
+    def send(self, n: int, inst: int, delay: float, factor: float) -> None:
+        d = self.policy
+        q = d.query_of(n)
         if d.is_retry(n):
-            q = d.query_of(n)
-            x, req = self.inputs[p.queries.index[q]].numpy(), Request("retry", q, -1, 0)
+            x, req = self.input_of(q), Request("retry", q, -1, 0)
         else:
-            self.arrive(n)  # the group's members join the core's group, for its parities and its decoding
-            x, req = self.payload(n), self.request(n)
+            g, slot = d.p_group[n], d.p_slot[n]
+            if g >= 0:
+                self.open_group(g)
+            req = Request("plan", q, g, slot)
+            x = self.input_of(q) if q >= 0 else self.core.parity(g, slot - d.k)
         ref = self.core.send(inst, x, delay, factor, req)
         self.ref_of[n] = ref
         self.n_of[ref] = n
@@ -324,34 +211,116 @@ class PolicyFrontend(Frontend):
     def cancel(self, n: int) -> None:
         ref = self.ref_of.get(n)
         if ref is not None and ref in self.core.pending:
-            self.ray.cancel(ref)
-
-    def wake(self, n: int, t: float) -> None:
-        import heapq
-
-        heapq.heappush(self.timers, (t, n))
+            self.core.ray.cancel(ref)
 
     def answer_own(self, q: int, n: int) -> None:
-        self.core.answer(q, self.outputs_of.pop(n), self.clock(), reconstructed=False)
+        d = self.policy
+        self.core.answer(q, self.outputs_of.pop(n), self.clock(), d.rebuilt[q], d.was_retried[q])
+        self.release(q)
 
     def answer_decoded(self, g: int, queries: list, available) -> None:
         """Decode group ``g`` from the outputs the machine says are in hand; the core answers ``queries``."""
-        grp = self.core.groups[g]
-        grp.have = torch.as_tensor(np.asarray(available, dtype=bool))
-        waiting = {int(q) for q in queries}
-        if {q for q in grp.members if q >= 0 and q in self.core.open} != waiting:
-            raise RuntimeError(f"group {g}: the policy and the answering core disagree on which queries wait")
-        self.core.try_decode(g, self.clock())
+        d = self.policy
+        self.core.decode(g, queries, available, self.clock(), retried=lambda q: d.was_retried[q])
+        self.release(queries[0] if queries else -1)
+
+    def release(self, q: int) -> None:
+        """Once a coded group is answered under a policy that drops its unsent parities, the core forgets it."""
+        d = self.policy
+        if q < 0 or d.strategy != "coded" or not (d.cancel_on or d.defer is not None):
+            return
+        g = d.group_list[q]
+        if d.unanswered[g] == 0:
+            self.core.forget(g)
+
+    # -- what the actors report ------------------------------------------------------------------------
+    def settle(self, ref, now: float) -> None:
+        """A request's ref is ready: tell the machine whether it answered, was cancelled, or was lost."""
+        got = self.core.collect(ref, now)
+        if got is None:
+            return
+        d = self.policy
+        n = self.n_of.pop(ref)
+        req, inst, output, ok, cancelled = got
+        if cancelled:
+            d.cancelled(n)
+        elif not ok:  # its actor died
+            d.failed(inst, now)
+            d.lost(n, now)
+        else:
+            self.outputs_of[n] = self.core.keep(req, output)
+            d.output(n, now)
+            self.outputs_of.pop(n, None)
+
+    def kill(self, i: int, now: float) -> None:
+        """A planned fail-stop: the actor goes, and the machine sends nothing more there."""
+        self.core.kill(i)
+        self.policy.failed(i, now)
+
+
+class Frontend(Driver):
+    """Executes a plan under its policy against live actors; see the module docstring.
+
+    A plain strategy is the policy with the fixed layout (routing "static", pool "split", no cancellation, no
+    deferral), so fixed strategies and ``policies`` rows run through this one driver of a
+    :class:`serve.policy.PolicyMachine` (see :class:`Driver`), in one wait loop: the plan's requests fall
+    due at their times, the machine's deferred requests at their timers, fail-stops at theirs, and every
+    output is reported the moment Ray has it.
+    """
+
+    def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
+                 seed_index: int = 0):
+        import ray
+
+        from serve.policy import PolicyMachine
+
+        self.ray = ray
+        self.plan, self.actors, self.code, self.inputs = plan, actors, code, inputs
+        n = len(plan.queries.arrival)
+        self.predicted = np.full(n, -1)
+        self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
+        self.opened = np.zeros(len(plan.closed) if plan.closed is not None else 0, dtype=bool)
+        self.next = 0
+        self.t0 = time.perf_counter()
+        self.timers: list = []
+        self.core = Dispatcher(plan.strategy, plan.roles, actors, code, pad_output, inputs.shape[1:], self.clock,
+                               self.record)
+        self.policy = PolicyMachine(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
+        self.init_driver()
+
+    @property
+    def dead(self) -> set:
+        return self.core.dead
+
+    def record(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
+        self.predicted[q] = int(output.argmax())
+        self.served[q] = output.numpy()
+
+    def input_of(self, q: int) -> np.ndarray:
+        return self.inputs[self.plan.queries.index[q]].numpy()
+
+    def open_group(self, g: int) -> None:
+        p, core = self.plan, self.core
+        if self.opened[g]:
+            return
+        self.opened[g] = True
+        core.open_group(g)
+        for s, member in enumerate(p.members[g]):
+            if member >= 0:
+                core.join(g, s, int(member), self.inputs[p.queries.index[member]])
+        core.seal(g)
+
+    def wake(self, n: int, t: float) -> None:
+        heapq.heappush(self.timers, (t, n))
+
+    def clock(self) -> float:
+        return time.perf_counter() - self.t0
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, interference: Optional[dict] = None) -> Outcome:
-        import heapq
-
         ray, p, d, core = self.ray, self.plan, self.policy, self.core
-        self.opened = np.zeros(len(p.closed) if p.closed is not None else 0, dtype=bool)
         for q, index in enumerate(p.queries.index):  # every query can be answered from the start (a retry or a
             core.add_query(q, self.inputs[index].numpy())  # decoding may answer it before its own request goes)
-        self.arrived[:] = True
         kills = sorted((t, i) for i, t in p.failures.items())
         busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)] if interference else []
         if busy:
@@ -362,15 +331,12 @@ class PolicyFrontend(Frontend):
         while not all(d.answers_of):
             now = self.clock()
             while kills and kills[0][0] <= now:
-                _, i = kills.pop(0)
-                core.kill(i)
-                d.failed(i, now)
+                self.kill(heapq.heappop(kills)[1], now)
             while self.next < n_req and p.time[self.next] <= now:
                 self.next += 1
                 d.due(self.next - 1, now)
             while self.timers and self.timers[0][0] <= now:
-                _, n = heapq.heappop(self.timers)
-                d.due(n, now)
+                d.due(heapq.heappop(self.timers)[1], now)
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
                            self.timers[0][0] if self.timers else np.inf)
             wait = max(0.0, min(upcoming - self.clock(), 1.0))
@@ -385,30 +351,144 @@ class PolicyFrontend(Frontend):
             ready, _ = ray.wait(list(core.pending), num_returns=len(core.pending), timeout=0)
             now = self.clock()
             for ref in ready:
-                n = self.n_of.pop(ref)
-                req, inst, output, ok, cancelled = core.collect(ref, now)
-                core.req["cancelled"].append(cancelled)
-                if cancelled:
-                    d.cancelled(n)
-                elif not ok:
-                    self.dead.add(inst)
-                    d.lost(n, now)
-                else:
-                    out = torch.from_numpy(np.array(output))
-                    grp = core.groups.get(req.group) if req.kind == "plan" and req.group >= 0 else None
-                    if grp is not None:  # a coded output, for the decoder
-                        grp.outputs[req.slot] = out
-                        grp.have[req.slot] = True
-                    self.outputs_of[n] = out
-                    d.output(n, now)
-                    self.outputs_of.pop(n, None)
+                self.settle(ref, now)
         if not all(d.answers_of):  # every path answers or re-sends; this would be a bug
-            raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of policy "
-                               f"{p.policy.name or p.strategy} were never answered and nothing is left to wait for")
-        if core.pending:  # late outputs are dropped, but the next policy must find the instances idle
+            name = p.policy.name if p.policy is not None and p.policy.name else p.strategy
+            raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of {name} were never answered "
+                               f"and nothing is left to wait for")
+        if core.pending:  # late outputs are dropped, but the next row must find the instances idle
             ray.wait(list(core.pending), num_returns=len(core.pending), timeout=60)
         if busy:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
                        dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served)
+
+
+PolicyFrontend = Frontend  # the name the policies' frontend had before fixed strategies ran through it too
+
+
+
+def service_roles(strategy: str, m: int, k: int, r: int, policy: Optional[PolicyConfig] = None) -> list[int]:
+    """The role of each instance the HTTP service runs for ``strategy``'s layout or ``policy``'s pool."""
+    return pool_roles(policy.strategy if policy else strategy, m, k, r, policy.pool if policy else "split")
+
+
+class ServiceFrontend(Driver, Service):
+    """The HTTP service's frontend: queries from clients, decided by a policy machine, answered by the core.
+
+    ``policy`` (a ``policies`` row, :class:`serve.config.PolicyConfig`) or, when None, ``app.strategy``'s
+    fixed layout; ``actors``: one per instance of :func:`service_roles`. Admission, the answers' futures and
+    the metrics are :class:`serve.online.Service`'s; arrivals are grouped by
+    :class:`serve.dispatch.GroupFormer` (closing at the k-th arrival or ``group_timeout_ms`` after the first, by
+    a timer on the event loop). Each request the layout makes is added to the
+    :class:`serve.policy.PolicyMachine` as it is made and falls due at once; the machine routes, defers, drops
+    and recovers it exactly as it does a plan's in the benchmark and the simulator. Actors report through Ray
+    futures' callbacks onto the event loop, which owns all of this state (no locks).
+    """
+
+    def __init__(self, cfg, app, code, actors: list, pad_output: torch.Tensor, input_shape, classifier: bool,
+                 policy: Optional[PolicyConfig] = None):
+        import dataclasses
+
+        from serve.policy import PolicyMachine
+
+        pol = policy if policy is not None else PolicyConfig(strategy=app.strategy, name=app.strategy)
+        super().__init__(cfg, dataclasses.replace(app, strategy=pol.strategy), code, actors, pad_output,
+                         input_shape, classifier)
+        self.policy_config = pol
+        self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
+        self.ray = self.core.ray
+        self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
+                               self._answered, watch=self._watch, log_requests=False)
+        self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
+        index = STRATEGIES.index(pol.strategy)
+        self.policy = PolicyMachine(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model), self,
+                                    np.random.default_rng([cfg.seed, 11, index]))
+        self.init_driver()
+
+    # -- life cycle --------------------------------------------------------------------------------------
+    def start(self, loop) -> None:
+        """Begin serving on ``loop``: the clock starts, and the config's fail-stop kills are scheduled."""
+        self.loop = loop
+        self.t0 = time.perf_counter()
+        for f in self.cfg.failures:
+            if f["instance"] < len(self.roles):
+                self.timers.append(loop.call_later(f["at_ms"] / 1000.0, self._kill, f["instance"]))
+
+    def _kill(self, i: int) -> None:
+        self.kill(i, self.clock())
+
+    # -- queries in --------------------------------------------------------------------------------------
+    def submit(self, x: np.ndarray):
+        d, core = self.policy, self.core
+        q = d.add_query()
+        self.next_query = q + 1
+        now = self.clock()
+        fut = self.loop.create_future()
+        self.futures[q] = (fut, now)
+        core.add_query(q, x)
+        if self.strategy == "coded":
+            g, slot, closed = self.former.add(q, now)
+            if slot == 0:
+                core.open_group(g)
+                d.open_group()
+                self.loop.call_later(self.former.timeout, self._expire, g)
+            core.join(g, slot, q, x)
+            d.join_group(g, slot, q)
+            d.due(self.add(q, g, slot, now), now)
+            for done_group, _, t in closed:
+                self._close(done_group, t)
+        else:
+            rows = [self.add(q, -1, c, now) for c in range(2 if self.strategy in ("replicate", "backup") else 1)]
+            for n in rows:
+                d.due(n, now)
+        return fut
+
+    def add(self, q: int, g: int, slot: int, now: float) -> int:
+        """A request of the layout, due now: its fixed-layout instance and its injected delay."""
+        inst = int(route(self.strategy, self.m, self.k, self.r, q, slot, g))
+        delay = float(sample_delays(self.any_delay, np.array([inst]), self.rng)[0])
+        return self.policy.add_request(q, g, slot, inst, now, delay)
+
+    def _close(self, g: int, t: float) -> None:
+        """Group ``g`` has its members (closed at ``t``): seal it; its parities fall due now."""
+        d, now = self.policy, self.clock()
+        self.core.seal(g)
+        d.close_group(g, t)
+        rows = [self.add(-1, g, self.k + j, now) for j in range(self.r)]
+        for n in rows:
+            d.due(n, now)
+        if d.unanswered[g] == 0 and (d.cancel_on or d.defer is not None):
+            self.core.forget(g)
+
+    def _expire(self, g: int) -> None:
+        if self.former.members and self.former.group == g:
+            _, _, t = self.former.flush()
+            self._close(g, t)
+
+    # -- the driver's hooks ------------------------------------------------------------------------------
+    def input_of(self, q: int) -> np.ndarray:
+        return self.core.open[q]
+
+    def wake(self, n: int, t: float) -> None:
+        self.loop.call_later(max(0.0, t - self.clock()), lambda: self.policy.due(n, self.clock()))
+
+    def _settle(self, ref) -> None:
+        self.settle(ref, self.clock())
+
+    def unanswerable(self, q: int) -> None:
+        """No live instance holds F to send ``q`` again: its client gets 503."""
+        g = self.core.group_of.get(q)
+        if g is not None and g in self.core.groups:
+            self.core.groups[g].waiting.discard(q)
+        self._unanswerable(q)
+
+
+def service_plan(cfg, policy: PolicyConfig, k: int, r: int, roles: list[int], delay: dict) -> Plan:
+    """The empty plan a service's policy machine starts from: no query yet, the policy, the slow periods."""
+    z, zi = np.zeros(0), np.zeros(0, dtype=int)
+    coded = policy.strategy == "coded"
+    return Plan(policy.strategy, k, r, roles, Queries(z, zi, zi), z, zi, zi, zi, zi, z, z,
+                np.zeros((0, k), dtype=int) if coded else None, z if coded else None, {}, policy, None,
+                delay.get("instances"), cfg.slowdown, cfg.seed)

@@ -1,7 +1,7 @@
 """Serving policies (serve/policy.py): routing, cancellation, deferred parities, hedged copies.
 
-The policies run event by event in the simulator (serve.sim.EventRun) and on Ray (serve.runtime.PolicyFrontend)
-through one PolicyMachine. What is checked: every query answered exactly once, with and without failures; a
+The policies run event by event in the simulator (serve.sim.EventRun) and on Ray (serve.runtime.Frontend, and
+the HTTP service's serve.runtime.ServiceFrontend) through one PolicyMachine. What is checked: every query answered exactly once, with and without failures; a
 dispatcher that decides nothing new reproduces the fixed plans' simulator to the nanosecond; cancellation and
 deferral never answer later where that holds by construction; shortest-queue routing at negligible load gives
 the closed forms; the extra work on cases small enough to count by hand; seeds; config errors; Ray.
@@ -305,3 +305,64 @@ def test_policies_on_ray_answer_every_query_once_and_defer_and_cancel_there_too(
             assert 1.0 <= summary["requests_sent_per_query"] < most, (engine, name, summary)
             if name == "pooled":
                 assert any(r["reconstructed"] == "1" for r in rows)
+
+
+def test_the_http_service_serves_a_policies_row_through_the_same_machine(tmp_path, digits_run_folder, local_ray):
+    """``app.policy`` names a ``policies`` row; the service's frontend is the policy machine's driver, so a pooled
+    code defers its parities and a hedged replica its second copy there too, answering each query once."""
+    import asyncio
+
+    import torch
+
+    from coders.code import load_code
+    from serve.app import build_service
+    from serve.config import app_config
+    from serve.plan import ROLE_F
+    from serve.runtime import Pool
+
+    # Instance 0 is 600 ms slow, and query 0 goes there first (shortest queue, ties to the lowest number); the
+    # redundant requests wait 300 ms: far above Ray's latency even on the loaded test machine.
+    raw = {"runs": [digits_run_folder], "instances": 2, "plot": False, "group_timeout_ms": 50,
+           "delays": [{"dist": "constant", "ms": 600, "instances": [0]}],
+           "policies": [{"strategy": "coded", "name": "pooled", "routing": "jsq", "pool": "shared",
+                         "cancel": True, "defer": {"ms": 300}},
+                        {"strategy": "replicate", "name": "hedged", "routing": "jsq", "cancel": True,
+                         "defer": {"ms": 300}}]}
+    with pytest.raises(ConfigError, match="'app.policy'.*'pooled', 'hedged'"):
+        validate({**raw, "app": {"policy": "pooledd"}})
+    loaded = load_code(digits_run_folder)
+    x, _ = loaded.splits.split("test")
+    n = 16
+
+    async def serve_all_inputs(service):
+        service.start(asyncio.get_running_loop())
+
+        async def one(i):
+            await asyncio.sleep(0.02 * i)
+            return (await service.predict([x[i].numpy()]))[0]
+
+        try:
+            return await asyncio.gather(*[one(i) for i in range(n)])
+        finally:
+            service.stop()
+
+    pool = Pool(loaded.code, validate(raw), 4, [0])  # F instances only: every row here runs on F
+    try:
+        for name, roles, most in (("pooled", [ROLE_F] * 3, 1.5), ("hedged", [ROLE_F] * 4, 2.0)):
+            cfg = validate({**raw, "app": {"policy": name}})
+            app = app_config(cfg)
+            service = build_service(cfg, app, loaded, pool)
+            assert service.roles == roles and service.policy.routing == "jsq" and service.policy.defer == {"ms": 300}
+            answers = asyncio.run(serve_all_inputs(service))
+            assert sorted(a["query"] for a in answers) == list(range(n)) and not service.futures
+            assert service.policy.answers.tolist() == [1] * n
+            assert n <= service.core.sent < most * n  # deferral: redundant requests only for late first ones
+            with torch.no_grad():
+                f_out = loaded.code.base(x[:n])
+            for i, a in enumerate(answers):
+                if not a["rebuilt"]:
+                    assert np.allclose(a["output"], f_out[i].numpy(), atol=1e-5)
+            if name == "pooled":
+                assert answers[0]["rebuilt"] and answers[0]["latency_ms"] < 600
+    finally:
+        pool.shutdown()

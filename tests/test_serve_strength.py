@@ -126,11 +126,8 @@ def _frontend(strategy: str):
     plan = build_plan(cfg, strategy, 2, 1, one_query_at(0.0, 0.0), {"dist": "none"})
     front = Frontend(plan, [object()] * plan.num_instances, code=SimpleNamespace(k=2, r=1),
                      inputs=torch.zeros(4, 1, 2, 2), pad_output=torch.zeros(3))
-    front.next, front.t0 = len(plan), 0.0  # every planned request has gone out
-    for q in range(len(plan.queries.arrival)):
-        front.core.add_query(q, np.zeros((1, 2, 2), dtype=np.float32))
     sent = []
-    front.core.send = lambda i, x, delay, factor, req: sent.append((i, req))
+    front.core.send = lambda i, x, delay, factor, req: sent.append((i, req)) or f"ref{len(sent)}"
     return plan, front, sent
 
 
@@ -139,15 +136,18 @@ def test_on_ray_a_lost_copy_is_not_sent_again_while_the_other_is_still_coming(st
     from serve.dispatch import Request
 
     plan, front, sent = _frontend(strategy)
-    core = front.core
+    machine = front.policy  # the Ray frontend's decisions are its policy machine's, as in the simulator
     first, second = [n for n in range(len(plan)) if plan.query[n] == 0]
-    core.pending = {"ref": (front.request(second), int(plan.instance[second]), 0.0, 0.0, 1.0)}
-    core.on_failure(front.request(first), int(plan.instance[first]))
-    assert sent == []  # the other copy may still answer
-    del core.pending["ref"]
-    core.on_failure(front.request(second), int(plan.instance[second]))
-    assert len(sent) == 1 and sent[0][1] == Request("retry", 0, -1, 0) and plan.roles[sent[0][0]] == ROLE_F
-    assert sent[0][0] not in front.dead
+    machine.due(first, 0.0)
+    machine.due(second, 0.0)
+    assert [i for i, _ in sent] == [int(plan.instance[first]), int(plan.instance[second])]
+    machine.failed(int(plan.instance[first]), 0.05)
+    machine.lost(first, 0.05)
+    assert len(sent) == 2  # the other copy may still answer
+    machine.failed(int(plan.instance[second]), 0.08)
+    machine.lost(second, 0.08)
+    assert len(sent) == 3 and sent[2][1] == Request("retry", 0, -1, 0) and plan.roles[sent[2][0]] == ROLE_F
+    assert sent[2][0] not in (int(plan.instance[first]), int(plan.instance[second]))
 
 
 # -- slow-down periods --------------------------------------------------------------------------------------
