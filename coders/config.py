@@ -364,6 +364,9 @@ def read_json_config(path: Path, example: str) -> Any:
 
 
 RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
+# An N-worker run's config.json names N and S instead of r (train/nworker.py).
+NWORKER_RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "n_workers": "n_workers",
+                    "stragglers": "stragglers", "loss": "losses"}
 
 
 def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tuple[Config, Path]:
@@ -376,7 +379,7 @@ def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tup
     try:
         saved = json.loads(path.read_text())
         raw = {key: saved[key] for key in get_type_hints(Config) if key in saved}
-        for one, many in RUN_KEYS.items():
+        for one, many in (NWORKER_RUN_KEYS if saved.get("form") == "nworker" else RUN_KEYS).items():
             raw[many] = [saved[one]]
         raw["enc_dec_types"] = [[saved["encoder"], saved["decoder"]]]
         raw["seeds"] = [saved["run_seed"]] if saved.get("run_seed") is not None else None

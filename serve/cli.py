@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import threading
@@ -152,7 +153,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         summaries.append(summary)
         curves[strategy] = ((outcome.done - outcome.arrival) * 1000.0)[cfg.warmup_queries:]
         print(f"  {strategy}: p50 {summary['p50_ms']:.1f} ms, p99.9 {summary['p99.9_ms']:.1f} ms, "
-              f"reconstructed {summary['reconstructed']:.1%}, top-1 {summary['accuracy']:.2%}, "
+              f"reconstructed {summary['reconstructed']:.1%}, top-1 {'n/a' if math.isnan(summary['accuracy']) else format(summary['accuracy'], '.2%')}, "
               f"{summary['requests_per_query']:.2f} requests and {summary['busy_ms_per_query']:.2f} instance-ms "
               f"per query", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")

@@ -21,7 +21,7 @@ import numpy as np
 from coders.config import read_json_config, validate_schema
 from util.errors import ConfigError
 
-STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup")
+STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
 DEFAULT_STRATEGIES = STRATEGIES[:4]  # "backup" needs a 'backup_model
 ENGINES = ("ray", "sim")
 DISTRIBUTIONS = {
@@ -303,6 +303,9 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
 
         check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
+    if cfg.engine == "ray" and "nworker" in cfg.strategies:
+        raise _bad(source, "strategies", "holds \"nworker\", which runs on the simulator only for now (the Ray "
+                   "frontends decode a systematic code). Fix: set \"engine\": \"sim\", or drop \"nworker\".")
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
@@ -322,8 +325,9 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     """The checked ``app`` section of ``cfg``; a ConfigError names the key and the fix."""
     app = validate_schema(cfg.app, AppConfig, f"{source}, section 'app'")
     key = "app." + "{}"
-    if app.strategy not in STRATEGIES:
-        raise _bad(source, key.format("strategy"), f"must be one of {', '.join(STRATEGIES)}; got {app.strategy!r}.")
+    if app.strategy not in STRATEGIES or app.strategy == "nworker":  # the service decodes systematic codes only
+        served = [s for s in STRATEGIES if s != "nworker"]
+        raise _bad(source, key.format("strategy"), f"must be one of {', '.join(served)}; got {app.strategy!r}.")
     if cfg.runs and not 0 <= app.run < len(cfg.runs):
         raise _bad(source, key.format("run"), f"must number one of the {len(cfg.runs)} 'runs' (0..{len(cfg.runs) - 1}); "
                    f"got {app.run}.")

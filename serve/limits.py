@@ -82,7 +82,7 @@ def instance_count(strategy: str, m: int, k: int, r: int) -> tuple[int, int, int
     p = r * math.ceil(m / k)
     if strategy == "none":
         return m, m, 0, 0
-    if strategy == "equal-resources":
+    if strategy in ("equal-resources", "nworker"):
         return m + p, m + p, 0, 0
     if strategy == "replicate":
         return 2 * m, 2 * m, 0, 0
@@ -92,7 +92,7 @@ def instance_count(strategy: str, m: int, k: int, r: int) -> tuple[int, int, int
 
 
 def requests_per_query(strategy: str, k: int, r: int) -> float:
-    return 2.0 if strategy in ("replicate", "backup") else 1.0 + r / k if strategy == "coded" else 1.0
+    return 2.0 if strategy in ("replicate", "backup") else 1.0 + r / k if strategy in ("coded", "nworker") else 1.0
 
 
 def plan_bytes(strategy: str, n: int, k: int, r: int, instances: int, duration_s: float,
@@ -105,7 +105,10 @@ def plan_bytes(strategy: str, n: int, k: int, r: int, instances: int, duration_s
     parts = {"num_queries": per_request * requests + (4 * outputs * n if ray else 0),
              "parities": per_request * n * r if strategy == "coded" else 0.0,  # up to r per query (groups of one)
              "groups": 0.0, "instances": BYTES_PER_INSTANCE * instances, "slowdown": 0.0}
-    if strategy == "coded":  # a group closed by its timeout may hold one query: up to n groups of k + r slots
+    if strategy == "nworker":  # k + r requests per group, up to n groups (closed by their timeout)
+        requests = n * (k + r)
+        parts["num_queries"] = per_request * requests + (4 * outputs * n if ray else 0)
+    if strategy in ("coded", "nworker"):  # a group closed by its timeout may hold one query: up to n groups of k + r slots
         parts["groups"] = BYTES_PER_GROUP_SLOT * n * (k + r) + (4 * outputs * n * (k + r) if ray else 0)
     if slowdown is not None:  # a (periods x instances) table of slow periods
         periods = duration_s / (slowdown["period_ms"] / 1000.0) + 1

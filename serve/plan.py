@@ -21,6 +21,12 @@ to them (m = ``instances``, p = r * ceil(m / k) parity instances):
 * ``coded``: 0..m-1 hold F for the data queries (q mod m); instances
   m + j*ceil(m/k) .. m + (j+1)*ceil(m/k) - 1 serve parity j (F itself, or
   parity model j), group g's parity j going to the (g mod ceil(m/k))-th.
+* ``nworker``: the literature's N-worker form (docs/nworker.md) with N = k + r
+  workers and S = r stragglers: every instance holds F, laid out as ``coded``'s
+  (coded input s < k of group g to instance (g k + s) mod m, coded input
+  k + j as parity j); all N coded inputs of a group go out when it closes (each
+  mixes all k queries), and all k answers are decoded once N - S = k outputs
+  are in.
 
 Queries form groups of k in arrival order: a group closes when its k-th
 query arrives or ``group_timeout_ms`` after its first, whichever is first;
@@ -57,7 +63,7 @@ def parity_per_model(m: int, k: int) -> int:
 def pool_roles(strategy: str, m: int, k: int, r: int, pool: str = "split") -> list[int]:
     """The role of each instance of ``strategy``: ROLE_F, or j for parity j (``pool`` "shared": all F)."""
     per = parity_per_model(m, k)
-    if strategy == "coded" and pool == "shared":
+    if strategy in ("coded", "nworker") and pool == "shared" or strategy == "nworker":
         return [ROLE_F] * (m + r * per)
     if strategy == "none":
         return [ROLE_F] * m
@@ -84,6 +90,8 @@ def route(strategy: str, m: int, k: int, r: int, query, slot, group):
     if strategy == "backup":  # copy 0 to F instance q mod m, copy 1 to backup instance q mod p
         return np.where(slot == 0, query % m, m + query % (len(roles) - m))
     per = parity_per_model(m, k)  # coded: data to q mod m, group g's parity j to the (g mod per)-th of role j
+    if strategy == "nworker":  # no request carries a query: coded input s < k of group g as query g k + s would go
+        return np.where(slot < k, (group * k + slot) % m, m + (slot - k) * per + group % per)
     return np.where(query >= 0, query % m, m + (slot - k) * per + group % per)
 
 
@@ -275,15 +283,19 @@ def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, del
         query = np.repeat(q, 2)
         slot = np.tile([0, 1], n)
         group = np.full(2 * n, -1)
-    else:  # coded
+    else:  # coded, nworker
         members, closed = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0)
         g = len(closed)
         data_g, data_slot = np.nonzero(members >= 0)
         data_q = members[data_g, data_slot]
+        arrive = queries.arrival[data_q]
+        if strategy == "nworker":  # k coded inputs in the data positions (padded groups too), sent at the close
+            data_g, data_slot = np.repeat(np.arange(g), k), np.tile(np.arange(k), g)
+            data_q, arrive = np.full(g * k, -1), closed[data_g]
         # A data query goes out on arrival; parities when the group closes (the encoder needs all k).
         par_g = np.repeat(np.arange(g), r)
         par_j = np.tile(np.arange(r), g)
-        time = np.concatenate([queries.arrival[data_q], closed[par_g]])
+        time = np.concatenate([arrive, closed[par_g]])
         query = np.concatenate([data_q, np.full(len(par_g), -1)])
         group = np.concatenate([data_g, par_g])
         slot = np.concatenate([data_slot, k + par_j])

@@ -72,8 +72,10 @@ def summarize(outcome, strategy: str, instances: int, warmup: int = 0) -> dict:
     out["mean_ms"] = float(latency_ms.mean())
     out["gap_ms"] = out["p99.9_ms"] - out["p50_ms"]
     out["reconstructed"] = float(recon.mean())
-    out["accuracy"] = float(correct.mean())
-    out["accuracy_reconstructed"] = float(correct[recon].mean()) if recon.any() else float("nan")
+    # predictions of -1: none were made (no code given, or a strategy such as nworker whose code is not served)
+    scored = bool((outcome.predicted[keep] >= 0).any())
+    out["accuracy"] = float(correct.mean()) if scored else float("nan")
+    out["accuracy_reconstructed"] = float(correct[recon].mean()) if recon.any() and scored else float("nan")
     span = float(done.max() - arrival.min())
     out["throughput"] = len(latency_ms) / span if span > 0 else float("nan")
     out["retried"] = float(np.mean(outcome.retried[keep]))

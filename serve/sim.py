@@ -20,7 +20,9 @@ two by its key ``engine``. What it models:
 * **Answers.** ``none`` / ``equal-resources``: the request's own output;
   ``replicate``: the first of its two copies; ``coded``: the earlier of its
   own output and the moment its group has k outputs (blank padding counts
-  from the start), the latter being a reconstruction.
+  from the start), the latter being a reconstruction; ``nworker``: the
+  moment its group has N - S = k of its N = k + r coded outputs (the k-th
+  order statistic of their arrivals), every answer a reconstruction.
 * **Failures.** An instance failing at T loses every request it has not
   finished by T; a request with no live instance of its role (plan instance
   -1) is lost at dispatch. As in the runtime, a lost request is recovered by
@@ -279,12 +281,13 @@ class _Run:
         slots[p.group, p.slot] = state["arrive"]
         lost = np.full((g_count, k + r), np.inf)
         lost[p.group, p.slot] = state["lost_at"]
-        decode = np.partition(slots, k - 1, axis=1)[:, k - 1]
-        own = np.full(n, np.inf)
+        decode = np.partition(slots, k - 1, axis=1)[:, k - 1]  # coded and nworker: k of the k + r outputs
+        own = np.full(n, np.inf)  # nworker: no request carries a query, so no answer is a query's own output
         data = p.query >= 0
         own[p.query[data]] = state["arrive"][data]
         group_of = np.full(n, -1)
-        group_of[p.query[data]] = p.group[data]
+        in_group = p.members >= 0
+        group_of[p.members[in_group]] = np.nonzero(in_group)[0]
         answer = np.minimum(own, decode[group_of])
         self.decode_time, self.own, self.group_of, self.slot_arrive = decode, own, group_of, slots
         # A group that loses more than r of its k + r slots cannot decode: at the loss that makes it r + 1
@@ -302,6 +305,9 @@ class _Run:
             t_star = lost[g, star]
             for s in range(k):
                 q = p.members[g, s]
+                if q >= 0 and p.strategy == "nworker":  # no own output to wait for: every query goes again
+                    qs.append(q), ts.append(t_star), frm.append(p.instance[req_of[g, star]])
+                    continue
                 if q < 0 or not np.isfinite(lost[g, s]):
                     continue
                 if lost[g, s] <= t_star:
@@ -382,7 +388,7 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     if np.any(np.isinf(done)):
         raise UserError("The simulation left a query unanswered; this is a bug in serve/sim.py.")
     reconstructed = np.zeros(n, dtype=bool)
-    if plan.strategy == "coded":
+    if plan.strategy in ("coded", "nworker"):
         decoded = run.decode_time[run.group_of]
         reconstructed = (decoded < run.own) & ~retried
     if plan.strategy == "backup":  # answered by the backup model: its copy arrived first
@@ -390,7 +396,7 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         copies[plan.query, plan.slot] = state["arrive"]
         reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
     predicted = np.full(n, -1)
-    if code is not None and inputs is not None:
+    if code is not None and inputs is not None and plan.strategy != "nworker":  # no N-worker code is served yet
         available = run.slot_arrive <= run.decode_time[:, None] if plan.strategy == "coded" else None
         predicted = predictions(plan, getattr(run, "group_of", None), available,
                                 reconstructed if plan.strategy == "coded" else np.zeros(n, dtype=bool),

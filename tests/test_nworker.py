@@ -1,10 +1,12 @@
 """N-worker codes: Berrut (BACC / ApproxIFER), LeTCC's splines, the learned pair, patterns, config."""
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from coders.nworker import (BerrutDecoder, BerrutEncoder, MLPDecoder, MLPEncoder
 from coders.spline import SplineDecoder, SplineEncoder
 from coders.config import validate_dict
 from util.errors import ConfigError
+from util.report import main as report_main
 
 
 class Affine(torch.nn.Module):
@@ -197,7 +200,7 @@ def nworker_config(digits_config, **extra):
     learned = [{"class": "coders.nworker.MLPEncoder", "args": {"hidden": 32}},
                {"class": "coders.nworker.MLPDecoder", "args": {"hidden": 32}}]
     return digits_config(form="nworker", k_vals=[3], n_workers=[5], stragglers=[1], enc_dec_types=[learned],
-                         num_epoch=2, **extra)
+                         num_epoch=2, epoch_groups="disjoint", **extra)
 
 
 def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config, tmp_path, capsys):
@@ -207,7 +210,8 @@ def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config
     path = nworker_config(digits_config)
     straight = run_all(str(path), {"save_dir": str(tmp_path / "a")})[0]
     run_all(str(path), {"save_dir": str(tmp_path / "b"), "num_epoch": 1})
-    resumed = run_all(str(path), {"save_dir": str(tmp_path / "b")}, resume=True)[0]
+    one_run = next((tmp_path / "b").rglob("best.pt")).parent  # resumed from its run folder, as a systematic run
+    resumed = run_all(str(one_run), {"num_epoch": 2}, resume=True)[0]
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert [r["epoch"] for r in straight] == [0, 1, 2]
     assert drop(straight) == drop(resumed)
@@ -217,6 +221,11 @@ def test_train_py_runs_and_resumes_an_nworker_code_bit_identically(digits_config
     assert folder.parts[-6:-3] == ("k3", "n5", "s1")
     saved = json.loads((folder / "config.json").read_text())
     assert saved["patterns_total"] == 5 and saved["form"] == "nworker"
+    report = io.StringIO()
+    assert report_main([str(tmp_path / "a"), "--no-plots"], out=report, err=io.StringIO()) == 0
+    head, _, row = report.getvalue().splitlines()[:3]
+    assert "| K | N | S |" in head and "all K answers" in head and "all-k" not in head
+    assert "| 3 | 5 | 1 |" in row and "MLPEncoder-hidden32" in row
 
 
 def test_train_py_refuses_a_spline_code_it_cannot_build(digits_config, capsys):
@@ -256,3 +265,32 @@ def test_a_learned_nworker_code_beats_the_untrained_one_on_x_sin_x():
         loss.backward()
         opt.step()
     assert error() < 0.5 * untrained
+
+
+# -- serving: the simulator ---------------------------------------------------------------------------
+@pytest.mark.parametrize("slow,expect_ms", [([0, 2], [51.0, 51.0]), ([0], [1.0, 1.0])])
+def test_simulated_nworker_answers_wait_for_the_k_th_of_k_plus_r_outputs(slow, expect_ms):
+    """K = 2, r = S = 1, so N = 3: both answers arrive with the 2nd of the group's 3 coded outputs, never
+    with a query's own output (there is none). Compute takes 1 ms; the instances in ``slow`` add 50 ms."""
+    from serve.config import validate
+    from serve.plan import Queries, build_plan
+    from serve.sim import simulate
+
+    cfg = validate({"instances": 2, "num_queries": 2, "engine": "sim", "plot": False, "group_timeout_ms": 1.0,
+                    "service": {"dist": "constant", "ms": 1.0}, "strategies": ["coded", "nworker"],
+                    "delays": [{"dist": "constant", "ms": 50.0, "instances": slow}]}, need_runs=False)
+    queries = Queries(np.zeros(2), np.arange(2), np.zeros(2, dtype=int))
+    plan = build_plan(cfg, "nworker", 2, 1, queries, cfg.delays[0])
+    assert sorted(plan.instance.tolist()) == [0, 1, 2] and (plan.query == -1).all()  # three coded inputs, no raw one
+    out = simulate(plan, cfg)
+    assert (out.done - out.arrival) * 1000 == pytest.approx(expect_ms) and out.reconstructed.all()
+    if slow == [0, 2]:  # the systematic code answers query 1 with its own output
+        coded = simulate(build_plan(cfg, "coded", 2, 1, queries, cfg.delays[0]), cfg)
+        assert (coded.done - coded.arrival)[1] * 1000 == pytest.approx(1.0)
+
+
+def test_nworker_serving_on_ray_is_refused_naming_the_key():
+    from serve.config import validate
+
+    with pytest.raises(ConfigError, match="'strategies'.*simulator only"):
+        validate({"instances": 2, "engine": "ray", "strategies": ["coded", "nworker"]}, need_runs=False)

@@ -117,9 +117,14 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         cfg, folder = load_config(config_path, overrides), None
     runs = expand_runs(cfg)
     preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
+    make_run, data_runs = CodedRun, runs
     if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
-        from train.nworker import run_nworker
-        return run_nworker(cfg, folder, resume, overwrite, only_test, out, failed, shard, list_only)
+        from train.nworker import NWorkerRun, expand_nworker_runs, probe_nworker_coders
+        if ray_address is not None:
+            raise UserError("--ray runs the sweeps of systematic codes only; this config's 'form' is \"nworker\". "
+                            "Fix: drop --ray, or share the sweep with --shard I/N across processes.")
+        runs, make_run, data_runs = expand_nworker_runs(cfg), NWorkerRun, None
+        probe_nworker_coders(cfg)  # before any data or F is loaded
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)
@@ -133,8 +138,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
         return lines
     if not (resume or overwrite or only_test):  # before any run trains, not at the first old one
         refuse_occupied(folders, len(runs))
-    check_data(cfg, runs)
+    check_data(cfg, data_runs)  # every dataset or domain loads, and F runs on a domain, before the first run
     if ray_address is not None:
         from train.ray_sweep import run_sweep
         return run_sweep(cfg, runs, folder, ray_address or None, resume, overwrite, only_test, out, failed)
-    return fit_each(lambda i: CodedRun(cfg, runs[i], folder), len(runs), resume, overwrite, only_test, out, failed)
+    return fit_each(lambda i: make_run(cfg, runs[i], folder), len(runs), resume, overwrite, only_test, out, failed)

@@ -82,56 +82,11 @@ class CodedRun(RunFolder):
     """Everything one combination of the config needs, and its training loop."""
 
     def __init__(self, cfg: Config, spec: RunSpec, folder: Optional[Path] = None):
-        self.cfg, self.spec = cfg, spec
-        self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
         self.k, self.r = spec.k, spec.r
-        self.device = resolve_device(cfg.device)
-        self.dist = distributed.current(self.device)  # torchrun's process group (train/distributed.py), else None
-        if self.dist is not None:
-            self.device = self.dist.device(self.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
-        flush_denormals(cfg.flush_denormal)  # process-wide, after the thread count: see README, Benchmarks
-        self.config = run_config(cfg, spec)
-        if self.dist is not None and not self.dist.is_main:  # one progress bar: rank 0's
-            cfg = self.cfg = replace(cfg, progress=False)
-        dev = self.device
-
-        self.splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
-        # A classifier is scored by accuracies and errors, any other F by the errors of its rebuilt outputs.
-        self.task = resolve_task(cfg.task, self.splits)
-        self.classify = self.task == "classification"
-        self.config["task"] = self.task  # the resolved config records what "auto" chose
-        n_train = len(self.splits.train_y)
-        if n_train < self.k:
-            raise ConfigError(f"Config key 'k_vals': k={self.k} needs at least k training images to form one group, "
-                              f"but {spec.dataset} has {n_train} after the validation split. Fix: lower k_vals.")
-        def load_base():
-            return load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
-                                 device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
-        # Under torchrun rank 0 trains a missing F before the other ranks read its file.
-        self.base = freeze((self.dist.main_first(load_base) if self.dist is not None else load_base()).to(dev))
+        self.open_run(cfg, spec, folder, run_config(cfg, spec))
+        cfg, dev = self.cfg, self.device
         self.augment = cfg.augment if cfg.augment is not None else spec.dataset in AUGMENTED
         self.config["augment"] = self.augment  # the resolved config records what "auto" chose
-
-        # Data on the device with F's outputs on it, computed once per dataset and F
-        # (shared by every run of a sweep that uses them), never per step.
-        key = (spec.dataset, json.dumps(spec.model, sort_keys=True), cfg.base_model_file, cfg.base_model_dir,
-               cfg.data_dir, cfg.val_size, cfg.seed, str(dev), json.dumps((cfg.domains or {}).get(spec.dataset)))
-        if key not in _DATA_CACHE:
-            _DATA_CACHE.clear()  # one dataset at a time on the device
-            data = {}
-            for split in ("train", "val", "test"):
-                x, y = self.splits.split(split)
-                x, y = x.to(dev), y.to(dev)
-                data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
-            _DATA_CACHE[key] = data
-        self.data = _DATA_CACHE[key]
-        self.out_var = {split: output_variance(fx) for split, (_, _, fx) in self.data.items()}  # for the NMSE
-        self.n_out = self.data["test"][2].shape[1]
-        self.in_shape = self.splits.input_shape
 
         train_seed = spec.train_seed(cfg)
         torch.manual_seed(train_seed)
@@ -171,6 +126,59 @@ class CodedRun(RunFolder):
         self.epoch = 0
         self.best_val = -math.inf  # the best validation score (score()) so far
         self.log = MetricsLog(self.folder, columns_for(self.classify))
+
+    def open_run(self, cfg: Config, spec, folder: Optional[Path], config: dict, dist: bool = True) -> None:
+        """What every run, systematic or N-worker, sets up first: the device (and torchrun's process
+        group when ``dist``), the thread count, the resolved ``config``, the data, the frozen F and
+        F's outputs on the data (``self.data[split] = (x, y, F(x))``, cached across a sweep's runs)."""
+        self.cfg, self.spec = cfg, spec
+        self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
+        self.device = resolve_device(cfg.device)
+        # torchrun's process group (train/distributed.py), else None
+        self.dist = distributed.current(self.device) if dist else None
+        if self.dist is not None:
+            self.device = self.dist.device(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        flush_denormals(cfg.flush_denormal)  # process-wide, after the thread count: see README, Benchmarks
+        self.config = config
+        if self.dist is not None and not self.dist.is_main:  # one progress bar: rank 0's
+            cfg = self.cfg = replace(cfg, progress=False)
+        dev = self.device
+
+        self.splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
+        # A classifier is scored by accuracies and errors, any other F by the errors of its rebuilt outputs.
+        self.task = resolve_task(cfg.task, self.splits)
+        self.classify = self.task == "classification"
+        self.config["task"] = self.task  # the resolved config records what "auto" chose
+        n_train = len(self.splits.train_y)
+        if n_train < self.k:
+            raise ConfigError(f"Config key 'k_vals': k={self.k} needs at least k training images to form one group, "
+                              f"but {spec.dataset} has {n_train} after the validation split. Fix: lower k_vals.")
+        def load_base():
+            return load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
+                                 device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
+        # Under torchrun rank 0 trains a missing F before the other ranks read its file.
+        self.base = freeze((self.dist.main_first(load_base) if self.dist is not None else load_base()).to(dev))
+
+        # Data on the device with F's outputs on it, computed once per dataset and F
+        # (shared by every run of a sweep that uses them), never per step.
+        key = (spec.dataset, json.dumps(spec.model, sort_keys=True), cfg.base_model_file, cfg.base_model_dir,
+               cfg.data_dir, cfg.val_size, cfg.seed, str(dev), json.dumps((cfg.domains or {}).get(spec.dataset)))
+        if key not in _DATA_CACHE:
+            _DATA_CACHE.clear()  # one dataset at a time on the device
+            data = {}
+            for split in ("train", "val", "test"):
+                x, y = self.splits.split(split)
+                x, y = x.to(dev), y.to(dev)
+                data[split] = (x, y, predict(self.base, x, cfg.eval_batch_size))
+            _DATA_CACHE[key] = data
+        self.data = _DATA_CACHE[key]
+        self.out_var = {split: output_variance(fx) for split, (_, _, fx) in self.data.items()}  # for the NMSE
+        self.n_out = self.data["test"][2].shape[1]
+        self.in_shape = self.splits.input_shape
 
     # -- the computation (coders/code.py) -----------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +339,7 @@ class CodedRun(RunFolder):
             self.dist.prepare_folder(self, resume, overwrite)
         else:
             self.prepare_folder(resume, overwrite)
-        print(f"== {self.spec.describe()} -> {self.folder}", file=out)
+        print(self.banner(), file=out)
         if self.epoch == 0 and not self.log.rows():
             t0 = time.time()
             row = {"epoch": 0, **self.evaluate("val"), **self.evaluate("test"), "seconds": time.time() - t0}
@@ -354,6 +362,10 @@ class CodedRun(RunFolder):
                    **self.evaluate("val"), **self.evaluate("test")}
             self.finish_epoch(row, out)
         return self.log.rows()
+
+    def banner(self) -> str:
+        """The line that opens a run's output."""
+        return f"== {self.spec.describe()} -> {self.folder}"
 
     def finish_epoch(self, row: dict, out) -> None:
         if self.dist is None or self.dist.is_main:

@@ -3,10 +3,11 @@
 One run: K = one of ``k_vals`` inputs per group, N = one of ``n_workers``
 workers, S = one of ``stragglers`` late workers, an [encoder, decoder] pair of
 ``coders/nworker.py`` or ``coders/spline.py``. The computation is
-:class:`coders.nworker.NWorkerCode`; this module only feeds it data, a loss and
-an optimizer, scores it and writes the run folder (config.json, metrics.csv /
-metrics.jsonl, current.pt, best.pt), like :class:`train.engine.CodedRun` does
-for the systematic form.
+:class:`coders.nworker.NWorkerCode`; :class:`NWorkerRun` is the systematic
+run (:class:`train.engine.CodedRun`) with this code, its training step and its
+evaluation: the data, the epoch loop, the schedule, the run folder
+(config.json, metrics.csv / metrics.jsonl, current.pt, best.pt), resume and
+the lock are the systematic run's. ``python train.py`` drives both forms.
 
 Straggler patterns: the training patterns are all C(N, S) sets of late workers
 when there are at most ``max_patterns`` of them, else ``max_patterns`` drawn
@@ -26,28 +27,23 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from base_models.fit import load_or_train, predict
 from coders.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
-from datasets import load_data
-from train.engine import eval_groups, fit_each, make_optimizer, resolve_task
+from train.engine import CodedRun, eval_groups, make_optimizer
 from train.losses import LOSS_ALIASES, target_kind
-from train.metrics import MetricsLog, Tally, columns_for, output_variance, summary_line
-from train.preflight import KNOWN_SHAPES, check_data
-from util.checkpoint import load_checkpoint, load_module_state, refuse_occupied, remove_partial_writes, save_checkpoint
+from train.metrics import MetricsLog, Tally, columns_for
+from train.preflight import KNOWN_SHAPES
+from train.schedule import SCHEDULES
 from util.classpath import build, spec_name
-from util.errors import ConfigError, RunDiverged
-from util.files import atomic_write_text
-from util.hardware import flush_denormals, resolve_device
-from util.lock import FolderLock
+from util.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -135,48 +131,43 @@ def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None
                               f"coders/nworker.py wants (B, N, D) = (2, {n}, {d}) and (B, K, n) = (2, {k}, {n_out}).")
 
 
-class NWorkerRun:
-    """The data, the code, the optimizer and the loop of one N-worker run."""
+class NWorkerRun(CodedRun):
+    """One N-worker run: its own code, training step and evaluation; everything else is the
+    systematic run's (:class:`train.engine.CodedRun`): the data and F's cached outputs, the epoch
+    loop with its learning-rate schedule and epoch groups, and (:class:`train.run_folder.RunFolder`)
+    the checkpoint slots, resume with its fingerprint check, and the folder's one-writer lock."""
 
     def __init__(self, cfg: Config, spec: NWorkerSpec, folder: Optional[Path] = None):
-        self.cfg, self.spec = cfg, spec
-        self.folder = Path(folder) if folder is not None else spec.folder(cfg.save_dir)
         self.k, self.n, self.s = spec.k, spec.n_workers, spec.stragglers
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
-        flush_denormals(cfg.flush_denormal)  # as train.engine.CodedRun does
-        dev = self.device = resolve_device(cfg.device)
-        self.splits = load_data(spec.dataset, cfg.data_dir, cfg.download, cfg.val_size, cfg.seed, cfg.domains)
-        self.classify = resolve_task(cfg.task, self.splits) == "classification"
-        base = load_or_train(spec.model, self.splits, path=cfg.base_model_file, root=cfg.base_model_dir,
-                             device=cfg.device, seed=cfg.seed, epochs=cfg.base_model_epochs, progress=cfg.progress)
-        base = base.to(dev).requires_grad_(False).eval()
-        self.data = {}
-        for split in ("train", "val", "test"):
-            x, y = self.splits.split(split)
-            x, y = x.to(dev), y.to(dev)
-            self.data[split] = (x, y, predict(base, x, cfg.eval_batch_size))
-        self.out_var = {split: output_variance(fx) for split, (_, _, fx) in self.data.items()}  # for the NMSE
-        n_out = self.data["test"][2].shape[1]
-
         train_seed = spec.train_seed(cfg)
+        config = {**to_dict(cfg), **asdict(spec), "form": "nworker", "code_dirs": list(CODE_DIRS),
+                  "patterns_total": pattern_count(self.n, self.s)}
+        self.open_run(cfg, spec, folder, config, dist=False)  # the step below does not share groups across ranks
+        dev = self.device
+        self.augment, self.parity_models = False, None  # no augmentation, no parity models (a checkpoint slot of None)
+
         torch.manual_seed(train_seed)
-        encoder, decoder = build_nworker_coders(spec, self.splits.input_shape, n_out)
-        self.code = NWorkerCode(base, encoder, decoder, self.k, self.n, self.s).to(dev)
+        encoder, decoder = build_nworker_coders(spec, self.in_shape, self.n_out)
+        self.code = NWorkerCode(self.base, encoder, decoder, self.k, self.n, self.s).to(dev)
+        self.encoder, self.decoder = self.code.encoder, self.code.decoder
         self.train_patterns = straggler_patterns(self.n, self.s, cfg.max_patterns, train_seed).to(dev)
         self.eval_patterns = straggler_patterns(self.n, self.s, cfg.max_patterns, cfg.seed + 1).to(dev)
+        self.config.update(train_patterns=len(self.train_patterns), eval_patterns=len(self.eval_patterns))
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
+        if self.loss_kind not in ("label", "base"):
+            raise ConfigError(f"Config key 'losses': {spec_name(spec.loss)} needs both F's outputs and the labels; "
+                              f"N-worker runs take a loss against one of them. Fix: use \"mse\", \"kl\" or "
+                              f"\"xent\".")
         if self.loss_kind == "label" and not self.classify:
             raise ConfigError(f"Config key 'losses': {spec_name(spec.loss)} compares answers with class labels, "
                               f"but this F has no classes. Fix: use \"mse\".")
-        params = [p for p in self.code.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(cfg.optimizer, params) if params else None
+        self.trainable = [p for p in self.code.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(cfg.optimizer, self.trainable) if self.trainable else None
+        self.base_rates = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
+        self.schedule = SCHEDULES[cfg.lr_schedule]
         self.gen = torch.Generator().manual_seed(train_seed)
         self.epoch, self.best_val = 0, -math.inf
-        self.config = {**to_dict(cfg), **asdict(spec), "form": "nworker", "code_dirs": list(CODE_DIRS),
-                       "patterns_total": pattern_count(self.n, self.s),
-                       "train_patterns": len(self.train_patterns), "eval_patterns": len(self.eval_patterns)}
         self.log = MetricsLog(self.folder, columns_for(self.classify))
 
     # -- the step and the scores -------------------------------------------------------------------
@@ -199,139 +190,26 @@ class NWorkerRun:
         self.scored(rebuilt, fx_all[idx], y_all[idx], tally).backward()
         self.optimizer.step()
 
-    def train_epoch(self) -> dict:
-        n = len(self.data["train"][0])
-        g = n // self.k
-        groups = torch.randperm(n, generator=self.gen)[: g * self.k].view(g, self.k).to(self.device)
-        tally = Tally(self.classify)
-        self.code.train(True)
-        for i in range(0, g, self.cfg.batch_size):
-            self.step(groups[i:i + self.cfg.batch_size], tally)
-        self.code.train(False)
-        return tally.result("train", self.base_accuracy("train"), self.out_var["train"])
-
-    def base_accuracy(self, split: str) -> Optional[float]:
-        if not self.classify:
-            return None
-        _, y, fx = self.data[split]
-        return (fx.argmax(1) == y).float().mean().item()
-
     @torch.no_grad()
     def evaluate(self, split: str) -> dict:
         """Every group of ``split`` (the last wraps around) under every evaluation pattern."""
         x, y, fx = self.data[split]
         groups = eval_groups(len(x), self.k, self.device)
         tally = Tally(self.classify)
-        self.code.train(False)
+        self.train_mode(False)
         for i in range(0, len(groups), self.cfg.eval_batch_size):
             idx = groups[i:i + self.cfg.eval_batch_size]
             self.scored(self.code.forward_patterns(x[idx], self.eval_patterns), fx[idx], y[idx], tally)
         return tally.result(split, self.base_accuracy(split), self.out_var[split])
 
-    # -- state and the loop ------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "best_val": self.best_val,
-                "encoder": self.code.encoder.state_dict(), "decoder": self.code.decoder.state_dict(),
-                "parity_models": None,  # N-worker codes have none; every checkpoint names the slot (util.checkpoint)
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "shuffle": self.gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "config": self.config}
-
-    def load_state(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        load_module_state(self.code.encoder, state["encoder"], "encoder", path)
-        load_module_state(self.code.decoder, state["decoder"], "decoder", path)
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["shuffle"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.epoch, self.best_val = state["epoch"], state["best_val"]
-
     def score(self, row: dict) -> Optional[float]:
-        """Higher is better: the validation accuracy of a classifier, minus the validation MSE otherwise."""
-        if self.classify:
-            return row.get("val_degraded_acc")
-        mse = row.get("val_mse")
-        return None if mse is None else -mse
+        """Higher is better: a classifier's validation accuracy of all K answers against the labels
+        (ApproxIFER's score), minus the validation MSE for any other F (as the systematic run's)."""
+        return row.get("val_degraded_acc") if self.classify else super().score(row)
 
-    def checkpoint(self, row: dict) -> None:
-        val = self.score(row)
-        state = None
-        if val is not None and val > self.best_val:
-            self.best_val = val
-            state = self.state()
-            save_checkpoint(state, self.folder / "best.pt")
-        save_checkpoint(state or self.state(), self.folder / "current.pt")
-
-    def fit(self, resume: bool = False, overwrite: bool = False, out=None) -> list[dict]:
-        out = out or sys.stdout
-        lock = FolderLock(self.folder)
-        lock.acquire()
-        try:
-            remove_partial_writes(self.folder)
-            current = self.folder / "current.pt"
-            if current.exists() and resume:
-                self.load_state(current)
-                self.log.truncate(self.epoch)
-            else:
-                if not overwrite:
-                    refuse_occupied([self.folder], 1, busy_check=False)
-                self.folder.mkdir(parents=True, exist_ok=True)
-                for name in ("current.pt", "best.pt", *MetricsLog.NAMES):
-                    (self.folder / name).unlink(missing_ok=True)
-            atomic_write_text(json.dumps(self.config, indent=2, default=str) + "\n", self.folder / "config.json")
-            print(f"== {self.spec.describe()} -> {self.folder}\n   straggler patterns: "
-                  f"{len(self.train_patterns)} trained, {len(self.eval_patterns)} scored, of C({self.n}, {self.s}) = "
-                  f"{pattern_count(self.n, self.s)}", file=out)
-            if self.epoch == 0 and not self.log.rows():
-                t0 = time.time()
-                row = {"epoch": 0, **self.evaluate("val"), **self.evaluate("test"), "seconds": time.time() - t0}
-                self.finish_epoch(row, out)
-            if self.optimizer is None:
-                if self.cfg.num_epoch > 0:
-                    print("nothing to train (no trainable parameters): evaluated only", file=out)
-                return self.log.rows()
-            while self.epoch < self.cfg.num_epoch:
-                t0 = time.time()
-                row = self.train_epoch()
-                if not math.isfinite(row["train_loss"]):
-                    raise RunDiverged(f"Run '{self.folder}' diverged in epoch {self.epoch + 1} (training loss "
-                                      f"{row['train_loss']}). Fix: lower the 'lr' in 'optimizer', then --resume.")
-                self.epoch += 1
-                row = {"epoch": self.epoch, "seconds": time.time() - t0, **row,
-                       **self.evaluate("val"), **self.evaluate("test")}
-                self.finish_epoch(row, out)
-            return self.log.rows()
-        finally:
-            lock.release()
-
-    def finish_epoch(self, row: dict, out) -> None:
-        self.log.append(row)
-        self.checkpoint(row)
-        print(summary_line(row, self.cfg.num_epoch), file=out, flush=True)
-
-
-def run_nworker(cfg: Config, folder: Optional[Path], resume: bool, overwrite: bool, only_test: bool,
-                out=None, failed: Optional[list] = None, shard=None, list_only: bool = False) -> list:
-    """``train.py`` for an N-worker config: every run of the sweep, in order."""
-    out = out or sys.stdout
-    runs = expand_nworker_runs(cfg)
-    probe_nworker_coders(cfg)  # before any data or F is loaded
-    if shard is not None:
-        runs = runs[shard[0] - 1::shard[1]]
-    folders = [folder if folder is not None else spec.folder(cfg.save_dir) for spec in runs]
-    if list_only:
-        lines = [f"{i:>4}  {spec.describe():<60}  {where}" for i, (spec, where) in enumerate(zip(runs, folders), 1)]
-        print(*lines, sep="\n", file=out)
-        return lines
-    if not (resume or overwrite or only_test):
-        refuse_occupied(folders, len(runs))
-    check_data(cfg)  # every dataset or domain loads, and F runs on a domain, before the first run
-    return fit_each(lambda i: NWorkerRun(cfg, runs[i], folders[i]), len(runs), resume, overwrite, only_test, out,
-                    failed)
+    def banner(self) -> str:
+        return (f"{super().banner()}\n   straggler patterns: {len(self.train_patterns)} trained, "
+                f"{len(self.eval_patterns)} scored, of C({self.n}, {self.s}) = {pattern_count(self.n, self.s)}")
 
 
 def results_table(root: str | Path) -> list[str]:
@@ -360,9 +238,10 @@ def results_table(root: str | Path) -> list[str]:
 
 def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
     """Markdown rows: ``column`` at the best validation epoch against N, one row per (dataset, K, S,
-    family); of several runs of one family (a decoder's lam, say) the one with the lowest validation
+    family). The runs of a ``seeds`` sweep are averaged (mean ± standard deviation, with the count);
+    of several variants of one family (a decoder's lam, say) the one with the lowest mean validation
     MSE is shown, with its lam."""
-    best: dict = {}
+    variants: dict = {}
     for cfg_path in sorted(Path(root).rglob("config.json")):
         saved = json.loads(cfg_path.read_text())
         rows_path = cfg_path.parent / "metrics.jsonl"
@@ -373,16 +252,21 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
         family = spec_name(saved["encoder"]).split("-")[0]
         lam = saved["decoder"].get("args", {}).get("lam") if isinstance(saved["decoder"], dict) else None
         key = (spec_name(saved["dataset"]), saved["k"], saved["stragglers"], family, saved["n_workers"])
-        if key not in best or row["val_mse"] < best[key][0]:
-            best[key] = (row["val_mse"], row[column], lam)
+        variant = json.dumps([saved["encoder"], saved["decoder"]], sort_keys=True)
+        variants.setdefault(key, {}).setdefault(variant, (lam, []))[1].append((row["val_mse"], row[column]))
+    best = {}
+    for key, by_variant in variants.items():
+        lam, runs = min(by_variant.values(), key=lambda v: statistics.fmean(r[0] for r in v[1]))
+        tests = [r[1] for r in runs]
+        best[key] = (statistics.fmean(tests), statistics.stdev(tests) if len(tests) > 1 else None, len(tests), lam)
     ns = sorted({key[-1] for key in best})
     lines = ["| dataset | K | S | code | " + " | ".join(f"N = {n}" for n in ns) + " |",
              "|---|---:|---:|---|" + "---:|" * len(ns)]
     for head in sorted({key[:-1] for key in best}):
         cells = [best.get((*head, n)) for n in ns]
         lines.append(f"| {head[0]} | {head[1]} | {head[2]} | {head[3]} | " + " | ".join(
-            "" if c is None else f"{c[1]:.4g}" + (f" (lam {c[2]:g})" if c[2] is not None else "") for c in cells)
-            + " |")
+            "" if c is None else f"{c[0]:.4g}" + (f" ± {c[1]:.2g} ({c[2]} seeds)" if c[1] is not None else "")
+            + (f" (lam {c[3]:g})" if c[3] is not None else "") for c in cells) + " |")
     return lines
 
 

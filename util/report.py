@@ -14,6 +14,11 @@ Runs of an F without classes (a function on a domain, a regression network:
 metrics rows without accuracies) get a table of their own with the errors of
 the rebuilt outputs (MSE, normalised MSE, relative L2) and no accuracy column;
 their best validation epoch is the one of lowest validation MSE.
+
+N-worker runs (config ``"form": "nworker"``, docs/nworker.md) get tables of
+their own with K, N and S in place of k and r; a classifier's is scored, as
+the run picks its best epoch, by the accuracy of all K answers against the
+labels over every straggler pattern (ApproxIFER's score).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from util.errors import EXIT_USER_ERROR
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 SORT_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder")
+NWORKER_KEYS = ("dataset", "model", "k", "n_workers", "stragglers", "loss", "encoder", "decoder")
 
 # (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage, "num" 4 digits.
 _RUN = [  # what the run is, and how far it got: every table starts with these
@@ -120,9 +126,9 @@ def is_classifier(rows: Sequence[dict]) -> bool:
     return any("val_recon_acc" in r for r in rows)
 
 
-def best_row(rows: Sequence[dict]) -> dict:
-    """The row with the highest ``val_recon_acc`` (for an F without classes: the lowest ``val_mse``);
-    the earliest epoch on ties."""
+def best_row(rows: Sequence[dict], by: str = "val_recon_acc") -> dict:
+    """The row with the highest ``by`` (``val_recon_acc``; an N-worker run's ``val_degraded_acc``),
+    for an F without classes the lowest ``val_mse``; the earliest epoch on ties."""
     if not is_classifier(rows):
         scored = [(r, _number(r.get("val_mse"))) for r in rows]
         scored = [(r, -v) for r, v in scored if v is not None and math.isfinite(v)]
@@ -130,10 +136,10 @@ def best_row(rows: Sequence[dict]) -> dict:
             raise RunReadError("no epoch has a validation reconstruction accuracy or MSE")
         top = max(v for _, v in scored)
         return min((r for r, v in scored if v == top), key=lambda r: r["epoch"])
-    scored = [(r, _number(r.get("val_recon_acc"))) for r in rows]
+    scored = [(r, _number(r.get(by))) for r in rows]
     scored = [(r, v) for r, v in scored if v is not None]
     if not scored:
-        raise RunReadError("no epoch has a validation reconstruction accuracy")
+        raise RunReadError(f"no epoch has a validation score ({by})")
     top = max(v for _, v in scored)
     return min((r for r, v in scored if v == top), key=lambda r: r["epoch"])
 
@@ -152,11 +158,12 @@ def summarize_run(folder: str | Path) -> dict:
         raise RunReadError(f"{CONFIG_FILE} is unreadable ({exc})") from None
     if not isinstance(config, dict):
         raise RunReadError(f"{CONFIG_FILE} is not a JSON object")
-    missing = [k for k in SORT_KEYS if k not in config]
+    nworker = config.get("form") == "nworker"
+    missing = [k for k in (NWORKER_KEYS if nworker else SORT_KEYS) if k not in config]
     if missing:
         raise RunReadError(f"{CONFIG_FILE} lacks {', '.join(missing)}")
     rows = sorted(read_rows(folder / METRICS_FILE), key=lambda r: r["epoch"])
-    best = best_row(rows)
+    best = best_row(rows, "val_degraded_acc" if nworker else "val_recon_acc")
     classify = is_classifier(rows)
     f_acc = _number(best.get("test_base_acc"))
     # Epoch 0 only evaluates the untrained code; the others train, evaluate and checkpoint.
@@ -166,7 +173,10 @@ def summarize_run(folder: str | Path) -> dict:
         "dataset": spec_name(config["dataset"]),
         "model": spec_name(config["model"]),
         "k": config["k"],
-        "r": config["r"],
+        "r": config.get("r"),
+        "form": "nworker" if nworker else "systematic",
+        "n_workers": config.get("n_workers") if nworker else None,
+        "stragglers": config.get("stragglers") if nworker else None,
         "loss": spec_name(config["loss"]),
         "encoder": spec_name(config["encoder"]),
         "decoder": spec_name(config["decoder"]),
@@ -223,8 +233,36 @@ def merge_seeds(rows: Sequence[dict]) -> list[dict]:
 
 
 def sort_key(row: dict) -> tuple:
-    """(dataset, model, k, r, loss, encoder, decoder, seed), k and r compared as numbers."""
-    return (*(row[k] for k in SORT_KEYS), row.get("seed") or 0)
+    """(dataset, model, k, r, N, S, loss, encoder, decoder, seed), k, r, N and S compared as numbers
+    (r is -1 for an N-worker run, N and S 0 for a systematic one)."""
+    r = row.get("r")
+    return (row["dataset"], row["model"], row["k"], -1 if r is None else r, row.get("n_workers") or 0,
+            row.get("stragglers") or 0, row["loss"], row["encoder"], row["decoder"], row.get("seed") or 0)
+
+
+def nworker_columns(columns: list) -> list:
+    """``columns`` for N-worker runs: K, N and S in place of k and r, and no all-k column (every
+    N-worker answer is rebuilt, so the degraded accuracy is already the accuracy of all K answers)."""
+    out = []
+    for key, head, kind in columns:
+        if key == "k":
+            out.append(("k", "K", kind))
+        elif key == "r":
+            out += [("n_workers", "N", "str"), ("stragglers", "S", "str")]
+        elif key == "test_degraded_acc":
+            out.append((key, "test acc, all K answers (%)", kind))
+        elif key == "acc_lost":
+            out.append((key, "accuracy lost vs F (points)", kind))
+        elif key not in ("test_group_acc",):
+            out.append((key, head, kind))
+    return out
+
+
+def shape_label(row: dict) -> str:
+    """``k=8 r=2`` for a systematic run, ``K=8 N=12 S=1`` for an N-worker one."""
+    if row.get("form") == "nworker":
+        return f"K={row['k']} N={row['n_workers']} S={row['stragglers']}"
+    return f"k={row['k']} r={row['r']}"
 
 
 def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
@@ -244,11 +282,16 @@ def markdown_table(rows: Iterable[dict]) -> str:
     sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
     then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one.
     Runs of classifiers and runs of other F get a table each (the second after a blank line), the
-    latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy."""
+    latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy; N-worker runs get their
+    own tables after those (:func:`nworker_columns`)."""
     rows = list(rows)
-    kinds = [[r for r in rows if r.get("classify", True)], [r for r in rows if not r.get("classify", True)]]
-    return "\n".join(_one_table(part, columns) for part, columns in zip(kinds, (COLUMNS, REGRESSION_COLUMNS))
-                     if part)
+    parts = []
+    for form in ("systematic", "nworker"):
+        for classify, columns in ((True, COLUMNS), (False, REGRESSION_COLUMNS)):
+            part = [r for r in rows if r.get("classify", True) == classify and r.get("form", "systematic") == form]
+            if part:
+                parts.append(_one_table(part, nworker_columns(columns) if form == "nworker" else columns))
+    return "\n".join(parts)
 
 
 def _one_table(rows: list[dict], columns: list) -> str:
@@ -288,13 +331,13 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
         return []
     groups: dict[tuple, list[dict]] = {}
     for row in sorted(rows, key=sort_key):
-        groups.setdefault(sort_key(row)[:4], []).append(row)
+        groups.setdefault((row["dataset"], row["model"], shape_label(row)), []).append(row)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
-    for (dataset, model, k, r), runs in groups.items():
+    for (dataset, model, shape), runs in groups.items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
         codes: dict[str, int] = {}  # the seeds of one code share its colour, each with its own line style
         seen: dict[str, int] = {}
@@ -321,9 +364,9 @@ def write_plots(rows: Sequence[dict], out_dir: str | Path, err=sys.stderr) -> li
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize="small")
-        fig.suptitle(f"{dataset} / {model} / k={k} r={r}")
+        fig.suptitle(f"{dataset} / {model} / {shape}")
         fig.tight_layout()
-        path = out_dir / _safe(f"{dataset}_{model}_k{k}_r{r}.png")
+        path = out_dir / _safe(f"{dataset}_{model}_{shape.replace('=', '').replace(' ', '_')}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
