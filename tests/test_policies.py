@@ -1,7 +1,8 @@
 """Serving policies (serve/policy.py): routing, cancellation, deferred parities, hedged copies.
 
 The policies run event by event in the simulator (serve.sim.EventRun) and on Ray (serve.runtime.Frontend, and
-the HTTP service's serve.runtime.ServiceFrontend) through one PolicyMachine. What is checked: every query answered exactly once, with and without failures; a
+the HTTP service's serve.runtime.ServiceFrontend) through one PolicyMachine. What is checked: every query
+answered exactly once, with and without failures; a
 dispatcher that decides nothing new reproduces the fixed plans' simulator to the nanosecond; cancellation and
 deferral never answer later where that holds by construction; shortest-queue routing at negligible load gives
 the closed forms; the extra work on cases small enough to count by hand; seeds; config errors; Ray.
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 
 from serve.config import PolicyConfig, validate
-from serve.plan import Queries, build_plan, make_queries
+from serve.plan import build_plan, make_queries
 from serve.results import extra_work, summarize
 from serve.sim import EventRun, simulate
+from test_sim import bursts, coded_survival, exp_quantile  # the simulator tests' stream and closed forms
 from util.errors import ConfigError
 
 PERCENTILES = (50, 90, 99, 99.9)
@@ -27,30 +29,6 @@ def sim_config(**overrides):
            "engine": "sim", "plot": False, "group_timeout_ms": 2.0,
            "delays": [{"dist": "exponential", "mean_ms": 5, "probability": 0.1}], **overrides}
     return validate(raw, need_runs=False)
-
-
-def bursts(groups: int, size: int, gap_s: float = 1.0) -> Queries:
-    n = groups * size
-    return Queries(np.repeat(np.arange(groups) * gap_s, size), np.arange(n), np.zeros(n, dtype=int))
-
-
-def quantile(p: float, survival) -> float:
-    lo, hi = 0.0, 1.0
-    while survival(hi) > 1 - p:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if survival(mid) > 1 - p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def coded_survival(k: int, r: int):
-    """Own output late, and at most k - 1 of the group's other k + r - 1 outputs in (unit-mean exponentials)."""
-    def s(t: float) -> float:
-        f = 1.0 - math.exp(-t)
-        n = k + r - 1
-        return math.exp(-t) * sum(math.comb(n, i) * f ** i * (1 - f) ** (n - i) for i in range(k))
-    return s
 
 
 POLICIES = [PolicyConfig("equal-resources", routing="jsq"), PolicyConfig("equal-resources", routing="p2c"),
@@ -162,7 +140,7 @@ def test_routing_at_negligible_load_gives_the_closed_form(policy, k, r, survival
     out = simulate(build_plan(cfg, policy, k, r, queries, cfg.delays[0]), cfg)
     lat = (out.done - out.arrival) * 1000.0
     for p in PERCENTILES:  # p99.9 of 24,000 queries rests on 24 of them: a wider band
-        assert np.percentile(lat, p) == pytest.approx(quantile(p / 100, survival), rel=0.1 if p > 99 else 0.05), p
+        assert np.percentile(lat, p) == pytest.approx(exp_quantile(p / 100, survival), rel=0.1 if p > 99 else 0.05), p
 
 
 # -- the extra work, counted by hand ---------------------------------------------------------------------

@@ -168,7 +168,6 @@ def reference(plan, service_s: float):
     if coded:
         have = plan.members < 0
         have = np.concatenate([have, np.zeros((len(have), r), dtype=bool)], 1)
-        got = np.full(have.shape, -np.inf)
         lost = np.zeros(have.shape, dtype=bool)
         pending = np.zeros(len(have), dtype=int)
         np.add.at(pending, plan.group, 1)
