@@ -212,17 +212,21 @@ class NWorkerRun(CodedRun):
                 f"{len(self.eval_patterns)} scored, of C({self.n}, {self.s}) = {pattern_count(self.n, self.s)}")
 
 
+def nworker_runs(root: str | Path):
+    """``(saved config, metrics rows)`` of each N-worker run folder under ``root`` that has metrics, in path order."""
+    for cfg_path in sorted(Path(root).rglob("config.json")):
+        saved = json.loads(cfg_path.read_text())
+        rows_path = cfg_path.parent / "metrics.jsonl"
+        if saved.get("form") == "nworker" and rows_path.exists():
+            yield saved, [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+
+
 def results_table(root: str | Path) -> list[str]:
     """Markdown rows, one per N-worker run folder under ``root``: its best epoch's test scores
     (accuracy of all K answers for a classifier; MSE, normalised MSE and relative L2 error always)."""
     lines = ["| dataset | F | K | N | S | encoder | decoder | epochs | best | val score | test acc (%) | test MSE "
              "| test NMSE | test rel. L2 |", "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cfg_path in sorted(Path(root).rglob("config.json")):
-        saved = json.loads(cfg_path.read_text())
-        rows_path = cfg_path.parent / "metrics.jsonl"
-        if saved.get("form") != "nworker" or not rows_path.exists():
-            continue
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    for saved, rows in nworker_runs(root):
         classify = any("val_degraded_acc" in r for r in rows)
         key = (lambda r: r.get("val_degraded_acc", -1)) if classify else (lambda r: -r.get("val_mse", math.inf))
         best = max(rows, key=key)
@@ -242,12 +246,7 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
     of several variants of one family (a decoder's lam, say) the one with the lowest mean validation
     MSE is shown, with its lam."""
     variants: dict = {}
-    for cfg_path in sorted(Path(root).rglob("config.json")):
-        saved = json.loads(cfg_path.read_text())
-        rows_path = cfg_path.parent / "metrics.jsonl"
-        if saved.get("form") != "nworker" or not rows_path.exists():
-            continue
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    for saved, rows in nworker_runs(root):
         row = min(rows, key=lambda r: r["val_mse"])
         family = spec_name(saved["encoder"]).split("-")[0]
         lam = saved["decoder"].get("args", {}).get("lam") if isinstance(saved["decoder"], dict) else None
