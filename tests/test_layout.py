@@ -61,6 +61,12 @@ def test_an_old_import_path_still_gives_the_same_object(old, name, new):
     assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
 
 
+def test_the_policies_frontend_keeps_its_old_name():
+    # one Ray frontend now drives fixed strategies and policies alike; scripts written for the policies still run
+    from serve.runtime import Frontend, PolicyFrontend
+    assert PolicyFrontend is Frontend
+
+
 def test_a_moved_module_is_one_module_under_both_names():
     import train.code
 
