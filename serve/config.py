@@ -341,7 +341,8 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
             raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
     if app.pool_name and (set(app.pool_name) - set(NAME_CHARS) or ":" in app.pool_name):
         raise _bad(source, key.format("pool_name"), f"must be a name of letters, digits and -_.+=; got "
-                   f"{app.pool_name!r}.")
+                   f"{app.pool_name!r}. Fix: pick such a name (e.g. \"mnist-k2\"), the same one in every front end "
+                   f"that should share the pool, or drop the key to give this front end its own instances.")
     if app.policy is not None:
         rows = {policy_name(p): p for p in all_policies(cfg)[len(cfg.strategies):]}
         if app.policy not in rows:

@@ -91,9 +91,11 @@ def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
     return str(next((tmp / "save").rglob("best.pt")).parent)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray (2 CPUs) for a whole test module: ``ray.init`` costs about 10 s."""
+    """One local Ray (2 CPUs) for the whole session, started by the first test that needs it and shut down at
+    the end: ``ray.init`` costs about 10 s, and five modules use it. The code under test joins it (``start_ray``
+    returns False for a Ray already started) and so never shuts it down; a test must not either."""
     ray = pytest.importorskip("ray")
     from util.ray_cluster import start_ray
 
