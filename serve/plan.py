@@ -304,8 +304,9 @@ def check_code_fits(code, strategies: Sequence[str], run: str, engine: str, key:
             raise ConfigError(f"Config key '{key}': strategy \"nworker\" on Ray serves the answers of an N-worker "
                               f"code, but run '{run}' is a systematic code (k = {code.k}, r = {code.r}), which has "
                               f"no N-worker encoder and decoder. Fix: name a run trained with \"form\": \"nworker\" "
-                              f"(docs/nworker.md) in 'runs', or set \"engine\": \"sim\" to time the N-worker "
-                              f"layout alone, or drop \"nworker\".")
+                              f"(docs/nworker.md) in 'runs'" + (", or serve another strategy." if key.startswith("app.")
+                                                                else ", or set \"engine\": \"sim\" to time the "
+                                                                "N-worker layout alone, or drop \"nworker\"."))
 
 
 def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, delay: dict,
