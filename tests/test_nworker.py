@@ -307,26 +307,32 @@ class Recorder:
 
 def test_the_policy_machine_decodes_an_nworker_group_at_its_n_minus_s_th_output():
     """K = 2, N = 4, S = 1: a group's four coded inputs go out at its close, and its two answers are decoded
-    at the third output (N - S, not K), from exactly the three in hand; later outputs answer nothing."""
+    at the third output (N - S, not K), from exactly the three in hand; later outputs answer nothing. A group
+    closed with one query (blank padding) still needs three outputs: the blank is encoded, its output unknown."""
     from serve.config import validate
     from serve.plan import Queries, build_plan
     from serve.policy import PolicyMachine
 
-    cfg = validate({"instances": 2, "num_queries": 4, "engine": "sim", "plot": False}, need_runs=False)
-    plan = build_plan(cfg, "nworker", 2, 2, Queries(np.arange(4) * 1e-3, np.arange(4), np.zeros(4, dtype=int)),
+    cfg = validate({"instances": 2, "num_queries": 3, "engine": "sim", "plot": False}, need_runs=False)
+    plan = build_plan(cfg, "nworker", 2, 2, Queries(np.arange(3) * 1e-3, np.arange(3), np.zeros(3, dtype=int)),
                       cfg.delays[0], need=3)
+    assert plan.members.tolist() == [[0, 1], [2, -1]]
     driver = Recorder()
     machine = PolicyMachine(plan, driver)
     for n in range(len(plan)):
         machine.due(n, plan.time[n])
     assert sorted(driver.sent) == list(range(8)) and (plan.query == -1).all()
-    g0 = np.nonzero(plan.group == 0)[0]
+    g0, g1 = np.nonzero(plan.group == 0)[0], np.nonzero(plan.group == 1)[0]
     for i, n in enumerate(g0[[3, 0, 2, 1]]):  # slot 3, then 0, 2, 1
         machine.output(int(n), 1.0 + i)
         assert len(driver.decoded) == (1 if i >= 2 else 0)
     assert driver.decoded == [(0, [0, 1], [True, False, True, True])]
     assert machine.done[:2].tolist() == [3.0, 3.0] and machine.reconstructed[:2].all()
-    assert np.isinf(machine.done[2:]).all()  # group 1 has no output yet
+    assert np.isinf(machine.done[2])  # group 1 has no output yet
+    for i, n in enumerate(g1[:3]):
+        machine.output(int(n), 10.0 + i)
+        assert len(driver.decoded) == (2 if i == 2 else 1)
+    assert driver.decoded[1] == (1, [2], [True, True, True, False]) and machine.done[2] == 12.0
 
 
 def test_a_simulated_nworker_run_is_scored_by_its_own_decode(nworker_run_folder):
