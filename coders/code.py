@@ -114,7 +114,7 @@ class Code(nn.Module):
 class TrainedCode:
     """A code loaded from a run folder, with what it was trained on."""
 
-    code: Code
+    code: nn.Module         # a Code, or an NWorkerCode for an N-worker run
     config: dict            # the run's resolved config.json
     splits: object          # datasets.Splits of the run's dataset (same seed, same split)
     epoch: int              # the checkpoint's epoch
@@ -126,7 +126,9 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     """Rebuild the code of a ``train.py`` run folder from its ``config.json`` and ``checkpoint``.
 
     F's weights come from the file the run used; they are never trained here
-    (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder.
+    (a missing file is a UserError). ``data_dir`` overrides the run's dataset folder. An N-worker run
+    (``"form": "nworker"``) gives a :class:`coders.nworker.NWorkerCode`, the one its training and
+    evaluation ran.
     """
     from base_models.fit import build_base_model, check_weights_path, default_path, has_weights, load_state
     from datasets import load_data
@@ -160,6 +162,16 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
                         f"the weights the run was trained with, or train the code again around these.")
     with torch.no_grad():
         n_out = base(splits.test_x[:1]).shape[1]
+    if cfg.form == "nworker":  # the literature's form (coders/nworker.py): K inputs coded into N worker inputs
+        from coders.nworker import NWorkerCode, build_nworker_coders
+
+        k, n, s = cfg.k_vals[0], cfg.n_workers[0], cfg.stragglers[0]
+        encoder, decoder = build_nworker_coders(*cfg.enc_dec_types[0], k, n, splits.input_shape, n_out)
+        load_module_state(encoder, state["encoder"], "encoder", path)
+        load_module_state(decoder, state["decoder"], "decoder", path)
+        code = NWorkerCode(base, encoder, decoder, k, n, s).to(dev).eval()
+        code.requires_grad_(False)
+        return TrainedCode(code, state.get("config", {}), splits, int(state.get("epoch", 0)), folder)
     encoder, decoder = build_coders(spec, splits.input_shape, n_out)
     parity = build_parity_models(cfg, spec, splits, base, n_out) if cfg.train_parity_model else None
     load_module_state(encoder, state["encoder"], "encoder", path)

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from coders.berrut import berrut_coefficients, berrut_weights
+from util.classpath import build, spec_name
+from util.errors import ConfigError
 from util.shapes import get_flattened_dim
 
 POINT_KINDS = ("first", "second", "uniform")
@@ -73,6 +75,25 @@ def chebyshev_points(m: int, kind: str = "first") -> torch.Tensor:
     else:
         return torch.linspace(-1, 1, m, dtype=torch.float64)
     return points.flip(0)
+
+
+def build_nworker_coders(encoder, decoder, k: int, n_workers: int, in_shape, n_out: int):
+    """The encoder and decoder named by the specs ``encoder`` and ``decoder`` (one ``enc_dec_types`` pair), built as
+    ``cls(K, N, in_dim, **args)``; a refusal is a ConfigError naming 'enc_dec_types'. Training, evaluation and
+    :func:`coders.code.load_code` (serving) all build N-worker coders here."""
+    modules = []
+    for which, cspec, dim in (("encoder", encoder, [-1, *in_shape]), ("decoder", decoder, [-1, n_out])):
+        try:
+            modules.append(build(cspec, "enc_dec_types", k, n_workers, dim))
+        except ValueError as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': N-worker {which} {spec_name(cspec)} cannot serve "
+                              f"K={k}, N={n_workers} with size {dim}: {exc} Fix: change k_vals, "
+                              f"n_workers or the coder's args.") from None
+        except TypeError as exc:
+            raise ConfigError(f"Config key 'enc_dec_types': N-worker {which} {spec_name(cspec)} could not be built "
+                              f"({exc}). Fix: name an N-worker coder (coders/nworker.py, coders/spline.py) taking "
+                              f"(K, N, in_dim, ...).") from None
+    return modules
 
 
 class NWorkerEncoder(nn.Module):

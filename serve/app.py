@@ -41,7 +41,7 @@ import torch
 from serve.cli import config_command, load_backup
 from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
 from serve.online import Overloaded, Service, Unanswerable, classifier_output
-from serve.plan import ROLE_BACKUP, ROLE_F, check_failed_instances, pool_roles
+from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
 from util.errors import ConfigError, UserError, exits_on_user_error
 
 # Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
@@ -272,7 +272,8 @@ def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
     with torch.no_grad():
         pad = code.base(torch.zeros(1, *shape))[0]
     policy = app_policy(cfg, app)
-    actors = pool.actors_for(service_roles(app.strategy, cfg.instances, code.k, code.r, policy))
+    k, r, _ = code_layout(code)
+    actors = pool.actors_for(service_roles(app.strategy, cfg.instances, k, r, policy))
     return ServiceFrontend(cfg, app, code, actors, pad, shape,
                            classifier_output(pad.shape[-1], loaded.splits.num_classes), policy)
 
@@ -283,8 +284,11 @@ def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
     from serve.runtime import Pool, service_roles
 
     code = loaded.code
-    roles = service_roles(app.strategy, cfg.instances, code.k, code.r, app_policy(cfg, app))
-    num_f, num_parity, num_backup = roles.count(ROLE_F), [roles.count(j) for j in range(code.r)], roles.count(ROLE_BACKUP)
+    k, r, _ = code_layout(code)
+    roles = service_roles(app.strategy, cfg.instances, k, r, app_policy(cfg, app))
+    num_f, num_parity, num_backup = roles.count(ROLE_F), [roles.count(j) for j in range(r)], roles.count(ROLE_BACKUP)
+    if is_nworker(code):  # F instances only: an N-worker code has no parity models
+        num_parity = []
     return Pool(code, cfg, num_f, num_parity, loaded.backup, num_backup, name=app.pool_name)
 
 
@@ -294,13 +298,16 @@ def load_service_code(cfg: ServeConfig, app: AppConfig):
 
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
     loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
-    check_failed_instances(cfg, loaded.code.k, loaded.code.r, [app.strategy], cfg.runs[app.run])
+    k, r, _ = code_layout(loaded.code)
+    check_code_fits(loaded.code, [app.strategy], cfg.runs[app.run], "ray", "app.strategy" if app.policy is None
+                    else "app.policy")
+    check_failed_instances(cfg, k, r, [app.strategy], cfg.runs[app.run])
     policy = app_policy(cfg, app)
-    if policy is not None and policy.pool == "shared" and loaded.code.parity_models is not None:
+    if policy is not None and policy.pool == "shared" and getattr(loaded.code, "parity_models", None) is not None:
         raise ConfigError(f"Config key 'app.policy': row {app.policy!r} pools parities on F's instances, but run "
                           f"'{cfg.runs[app.run]}' sends its parities through parity models. Fix: serve a row with "
                           f"\"pool\": \"split\".")
-    size = len(pool_roles(app.strategy, cfg.instances, loaded.code.k, loaded.code.r))
+    size = len(pool_roles(app.strategy, cfg.instances, k, r))
     if cfg.interference is not None and any(i >= size for i in cfg.interference["instances"]):
         raise ConfigError(f"Config key 'interference': instances {cfg.interference['instances']} are not all among "
                           f"the {size} instances of strategy '{app.strategy}' (0..{size - 1}).")
@@ -376,7 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                timeout_graceful_shutdown=5))
         shared = (f" of pool '{app.pool_name}' ({pool.attached} attached, {len(pool.started)} started here)"
                   if app.pool_name else "")
-        print(f"serving {cfg.runs[app.run]} (k={loaded.code.k}, r={loaded.code.r}), strategy {app.strategy} on "
+        k, r, need = code_layout(loaded.code)
+        shape = f"K={k}, N={k + r}, S={k + r - need}" if is_nworker(loaded.code) else f"k={k}, r={r}"
+        print(f"serving {cfg.runs[app.run]} ({shape}), strategy {app.strategy} on "
               f"{len(service.roles)} instances{shared}, at http://{app.host}:{app.port} (Ctrl-C stops)", flush=True)
         # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: to a
         # handler that only notes it, so the clean-up below runs either way.

@@ -26,8 +26,8 @@ import torch
 from serve.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
-from serve.plan import (ROLE_F, build_plan, check_failed_instances, make_queries, parity_per_model,
-                        pool_roles)
+from serve.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
+                        make_queries, parity_per_model, pool_roles)
 from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
@@ -67,9 +67,13 @@ def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
 
 def check_failures(cfg: ServeConfig, codes: dict) -> None:
     for run, loaded in codes.items():
-        check_failed_instances(cfg, loaded.code.k, loaded.code.r, row_strategies(cfg), run)
-        check_live_f(cfg, loaded.code.k, loaded.code.r, row_strategies(cfg), run)
-        if any(p.pool == "shared" for p in all_policies(cfg)) and loaded.code.parity_models is not None:
+        k, r, _ = code_layout(loaded.code)
+        check_code_fits(loaded.code, cfg.strategies, run, cfg.engine)
+        check_code_fits(loaded.code, [p.strategy for p in all_policies(cfg)[len(cfg.strategies):]], run, cfg.engine,
+                        "policies")
+        check_failed_instances(cfg, k, r, row_strategies(cfg), run)
+        check_live_f(cfg, k, r, row_strategies(cfg), run)
+        if any(p.pool == "shared" for p in all_policies(cfg)) and getattr(loaded.code, "parity_models", None) is not None:
             raise ConfigError(f"Config key 'policies': \"pool\": \"shared\" serves parities on F's instances, but "
                               f"run '{run}' sends its parities through parity models. Fix: use \"pool\": "
                               f"\"split\" for this run (its data instances still balance among themselves).")
@@ -121,7 +125,7 @@ def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out) -> list[
 
 def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[dict, list[dict]]:
     code = loaded.code
-    k, r = code.k, code.r
+    k, r, need = code_layout(code)
     x, y = loaded.splits.split(cfg.split)
     with torch.no_grad():
         pad_output = code.base(torch.zeros(1, *x.shape[1:]))[0]
@@ -130,9 +134,10 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
     policies = all_policies(cfg)
     names = [p.name or policy_name(p) for p in policies]
     record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
-              "delay": setting.delay, "k": k, "r": r, "strategies": names, "engine": cfg.engine,
+              "delay": setting.delay, "k": k, "r": r, "need": need, "strategies": names, "engine": cfg.engine,
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
-    print(f"== {setting.name}: {setting.describe()} (k={k}, r={r}, m={cfg.instances}, engine {cfg.engine})",
+    shape = (f"K={k}, N={k + r}, S={k + r - need}" if is_nworker(code) else f"k={k}, r={r}")
+    print(f"== {setting.name}: {setting.describe()} ({shape}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
     summaries, curves, measured = [], {}, []
     for si, (policy, strategy) in enumerate(zip(policies, names)):
@@ -140,7 +145,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         index = si if si < len(cfg.strategies) else \
             cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
         plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
-                          setting.delay, index)
+                          setting.delay, index, need)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))
@@ -209,7 +214,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
     from serve.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
                               mean_delay_ms, slow_factor, strategy_load)
     cfg = replace(cfg, strategies=row_strategies(cfg))  # a policy's plan and load are its strategy's
-    shapes = sorted({(c.code.k, c.code.r) for c in codes.values()})
+    shapes = sorted({code_layout(c.code)[:2] for c in codes.values()})
     durations = [cfg.num_queries / rate + cfg.group_timeout_ms / 1000.0 for rate in cfg.rates]
     check_plan_sizes(cfg, shapes, durations, lambda s, k, r: instance_count(s, cfg.instances, k, r)[0], SIZE_KEYS)
     if cfg.engine == "ray":  # the pool: the most F, parity and backup actors any strategy needs
@@ -217,7 +222,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
         check_ray_actors(cfg, sum(max(c[i] for c in counts) for i in (1, 2, 3)))
     for setting in expand_settings(cfg):
         loaded = codes[setting.run]
-        k, r = loaded.code.k, loaded.code.r
+        k, r, _ = code_layout(loaded.code)
         if cfg.engine == "ray":
             compute_ms = 1000.0 * measured_compute_s(loaded.code, loaded.splits.test_x)
         elif cfg.profile:
@@ -300,14 +305,15 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
     from serve.runtime import Frontend, Pool
 
     code = loaded.code
+    k, r, _ = code_layout(code)
     if setting.run not in pools:
         policies = all_policies(cfg)
-        num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, code.k, code.r, p.pool) if role == ROLE_F)
+        num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, k, r, p.pool) if role == ROLE_F)
                     for p in policies)
-        per = parity_per_model(cfg.instances, code.k)
-        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)
-        pools[setting.run] = Pool(code, cfg, num_f, [per if split_coded else 0] * code.r,
-                                  loaded.backup, code.r * per if "backup" in cfg.strategies else 0)
+        per = parity_per_model(cfg.instances, k)
+        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)  # never an N-worker run's
+        pools[setting.run] = Pool(code, cfg, num_f, [per] * r if split_coded else [],
+                                  loaded.backup, r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
     frontend = Frontend(plan, actors, code, x, pad_output)  # fixed layouts and policies alike

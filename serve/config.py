@@ -303,9 +303,6 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
 
         check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
-    if cfg.engine == "ray" and "nworker" in cfg.strategies:
-        raise _bad(source, "strategies", "holds \"nworker\", which runs on the simulator only for now (the Ray "
-                   "frontends decode a systematic code). Fix: set \"engine\": \"sim\", or drop \"nworker\".")
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
@@ -325,9 +322,8 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     """The checked ``app`` section of ``cfg``; a ConfigError names the key and the fix."""
     app = validate_schema(cfg.app, AppConfig, f"{source}, section 'app'")
     key = "app." + "{}"
-    if app.strategy not in STRATEGIES or app.strategy == "nworker":  # the service decodes systematic codes only
-        served = [s for s in STRATEGIES if s != "nworker"]
-        raise _bad(source, key.format("strategy"), f"must be one of {', '.join(served)}; got {app.strategy!r}.")
+    if app.strategy not in STRATEGIES:
+        raise _bad(source, key.format("strategy"), f"must be one of {', '.join(STRATEGIES)}; got {app.strategy!r}.")
     if cfg.runs and not 0 <= app.run < len(cfg.runs):
         raise _bad(source, key.format("run"), f"must number one of the {len(cfg.runs)} 'runs' (0..{len(cfg.runs) - 1}); "
                    f"got {app.run}.")
@@ -341,7 +337,8 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
             raise _bad(source, key.format(name), f"must be 1 or more; got {getattr(app, name)}.")
     if app.pool_name and (set(app.pool_name) - set(NAME_CHARS) or ":" in app.pool_name):
         raise _bad(source, key.format("pool_name"), f"must be a name of letters, digits and -_.+=; got "
-                   f"{app.pool_name!r}.")
+                   f"{app.pool_name!r}. Fix: pick such a name (e.g. \"mnist-k2\"), the same one in every front end "
+                   f"that should share the pool, or drop the key to give this front end its own instances.")
     if app.policy is not None:
         rows = {policy_name(p): p for p in all_policies(cfg)[len(cfg.strategies):]}
         if app.policy not in rows:
@@ -374,6 +371,10 @@ def policy_from(raw: Any, source: str, index: int) -> PolicyConfig:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: config key '{key}' {msg}")
 
+    if pol.strategy == "nworker":
+        raise bad("strategy", "\"nworker\" runs with its fixed layout only: a group's N coded inputs all go out "
+                  "when it closes, so there is nothing to route by queue, cancel or defer yet. Fix: list "
+                  "\"nworker\" in 'strategies' instead of 'policies'.")
     if pol.strategy not in POLICY_STRATEGIES:
         raise bad("strategy", f"must be one of {', '.join(POLICY_STRATEGIES)}; got {pol.strategy!r}.")
     if pol.routing not in ROUTINGS:

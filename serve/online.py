@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from serve.config import STRATEGIES, AppConfig, ServeConfig
-from serve.plan import ROLE_BACKUP, ROLE_F, pool_roles
+from serve.plan import ROLE_BACKUP, ROLE_F, code_layout, pool_roles
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -50,7 +50,8 @@ class Service:
     def __init__(self, cfg: ServeConfig, app: AppConfig, code, input_shape, classifier: bool):
         self.cfg, self.app, self.code = cfg, app, code
         self.strategy = app.strategy
-        self.k, self.r, self.m = code.k, code.r, cfg.instances
+        self.k, self.r, _ = code_layout(code)  # an N-worker code: K queries a group, N = k + r coded inputs
+        self.m = cfg.instances
         self.input_shape, self.classifier = tuple(input_shape), classifier
         self.delay_model = cfg.delays[app.delay]
         self.rng = np.random.default_rng([cfg.seed, 2, STRATEGIES.index(self.strategy)])

@@ -21,12 +21,13 @@ to them (m = ``instances``, p = r * ceil(m / k) parity instances):
 * ``coded``: 0..m-1 hold F for the data queries (q mod m); instances
   m + j*ceil(m/k) .. m + (j+1)*ceil(m/k) - 1 serve parity j (F itself, or
   parity model j), group g's parity j going to the (g mod ceil(m/k))-th.
-* ``nworker``: the literature's N-worker form (docs/nworker.md) with N = k + r
-  workers and S = r stragglers: every instance holds F, laid out as ``coded``'s
-  (coded input s < k of group g to instance (g k + s) mod m, coded input
-  k + j as parity j); all N coded inputs of a group go out when it closes (each
-  mixes all k queries), and all k answers are decoded once N - S = k outputs
-  are in.
+* ``nworker``: the literature's N-worker form (docs/nworker.md): every instance
+  holds F, laid out as ``coded``'s (coded input s < k of group g to instance
+  (g k + s) mod m, coded input k + j as parity j); all N = k + r coded inputs
+  of a group go out when it closes (each mixes all k queries), and all k
+  answers are decoded once ``need`` = N - S outputs are in. For an N-worker run
+  (:func:`code_layout`) k = K, r = N - K and need = N - S; for a systematic
+  run (simulator only, latency alone) N = k + r and S = r, so need = k.
 
 Queries form groups of k in arrival order: a group closes when its k-th
 query arrives or ``group_timeout_ms`` after its first, whichever is first;
@@ -54,6 +55,21 @@ from util.errors import ConfigError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
 ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "backup")
+
+
+def code_layout(code) -> tuple[int, int, int]:
+    """``(k, r, need)`` of a loaded code as plans lay it out: a systematic code (:class:`coders.code.Code`) has k
+    data and r parity slots per group and decodes from any k outputs; an N-worker code
+    (:class:`coders.nworker.NWorkerCode`) has K queries, N = K + r coded slots, and decodes from N - S."""
+    n_workers = getattr(code, "n_workers", None)
+    if n_workers is None:
+        return code.k, code.r, code.k
+    return code.k, n_workers - code.k, n_workers - code.stragglers
+
+
+def is_nworker(code) -> bool:
+    """Whether a loaded code is an N-worker code (answers decoded from N - S coded outputs, none F's own)."""
+    return getattr(code, "n_workers", None) is not None
 
 
 def parity_per_model(m: int, k: int) -> int:
@@ -130,6 +146,11 @@ class Plan:
     delay_instances: Optional[list] = None  # the delay model's "instances" (None: every instance)
     slowdown: Optional[dict] = None         # the config's slow periods, drawn per period by slow_table()
     seed: int = 0
+    need: Optional[int] = None              # outputs a group needs before it decodes (None: k); N - S for nworker
+
+    def __post_init__(self):
+        if self.need is None:
+            self.need = self.k
 
     @property
     def dynamic(self) -> bool:
@@ -262,10 +283,37 @@ def check_failed_instances(cfg: ServeConfig, k: int, r: int, strategies: Sequenc
                                   f"Fix: name an instance below {smallest}, or drop that strategy.")
 
 
+def check_code_fits(code, strategies: Sequence[str], run: str, engine: str, key: str = "strategies") -> None:
+    """Stop with a ConfigError naming ``key`` if one of ``strategies`` cannot serve the run's code: ``coded``
+    needs a systematic code (k data + r parities), ``nworker`` on Ray (or over HTTP) an N-worker run (its trained
+    encoder and decoder; the simulator times a systematic run's ``nworker`` alone), and an N-worker run needs
+    N >= K to be laid out. The strategies that send F's own outputs only (none, equal-resources, replicate,
+    backup) serve either form."""
+    nworker = is_nworker(code)
+    if nworker and code.n_workers < code.k:
+        raise ConfigError(f"Config key 'runs': run '{run}' codes K = {code.k} queries into N = {code.n_workers} < K "
+                          f"worker inputs, which serving cannot lay out on its instances (a group of K queries sends "
+                          f"N coded inputs). Fix: serve an N-worker run with N >= K.")
+    for strategy in strategies:
+        if strategy == "coded" and nworker:
+            raise ConfigError(f"Config key '{key}': strategy \"coded\" serves a systematic code (k data + r "
+                              f"parities, data outputs answered as they are), but run '{run}' is an N-worker code "
+                              f"(K = {code.k}, N = {code.n_workers}, S = {code.stragglers}). Fix: serve it with "
+                              f"\"nworker\", or name a systematic run folder in 'runs'.")
+        if strategy == "nworker" and not nworker and engine != "sim":
+            raise ConfigError(f"Config key '{key}': strategy \"nworker\" on Ray serves the answers of an N-worker "
+                              f"code, but run '{run}' is a systematic code (k = {code.k}, r = {code.r}), which has "
+                              f"no N-worker encoder and decoder. Fix: name a run trained with \"form\": \"nworker\" "
+                              f"(docs/nworker.md) in 'runs'" + (", or serve another strategy." if key.startswith("app.")
+                                                                else ", or set \"engine\": \"sim\" to time the "
+                                                                "N-worker layout alone, or drop \"nworker\"."))
+
+
 def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, delay: dict,
-               strategy_index: int = 0) -> Plan:
+               strategy_index: int = 0, need: Optional[int] = None) -> Plan:
     """The requests of ``strategy`` (a name, or a :class:`serve.config.PolicyConfig`) for ``queries``; see the
-    module docstring for the routing."""
+    module docstring for the routing. ``need``: the outputs a group decodes from (default k; the third value of
+    :func:`code_layout`)."""
     policy = strategy if isinstance(strategy, PolicyConfig) else None
     strategy = policy.strategy if policy else strategy
     m = cfg.instances
@@ -310,4 +358,5 @@ def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, del
                                                                        delay_any, 0.0)
     factor = slow_factors(cfg, inst, time, len(roles))
     return Plan(strategy, k, r, roles, queries, time, inst, query, group, slot, delays, factor,
-                members, closed, failures, policy, delay_any, delay.get("instances"), cfg.slowdown, cfg.seed)
+                members, closed, failures, policy, delay_any, delay.get("instances"), cfg.slowdown, cfg.seed,
+                need if need is not None else k)

@@ -61,6 +61,13 @@ The policy's parts:
   still to be sent), and is otherwise sent again (with no injected delay) to
   a live F instance: the next after the failed one (static), or the routed
   one. ``replicate`` sends a query again when both copies are lost.
+
+``nworker`` (an N-worker code, docs/nworker.md) is a grouped strategy like
+``coded`` whose requests carry no query: a group's N coded inputs fall due at
+its close, blank padding has no known output, and every member is answered by
+the decoder once ``need`` = N - S outputs are in (``Plan.need``); a group that
+can no longer reach N - S sends every unanswered member again. It runs with
+the fixed layout only (no ``policies`` row names it).
 """
 from __future__ import annotations
 
@@ -122,10 +129,14 @@ class PolicyMachine:
             copies = np.full((n, 2), -1)
             copies[plan.query, plan.slot] = np.arange(len(plan))
             self.copies = copies.tolist()
-        # The outputs a group needs before it decodes: k of its k + r for a systematic code. The one place
-        # the threshold lives (in output() and lost()), for codes that need another count.
-        self.need = self.k
-        if self.strategy == "coded":
+        # The outputs a group needs before it decodes: k of its k + r for a systematic code, N - S of its N
+        # for an N-worker code (plan.need). The one place the threshold lives (in output() and lost()).
+        self.need = plan.need
+        # coded and nworker requests belong to groups of k queries; an nworker request carries no query (it is
+        # one of the group's N coded inputs), so every answer of its group is the decoder's
+        self.grouped = self.strategy in ("coded", "nworker")
+        self.nworker = self.strategy == "nworker"
+        if self.grouped:
             g = len(plan.closed)
             rows = np.full((g, self.k + self.r), -1)
             rows[plan.group, plan.slot] = np.arange(len(plan))
@@ -133,13 +144,14 @@ class PolicyMachine:
             self.parity_rows = [[x for x in row[self.k:] if x >= 0] for row in rows.tolist()]
             self.members = plan.members.tolist()
             self.closed = plan.closed.tolist()
-            gq = np.full(n, -1)
-            data = plan.query >= 0
-            gq[plan.query[data]] = plan.group[data]
+            gq = np.full(n, -1)  # each query's group, from the members (an nworker request names no query)
+            in_group = plan.members >= 0
+            gq[plan.members[in_group]] = np.nonzero(in_group)[0]
             self.group_list = gq.tolist()
             self._group_of = gq
             have = np.zeros((g, self.k + self.r), dtype=bool)
-            have[:, :self.k] = plan.members < 0                # blank padding: known in advance
+            if not self.nworker:  # blank padding: its output is known in advance (an N-worker code encodes it)
+                have[:, :self.k] = plan.members < 0
             self.count = have.sum(axis=1).tolist()
             self.have = have.tolist()
             self.slot_lost = np.zeros((g, self.k + self.r), dtype=bool).tolist()
@@ -194,12 +206,12 @@ class PolicyMachine:
         self.retry_of.append(-1)
         if self.strategy in ("replicate", "backup"):
             self.copies.append([-1, -1])
-        if self.strategy == "coded":
+        if self.grouped:
             self.group_list.append(-1)
         return q
 
     def open_group(self) -> int:
-        """Coded: a new group (the next number), empty, whose members and parities are still to come."""
+        """Coded, nworker: a new group (the next number), empty, whose members and parities are still to come."""
         g = len(self.rows)
         width = self.k + self.r
         for name, value in (("rows", []), ("parity_rows", []), ("members", [-1] * self.k), ("closed", np.inf),
@@ -219,7 +231,7 @@ class PolicyMachine:
         parities are added next)."""
         self.closed[g] = t
         for s, q in enumerate(self.members[g]):
-            if q < 0:
+            if q < 0 and not self.nworker:  # an N-worker group sends all N coded inputs, padding or not
                 self.have[g][s] = True
                 self.count[g] += 1
                 self.unmade[g] -= 1
@@ -234,7 +246,7 @@ class PolicyMachine:
                             ("p_time", t), ("p_delay", delay), ("p_factor", factor), ("retry_row", False),
                             ("state", PLANNED), ("inst", -1), ("sent", np.nan)):
             getattr(self, name).append(value)
-        if self.strategy == "coded":
+        if self.grouped:
             self.rows[g].append(n)
             self.unmade[g] -= 1
             if slot >= self.k:
@@ -285,7 +297,7 @@ class PolicyMachine:
                 self.driver.answer_own(q, n)
                 self.after_answer(q)
             return
-        if self.strategy != "coded":
+        if not self.grouped:
             if self.strategy == "replicate" and self.p_slot[n] == 0:
                 self.record_latency(now - self.sent[n])
             if not self.answers_of[q]:  # backup: the backup model's copy answers approximately
@@ -337,7 +349,7 @@ class PolicyMachine:
             if not self.answers_of[q]:
                 self.retry(q, failed, now)
             return
-        if self.strategy == "coded":
+        if self.grouped:
             g = self.p_group[n]
             self.slot_lost[g][self.p_slot[n]] = True
             self.urgent[g] = True
@@ -347,8 +359,8 @@ class PolicyMachine:
             coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING)) + self.unmade[g]
             if self.count[g] + coming >= self.need:
                 return  # the decoder will still get the outputs it needs
-            for s, x in enumerate(self.members[g]):
-                if x >= 0 and not self.answers_of[x] and self.slot_lost[g][s]:
+            for s, x in enumerate(self.members[g]):  # nworker: no member has an output of its own to wait for
+                if x >= 0 and not self.answers_of[x] and (self.slot_lost[g][s] or self.nworker):
                     self.retry(x, failed, now)
             return
         if self.answers_of[q]:
@@ -383,7 +395,7 @@ class PolicyMachine:
         self.answers_of[q] += 1
         self.done_at[q] = now
         self.rebuilt[q] = reconstructed
-        if self.strategy == "coded":
+        if self.grouped:
             self.unanswered[self.group_list[q]] -= 1
 
     def after_answer(self, q: int) -> None:
@@ -396,7 +408,7 @@ class PolicyMachine:
             for row in self.copies[q]:
                 if row >= 0 and self.state[row] == OUTSTANDING:
                     self.driver.cancel(row)
-        elif self.strategy == "coded":
+        elif self.grouped:
             g = self.group_list[q]
             if self.unanswered[g] == 0:
                 for row in self.rows[g]:
@@ -458,7 +470,7 @@ class PolicyMachine:
         """Instances holding an outstanding request of n's group (coded) or query (replicate)."""
         if self.is_retry(n):
             return []
-        if self.strategy == "coded":
+        if self.grouped:
             rows = self.rows[self.p_group[n]]
         elif self.strategy in ("replicate", "backup"):
             rows = self.copies[self.p_query[n]]

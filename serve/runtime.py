@@ -38,7 +38,7 @@ import torch
 from serve.config import STRATEGIES, PolicyConfig
 from serve.dispatch import Dispatcher, GroupFormer, Request
 from serve.online import Service
-from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, pool_roles, route, sample_delays
+from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, code_layout, pool_roles, route, sample_delays
 from serve.results import Outcome
 from util.errors import UserError
 from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
@@ -257,7 +257,7 @@ class Driver:
             if g >= 0:
                 self.open_group(g)
             req = Request("plan", q, g, slot)
-            x = self.input_of(q) if q >= 0 else self.core.parity(g, slot - d.k)
+            x = self.input_of(q) if q >= 0 else self.core.coded_input(g, slot)
         ref = self.core.send(inst, x, delay, factor, req)
         self.ref_of[n] = ref
         self.n_of[ref] = n
@@ -457,7 +457,8 @@ class ServiceFrontend(Driver, Service):
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
         index = STRATEGIES.index(pol.strategy)
-        self.policy = PolicyMachine(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model), self,
+        self.policy = PolicyMachine(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model,
+                                                 code_layout(code)[2]), self,
                                     np.random.default_rng([cfg.seed, 11, index]))
         self.init_driver()
 
@@ -482,7 +483,7 @@ class ServiceFrontend(Driver, Service):
         fut = self.loop.create_future()
         self.futures[q] = (fut, now)
         core.add_query(q, x)
-        if self.strategy == "coded":
+        if self.strategy in ("coded", "nworker"):
             g, slot, closed = self.former.add(q, now)
             if slot == 0:
                 core.open_group(g)
@@ -490,7 +491,8 @@ class ServiceFrontend(Driver, Service):
                 self.loop.call_later(self.former.timeout, self._expire, g)
             core.join(g, slot, q, x)
             d.join_group(g, slot, q)
-            d.due(self.add(q, g, slot, now), now)
+            if self.strategy == "coded":  # an N-worker query has no request of its own: its group's go at the close
+                d.due(self.add(q, g, slot, now), now)
             for done_group, _, t in closed:
                 self._close(done_group, t)
         else:
@@ -506,11 +508,12 @@ class ServiceFrontend(Driver, Service):
         return self.policy.add_request(q, g, slot, inst, now, delay)
 
     def _close(self, g: int, t: float) -> None:
-        """Group ``g`` has its members (closed at ``t``): seal it; its parities fall due now."""
+        """Group ``g`` has its members (closed at ``t``): seal it; its parities (an N-worker code's N coded
+        inputs) fall due now."""
         d, now = self.policy, self.clock()
         self.core.seal(g)
         d.close_group(g, t)
-        rows = [self.add(-1, g, self.k + j, now) for j in range(self.r)]
+        rows = [self.add(-1, g, slot, now) for slot in range(self.core.first_coded, self.k + self.r)]
         for n in rows:
             d.due(n, now)
         if d.unanswered[g] == 0 and (d.cancel_on or d.defer is not None):
@@ -539,10 +542,12 @@ class ServiceFrontend(Driver, Service):
         self._unanswerable(q)
 
 
-def service_plan(cfg, policy: PolicyConfig, k: int, r: int, roles: list[int], delay: dict) -> Plan:
-    """The empty plan a service's policy machine starts from: no query yet, the policy, the slow periods."""
+def service_plan(cfg, policy: PolicyConfig, k: int, r: int, roles: list[int], delay: dict,
+                 need: Optional[int] = None) -> Plan:
+    """The empty plan a service's policy machine starts from: no query yet, the policy, the slow periods
+    (``need``: the outputs a group decodes from, :func:`serve.plan.code_layout`)."""
     z, zi = np.zeros(0), np.zeros(0, dtype=int)
-    coded = policy.strategy == "coded"
+    grouped = policy.strategy in ("coded", "nworker")
     return Plan(policy.strategy, k, r, roles, Queries(z, zi, zi), z, zi, zi, zi, zi, z, z,
-                np.zeros((0, k), dtype=int) if coded else None, z if coded else None, {}, policy, None,
-                delay.get("instances"), cfg.slowdown, cfg.seed)
+                np.zeros((0, k), dtype=int) if grouped else None, z if grouped else None, {}, policy, None,
+                delay.get("instances"), cfg.slowdown, cfg.seed, need)

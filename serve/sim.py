@@ -21,8 +21,8 @@ two by its key ``engine``. What it models:
   ``replicate``: the first of its two copies; ``coded``: the earlier of its
   own output and the moment its group has k outputs (blank padding counts
   from the start), the latter being a reconstruction; ``nworker``: the
-  moment its group has N - S = k of its N = k + r coded outputs (the k-th
-  order statistic of their arrivals), every answer a reconstruction.
+  moment its group has N - S of its N coded outputs (the (N - S)-th order
+  statistic of their arrivals; ``Plan.need``), every answer a reconstruction.
 * **Failures.** An instance failing at T loses every request it has not
   finished by T; a request with no live instance of its role (plan instance
   -1) is lost at dispatch. As in the runtime, a lost request is recovered by
@@ -35,7 +35,10 @@ two by its key ``engine``. What it models:
 * **Served accuracy** (when ``code`` and ``inputs`` are given): F's argmax
   for queries answered by their own output, and the trained decoder's
   reconstruction, from exactly the outputs in hand at the decoding moment,
-  for reconstructed ones, computed offline in batches. Without a code,
+  for reconstructed ones, computed offline in batches. ``nworker`` with an
+  N-worker run decodes each group from its first N - S outputs with the
+  code itself (:class:`coders.nworker.NWorkerCode`), as the Ray frontend
+  does; ``nworker`` with a systematic run is latency alone. Without a code,
   predictions are -1 and accuracy reads n/a.
 
 A plan with a dynamic policy (shortest-queue routing, cancellation,
@@ -62,7 +65,7 @@ from typing import Optional
 import numpy as np
 
 from serve.config import STRATEGIES, ServeConfig
-from serve.plan import ROLE_F, Plan, sample_delays
+from serve.plan import ROLE_F, Plan, is_nworker, sample_delays
 from serve.runtime import Outcome
 from util.errors import ConfigError, UserError
 from util.files import atomic_write_text
@@ -281,7 +284,8 @@ class _Run:
         slots[p.group, p.slot] = state["arrive"]
         lost = np.full((g_count, k + r), np.inf)
         lost[p.group, p.slot] = state["lost_at"]
-        decode = np.partition(slots, k - 1, axis=1)[:, k - 1]  # coded and nworker: k of the k + r outputs
+        need = p.need  # coded: k of the k + r outputs; nworker: N - S of the N
+        decode = np.partition(slots, need - 1, axis=1)[:, need - 1]
         own = np.full(n, np.inf)  # nworker: no request carries a query, so no answer is a query's own output
         data = p.query >= 0
         own[p.query[data]] = state["arrive"][data]
@@ -290,10 +294,11 @@ class _Run:
         group_of[p.members[in_group]] = np.nonzero(in_group)[0]
         answer = np.minimum(own, decode[group_of])
         self.decode_time, self.own, self.group_of, self.slot_arrive = decode, own, group_of, slots
-        # A group that loses more than r of its k + r slots cannot decode: at the loss that makes it r + 1
-        # (time t_star), every member lost so far is sent again; members lost later, at their own loss.
+        # A group that loses more than k + r - need of its k + r slots cannot decode: at the loss that makes it
+        # one more (time t_star), every member lost so far is sent again; members lost later, at their own loss.
+        spare = k + r - need
         n_lost = np.isfinite(lost).sum(axis=1)
-        bad = np.nonzero(n_lost > r)[0]
+        bad = np.nonzero(n_lost > spare)[0]
         if len(bad) == 0:
             return np.zeros(0, int), np.zeros(0), np.zeros(0, int), answer
         req_of = np.full((g_count, k + r), -1)
@@ -301,7 +306,7 @@ class _Run:
         qs, ts, frm = [], [], []
         for g in bad:  # rare: only groups hit by failures beyond r
             order = np.argsort(lost[g], kind="stable")
-            star = order[r]
+            star = order[spare]
             t_star = lost[g, star]
             for s in range(k):
                 q = p.members[g, s]
@@ -395,8 +400,14 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         copies = np.full((n, 2), np.inf)
         copies[plan.query, plan.slot] = state["arrive"]
         reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
-    predicted = np.full(n, -1)
-    if code is not None and inputs is not None and plan.strategy != "nworker":  # no N-worker code is served yet
+    predicted = np.full(n, -1)  # stays so for nworker of a systematic run: its latency alone, no N-worker code
+    if code is not None and inputs is not None and plan.strategy == "nworker" and is_nworker(code):
+        # Each group's first N - S outputs (ties in slot order), decoded as the Ray frontend decodes them.
+        first = np.argsort(run.slot_arrive, axis=1, kind="stable")[:, :plan.need]
+        available = np.zeros(run.slot_arrive.shape, dtype=bool)
+        np.put_along_axis(available, first, True, axis=1)
+        predicted = nworker_predictions(plan, run.group_of, available, reconstructed, code, inputs, batch)
+    elif code is not None and inputs is not None and plan.strategy != "nworker":
         available = run.slot_arrive <= run.decode_time[:, None] if plan.strategy == "coded" else None
         predicted = predictions(plan, getattr(run, "group_of", None), available,
                                 reconstructed if plan.strategy == "coded" else np.zeros(n, dtype=bool),
@@ -642,6 +653,29 @@ def predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconst
             recon = code.decode(torch.cat([own, parity], 1), torch.as_tensor(available[g]))
         pick = real & reconstructed[np.maximum(members, 0)]
         rows, cols = np.nonzero(pick)
+        predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
+    return predicted
+
+
+def nworker_predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconstructed: np.ndarray, code,
+                        inputs, batch: int) -> np.ndarray:
+    """An N-worker code's served predictions: F's argmax for queries answered by a retry (their own output), and
+    for the rest the code itself (:class:`coders.nworker.NWorkerCode`: encode, F on every coded input, decode) on
+    the group's members, from the outputs ``available`` ((groups, N)) when it decoded."""
+    import torch
+
+    predicted = predictions(plan, None, None, np.zeros(len(reconstructed), dtype=bool), code, inputs, batch)
+    q, k = plan.queries, plan.k
+    groups = np.unique(group_of[reconstructed])
+    for lo in range(0, len(groups), batch):
+        g = groups[lo:lo + batch]
+        members = plan.members[g]
+        real = members >= 0
+        x = inputs[torch.as_tensor(np.where(real, q.index[np.maximum(members, 0)], 0).reshape(-1))]
+        x = x.reshape(len(g), k, *inputs.shape[1:]).clone()
+        x[torch.as_tensor(~real)] = 0.0  # blank padding, as the frontend encodes it
+        recon = code(x, torch.as_tensor(available[g]))
+        rows, cols = np.nonzero(real & reconstructed[np.maximum(members, 0)])
         predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
     return predicted
 

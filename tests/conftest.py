@@ -91,9 +91,28 @@ def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
     return str(next((tmp / "save").rglob("best.pt")).parent)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
+    """A run folder of a digits N-worker Berrut code (K = 2, N = 3, S = 1; nothing to train), made once per session."""
+    from train.cli import run_all
+
+    tmp = tmp_path_factory.mktemp("nworker_run")
+    cfg = {"form": "nworker", "num_epoch": 0, "k_vals": [2], "n_workers": [3], "stragglers": [1],
+           "enc_dec_types": [["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]],
+           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["mse"], "epoch_groups": "disjoint",
+           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
+    path = tmp / "train.json"
+    path.write_text(json.dumps(cfg))
+    with open(os.devnull, "w") as quiet:
+        run_all(str(path), {}, out=quiet)
+    return str(next((tmp / "save").rglob("best.pt")).parent)
+
+
+@pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray (2 CPUs) for a whole test module: ``ray.init`` costs about 10 s."""
+    """One local Ray (2 CPUs) for the whole session, started by the first test that needs it and shut down at
+    the end: ``ray.init`` costs about 10 s, and five modules use it. The code under test joins it (``start_ray``
+    returns False for a Ray already started) and so never shuts it down; a test must not either."""
     ray = pytest.importorskip("ray")
     from util.ray_cluster import start_ray
 

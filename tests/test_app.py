@@ -265,7 +265,8 @@ def test_a_bad_app_section_exits_2_naming_the_key(tmp_path, digits_run_folder, c
     assert "max_queue" in capsys.readouterr().err
     path.write_text(json.dumps({"runs": [digits_run_folder], "app": {"pool_name": "a:b"}}))
     assert main([str(path)]) == 2
-    assert "'app.pool_name'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'app.pool_name'" in err and "Fix:" in err
 
 
 def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_run_folder, loaded, pool):

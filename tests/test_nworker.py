@@ -289,8 +289,99 @@ def test_simulated_nworker_answers_wait_for_the_k_th_of_k_plus_r_outputs(slow, e
         assert (coded.done - coded.arrival)[1] * 1000 == pytest.approx(1.0)
 
 
-def test_nworker_serving_on_ray_is_refused_naming_the_key():
+class Recorder:
+    """A driver that sends nothing and records what a policy machine decodes."""
+
+    def __init__(self):
+        self.sent, self.decoded = [], []
+
+    def send(self, n, inst, delay, factor):
+        self.sent.append(n)
+
+    def answer_own(self, q, n):
+        raise AssertionError("an N-worker query has no output of its own")
+
+    def answer_decoded(self, g, queries, available):
+        self.decoded.append((g, sorted(queries), list(available)))
+
+
+def test_the_policy_machine_decodes_an_nworker_group_at_its_n_minus_s_th_output():
+    """K = 2, N = 4, S = 1: a group's four coded inputs go out at its close, and its two answers are decoded
+    at the third output (N - S, not K), from exactly the three in hand; later outputs answer nothing. A group
+    closed with one query (blank padding) still needs three outputs: the blank is encoded, its output unknown."""
+    from serve.config import validate
+    from serve.plan import Queries, build_plan
+    from serve.policy import PolicyMachine
+
+    cfg = validate({"instances": 2, "num_queries": 3, "engine": "sim", "plot": False}, need_runs=False)
+    plan = build_plan(cfg, "nworker", 2, 2, Queries(np.arange(3) * 1e-3, np.arange(3), np.zeros(3, dtype=int)),
+                      cfg.delays[0], need=3)
+    assert plan.members.tolist() == [[0, 1], [2, -1]]
+    driver = Recorder()
+    machine = PolicyMachine(plan, driver)
+    for n in range(len(plan)):
+        machine.due(n, plan.time[n])
+    assert sorted(driver.sent) == list(range(8)) and (plan.query == -1).all()
+    g0, g1 = np.nonzero(plan.group == 0)[0], np.nonzero(plan.group == 1)[0]
+    for i, n in enumerate(g0[[3, 0, 2, 1]]):  # slot 3, then 0, 2, 1
+        machine.output(int(n), 1.0 + i)
+        assert len(driver.decoded) == (1 if i >= 2 else 0)
+    assert driver.decoded == [(0, [0, 1], [True, False, True, True])]
+    assert machine.done[:2].tolist() == [3.0, 3.0] and machine.reconstructed[:2].all()
+    assert np.isinf(machine.done[2])  # group 1 has no output yet
+    for i, n in enumerate(g1[:3]):
+        machine.output(int(n), 10.0 + i)
+        assert len(driver.decoded) == (2 if i == 2 else 1)
+    assert driver.decoded[1] == (1, [2], [True, True, True, False]) and machine.done[2] == 12.0
+
+
+def test_a_simulated_nworker_run_is_scored_by_its_own_decode(nworker_run_folder):
+    """The simulator serves an N-worker run as Ray does: each group decoded by the code itself from its first
+    N - S outputs (here always without instance 0, 50 ms late), and the served top-1 is that decode's."""
+    from coders.code import load_code
+    from serve.config import validate
+    from serve.plan import build_plan, code_layout, make_queries
+    from serve.sim import simulate
+
+    cfg = validate({"runs": [nworker_run_folder], "instances": 2, "num_queries": 40, "engine": "sim", "plot": False,
+                    "strategies": ["nworker"], "group_timeout_ms": 1000.0, "delays": [{"dist": "constant", "ms": 50.0,
+                                                                                       "instances": [0]}]})
+    loaded = load_code(nworker_run_folder)
+    code, (x, y) = loaded.code, loaded.splits.split("test")
+    k, r, need = code_layout(code)
+    plan = build_plan(cfg, "nworker", k, r, make_queries(cfg, 100.0, y.numpy()), cfg.delays[0], need=need)
+    out = simulate(plan, cfg, code=code, inputs=x)
+    group_closed = np.repeat(plan.closed, 2)  # every group fills: 20 groups of two
+    assert out.reconstructed.all() and (out.done - group_closed < 0.01).all()  # never the 50-ms straggler's wait
+    with torch.no_grad():
+        offline = code(x[torch.as_tensor(plan.queries.index)].view(20, 2, *x.shape[1:]),
+                       torch.tensor([[False, True, True]] * 20))
+    assert np.array_equal(out.predicted, offline.argmax(-1).flatten().numpy())
+
+
+@pytest.mark.parametrize("strategies,run,key", [
+    (["none", "nworker"], "systematic", "'strategies'.*systematic code.*\"form\": \"nworker\""),
+    (["coded"], "nworker", "'strategies'.*\"coded\".*N-worker code"),
+])
+def test_serving_a_code_with_a_strategy_that_cannot_serve_it_exits_2(strategies, run, key, digits_run_folder,
+                                                                     nworker_run_folder, tmp_path, capsys):
+    """On Ray, "nworker" needs an N-worker run and "coded" a systematic one: refused before Ray starts."""
+    import re
+
+    from serve.cli import main as serve_main
+
+    folder = {"systematic": digits_run_folder, "nworker": nworker_run_folder}[run]
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [folder], "strategies": strategies, "engine": "ray", "plot": False,
+                                "out_dir": str(tmp_path / "out")}))
+    assert serve_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(key, err) and "Fix:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_nworker_is_refused_as_a_policy_row():
     from serve.config import validate
 
-    with pytest.raises(ConfigError, match="'strategies'.*simulator only"):
-        validate({"instances": 2, "engine": "ray", "strategies": ["coded", "nworker"]}, need_runs=False)
+    with pytest.raises(ConfigError, match="'strategy'.*fixed layout only.*'strategies' instead"):
+        validate({"instances": 2, "engine": "sim", "policies": [{"strategy": "nworker", "routing": "jsq"}]},
+                 need_runs=False)

@@ -160,33 +160,68 @@ def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_pat
     assert {int(r["instance"]) for r in requests} == {0, 1, 2}
 
 
-def test_every_strategy_answers_every_query_exactly_once(local_ray, tmp_path, digits_run_folder):
-    from serve.runtime import Frontend, Pool
+@pytest.fixture(scope="module")
+def digits_pool(local_ray, tmp_path_factory, digits_run_folder):
+    """Four F instances and one parity instance of the digits run, started once for the tests below."""
+    from serve.runtime import Pool
+
+    cfg = serve_config(tmp_path_factory.mktemp("pool"), digits_run_folder)
+    pool = Pool(load_code(digits_run_folder).code, cfg, 4, [1])
+    yield pool
+    pool.shutdown()
+
+
+def test_every_strategy_answers_every_query_exactly_once(digits_pool, tmp_path, digits_run_folder):
+    from serve.runtime import Frontend
 
     cfg = serve_config(tmp_path, digits_run_folder, num_queries=30, rates=[40],
                        delays=[{"dist": "exponential", "mean_ms": 60, "probability": 0.3}])
     loaded = load_code(digits_run_folder)
     x, y = loaded.splits.split("test")
     queries = make_queries(cfg, 40.0, y.numpy())
-    pool = Pool(loaded.code, cfg, 4, [1])
     pad = loaded.code.base(torch.zeros(1, *x.shape[1:]))[0].detach()
-    try:
-        for i, strategy in enumerate(("none", "equal-resources", "replicate", "coded")):
-            plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], i)
-            outcome = Frontend(plan, pool.actors_for(plan.roles), loaded.code, x, pad).run()
-            assert outcome.answers.tolist() == [1] * 30, strategy
-            assert np.all(outcome.done >= outcome.arrival)
-            served = outcome.requests["instance"]
-            expected = {"none": {0, 1}, "equal-resources": {0, 1, 2}, "replicate": {0, 1, 2, 3},
-                        "coded": {0, 1, 2}}[strategy]
-            assert set(served.tolist()) <= expected
-            # Own outputs are F's argmax on the query's image.
-            own = ~outcome.reconstructed
-            with torch.no_grad():
-                f_pred = loaded.code.base(x[outcome.image[own]]).argmax(1).numpy()
-            assert np.array_equal(outcome.predicted[own], f_pred)
-    finally:
-        pool.shutdown()
+    for i, strategy in enumerate(("none", "equal-resources", "replicate", "coded")):
+        plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], i)
+        outcome = Frontend(plan, digits_pool.actors_for(plan.roles), loaded.code, x, pad).run()
+        assert outcome.answers.tolist() == [1] * 30, strategy
+        assert np.all(outcome.done >= outcome.arrival)
+        served = outcome.requests["instance"]
+        expected = {"none": {0, 1}, "equal-resources": {0, 1, 2}, "replicate": {0, 1, 2, 3},
+                    "coded": {0, 1, 2}}[strategy]
+        assert set(served.tolist()) <= expected
+        # Own outputs are F's argmax on the query's image.
+        own = ~outcome.reconstructed
+        with torch.no_grad():
+            f_pred = loaded.code.base(x[outcome.image[own]]).argmax(1).numpy()
+        assert np.array_equal(outcome.predicted[own], f_pred)
+
+
+def test_an_nworker_group_answers_without_its_straggler_as_the_code_decodes_offline(digits_pool, tmp_path,
+                                                                                    nworker_run_folder):
+    """An N-worker Berrut run (K = 2, N = 3, S = 1) on Ray: instance 0, which gets coded input 0 of every group,
+    is 300 ms late, so every group is decoded from its other N - S = 2 outputs long before it answers; the
+    served outputs equal the code's own computation (encode, F, decode) offline from those same two outputs."""
+    from serve.plan import code_layout
+    from serve.runtime import Frontend, fingerprint
+
+    cfg = serve_config(tmp_path, nworker_run_folder, strategies=["nworker"], num_queries=4, rates=[50],
+                       group_timeout_ms=10_000, delays=[{"dist": "constant", "ms": 300, "instances": [0]}])
+    loaded = load_code(nworker_run_folder)
+    code, (x, y) = loaded.code, loaded.splits.split("test")
+    assert code_layout(code) == (2, 1, 2)
+    plan = build_plan(cfg, "nworker", *code_layout(code)[:2], make_queries(cfg, 50.0, y.numpy()), cfg.delays[0],
+                      need=code_layout(code)[2])
+    assert fingerprint([code.base]) == fingerprint([digits_pool.code.base])  # the pool's instances hold this F
+    frontend = Frontend(plan, digits_pool.actors_for(plan.roles), code, x, code.base(torch.zeros(1, *x.shape[1:]))[0])
+    outcome = frontend.run()
+    assert outcome.answers.tolist() == [1] * 4 and outcome.reconstructed.all()
+    assert ((outcome.done - outcome.arrival) < 0.25).all()  # none waited for the 300-ms straggler
+    available = torch.as_tensor(frontend.policy.available)
+    assert available.tolist() == [[False, True, True]] * 2  # the first N - S outputs: never the straggler's
+    with torch.no_grad():
+        offline = code(x[torch.as_tensor(plan.queries.index)].view(2, 2, *x.shape[1:]), available)
+    assert torch.allclose(torch.as_tensor(outcome.outputs).view(2, 2, -1), offline, atol=1e-5)
+    assert np.array_equal(outcome.predicted, offline.argmax(-1).flatten().numpy())
 
 
 def test_a_killed_instance_loses_no_query(local_ray, tmp_path, digits_run_folder):

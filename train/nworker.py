@@ -37,6 +37,7 @@ import torch
 
 from coders.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
+from coders.nworker import build_nworker_coders as build_coder_pair
 from train.engine import CodedRun, eval_groups, make_optimizer
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for
@@ -85,20 +86,8 @@ def expand_nworker_runs(cfg: Config) -> list[NWorkerSpec]:
 
 
 def build_nworker_coders(spec: NWorkerSpec, in_shape, n_out: int):
-    """Encoder and decoder of ``spec``: ``cls(K, N, in_dim, **args)``; a refusal is a ConfigError."""
-    modules = []
-    for which, cspec, dim in (("encoder", spec.encoder, [-1, *in_shape]), ("decoder", spec.decoder, [-1, n_out])):
-        try:
-            modules.append(build(cspec, "enc_dec_types", spec.k, spec.n_workers, dim))
-        except ValueError as exc:
-            raise ConfigError(f"Config key 'enc_dec_types': N-worker {which} {spec_name(cspec)} cannot serve "
-                              f"K={spec.k}, N={spec.n_workers} with size {dim}: {exc} Fix: change k_vals, "
-                              f"n_workers or the coder's args.") from None
-        except TypeError as exc:
-            raise ConfigError(f"Config key 'enc_dec_types': N-worker {which} {spec_name(cspec)} could not be built "
-                              f"({exc}). Fix: name an N-worker coder (coders/nworker.py, coders/spline.py) taking "
-                              f"(K, N, in_dim, ...).") from None
-    return modules
+    """Encoder and decoder of ``spec`` (:func:`coders.nworker.build_nworker_coders`)."""
+    return build_coder_pair(spec.encoder, spec.decoder, spec.k, spec.n_workers, in_shape, n_out)
 
 
 def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None:

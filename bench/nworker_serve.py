@@ -1,0 +1,89 @@
+"""N-worker codes against a systematic code, served for real on Ray through ``python -m serve``'s own code path.
+
+``python -m bench.nworker_serve --systematic RUN --nworker RUN [RUN ...] [--rate R] [--queries N] [--instances M]
+[--group-timeout-ms T] [--engine ray|sim]``
+
+Serves the systematic run under ``none`` and ``coded`` and each N-worker run
+under ``nworker``, on one local Ray, with the same seeded arrivals, images
+and injected delays (one serving config per run, identical but for ``runs``
+and ``strategies``), and prints one row per (run, strategy): p50, p99 and
+p99.9 latency, the share of answers that are reconstructions, the served
+top-1 accuracy (decoded answers scored against the labels) and the requests
+sent per query, with the load average before and after. No figure is asserted: the numbers are for
+docs/nworker.md.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from util.errors import UserError, exits_on_user_error
+
+DELAY = {"dist": "exponential", "mean_ms": 20.0, "probability": 0.05}  # one request in twenty straggles
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.nworker_serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--systematic", required=True, help="a systematic run folder (k data + r parities)")
+    ap.add_argument("--nworker", nargs="+", required=True, help="N-worker run folders with the same K and F")
+    ap.add_argument("--rate", type=float, default=200.0, help="arrival rate, queries/s (default 200)")
+    ap.add_argument("--queries", type=int, default=2000, help="queries per row (default 2000)")
+    ap.add_argument("--instances", type=int, default=8, help="m, instances without redundancy (default 8)")
+    ap.add_argument("--group-timeout-ms", type=float, default=20.0,
+                    help="longest a query waits for its group of K to fill (default 20, the config's default)")
+    ap.add_argument("--engine", choices=("ray", "sim"), default="ray", help="ray (default) or the simulator")
+    args = ap.parse_args(argv)
+    if args.queries < 10 or args.rate <= 0 or args.instances < 1:
+        raise UserError("--queries must be 10 or more, --rate positive and --instances 1 or more.")
+    for run in [args.systematic, *args.nworker]:
+        if not (Path(run) / "config.json").is_file():
+            raise UserError(f"'{run}' is not a run folder (no config.json). Fix: pass folders train.py wrote.")
+    from serve.cli import serve_all
+    from serve.config import validate
+
+    rows = [(args.systematic, ["none", "coded"])] + [(run, ["nworker"]) for run in args.nworker]
+    before = load_average()
+    if args.engine == "ray":
+        from util.ray_cluster import start_ray
+
+        start_ray(None, None)  # one Ray for every row (serve_all leaves a Ray it did not start running)
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (run, strategies) in enumerate(rows):
+            cfg = validate({"runs": [run], "strategies": strategies, "rates": [args.rate], "delays": [DELAY],
+                            "num_queries": args.queries, "warmup_queries": min(100, args.queries // 10),
+                            "instances": args.instances, "engine": args.engine, "plot": False,
+                            "group_timeout_ms": args.group_timeout_ms,
+                            "out_dir": str(Path(tmp) / f"row{i}")})
+            (_, summaries), = serve_all(cfg, out=io.StringIO())
+            table += [(run, s) for s in summaries]
+    if args.engine == "ray":
+        import ray
+
+        ray.shutdown()
+    print(f"engine {args.engine}, m = {args.instances}, {args.rate:g} queries/s, group timeout "
+          f"{args.group_timeout_ms:g} ms, {args.queries} queries a row "
+          f"(the first {min(100, args.queries // 10)} left out), delay exponential mean {DELAY['mean_ms']:g} ms on "
+          f"{DELAY['probability']:.0%} of requests; load average before {before}, after {load_average()}")
+    print("| run | strategy | instances | p50 (ms) | p99 (ms) | p99.9 (ms) | reconstructed | served top-1 | requests "
+          "/ query |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for run, s in table:
+        print(f"| {'/'.join(Path(run).parts[-5:])} | {s['strategy']} | {s['instances']} | "
+              f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99.9_ms']:.1f} | {s['reconstructed']:.1%} | "
+              f"{s['accuracy']:.2%} | {s['requests_per_query']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
