@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def _wait_for_rows(log: Path, proc: subprocess.Popen, n: int) -> None:
         time.sleep(0.05)
 
 
-def test_a_run_folder_has_one_writer(digits_config):
+def test_a_run_folder_has_one_writer(digits_config, capsys):
     path = digits_config(num_epoch=400, num_threads=1)  # the first writer still runs when the others start
     folder = _folder(path)
     first = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT,
@@ -127,11 +128,19 @@ def test_a_run_folder_has_one_writer(digits_config):
     try:
         _wait_for_rows(folder / "metrics.jsonl", first, 1)
         for flags in (["--resume"], []):
-            # A second writer refuses at once; the timeout turns a wait for the lock into a failure, not a hang.
-            proc = subprocess.run([sys.executable, "train.py", str(path), *flags], cwd=ROOT,
-                                  capture_output=True, text=True, timeout=180)
-            assert proc.returncode == 2, (flags, proc.stderr[-2000:])
-            assert f"in use by process {first.pid}" in proc.stderr and "Traceback" not in proc.stderr
+            # A second writer (train.py's own entry point, in this process: the lock is the other process's)
+            # refuses at once. One that waited for the lock would go on once the watchdog kills the first writer
+            # after 120 s, and train: a failure, not a hang.
+            capsys.readouterr()
+            watchdog = threading.Timer(120, first.kill)
+            watchdog.start()
+            try:
+                code = main([str(path), *flags])
+            finally:
+                watchdog.cancel()
+            assert code == 2, (flags, capsys.readouterr().err[-2000:])
+            err = capsys.readouterr().err
+            assert f"in use by process {first.pid}" in err and "Traceback" not in err
         assert holder(folder) is not None
         assert "being written now" in run_all(str(path), {}, list_only=True)[0]
     finally:
