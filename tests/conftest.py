@@ -75,37 +75,35 @@ def digits_config(tmp_path, base_model_dir):
     return make
 
 
-@pytest.fixture(scope="session")
-def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
-    """A run folder of a digits learned code (k = 2, r = 1, two epochs), trained once per session."""
+def _train_once(tmp_path_factory, name: str, cfg: dict) -> str:
+    """Train ``cfg`` (quietly) into a fresh session folder; the run folder of its one run."""
     from train.cli import run_all
 
-    tmp = tmp_path_factory.mktemp("digits_run")
-    cfg = {"num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
-           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
-           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
+    tmp = tmp_path_factory.mktemp(name)
     path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps({**cfg, "save_dir": str(tmp / "save"), "device": "cpu", "progress": False}))
     with open(os.devnull, "w") as quiet:
         run_all(str(path), {}, out=quiet)
     return str(next((tmp / "save").rglob("best.pt")).parent)
+
+
+@pytest.fixture(scope="session")
+def digits_run_folder(tmp_path_factory, base_model_dir) -> str:
+    """A run folder of a digits learned code (k = 2, r = 1, two epochs), trained once per session."""
+    return _train_once(tmp_path_factory, "digits_run", {
+        "num_epoch": 2, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+        "datasets": ["digits"], "models": ["base-mlp"], "losses": ["torch.nn.MSELoss"], "batch_size": 16,
+        "base_model_dir": str(base_model_dir)})
 
 
 @pytest.fixture(scope="session")
 def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
     """A run folder of a digits N-worker Berrut code (K = 2, N = 3, S = 1; nothing to train), made once per session."""
-    from train.cli import run_all
-
-    tmp = tmp_path_factory.mktemp("nworker_run")
-    cfg = {"form": "nworker", "num_epoch": 0, "k_vals": [2], "n_workers": [3], "stragglers": [1],
-           "enc_dec_types": [["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]],
-           "datasets": ["digits"], "models": ["base-mlp"], "losses": ["mse"], "epoch_groups": "disjoint",
-           "save_dir": str(tmp / "save"), "base_model_dir": str(base_model_dir), "device": "cpu", "progress": False}
-    path = tmp / "train.json"
-    path.write_text(json.dumps(cfg))
-    with open(os.devnull, "w") as quiet:
-        run_all(str(path), {}, out=quiet)
-    return str(next((tmp / "save").rglob("best.pt")).parent)
+    return _train_once(tmp_path_factory, "nworker_run", {
+        "form": "nworker", "num_epoch": 0, "k_vals": [2], "n_workers": [3], "stragglers": [1],
+        "enc_dec_types": [["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]],
+        "datasets": ["digits"], "models": ["base-mlp"], "losses": ["mse"], "epoch_groups": "disjoint",
+        "base_model_dir": str(base_model_dir)})
 
 
 @pytest.fixture(scope="session")
