@@ -106,11 +106,23 @@ def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
         "base_model_dir": str(base_model_dir)})
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Run the modules that use the session's Ray last, one after another: its idle daemons take a share of the
+    two cores for as long as it lives, so it should not live beside the CPU-bound rest of the suite."""
+    def module(item):
+        return item.nodeid.split("::", 1)[0]
+
+    ray_modules = {module(i) for i in items if "local_ray" in getattr(i, "fixturenames", ())}
+    items[:] = ([i for i in items if module(i) not in ray_modules]
+                + [i for i in items if module(i) in ray_modules])
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """One local Ray (2 CPUs) for the whole session, started by the first test that needs it and shut down at
-    the end: ``ray.init`` costs about 10 s, and five modules use it. The code under test joins it (``start_ray``
-    returns False for a Ray already started) and so never shuts it down; a test must not either."""
+    the end: ``ray.init`` costs about 10 s, and five modules use it (run last, see above). The code under test
+    joins it (``start_ray`` returns False for a Ray already started) and so never shuts it down; a test must not
+    either."""
     ray = pytest.importorskip("ray")
     from util.ray_cluster import start_ray
 
