@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from bench.generic_speed import load_line
 from util.errors import UserError, exits_on_user_error
 
 DELAY = {"dist": "exponential", "mean_ms": 20.0, "probability": 0.05}  # one request in twenty straggles
-
-
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 @exits_on_user_error
@@ -52,7 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from serve.config import validate
 
     rows = [(args.systematic, ["none", "coded"])] + [(run, ["nworker"]) for run in args.nworker]
-    before = load_average()
+    before = load_line()
     if args.engine == "ray":
         from util.ray_cluster import start_ray
 
@@ -74,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"engine {args.engine}, m = {args.instances}, {args.rate:g} queries/s, group timeout "
           f"{args.group_timeout_ms:g} ms, {args.queries} queries a row "
           f"(the first {min(100, args.queries // 10)} left out), delay exponential mean {DELAY['mean_ms']:g} ms on "
-          f"{DELAY['probability']:.0%} of requests; load average before {before}, after {load_average()}")
+          f"{DELAY['probability']:.0%} of requests; before: {before}; after: {load_line()}")
     print("| run | strategy | instances | p50 (ms) | p99 (ms) | p99.9 (ms) | reconstructed | served top-1 | requests "
           "/ query |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -167,17 +167,15 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
 
         k, n, s = cfg.k_vals[0], cfg.n_workers[0], cfg.stragglers[0]
         encoder, decoder = build_nworker_coders(*cfg.enc_dec_types[0], k, n, splits.input_shape, n_out)
-        load_module_state(encoder, state["encoder"], "encoder", path)
-        load_module_state(decoder, state["decoder"], "decoder", path)
-        code = NWorkerCode(base, encoder, decoder, k, n, s).to(dev).eval()
-        code.requires_grad_(False)
-        return TrainedCode(code, state.get("config", {}), splits, int(state.get("epoch", 0)), folder)
-    encoder, decoder = build_coders(spec, splits.input_shape, n_out)
-    parity = build_parity_models(cfg, spec, splits, base, n_out) if cfg.train_parity_model else None
+        parity = None
+    else:
+        encoder, decoder = build_coders(spec, splits.input_shape, n_out)
+        parity = build_parity_models(cfg, spec, splits, base, n_out) if cfg.train_parity_model else None
     load_module_state(encoder, state["encoder"], "encoder", path)
     load_module_state(decoder, state["decoder"], "decoder", path)
     if parity is not None:
         load_module_state(parity, state["parity_models"], "parity models", path)
-    code = Code(base, encoder, decoder, parity, spec.k, spec.r).to(dev).eval()
+    code = (NWorkerCode(base, encoder, decoder, k, n, s) if cfg.form == "nworker"
+            else Code(base, encoder, decoder, parity, spec.k, spec.r)).to(dev).eval()
     code.requires_grad_(False)
     return TrainedCode(code, state.get("config", {}), splits, int(state.get("epoch", 0)), folder)

@@ -358,5 +358,4 @@ def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, del
                                                                        delay_any, 0.0)
     factor = slow_factors(cfg, inst, time, len(roles))
     return Plan(strategy, k, r, roles, queries, time, inst, query, group, slot, delays, factor,
-                members, closed, failures, policy, delay_any, delay.get("instances"), cfg.slowdown, cfg.seed,
-                need if need is not None else k)
+                members, closed, failures, policy, delay_any, delay.get("instances"), cfg.slowdown, cfg.seed, need)

@@ -623,6 +623,20 @@ class EventRun:
                        d.answers)
 
 
+def group_inputs(plan: Plan, groups: np.ndarray, inputs):
+    """``(members, real, x)`` of ``groups``: their member queries ((B, k), -1 for blank padding), which slots
+    hold one, and the k inputs of each group ((B, k, ...)) with blank padding as zeros, as the frontend encodes
+    them."""
+    import torch
+
+    members = plan.members[groups]
+    real = members >= 0
+    img = np.where(real, plan.queries.index[np.maximum(members, 0)], 0)
+    x = inputs[torch.as_tensor(img.reshape(-1))].reshape(len(groups), plan.k, *inputs.shape[1:]).clone()
+    x[torch.as_tensor(~real)] = 0.0
+    return members, real, x
+
+
 def predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconstructed: np.ndarray, code, inputs,
                 batch: int) -> np.ndarray:
     """F's argmax for own answers; the decoder's reconstruction from the outputs in hand for reconstructed ones
@@ -637,15 +651,11 @@ def predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconst
     predicted = fx.argmax(1).numpy()[where]
     if not reconstructed.any():
         return predicted
-    k, r = plan.k, plan.r
+    k = plan.k
     groups = np.unique(group_of[reconstructed])
     for lo in range(0, len(groups), batch):
         g = groups[lo:lo + batch]
-        members = plan.members[g]                                      # (B, k)
-        real = members >= 0
-        img = np.where(real, q.index[np.maximum(members, 0)], 0)
-        x = inputs[torch.as_tensor(img.reshape(-1))].reshape(len(g), k, *inputs.shape[1:]).clone()
-        x[torch.as_tensor(~real)] = 0.0
+        members, real, x = group_inputs(plan, g, inputs)
         with torch.no_grad():
             own = fx[torch.as_tensor(where[np.maximum(members, 0)].reshape(-1))].reshape(len(g), k, -1).clone()
             own[torch.as_tensor(~real)] = pad_output
@@ -665,15 +675,10 @@ def nworker_predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray,
     import torch
 
     predicted = predictions(plan, None, None, np.zeros(len(reconstructed), dtype=bool), code, inputs, batch)
-    q, k = plan.queries, plan.k
     groups = np.unique(group_of[reconstructed])
     for lo in range(0, len(groups), batch):
         g = groups[lo:lo + batch]
-        members = plan.members[g]
-        real = members >= 0
-        x = inputs[torch.as_tensor(np.where(real, q.index[np.maximum(members, 0)], 0).reshape(-1))]
-        x = x.reshape(len(g), k, *inputs.shape[1:]).clone()
-        x[torch.as_tensor(~real)] = 0.0  # blank padding, as the frontend encodes it
+        members, real, x = group_inputs(plan, g, inputs)
         recon = code(x, torch.as_tensor(available[g]))
         rows, cols = np.nonzero(real & reconstructed[np.maximum(members, 0)])
         predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
