@@ -264,7 +264,8 @@ def _check_values(cfg: Config, source: str) -> None:
 
 
 def _check_nworker(cfg: Config, bad) -> None:
-    """The N-worker keys are given exactly when ``form`` is "nworker", with 0 <= S < N in every combination."""
+    """The N-worker keys are given exactly when ``form`` is "nworker", with 0 <= S < N and K <= N in every
+    combination."""
     keys = ("n_workers", "stragglers")
     if cfg.form != "nworker":
         for key in keys:
@@ -281,6 +282,10 @@ def _check_nworker(cfg: Config, bad) -> None:
     if any(s < 0 for s in cfg.stragglers) or max(cfg.stragglers) >= min(cfg.n_workers):
         raise bad("stragglers", f"must hold integers S with 0 <= S < N for every N of 'n_workers' (at least one "
                                 f"worker answers); got stragglers {cfg.stragglers} with n_workers {cfg.n_workers}.")
+    if min(cfg.n_workers) < max(cfg.k_vals):
+        raise bad("n_workers", f"must hold N >= K for every K of 'k_vals' (each of the K inputs needs a worker's "
+                               f"answer at least; serving refuses such a run); got n_workers {cfg.n_workers} with "
+                               f"k_vals {cfg.k_vals}. Fix: raise n_workers or lower k_vals.")
     if cfg.max_patterns < 1:
         raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
 

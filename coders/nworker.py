@@ -20,16 +20,32 @@ Families here: Berrut's rational interpolant as BACC / ApproxIFER use it
 ``coders/spline.py``. :class:`NWorkerCode` is the computation itself (encode ->
 F on every worker -> decode) that training, evaluation and tests all call.
 
-Berrut N-worker code. The K data inputs sit at the K Chebyshev points of the
-first kind ``alpha_j = cos((2j + 1) pi / (2K))`` and the N workers at the N
-Chebyshev points ``beta_i`` (first kind by default, second kind
-``cos(i pi / (N - 1))`` on request), as ApproxIFER places them. Worker i
-receives ``u(beta_i)``, where u is Berrut's interpolant through
-``(alpha_j, X_j)``; the decoder evaluates Berrut's interpolant through the
-answering workers' ``(beta_i, F(u(beta_i)))`` at every ``alpha_j``. The
-interpolant and its weights are those of ``coders/berrut.py``. Where the code
-is exact: Berrut's interpolant reproduces constants and passes through its
-nodes, so the rebuilt output j equals F(X_j) whenever ``alpha_j`` is itself an
+Placements (:func:`chebyshev_points`, :func:`placement`). Where the K data points
+and the N worker points sit on [-1, 1] is an option of every coder here, for
+the data (``data_points``) and the workers (``worker_points``) separately:
+
+* ``"chebyshev1"``: first-kind Chebyshev points ``cos((2i + 1) pi / (2m))`` (interior);
+* ``"chebyshev2"``: second-kind points ``cos(i pi / (m - 1))``, both ends included; ApproxIFER's latency
+  scripts place the workers so (alias ``"approxifer-latency"``);
+* ``"approxifer"``: ``cos(i pi / m)``, i = 0..m-1 (1 included, -1 not): ApproxIFER's accuracy placement
+  of the workers, its data points being first-kind;
+* ``"uniform"``: equally spaced from -1 to 1.
+
+The defaults are the first kind for both. The older ``points`` argument still
+works with its old meaning (``"first"`` = chebyshev1, ``"second"`` = chebyshev2):
+for Berrut it places the workers only (data stay first-kind), for the splines
+both.
+
+Berrut N-worker code. Worker i receives ``u(beta_i)``, where u is Berrut's
+interpolant through ``(alpha_j, X_j)`` (alpha: data points, beta: worker
+points); the decoder evaluates Berrut's interpolant through the answering
+workers' ``(beta_i, F(u(beta_i)))`` at every ``alpha_j``. The interpolant and
+its weights are those of ``coders/berrut.py``; the decoder applies it in
+factored form (a fixed ``(K, N)`` Cauchy matrix ``1 / (alpha_j - beta_i)``
+times the weighted outputs, divided by the same matrix times the weights), so
+no ``(B, K, N)`` matrix is built per batch. Where the code is exact:
+Berrut's interpolant reproduces constants and passes through its nodes, so
+the rebuilt output j equals F(X_j) whenever ``alpha_j`` is itself an
 answering worker's point (the K first-kind points are among the N first-kind
 points when N is an odd multiple of K), and for any F when K = 1.
 """
@@ -47,7 +63,8 @@ from util.classpath import build, spec_name
 from util.errors import ConfigError
 from util.shapes import get_flattened_dim
 
-POINT_KINDS = ("first", "second", "uniform")
+POINT_KINDS = ("chebyshev1", "chebyshev2", "approxifer", "uniform")
+POINT_ALIASES = {"first": "chebyshev1", "second": "chebyshev2", "approxifer-latency": "chebyshev2"}
 
 
 def check_nworker_sizes(name: str, k: int, n_workers: int) -> None:
@@ -56,25 +73,63 @@ def check_nworker_sizes(name: str, k: int, n_workers: int) -> None:
         raise ValueError(f"{name} needs K >= 1 data inputs and N >= 1 workers; got K = {k}, N = {n_workers}.")
 
 
-def chebyshev_points(m: int, kind: str = "first") -> torch.Tensor:
-    """m points on [-1, 1], ascending, float64.
+def point_kind(kind, key: str = "points") -> str:
+    """The placement named ``kind`` (an alias resolved); a ValueError naming ``key`` and the choices otherwise."""
+    name = POINT_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+    if name not in POINT_KINDS:
+        aliases = ", ".join(f"{a} = {b}" for a, b in POINT_ALIASES.items())
+        raise ValueError(f"its '{key}' must be one of {', '.join(POINT_KINDS)} (aliases: {aliases}); got {kind!r}.")
+    return name
 
-    ``"first"``: Chebyshev points of the first kind, ``cos((2j + 1) pi / (2m))`` (zeros of T_m, interior);
-    ``"second"``: of the second kind, ``cos(j pi / (m - 1))`` (extrema of T_{m-1}, both ends included);
-    ``"uniform"``: equally spaced from -1 to 1. One point is 0 for the last two.
+
+def chebyshev_points(m: int, kind: str = "first") -> torch.Tensor:
+    """m points on [-1, 1], ascending, float64, placed by ``kind`` (module docstring; aliases accepted).
+
+    ``"chebyshev1"`` (``"first"``): ``cos((2i + 1) pi / (2m))``, the zeros of T_m, interior;
+    ``"chebyshev2"`` (``"second"``): ``cos(i pi / (m - 1))``, the extrema of T_{m-1}, both ends included;
+    ``"approxifer"``: ``cos(i pi / m)``, i = 0..m-1: 1 included, -1 not;
+    ``"uniform"``: equally spaced from -1 to 1. A single point is 0 for ``"chebyshev2"`` and ``"uniform"``.
     """
-    if kind not in POINT_KINDS:
-        raise ValueError(f"its 'points' must be one of {', '.join(POINT_KINDS)}; got {kind!r}.")
-    j = torch.arange(m, dtype=torch.float64)
-    if kind == "first":
-        points = torch.cos((2 * j + 1) * math.pi / (2 * m))
+    kind = point_kind(kind)
+    i = torch.arange(m, dtype=torch.float64)
+    if kind == "chebyshev1":
+        points = torch.cos((2 * i + 1) * math.pi / (2 * m))
+    elif kind == "approxifer":
+        points = torch.cos(i * math.pi / m)
     elif m == 1:
         points = torch.zeros(1, dtype=torch.float64)
-    elif kind == "second":
-        points = torch.cos(j * math.pi / (m - 1))
+    elif kind == "chebyshev2":
+        points = torch.cos(i * math.pi / (m - 1))
     else:
         return torch.linspace(-1, 1, m, dtype=torch.float64)
     return points.flip(0)
+
+
+def placement(points: Optional[str], data_points: Optional[str], worker_points: Optional[str],
+              points_moves_data: bool) -> tuple[str, str]:
+    """``(data placement, worker placement)`` of a coder's arguments (module docstring). The older
+    ``points`` places the workers, and the data too where ``points_moves_data`` (the splines); it cannot be
+    given with either of the newer two."""
+    if points is not None and (data_points is not None or worker_points is not None):
+        raise ValueError("give either its older 'points' or 'data_points' / 'worker_points', not both "
+                         "(data_points and worker_points place the two separately).")
+    old = point_kind(points, "points") if points is not None else "chebyshev1"
+    data = point_kind(data_points, "data_points") if data_points is not None else \
+        (old if points_moves_data else "chebyshev1")
+    worker = point_kind(worker_points, "worker_points") if worker_points is not None else old
+    return data, worker
+
+
+class Placed:
+    """Mixin of the coders placed on [-1, 1]: ``data_points`` and ``worker_points`` (names, for the
+    record and the encoder / decoder agreement check) from the coder's arguments (:func:`placement`)."""
+
+    points_moves_data = False  # the older 'points' argument places the workers only (Berrut)
+
+    def place(self, k: int, n_workers: int, points, data_points, worker_points) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(alpha (K,), beta (N,))``, float64, ascending."""
+        self.data_points, self.worker_points = placement(points, data_points, worker_points, self.points_moves_data)
+        return chebyshev_points(k, self.data_points), chebyshev_points(n_workers, self.worker_points)
 
 
 def build_nworker_coders(encoder, decoder, k: int, n_workers: int, in_shape, n_out: int):
@@ -93,6 +148,13 @@ def build_nworker_coders(encoder, decoder, k: int, n_workers: int, in_shape, n_o
             raise ConfigError(f"Config key 'enc_dec_types': N-worker {which} {spec_name(cspec)} could not be built "
                               f"({exc}). Fix: name an N-worker coder (coders/nworker.py, coders/spline.py) taking "
                               f"(K, N, in_dim, ...).") from None
+    places = [(getattr(m, "data_points", None), getattr(m, "worker_points", None)) for m in modules]
+    if None not in places[0] + places[1] and places[0] != places[1]:
+        raise ConfigError(f"Config key 'enc_dec_types': the encoder {spec_name(encoder)} places data and workers "
+                          f"at {places[0][0]} / {places[0][1]} points, the decoder {spec_name(decoder)} at "
+                          f"{places[1][0]} / {places[1][1]}: it would decode at points the encoder did not use. "
+                          f"Fix: give both the same 'data_points' and 'worker_points' (the older 'points' places "
+                          f"Berrut's workers only, the splines' data and workers).")
     return modules
 
 
@@ -120,32 +182,52 @@ class NWorkerDecoder(nn.Module):
         raise NotImplementedError
 
 
-class BerrutEncoder(NWorkerEncoder):
+class BerrutEncoder(Placed, NWorkerEncoder):
     """Worker i gets Berrut's interpolant of the K inputs at worker point i (module docstring)."""
 
-    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: str = "first"):
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: Optional[str] = None,
+                 data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim)
-        alpha, beta = chebyshev_points(k), chebyshev_points(n_workers, points)
-        self.register_buffer("matrix", berrut_coefficients(alpha, beta, berrut_weights(alpha)), persistent=False)
+        alpha, beta = self.place(k, n_workers, points, data_points, worker_points)
+        matrix = berrut_coefficients(alpha, beta, berrut_weights(alpha))  # (N, K)
+        self.register_buffer("matrix", matrix, persistent=False)
+        self.register_buffer("matrix32", matrix.float(), persistent=False)  # float32 inputs: no cast per call
 
     def forward(self, in_data: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.matrix.to(in_data.dtype), in_data)
+        matrix = self.matrix32 if in_data.dtype == torch.float32 else self.matrix.to(in_data.dtype)
+        return torch.matmul(matrix, in_data)
 
 
-class BerrutDecoder(NWorkerDecoder):
-    """Berrut's interpolant through the answering workers, evaluated at the K data points."""
+class BerrutDecoder(Placed, NWorkerDecoder):
+    """Berrut's interpolant through the answering workers, evaluated at the K data points, in factored form:
+    ``(C (w * y)) / (C w)`` with the fixed Cauchy matrix ``C = 1 / (alpha_j - beta_i)`` ``(K, N)`` and each
+    group's weights w (``berrut_weights`` over its answering workers). A data point that is a worker point
+    (``C`` infinite there) takes that worker's output when it answered: the interpolant passes through it."""
 
-    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: str = "first"):
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], points: Optional[str] = None,
+                 data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim)
-        self.register_buffer("alpha", chebyshev_points(k), persistent=False)
-        self.register_buffer("beta", chebyshev_points(n_workers, points), persistent=False)
+        alpha, beta = self.place(k, n_workers, points, data_points, worker_points)
+        self.register_buffer("alpha", alpha, persistent=False)
+        self.register_buffer("beta", beta, persistent=False)
+        diff = alpha.unsqueeze(1) - beta.unsqueeze(0)  # (K, N)
+        hit = diff == 0
+        self.register_buffer("cauchy", torch.where(hit, 0.0, 1.0 / torch.where(hit, 1.0, diff)), persistent=False)
+        self.register_buffer("has_hit", hit.any(1), persistent=False)  # (K,): alpha_j is a worker's point
+        self.register_buffer("hit_worker", hit.double().argmax(1), persistent=False)  # (K,): which (0 if none)
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         if bool((~available.any(dim=1)).any()):
             raise ValueError("the Berrut decoder needs at least one answering worker in every group.")
-        weights = berrut_weights(self.beta, available)  # (B, N), zero at stragglers
-        coefficients = berrut_coefficients(self.beta, self.alpha, weights)  # (B, K, N)
-        return torch.matmul(coefficients.to(outputs.dtype), outputs)
+        weights = berrut_weights(self.beta, available)  # (B, N) float64, zero at stragglers
+        denominator = weights @ self.cauchy.T  # (B, K), in float64: the alternating sum cancels
+        numerator = torch.matmul(self.cauchy.to(outputs.dtype), weights.to(outputs.dtype).unsqueeze(-1) * outputs)
+        denominator = torch.where(denominator == 0, 1.0, denominator)  # only where the row takes its hit below
+        rebuilt = numerator / denominator.to(outputs.dtype).unsqueeze(-1)
+        if not bool(self.has_hit.any()):
+            return rebuilt
+        take = self.has_hit & available[:, self.hit_worker]  # (B, K)
+        return torch.where(take.unsqueeze(-1), outputs[:, self.hit_worker], rebuilt)
 
 
 def _width(hidden: Optional[int], default: int) -> int:
@@ -156,18 +238,21 @@ def _width(hidden: Optional[int], default: int) -> int:
     return hidden
 
 
-class MLPEncoder(NWorkerEncoder):
+class MLPEncoder(Placed, NWorkerEncoder):
     """Learned: Linear(K*D, h) -> ReLU -> Linear(h, N*D) over the K inputs stacked (h = ``hidden``,
     default K*D). With ``residual`` (default) the network learns a correction to Berrut's
-    encoding, so training starts from the Berrut code instead of from noise."""
+    encoding (placed by ``data_points`` / ``worker_points``), so training starts from the Berrut code
+    instead of from noise."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
-                 residual: bool = True):
+                 residual: bool = True, data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim)
+        self.place(k, n_workers, None, data_points, worker_points)
         d = get_flattened_dim(in_dim)
         h = _width(hidden, k * d)
         self.nn = nn.Sequential(nn.Linear(k * d, h), nn.ReLU(), nn.Linear(h, n_workers * d))
-        self.start = BerrutEncoder(k, n_workers, in_dim) if residual else None
+        self.start = BerrutEncoder(k, n_workers, in_dim, data_points=self.data_points,
+                                   worker_points=self.worker_points) if residual else None
         if residual:  # the correction starts at zero: the untrained code is Berrut's
             nn.init.zeros_(self.nn[-1].weight)
             nn.init.zeros_(self.nn[-1].bias)
@@ -178,19 +263,21 @@ class MLPEncoder(NWorkerEncoder):
         return out if self.start is None else out + self.start(in_data)
 
 
-class MLPDecoder(NWorkerDecoder):
+class MLPDecoder(Placed, NWorkerDecoder):
     """Learned: the N outputs (stragglers zeroed) and the availability mask, stacked, through
     Linear -> ReLU -> Linear -> ReLU -> Linear to K*n (widths ``hidden``, default N*n). With
-    ``residual`` (default) it learns a correction to Berrut's decoding."""
+    ``residual`` (default) it learns a correction to Berrut's decoding (placed as the encoder's)."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
-                 residual: bool = True):
+                 residual: bool = True, data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim)
+        self.place(k, n_workers, None, data_points, worker_points)
         n = get_flattened_dim(in_dim)
         m = n_workers * (n + 1)
         h = _width(hidden, n_workers * n)
         self.nn = nn.Sequential(nn.Linear(m, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k * n))
-        self.start = BerrutDecoder(k, n_workers, in_dim) if residual else None
+        self.start = BerrutDecoder(k, n_workers, in_dim, data_points=self.data_points,
+                                   worker_points=self.worker_points) if residual else None
         if residual:
             nn.init.zeros_(self.nn[-1].weight)
             nn.init.zeros_(self.nn[-1].bias)
@@ -206,6 +293,16 @@ class MLPDecoder(NWorkerDecoder):
 def pattern_count(n_workers: int, stragglers: int) -> int:
     """C(N, S): how many sets of S late workers there are."""
     return math.comb(n_workers, stragglers)
+
+
+def patterns_used(n_workers: int, stragglers: int, max_patterns: int) -> int:
+    """``min(C(N, S), max_patterns)``, without computing a huge C(N, S) in full."""
+    count = 1
+    for i in range(min(stragglers, n_workers - stragglers)):
+        count = count * (n_workers - i) // (i + 1)
+        if count > max_patterns:
+            return max_patterns
+    return min(count, max_patterns)
 
 
 def straggler_patterns(n_workers: int, stragglers: int, max_patterns: int, seed: int = 0) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 from serve.plan import read_latency_file
 from util.errors import ConfigError
+from util.memory import available_memory, check_memory, size  # noqa: F401  (serve.limits' names since they began)
 
 MAX_LOAD = 10.0  # above it, over 90% of the last queries' latency is queueing: the figures say nothing
 BYTES_PER_REQUEST = 400
@@ -52,28 +53,6 @@ def mean_ms(dist: dict, key: str) -> float:
                               f"cannot be set from it. Fix: alpha > 1.")
         return float(dist["scale_ms"] * dist["alpha"] / (dist["alpha"] - 1))
     return float(read_latency_file(dist["path"], dist.get("column")).mean())  # "file"
-
-
-def available_memory() -> int:
-    """Memory this process can have now without swapping: MemAvailable, else physical memory (0: unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def size(n: float) -> str:
-    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n / 2 ** 10:,.0f} KiB"
 
 
 def instance_count(strategy: str, m: int, k: int, r: int) -> tuple[int, int, int, int]:
@@ -116,13 +95,6 @@ def plan_bytes(strategy: str, n: int, k: int, r: int, instances: int, duration_s
     if failures:  # the simulator looks up the next live instance of every retried query among all instances
         parts["instances"] += 26.0 * n * instances
     return parts
-
-
-def check_memory(need: float, what: str, key: str, fix: str) -> None:
-    have = available_memory()
-    if have and need > have:
-        raise ConfigError(f"Config key '{key}': {what} needs about {size(need)} of memory, more than the "
-                          f"{size(have)} this machine has available. Fix: {fix}")
 
 
 def check_load(load: float, who: str, where: str, label: str, fix: str, out=None) -> None:

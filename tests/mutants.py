@@ -39,6 +39,7 @@ HARDENING = "tests/test_hardening.py::"
 ENGINE = "tests/test_engine.py::"
 PARITY = "tests/test_parity_coders.py::"
 TRAINING = "tests/test_parity_training.py::"
+SCALE = "tests/test_nworker_scale.py::"
 
 
 @dataclass
@@ -286,6 +287,37 @@ MUTANTS = [
            "return [results[i] for i in sorted(results)]", "return list(results.values())",
            [STRENGTH + "test_a_ray_sweep_returns_results_in_the_sweeps_run_order"],
            why="--ray returns the runs' results in the order they finished"),
+    # -- N-worker codes under the literature's conditions (issue 31) --
+    Mutant("latency_points_drop_minus_one",
+           "points = torch.cos(i * math.pi / (m - 1))", "points = torch.cos(i * math.pi / m)",
+           [SCALE + "test_latency_worker_points_hold_both_ends", SCALE + "test_each_placement_is_its_closed_form"],
+           why="ApproxIFER's latency placement (second kind) loses the node -1"),
+    Mutant("approxifer_points_second_kind",
+           "points = torch.cos(i * math.pi / m)", "points = torch.cos(i * math.pi / max(m - 1, 1))",
+           [SCALE + "test_approxifer_worker_points_hold_one_but_not_minus_one",
+            SCALE + "test_each_placement_is_its_closed_form"],
+           why="ApproxIFER's accuracy placement is read as its latency one"),
+    Mutant("spline_refuses_its_minimum",
+           "if bool((counts < MIN_POINTS).any()):", "if bool((counts <= MIN_POINTS).any()):",
+           [SCALE + "test_spline_decoder_accepts_exactly_its_minimum_number_of_answers"],
+           why="the spline decoder refuses N - S = 5 answers, the least SciPy's spline takes"),
+    Mutant("training_patterns_with_the_evaluation_seed",
+           "straggler_patterns(self.n, self.s, cfg.max_patterns, train_seed)",
+           "straggler_patterns(self.n, self.s, cfg.max_patterns, cfg.seed + 1)",
+           [SCALE + "test_training_patterns_are_not_the_evaluation_patterns"],
+           why="an N-worker code trains on exactly the straggler patterns it is scored on"),
+    Mutant("pattern_cache_evicts_the_newest",
+           "self._matrices.popitem(last=False)", "self._matrices.popitem(last=True)",
+           [SCALE + "test_bounded_pattern_cache_evicts_the_least_recently_used"],
+           why="the bounded cache throws away the pattern just used instead of the oldest"),
+    Mutant("pattern_cache_unbounded",
+           "while self.cached_bytes + size > self.cache_bytes:", "while False:",
+           [SCALE + "test_bounded_pattern_cache_evicts_the_least_recently_used"],
+           why="the spline decoder's pattern cache grows without bound"),
+    Mutant("berrut_decoder_ignores_a_worker_on_a_data_point",
+           "take = self.has_hit & available[:, self.hit_worker]", "take = self.has_hit & False",
+           [SCALE + "test_factored_berrut_decoder_is_the_interpolant_through_the_answering_workers"],
+           why="where a data point is a worker's point, the factored decoder drops that worker's output"),
 ]
 
 

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from coders.config import CODE_DIRS, Config, to_dict
-from coders.nworker import NWorkerCode, pattern_count, straggler_patterns
+from coders.nworker import NWorkerCode, pattern_count, patterns_used, straggler_patterns
 from coders.nworker import build_nworker_coders as build_coder_pair
 from train.engine import CodedRun, eval_groups, make_optimizer
 from train.losses import LOSS_ALIASES, target_kind
@@ -45,6 +45,7 @@ from train.preflight import KNOWN_SHAPES
 from train.schedule import SCHEDULES
 from util.classpath import build, spec_name
 from util.errors import ConfigError
+from util.memory import check_memory, size
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,45 @@ def build_nworker_coders(spec: NWorkerSpec, in_shape, n_out: int):
     return build_coder_pair(spec.encoder, spec.decoder, spec.k, spec.n_workers, in_shape, n_out)
 
 
+def coder_parameters(spec: NWorkerSpec, in_shape, n_out: int) -> int:
+    """Parameters of ``spec``'s encoder and decoder, counted on the meta device (nothing allocated); 0 for a
+    coder that cannot be built there (one that computes its constants with SciPy has no parameters)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for m in build_nworker_coders(spec, in_shape, n_out) for p in m.parameters())
+    except Exception:  # the real build, after this check, names any error
+        return 0
+
+
+def nworker_bytes(cfg: Config, spec: NWorkerSpec, d: int, n_out: int, parameters: int = 0) -> dict:
+    """A lower bound of the memory one N-worker run needs, in parts named by what sets each: the coders'
+    fixed matrices (float64 and float32, ``(N, K)`` each way) and the straggler patterns, the learned
+    coders' parameters with their gradients and Adam's two moments, and the larger of a training step
+    (coded inputs with their gradient, the outputs repeated for every pattern, float64 weights) and an
+    evaluation step. F's own activations come on top."""
+    k, n = spec.k, spec.n_workers
+    p = patterns_used(n, spec.stragglers, cfg.max_patterns)
+
+    def step(groups: int, grad: bool) -> float:
+        return groups * (4.0 * n * d * (3 if grad else 1) + 4.0 * p * n * n_out * (4 if grad else 2) + 16.0 * p * n)
+
+    return {"matrices": 32.0 * n * k + 2.0 * p * n, "parameters": 16.0 * parameters,
+            "batches": max(step(cfg.batch_size, True), step(cfg.eval_batch_size, False))}
+
+
+def check_nworker_memory(cfg: Config, spec: NWorkerSpec, in_shape, n_out: int) -> None:
+    """Refuse (ConfigError naming 'n_workers') a run whose :func:`nworker_bytes` exceed the memory available
+    (util/memory.py, the probe serving's limits use), before anything of the run is allocated."""
+    d = math.prod(in_shape)
+    for counted in (False, True):  # the fixed parts first, so a huge N is refused before even a meta build
+        parts = nworker_bytes(cfg, spec, d, n_out, coder_parameters(spec, in_shape, n_out) if counted else 0)
+        shown = ", ".join(f"{name} {size(v)}" for name, v in parts.items() if v)
+        check_memory(sum(parts.values()), f"the N-worker run with K={spec.k}, N={spec.n_workers:,}, "
+                     f"S={spec.stragglers} and {spec_name(spec.encoder)}/{spec_name(spec.decoder)} on "
+                     f"{spec_name(spec.dataset)} ({shown})", "n_workers",
+                     "lower n_workers (or batch_size, eval_batch_size, max_patterns, or the coders' widths).")
+
+
 def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None:
     """Build and call every run's coders on a dataset of known sizes (``{dataset: (in_shape, n_out)}``),
     before any data or F is loaded: a coder that refuses K, N or the sizes, or breaks the contract of
@@ -97,6 +137,7 @@ def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None
     seen = set()
     for spec in expand_nworker_runs(cfg):
         known = known_shapes.get(spec.dataset)
+        check_nworker_memory(cfg, spec, *(known or ((1,), 1)))  # unknown sizes: the N- and K-bound parts alone
         key = (json.dumps([spec.encoder, spec.decoder], sort_keys=True), spec.k, spec.n_workers, spec.stragglers,
                spec.dataset)
         if known is None or key in seen:

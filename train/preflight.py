@@ -19,6 +19,8 @@ from train.losses import LOSS_ALIASES, TARGET_KINDS, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.checks import check_device, check_writable_folder  # noqa: F401  (re-exported: train.preflight.check_device)
 from util.errors import ConfigError
+from util.memory import available_memory as memory_bytes  # the one memory probe (util/memory.py)
+from util.memory import size as _size
 from util.shapes import get_flattened_dim
 
 # Input shapes and class counts of the shipped datasets, so coders can be
@@ -219,18 +221,6 @@ def probe_loss(loss, spec) -> None:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"Config key 'losses': {name} returned {got} for a batch of 4 rows; a loss must return "
                           f"one differentiable number (use reduction 'mean' or 'sum').")
-
-
-def memory_bytes() -> int:
-    """This machine's physical memory (0 when the platform does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.0f} GiB" if n >= 2 ** 30 else f"{n / 2**20:.0f} MiB"
 
 
 def check_coder_size(run: RunSpec, coders) -> None:
