@@ -40,6 +40,7 @@ from coders.nworker import NWorkerDecoder, NWorkerEncoder, Placed
 
 MIN_POINTS = 5  # make_smoothing_spline's minimum number of points (GCV); the fixed-lam path keeps it too
 DEFAULT_CACHE_MB = 64.0
+GATHER_BYTES = 2 ** 24  # a batch's (B, K, N) decoding matrices up to this size are gathered for one product
 Lam = Union[float, int, str]
 
 
@@ -180,10 +181,14 @@ class SplineDecoder(Placed, NWorkerDecoder):
                              f"(SciPy's smoothing spline); got {int(counts.min())}.")
         if self.lam != "gcv":
             patterns, index = torch.unique(available, dim=0, return_inverse=True)
+            mats = [self.pattern_matrix(row) for row in patterns]
+            if len(outputs) * self.k * self.n_workers * outputs.element_size() <= GATHER_BYTES:  # small: one bmm
+                stacked = torch.stack(mats).to(outputs.device, outputs.dtype)
+                return torch.matmul(stacked[index], outputs)
             rebuilt = outputs.new_empty(len(outputs), self.k, outputs.shape[-1])
             by_pattern = torch.argsort(index).split(torch.bincount(index, minlength=len(patterns)).tolist())
-            for row, groups in zip(patterns, by_pattern):  # one (K, N) product per distinct pattern, no (B, K, N)
-                matrix = self.pattern_matrix(row).to(outputs.device, outputs.dtype)
+            for matrix, groups in zip(mats, by_pattern):  # one (K, N) product per distinct pattern, no (B, K, N)
+                matrix = matrix.to(outputs.device, outputs.dtype)
                 rebuilt[groups] = torch.matmul(matrix, outputs[groups])
             return rebuilt
         rows = []
