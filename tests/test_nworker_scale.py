@@ -17,6 +17,11 @@ from coders.spline import MIN_POINTS, SplineDecoder, SplineEncoder, smoother_mat
 from util.errors import ConfigError
 
 
+BASE = {"form": "nworker", "num_epoch": 1, "k_vals": [4], "stragglers": [1], "datasets": ["mnist"],
+        "models": ["base-mlp"], "losses": ["mse"],
+        "enc_dec_types": [["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]]}
+
+
 # -- placements ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [1, 2, 5, 9, 12])
 def test_each_placement_is_its_closed_form(m):
@@ -141,8 +146,13 @@ def test_bounded_pattern_cache_evicts_the_least_recently_used():
         SplineDecoder(k, n, [-1, 2], lam=0.0, cache_mb=-1)
 
 
-def test_spline_decoder_groups_its_patterns_without_mixing_them():
-    """Groups of a batch under different patterns get each their own pattern's matrix."""
+@pytest.mark.parametrize("gather_bytes", [2 ** 24, 0])
+def test_spline_decoder_groups_its_patterns_without_mixing_them(monkeypatch, gather_bytes):
+    """Groups of a batch under different patterns get each their own pattern's matrix, whether the batch's
+    matrices are gathered for one product (small batches) or applied pattern by pattern (large ones)."""
+    import coders.spline
+
+    monkeypatch.setattr(coders.spline, "GATHER_BYTES", gather_bytes)
     k, n = 5, 9
     dec = SplineDecoder(k, n, [-1, 3], lam=1e-3)
     available = straggler_patterns(n, 3, 4, seed=1).repeat(3, 1)[torch.randperm(12, generator=torch.Generator()
@@ -158,27 +168,23 @@ def test_patterns_used_counts_without_the_full_binomial():
     assert patterns_used(10 ** 9, 5 * 10 ** 8, 64) == 64 and patterns_used(5, 0, 64) == 1
 
 
-def test_training_patterns_are_not_the_evaluation_patterns(digits_config):
+def test_training_patterns_are_not_the_evaluation_patterns():
     """C(8, 2) = 28 patterns, 4 of them used: training draws with the run's training seed, evaluation with
     the config's seed + 1, so a code is never scored on exactly the patterns it trained on."""
-    from coders.config import load_config
     from train.nworker import NWorkerRun, expand_nworker_runs
 
-    path = digits_config(form="nworker", k_vals=[3], n_workers=[8], stragglers=[2], max_patterns=4, num_epoch=1,
-                         enc_dec_types=[["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]])
-    cfg = load_config(str(path), {"seed": 3})
-    run = NWorkerRun(cfg, expand_nworker_runs(cfg)[0])
-    assert torch.equal(run.train_patterns, straggler_patterns(8, 2, 4, seed=3))
-    assert torch.equal(run.eval_patterns, straggler_patterns(8, 2, 4, seed=4))
-    assert {tuple(r.tolist()) for r in run.train_patterns} != {tuple(r.tolist()) for r in run.eval_patterns}
+    cfg = validate_dict({**BASE, "k_vals": [3], "n_workers": [8], "stragglers": [2], "max_patterns": 4, "seed": 3})
+    train, evaluation = NWorkerRun.patterns(cfg, expand_nworker_runs(cfg)[0])
+    assert torch.equal(train, straggler_patterns(8, 2, 4, seed=3))
+    assert torch.equal(evaluation, straggler_patterns(8, 2, 4, seed=4))
+    assert {tuple(r.tolist()) for r in train} != {tuple(r.tolist()) for r in evaluation}
+    seeded = validate_dict({**BASE, "k_vals": [3], "n_workers": [8], "stragglers": [2], "max_patterns": 4,
+                            "seed": 3, "seeds": [7]})
+    assert torch.equal(NWorkerRun.patterns(seeded, expand_nworker_runs(seeded)[0])[0],
+                       straggler_patterns(8, 2, 4, seed=7))  # a seeds sweep trains each run on its own draw
 
 
 # -- refusals before any work --------------------------------------------------------------------------
-BASE = {"form": "nworker", "num_epoch": 1, "k_vals": [4], "stragglers": [1], "datasets": ["mnist"],
-        "models": ["base-mlp"], "losses": ["mse"],
-        "enc_dec_types": [["coders.nworker.BerrutEncoder", "coders.nworker.BerrutDecoder"]]}
-
-
 def test_fewer_workers_than_inputs_is_refused_naming_n_workers():
     with pytest.raises(ConfigError, match=r"'n_workers'.*N >= K.*n_workers \[3\] with k_vals \[4\]"):
         validate_dict({**BASE, "n_workers": [3]})

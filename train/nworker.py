@@ -180,8 +180,7 @@ class NWorkerRun(CodedRun):
         encoder, decoder = build_nworker_coders(spec, self.in_shape, self.n_out)
         self.code = NWorkerCode(self.base, encoder, decoder, self.k, self.n, self.s).to(dev)
         self.encoder, self.decoder = self.code.encoder, self.code.decoder
-        self.train_patterns = straggler_patterns(self.n, self.s, cfg.max_patterns, train_seed).to(dev)
-        self.eval_patterns = straggler_patterns(self.n, self.s, cfg.max_patterns, cfg.seed + 1).to(dev)
+        self.train_patterns, self.eval_patterns = (p.to(dev) for p in self.patterns(cfg, spec))
         self.config.update(train_patterns=len(self.train_patterns), eval_patterns=len(self.eval_patterns))
         self.loss_fn = build(spec.loss, "losses", aliases=LOSS_ALIASES).to(dev)
         self.loss_kind = target_kind(self.loss_fn)
@@ -199,6 +198,14 @@ class NWorkerRun(CodedRun):
         self.gen = torch.Generator().manual_seed(train_seed)
         self.epoch, self.best_val = 0, -math.inf
         self.log = MetricsLog(self.folder, columns_for(self.classify))
+
+    @staticmethod
+    def patterns(cfg: Config, spec: NWorkerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(training, evaluation)`` straggler patterns: drawn (when C(N, S) > max_patterns) with the run's
+        training seed and with the config's seed + 1, so a code is not scored on the very patterns it trained
+        on, and every family of a sweep is scored on the same ones."""
+        return (straggler_patterns(spec.n_workers, spec.stragglers, cfg.max_patterns, spec.train_seed(cfg)),
+                straggler_patterns(spec.n_workers, spec.stragglers, cfg.max_patterns, cfg.seed + 1))
 
     # -- the step and the scores -------------------------------------------------------------------
     def scored(self, rebuilt: torch.Tensor, fx: torch.Tensor, y: torch.Tensor, tally: Tally) -> torch.Tensor:
