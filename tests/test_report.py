@@ -249,3 +249,49 @@ def test_a_plain_run_in_the_folder_above_its_seed_sweep_is_not_one_of_the_seeds(
     assert [r[cols.index("seeds")] for r in rows] == ["1", "2"]
     assert rows[0][cols.index("test recon acc (%)")] == "20.00"
     assert rows[1][cols.index("test recon acc (%)")].split(" ± ")[0] == "85.00"
+
+
+def write_both_forms(save: Path) -> None:
+    """A systematic run and two seeds of an N-worker run (K = 3, N = 5, S = 1) under one save_dir."""
+    write_run(save / "sys", [epoch_row(0, 0.5, 0.5, 0.4), epoch_row(1, 0.7, 0.6, 0.55)])
+    nworker = dict(form="nworker", k=3, r=None, n_workers=5, stragglers=1, encoder="coders.nworker.BerrutEncoder",
+                   decoder="coders.nworker.BerrutDecoder")
+    for seed, (acc, mse) in enumerate(((0.80, 0.02), (0.90, 0.04))):
+        rows = [{**epoch_row(0, acc, acc, acc), "test_mse": mse, "test_nmse": 2 * mse, "test_rel_l2": 0.1}]
+        write_run(save / "nw" / f"seed{seed}", rows, run_seed=seed, **nworker)
+
+
+def test_one_report_prints_both_forms_tables_and_one_form_on_request(tmp_path):
+    """A save_dir holding both forms: the systematic table, then the N-worker one (K, N, S, errors,
+    seeds merged); --form keeps one of them; a form the folder lacks is an exit-2 error."""
+    write_both_forms(tmp_path / "save")
+    code, out, err = run_report([str(tmp_path / "save"), "--no-plots"])
+    assert code == 0, err
+    systematic, nworker = out.split("\n\n")
+    assert "| k | r |" in systematic.splitlines()[0] and len(table_rows(systematic)) == 1
+    row = dict(zip(header(nworker), table_rows(nworker)[0]))
+    assert (row["K"], row["N"], row["S"], row["seeds"]) == ("3", "5", "1", "2")
+    assert row["test acc, all K answers (%)"] == "85.00 ± 7.07" and row["test MSE"].startswith("0.03 ±")
+
+    code, only, _ = run_report([str(tmp_path / "save"), "--no-plots", "--form", "nworker"])
+    assert code == 0 and only == nworker
+    code, only, _ = run_report([str(tmp_path / "save"), "--no-plots", "--form", "systematic"])
+    assert code == 0 and only == systematic + "\n"  # the one table, with the newline that ends it
+    write_run(tmp_path / "just_sys" / "run", [epoch_row(0, 0.5, 0.5, 0.4)])
+    code, out, err = run_report([str(tmp_path / "just_sys"), "--no-plots"])
+    assert code == 0 and "| K |" not in out and len(table_rows(out)) == 1
+    code, out, err = run_report([str(tmp_path / "just_sys"), "--no-plots", "--form", "nworker"])
+    assert code == 2 and out == "" and "no nworker runs under" in err and "--form" in err
+
+
+def test_train_nworker_is_the_one_report_of_the_nworker_runs(tmp_path, capsys):
+    """``python -m train.nworker ROOT`` (the old name) prints util.report's N-worker table, nothing else."""
+    from train import nworker
+
+    write_both_forms(tmp_path / "save")
+    _, nworker_table, _ = run_report([str(tmp_path / "save"), "--no-plots", "--form", "nworker"])
+    assert nworker.main([str(tmp_path / "save")]) == 0
+    assert capsys.readouterr().out == nworker_table
+    assert nworker.results_table(tmp_path / "save") == nworker_table.splitlines()
+    assert nworker.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -43,6 +43,7 @@ from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for
 from train.preflight import KNOWN_SHAPES
 from train.schedule import SCHEDULES
+from util import report
 from util.classpath import build, spec_name
 from util.errors import ConfigError
 from util.memory import check_memory, size
@@ -258,23 +259,12 @@ def nworker_runs(root: str | Path):
             yield saved, [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
 
 
-def results_table(root: str | Path) -> list[str]:
-    """Markdown rows, one per N-worker run folder under ``root``: its best epoch's test scores
-    (accuracy of all K answers for a classifier; MSE, normalised MSE and relative L2 error always)."""
-    lines = ["| dataset | F | K | N | S | encoder | decoder | epochs | best | val score | test acc (%) | test MSE "
-             "| test NMSE | test rel. L2 |", "|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for saved, rows in nworker_runs(root):
-        classify = any("val_degraded_acc" in r for r in rows)
-        key = (lambda r: r.get("val_degraded_acc", -1)) if classify else (lambda r: -r.get("val_mse", math.inf))
-        best = max(rows, key=key)
-        acc = f"{100 * best['test_degraded_acc']:.2f}" if classify else "n/a"
-        val = f"{100 * best['val_degraded_acc']:.2f}%" if classify else f"{best['val_mse']:.4g}"
-        lines.append(f"| {spec_name(saved['dataset'])} | {spec_name(saved['model'])} | {saved['k']} | "
-                     f"{saved['n_workers']} | {saved['stragglers']} | {spec_name(saved['encoder'])} | "
-                     f"{spec_name(saved['decoder'])} | {max(r['epoch'] for r in rows)} | {best['epoch']} | {val} | "
-                     f"{acc} | " + " | ".join(f"{best[c]:.4g}" if c in best else "n/a"
-                                              for c in ("test_mse", "test_nmse", "test_rel_l2")) + " |")
-    return lines
+def results_table(root: str | Path, err=None) -> list[str]:
+    """The lines of the N-worker tables of ``python -m util.report ROOT`` (one table-printing path,
+    :func:`util.report.markdown_table`): every N-worker run under ``root`` at its best validation epoch,
+    the runs of a ``seeds`` sweep merged into mean ± std."""
+    rows = [r for r in report.collect(Path(root), sys.stderr if err is None else err) if r["form"] == "nworker"]
+    return report.markdown_table(report.merge_seeds(rows), ("nworker",)).splitlines()
 
 
 def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
@@ -307,18 +297,22 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m train.nworker RESULTS_DIR``: the table of every N-worker run under RESULTS_DIR."""
+    """``python -m train.nworker RESULTS_DIR``: the tables of every N-worker run under RESULTS_DIR, as
+    ``python -m util.report RESULTS_DIR --form nworker --no-plots`` prints them (that command is the
+    one report; this name is kept); ``--by-n``: one row per code, the test NMSE against N."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m train.nworker", description=main.__doc__)
     ap.add_argument("root", help="a save_dir of N-worker runs, e.g. results_nworker")
     ap.add_argument("--by-n", action="store_true", help="one row per code, the test NMSE against N")
     args = ap.parse_args(argv)
+    if not args.by_n:
+        return report.main([args.root, "--form", "nworker", "--no-plots"])
     if not Path(args.root).is_dir():
         print(f"error: '{args.root}' is not a folder. Fix: pass the save_dir of an N-worker config "
               f"(e.g. results_nworker).", file=sys.stderr)
         return 2
-    print(*(error_by_n(args.root) if args.by_n else results_table(args.root)), sep="\n")
+    print(*error_by_n(args.root), sep="\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Summarise a sweep: one markdown table over every run folder, plus validation curves.
 
-``python -m util.report SAVE_DIR [--plots DIR] [--out FILE] [--no-plots]``
+``python -m util.report SAVE_DIR [--plots DIR] [--out FILE] [--no-plots] [--each-seed] [--form FORM]``
 
 A run folder is any folder under SAVE_DIR holding ``metrics.jsonl`` and
 ``config.json`` (what :class:`train.engine.CodedRun` writes). Each run is
@@ -16,9 +16,12 @@ the rebuilt outputs (MSE, normalised MSE, relative L2) and no accuracy column;
 their best validation epoch is the one of lowest validation MSE.
 
 N-worker runs (config ``"form": "nworker"``, docs/nworker.md) get tables of
-their own with K, N and S in place of k and r; a classifier's is scored, as
-the run picks its best epoch, by the accuracy of all K answers against the
-labels over every straggler pattern (ApproxIFER's score).
+their own, after the systematic ones, with K, N and S in place of k and r; a
+classifier's is scored, as the run picks its best epoch, by the accuracy of
+all K answers against the labels over every straggler pattern (ApproxIFER's
+score), and lists the errors of the rebuilt outputs too. ``--form`` keeps one
+form's tables; ``python -m train.nworker SAVE_DIR`` is this command with
+``--form nworker --no-plots``.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from util.errors import EXIT_USER_ERROR
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 SORT_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder")
+FORMS = ("systematic", "nworker")  # the code forms, in the order their tables are printed
 NWORKER_KEYS = ("dataset", "model", "k", "n_workers", "stragglers", "loss", "encoder", "decoder")
 
 # (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage, "num" 4 digits.
@@ -216,7 +220,7 @@ def merge_seeds(rows: Sequence[dict]) -> list[dict]:
         row = {**members[0], "seeds": len(members)}
         if len(members) > 1:
             row["seed"] = None
-            for key, _, kind in (COLUMNS if row.get("classify", True) else REGRESSION_COLUMNS):
+            for key, _, kind in columns_of(row.get("form", "systematic"), row.get("classify", True)):
                 values = [m.get(key) for m in members]
                 if kind in ("pct", "num"):
                     known = [v for v in values if v is not None]
@@ -240,9 +244,13 @@ def sort_key(row: dict) -> tuple:
             row.get("stragglers") or 0, row["loss"], row["encoder"], row["decoder"], row.get("seed") or 0)
 
 
+_ERRORS = [c for c in REGRESSION_COLUMNS if c[2] == "num"]  # test MSE, NMSE, relative L2
+
+
 def nworker_columns(columns: list) -> list:
-    """``columns`` for N-worker runs: K, N and S in place of k and r, and no all-k column (every
-    N-worker answer is rebuilt, so the degraded accuracy is already the accuracy of all K answers)."""
+    """``columns`` for N-worker runs: K, N and S in place of k and r, no all-k column (every
+    N-worker answer is rebuilt, so the degraded accuracy is already the accuracy of all K answers),
+    and for a classifier the errors of the rebuilt outputs after the accuracy lost."""
     out = []
     for key, head, kind in columns:
         if key == "k":
@@ -252,10 +260,17 @@ def nworker_columns(columns: list) -> list:
         elif key == "test_degraded_acc":
             out.append((key, "test acc, all K answers (%)", kind))
         elif key == "acc_lost":
-            out.append((key, "accuracy lost vs F (points)", kind))
+            out += [(key, "accuracy lost vs F (points)", kind)] + _ERRORS
         elif key not in ("test_group_acc",):
             out.append((key, head, kind))
     return out
+
+
+def columns_of(form: str, classify: bool) -> list:
+    """The columns of the table of runs of code ``form`` ("systematic" or "nworker") whose F is a
+    classifier (``classify``) or not: the one choice behind every table this module prints."""
+    columns = COLUMNS if classify else REGRESSION_COLUMNS
+    return nworker_columns(columns) if form == "nworker" else columns
 
 
 def shape_label(row: dict) -> str:
@@ -277,20 +292,20 @@ def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(rows: Iterable[dict]) -> str:
+def markdown_table(rows: Iterable[dict], forms: Sequence[str] = FORMS) -> str:
     """A markdown table of ``rows`` (as from :func:`summarize_run` or :func:`merge_seeds`), stably
     sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
     then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one.
     Runs of classifiers and runs of other F get a table each (the second after a blank line), the
     latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy; N-worker runs get their
-    own tables after those (:func:`nworker_columns`)."""
+    own tables after those (:func:`nworker_columns`). ``forms`` limits the tables to those code forms."""
     rows = list(rows)
     parts = []
-    for form in ("systematic", "nworker"):
-        for classify, columns in ((True, COLUMNS), (False, REGRESSION_COLUMNS)):
+    for form in forms:
+        for classify in (True, False):
             part = [r for r in rows if r.get("classify", True) == classify and r.get("form", "systematic") == form]
             if part:
-                parts.append(_one_table(part, nworker_columns(columns) if form == "nworker" else columns))
+                parts.append(_one_table(part, columns_of(form, classify)))
     return "\n".join(parts)
 
 
@@ -411,6 +426,8 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     ap.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
     ap.add_argument("--each-seed", action="store_true",
                     help="a row per run of a 'seeds' sweep instead of one row of mean ± std per sweep")
+    ap.add_argument("--form", choices=FORMS, help="only the runs of this code form (default: a table for each "
+                                                  "form the save_dir holds)")
     args = ap.parse_args(argv)
 
     save_dir = Path(args.save_dir)
@@ -431,8 +448,14 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     if not rows:
         print(f"error: every run folder under '{save_dir}' was unreadable (see the warnings above).", file=err)
         return EXIT_USER_ERROR
+    if args.form:
+        rows = [r for r in rows if r["form"] == args.form]
+        if not rows:
+            print(f"error: no {args.form} runs under '{save_dir}' (config \"form\": \"{args.form}\"). Fix: pass "
+                  f"the save_dir of such a config, or leave out --form to table every run.", file=err)
+            return EXIT_USER_ERROR
 
-    table = markdown_table(rows if args.each_seed else merge_seeds(rows))
+    table = markdown_table(rows if args.each_seed else merge_seeds(rows), (args.form,) if args.form else FORMS)
     print(table, end="", file=out)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
