@@ -5,7 +5,7 @@ computes F on its coded input, and the outputs of any N - S workers (S
 stragglers) decode all K outputs. No worker sees a raw input, so every
 answer is the decoder's, and approximate for a non-linear F. (The systematic
 form, k data + r parity workers with data outputs returned as they are, is
-:class:`train.code.Code`.)
+:class:`coders.code.Code`.)
 
 Shapes, with B groups of K inputs and n outputs of F:
 

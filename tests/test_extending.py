@@ -1,0 +1,62 @@
+"""docs/extending.md runs: every example on the page is written out and run, so the page fails here when
+the code it shows goes stale.
+
+A fenced block under ``<!-- file: NAME -->`` is written to a scratch folder as NAME; a block under
+``<!-- run -->`` is then run there (the folder current and first on sys.path, as beside a config), in page
+order, each in a namespace of its own.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+BLOCK = re.compile(r"<!-- (file: (?P<name>[\w.]+)|run) -->\n```\w*\n(?P<code>.*?)```", re.S)
+SECTIONS = ("A coder", "An N-worker code", "A base model", "A serving policy", "A strategy")
+
+
+def examples(text: str) -> dict[str, list[tuple[str, str]]]:
+    """``{section title: [(file name or "run", code), ...]}`` in page order."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^## (.+)$", text, re.M)]
+    for m in BLOCK.finditer(text):
+        section = [title for at, title in starts if at < m.start()][-1]
+        found.setdefault(section, []).append((m.group("name") or "run", m.group("code")))
+    return found
+
+
+def test_the_page_marks_an_example_of_every_kind():
+    found = examples(PAGE.read_text())
+    for section in SECTIONS:
+        assert any(name == "run" for name, _ in found.get(section, [])), f"'{section}' has no run block"
+    stale = [word for word in ("train/config.py", "train.code", "train.config") if word in PAGE.read_text()]
+    assert not stale, f"docs/extending.md names old module paths: {stale}"
+
+
+def test_a_block_the_page_does_not_mark_is_not_run():
+    """The extractor takes only marked blocks: an unmarked one is prose."""
+    text = "## A\n```python\nraise SystemExit\n```\n<!-- run -->\n```python\nx = 1\n```\n"
+    assert examples(text) == {"A": [("run", "x = 1\n")]}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
+    import torch
+
+    torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    try:
+        for name, code in examples(PAGE.read_text())[section]:
+            if name != "run":
+                (tmp_path / name).write_text(code)
+            else:
+                exec(compile(code, f"{PAGE.name} ({section})", "exec"), {"__name__": "__example__"})
+    finally:  # the page's own modules are imported from this scratch folder only
+        for mod in set(sys.modules) - before:
+            if mod.startswith("my_"):
+                del sys.modules[mod]
