@@ -295,3 +295,34 @@ def test_train_nworker_is_the_one_report_of_the_nworker_runs(tmp_path, capsys):
     assert nworker.results_table(tmp_path / "save") == nworker_table.splitlines()
     assert nworker.main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_train_nworker_by_n_averages_seeds_and_shows_the_lam_of_lowest_validation_mse(tmp_path, capsys):
+    """``--by-n``: one row per (dataset, K, S, family), a column per N; seeds averaged; of two lams the one
+    of lower mean validation MSE, whatever its test error; a half-written last line is not read."""
+    from train import nworker
+
+    base = dict(form="nworker", k=3, r=None, stragglers=1, loss="mse")
+
+    def run(name, n, nmse, val=0.1, decoder="coders.nworker.BerrutDecoder", encoder="coders.nworker.BerrutEncoder",
+            **extra):
+        rows = [{"epoch": 0, "val_mse": val, "test_nmse": nmse}]
+        folder = write_run(tmp_path / "save" / name, rows, n_workers=n, encoder=encoder, decoder=decoder, **base,
+                           **extra)
+        return folder
+
+    run("b5s0", 5, 0.1, run_seed=0)
+    run("b5s1", 5, 0.3, run_seed=1)
+    run("b9", 9, 0.05)
+    spline = dict(encoder="coders.spline.SplineEncoder")
+    run("lam_big", 5, 0.2, val=0.5, decoder={"class": "coders.spline.SplineDecoder", "args": {"lam": 0.1}}, **spline)
+    cut = run("lam_small", 5, 0.4, val=0.2, decoder={"class": "coders.spline.SplineDecoder", "args": {"lam": 0.01}},
+              **spline)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "val_mse": 0.0')  # a kill mid-append: not a row, not an error
+    assert nworker.main([str(tmp_path / "save"), "--by-n"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "| dataset | K | S | code | N = 5 | N = 9 |"
+    rows = {line.split("|")[4].strip(): [c.strip() for c in line.strip("|").split("|")[4:]] for line in out[2:]}
+    assert rows["BerrutEncoder"] == ["0.2 ± 0.14 (2 seeds)", "0.05"]
+    assert rows["SplineEncoder"] == ["0.4 (lam 0.01)", ""]

@@ -250,13 +250,17 @@ class NWorkerRun(CodedRun):
                 f"{len(self.eval_patterns)} scored, of C({self.n}, {self.s}) = {pattern_count(self.n, self.s)}")
 
 
-def nworker_runs(root: str | Path):
-    """``(saved config, metrics rows)`` of each N-worker run folder under ``root`` that has metrics, in path order."""
-    for cfg_path in sorted(Path(root).rglob("config.json")):
-        saved = json.loads(cfg_path.read_text())
-        rows_path = cfg_path.parent / "metrics.jsonl"
-        if saved.get("form") == "nworker" and rows_path.exists():
-            yield saved, [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+def nworker_runs(root: str | Path, err=None):
+    """``(saved config, metrics rows)`` of each N-worker run folder under ``root``, in path order, read as
+    ``python -m util.report`` reads them (:func:`util.report.find_runs`, :func:`util.report.read_rows`: a
+    last line cut short by a kill is left out); an unreadable folder is skipped with a warning on ``err``."""
+    for folder in report.find_runs(root):
+        try:
+            saved = json.loads((folder / report.CONFIG_FILE).read_text())
+            if isinstance(saved, dict) and saved.get("form") == "nworker":
+                yield saved, report.read_rows(folder / report.METRICS_FILE)
+        except (json.JSONDecodeError, report.RunReadError) as exc:
+            print(f"warning: skipping {folder}: {exc}", file=sys.stderr if err is None else err)
 
 
 def results_table(root: str | Path, err=None) -> list[str]:
