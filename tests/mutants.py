@@ -216,6 +216,17 @@ MUTANTS = [
            '"group": str(folder.parent if config.get("run_seed") is not None else folder),',
            ["tests/test_report.py::test_a_plain_run_in_the_folder_above_its_seed_sweep_is_not_one_of_the_seeds"],
            why="util.report counts a plain run as one more seed of the sweep in the folders below it"),
+    Mutant("report_merges_nworker_seeds_on_systematic_columns",
+           'for key, _, kind in columns_of(row.get("form", "systematic"), row.get("classify", True)):',
+           'for key, _, kind in (COLUMNS if row.get("classify", True) else REGRESSION_COLUMNS):',
+           ["tests/test_report.py::test_one_report_prints_both_forms_tables_and_one_form_on_request"],
+           why="util.report averages an N-worker sweep's seeds over the systematic columns only (its errors "
+               "are one seed's)"),
+    Mutant("nworker_by_n_reads_half_lines",
+           "yield saved, report.read_rows(folder / report.METRICS_FILE)",
+           "yield saved, [json.loads(x) for x in (folder / report.METRICS_FILE).read_text().splitlines()]",
+           ["tests/test_report.py::test_train_nworker_by_n_averages_seeds_and_shows_the_lam_of_lowest_validation_mse"],
+           why="python -m train.nworker --by-n stops at a metrics line a kill cut short"),
     # -- serving and the simulator (issue 25) --
     Mutant("summary_keeps_warmup",
            "keep = slice(warmup, None)", "keep = slice(0, None)",
