@@ -7,6 +7,7 @@ order, each in a namespace of its own.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -60,3 +61,33 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
         for mod in set(sys.modules) - before:
             if mod.startswith("my_"):
                 del sys.modules[mod]
+
+
+def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, monkeypatch):
+    """Each inline config fragment (`"key": [...]`) is JSON, and every class path in it builds as the key's
+    config would: the coders with (k, r, in_dim) or (K, N, in_dim), the models as F."""
+    from base_models import MODEL_ALIASES
+    from base_models.functions import construct
+    from util.classpath import build
+
+    text = PAGE.read_text()
+    for name, code in (item for items in examples(text).values() for item in items):
+        if name != "run":
+            (tmp_path / name).write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fragments = [json.loads("{" + m + "}") for m in re.findall(r'`("(?:enc_dec_types|models)": \[.*?\])`', text)]
+    built = []
+    try:
+        for fragment in fragments:
+            for pair in fragment.get("enc_dec_types", []):
+                nworker = "nworker" in json.dumps(pair)
+                sizes = (3, 5) if nworker else (2, 1)
+                built += [build(pair[0], "enc_dec_types", *sizes, [-1, 1, 4, 4]),
+                          build(pair[1], "enc_dec_types", *sizes, [-1, 10])]
+            built += [construct(spec, "models", MODEL_ALIASES, (1, 4, 4), 10) for spec in fragment.get("models", [])]
+    finally:
+        for mod in [m for m in sys.modules if m.startswith("my_")]:
+            del sys.modules[mod]
+    assert {type(m).__name__ for m in built} == {"MixEncoder", "FlatDecoder", "LinearEncoder", "MaskedDecoder",
+                                                 "TinyMLP"}
+    assert built[1].net[1].out_features == 128  # the fragment's args reach the constructor
