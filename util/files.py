@@ -6,7 +6,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -91,3 +91,19 @@ def remove_stale_temps(folder: str | os.PathLike, names: Sequence[str]) -> list[
         print(f"removed {len(removed)} temporary file(s) left in '{folder}' by an interrupted write",
               file=sys.stderr)
     return removed
+
+
+def unwritable(path: Path, want_folder: bool) -> Optional[str]:
+    """Why ``path`` cannot be written as a file (or a folder of plots), with the fix; None when it can."""
+    if want_folder and path.exists() and not path.is_dir():
+        return "is a file. Fix: name a folder for the plots (it is created when missing)."
+    if not want_folder and path.is_dir():
+        return "is a folder. Fix: name a file such as results.md (its folder is created when missing)."
+    existing = path if want_folder else path.parent
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"cannot be created, since '{existing}' is a file. Fix: choose another path."
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: '{existing}' is not writable by this user. Fix: choose a path you can write to."
+    return None

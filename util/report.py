@@ -15,20 +15,16 @@ metrics rows without accuracies) get a table of their own with the errors of
 the rebuilt outputs (MSE, normalised MSE, relative L2) and no accuracy column;
 their best validation epoch is the one of lowest validation MSE.
 
-N-worker runs (config ``"form": "nworker"``, docs/nworker.md) get tables of
-their own, after the systematic ones, with K, N and S in place of k and r; a
-classifier's is scored, as the run picks its best epoch, by the accuracy of
-all K answers against the labels over every straggler pattern (ApproxIFER's
-score), and lists the errors of the rebuilt outputs too. ``--form`` keeps one
-form's tables; ``python -m train.nworker SAVE_DIR`` is this command with
-``--form nworker --no-plots``.
+N-worker runs (``"form": "nworker"``, docs/nworker.md) get tables of their own after the systematic
+ones: K, N and S in place of k and r, the rebuilt outputs' errors, and a classifier scored (as the run
+picks its best epoch) by the accuracy of all K answers over every straggler pattern (ApproxIFER's).
+``--form`` keeps one form's tables (``python -m train.nworker SAVE_DIR`` is ``--form nworker --no-plots``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -37,6 +33,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from util.classpath import spec_name
 from util.errors import EXIT_USER_ERROR
+from util.files import unwritable
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -248,9 +245,8 @@ _ERRORS = [c for c in REGRESSION_COLUMNS if c[2] == "num"]  # test MSE, NMSE, re
 
 
 def nworker_columns(columns: list) -> list:
-    """``columns`` for N-worker runs: K, N and S in place of k and r, no all-k column (every
-    N-worker answer is rebuilt, so the degraded accuracy is already the accuracy of all K answers),
-    and for a classifier the errors of the rebuilt outputs after the accuracy lost."""
+    """``columns`` for N-worker runs: K, N, S for k, r; no all-k column (every answer is rebuilt, so the
+    degraded accuracy is that of all K answers); a classifier's rebuilt-output errors after the accuracy lost."""
     out = []
     for key, head, kind in columns:
         if key == "k":
@@ -267,8 +263,7 @@ def nworker_columns(columns: list) -> list:
 
 
 def columns_of(form: str, classify: bool) -> list:
-    """The columns of the table of runs of code ``form`` ("systematic" or "nworker") whose F is a
-    classifier (``classify``) or not: the one choice behind every table this module prints."""
+    """The columns of every table here: of runs of code ``form`` whose F is a classifier or not."""
     columns = COLUMNS if classify else REGRESSION_COLUMNS
     return nworker_columns(columns) if form == "nworker" else columns
 
@@ -399,22 +394,6 @@ def collect(save_dir: Path, err=sys.stderr) -> list[dict]:
     return rows
 
 
-def _unwritable(path: Path, want_folder: bool) -> Optional[str]:
-    """Why ``path`` cannot be written as a file (or a folder of plots), with the fix; None when it can."""
-    if want_folder and path.exists() and not path.is_dir():
-        return "is a file. Fix: name a folder for the plots (it is created when missing)."
-    if not want_folder and path.is_dir():
-        return "is a folder. Fix: name a file such as results.md (its folder is created when missing)."
-    existing = path if want_folder else path.parent
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        return f"cannot be created, since '{existing}' is a file. Fix: choose another path."
-    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot be written: '{existing}' is not writable by this user. Fix: choose a path you can write to."
-    return None
-
-
 def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
@@ -426,13 +405,12 @@ def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     ap.add_argument("--out", metavar="FILE", help="also write the markdown table to FILE")
     ap.add_argument("--each-seed", action="store_true",
                     help="a row per run of a 'seeds' sweep instead of one row of mean ± std per sweep")
-    ap.add_argument("--form", choices=FORMS, help="only the runs of this code form (default: a table for each "
-                                                  "form the save_dir holds)")
+    ap.add_argument("--form", choices=FORMS, help="only this code form's runs (default: every form's tables)")
     args = ap.parse_args(argv)
 
     save_dir = Path(args.save_dir)
     for flag, value in (("--out", args.out), ("--plots", args.plots)):
-        bad = _unwritable(Path(value), want_folder=flag == "--plots") if value else None
+        bad = unwritable(Path(value), want_folder=flag == "--plots") if value else None
         if bad:
             print(f"error: {flag} '{value}' {bad}", file=err)
             return EXIT_USER_ERROR
