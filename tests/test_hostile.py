@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +116,122 @@ def test_a_bad_head_is_named_by_its_content_length():
     assert "not a number" in bad_head_reason(b"POST / HTTP/1.1\r\ncontent-length: -5\r\n\r\n")
     assert "disagree" in bad_head_reason(b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n")
     assert "not valid HTTP" in bad_head_reason(b"GARBAGE\r\n\r\n")
+
+
+# -- bad keys and flags: exit 2, one paragraph naming the key (or flag, or file), before any work -----------
+
+TRAIN = {"num_epoch": 1, "k_vals": [2], "enc_dec_types": [["coders.mlp.MLPEncoder", "coders.mlp.MLPDecoder"]],
+         "datasets": ["digits"], "models": ["base-mlp"], "losses": ["mse"], "device": "cpu", "progress": False}
+
+# (overrides of TRAIN, pieces of the message)
+BAD_TRAIN_KEYS = [
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lr": float("inf")}}}, ["'optimizer'", "'lr' is inf"]),
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lr": float("-inf")}}}, ["'optimizer'", "'lr' is -inf"]),
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lr": float("nan")}}}, ["'optimizer'", "nan"]),
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lr": -1}}}, ["'optimizer'", "learning rate"]),
+    ({"optimizer": {"class": "torch.optim.SGD", "args": {"lr": 0.1, "momentum": float("inf")}}},
+     ["'optimizer'", "'momentum' is inf"]),
+    ({"optimizer": {"class": "torch.optim.Adam", "args": {"lr": 1e-3, "betas": [0.9, float("inf")]}}},
+     ["'optimizer'", "'betas'"]),
+]
+
+
+def refused(main, argv: list, capsys) -> str:
+    """The one-line message of a command refused with exit 2 (and no traceback)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("overrides,needles", BAD_TRAIN_KEYS, ids=[str(i) for i in range(len(BAD_TRAIN_KEYS))])
+def test_a_bad_training_key_is_refused_up_front(overrides, needles, tmp_path, capsys):
+    from train.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**TRAIN, **overrides, "save_dir": str(tmp_path / "save"),
+                                "base_model_dir": str(tmp_path / "base")}))  # Infinity and NaN as JSON writes them
+    message = refused(main, [str(path)], capsys)
+    assert all(n in message for n in needles), message
+    assert not (tmp_path / "save").exists() and not (tmp_path / "base").exists()
+
+
+def test_base_model_fit_names_its_flag(capsys):
+    from base_models.fit import main
+
+    message = refused(main, ["--dataset", "digits", "--model", "nope"], capsys)
+    assert message.startswith("error: Flag --model: 'nope'") and "Config key" not in message
+
+
+def test_resume_after_a_domain_file_changed_names_that_file_and_leaves_the_lock_alone(tmp_path, capsys, monkeypatch):
+    import datasets.domains
+    import util.checkpoint
+    from train.cli import main
+
+    rows = tmp_path / "x.npy"
+    np.save(rows, np.linspace(-3, 3, 60, dtype=np.float32).reshape(60, 1))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**TRAIN, "datasets": ["line"], "models": ["base_models.functions.x_sin_x"],
+                                "domains": {"line": {"sampler": "file", "path": str(rows), "n_val": 8, "n_test": 8}},
+                                "enc_dec_types": [[{"class": "coders.mlp.MLPEncoder", "args": {"hidden": 8}},
+                                                   {"class": "coders.mlp.MLPDecoder", "args": {"hidden": 8}}]],
+                                "batch_size": 8, "num_threads": 1, "data_dir": str(tmp_path / "no-data"),
+                                "save_dir": str(tmp_path / "save"), "base_model_dir": str(tmp_path / "base")}))
+    assert main([str(path)]) == 0
+    capsys.readouterr()
+    np.save(rows, np.linspace(-2, 2, 60, dtype=np.float32).reshape(60, 1))  # the domain file changes
+    monkeypatch.setattr(datasets.domains, "_DRAWN", {})  # as in a new process: drawn and hashed afresh
+    monkeypatch.setattr(util.checkpoint, "_DATA_DIGESTS", {})
+    (lock,) = (tmp_path / "save").rglob(".lock")
+    before = (lock.stat().st_mtime_ns, lock.read_bytes())
+    message = refused(main, [str(path), "--resume"], capsys)
+    assert f"domain 'line''s file is still read from '{rows}', whose content changed" in message, message
+    assert "'data_dir'" not in message and "the dataset" not in message
+    assert (lock.stat().st_mtime_ns, lock.read_bytes()) == before, "a refused --resume rewrote the lock"
+
+
+def test_f_giving_nan_is_counted_over_the_whole_split(tmp_path, capsys):
+    """F = log(x) on [-1, 3): its non-finite outputs are counted in every batch of the split, not the first."""
+    from train.cli import main
+
+    (tmp_path / "hostile_funcs.py").write_text("import torch\n\n\ndef log_of(x):\n    return torch.log(x)\n")
+    rows = tmp_path / "x.npy"
+    np.save(rows, np.linspace(-1, 3, 400, endpoint=False, dtype=np.float32).reshape(400, 1))  # 100 of them < 0
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**TRAIN, "datasets": ["line"], "models": ["hostile_funcs.log_of"],
+                                "domains": {"line": {"sampler": "file", "path": str(rows), "n_val": 40, "n_test": 40}},
+                                "eval_batch_size": 16, "save_dir": str(tmp_path / "save"),
+                                "base_model_dir": str(tmp_path / "base")}))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        message = refused(main, [str(path)], capsys)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("hostile_funcs", None)
+    from datasets.domains import DomainSpec, sample_domain
+
+    x = sample_domain("line", DomainSpec(sampler="file", path=str(rows), n_val=40, n_test=40), seed=0).train_x
+    bad = int((x <= 0).sum())  # log of 0 is -inf, of a negative number NaN
+    assert bad > 16  # more than one evaluation batch holds them
+    assert f"NaN or infinite values on {bad} of the 320 train inputs" in message, (bad, message)
+
+
+def test_a_failed_download_leaves_no_empty_dataset_folder(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from datasets.sources import mnist
+    from util.errors import UserError
+
+    class Offline:  # what torchvision does without a network: make the raw folder, then fail
+        def __init__(self, root, train, download):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd, "MNIST", Offline)
+    with pytest.raises(UserError, match="download failed"):
+        mnist(str(tmp_path / "data"), True)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there stays
+    with pytest.raises(UserError):
+        mnist(str(tmp_path / "kept"), True)
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and list((tmp_path / "kept").iterdir()) == []
