@@ -189,17 +189,37 @@ def test_a_slow_instances_answers_are_the_decoders_offline_output(tmp_path, digi
 
 @pytest.mark.parametrize("strategy", ["none", "coded"])
 def test_an_instance_killed_while_serving_loses_no_request(strategy, tmp_path, digits_run_folder, loaded, pool):
-    # Instance 0 is slow, so requests queue on it, and it is killed while they wait.
+    # Instance 0 is slow, so requests queue on it; it is killed (on the service's own event loop, as a
+    # configured fail-stop is) once three of them are outstanding there: an event, not a moment on a clock.
     cfg = service_config(tmp_path, digits_run_folder, {"strategy": strategy},
-                         delays=[{"dist": "constant", "ms": 150, "instances": [0]}],
-                         failures=[{"instance": 0, "at_ms": 400}])
+                         delays=[{"dist": "constant", "ms": 150, "instances": [0]}])
     x, _ = loaded.splits.split("test")
     with serving(cfg, loaded, pool) as (url, service):
-        responses = post_all(url, [as_json(x[i]) for i in range(24)], gaps_s=0.03)
+        killed_with = []
+
+        async def kill_when_queued():
+            deadline = time.time() + 60
+            while service.policy.outstanding[0] < 3:
+                assert time.time() < deadline, "requests never queued on instance 0"
+                await asyncio.sleep(0.005)
+            killed_with.append(service.policy.outstanding[0])
+            service.loop.call_soon_threadsafe(service._kill, 0)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                async def one(i):
+                    await asyncio.sleep(i * 0.03)
+                    return await client.post("/predict", content=as_json(x[i]),
+                                             headers={"Content-Type": "application/json"})
+
+                *responses, _ = await asyncio.gather(*[one(i) for i in range(24)], kill_when_queued())
+                return responses
+
+        responses = asyncio.run(go())
         assert [r.status_code for r in responses] == [200] * 24
         answers = [r.json() for r in responses]
         assert sorted(a["query"] for a in answers) == list(range(24))
-        assert service.core.dead == {0}
+        assert service.core.dead == {0} and killed_with[0] >= 3
         recovered = [a for a in answers if a["retried"] or a["rebuilt"]]
         assert recovered, "no request was in flight on the killed instance"
         assert httpx.get(url + "/health").json()["instances_alive"] == len(service.roles) - 1
