@@ -25,6 +25,11 @@ Why FastAPI + uvicorn in front of Ray Core actors rather than Ray Serve: see
 docs/service.md (the dispatch core must pick each request's instance and see
 each output as it lands, which Ray Serve's router hides).
 """
+if __name__ == "__main__":  # python -m serve.app: a signal while the imports below run stops with one line
+    from util.signals import exit_at_once
+
+    exit_at_once("python -m serve.app")
+# (the imports below come after it on purpose: importing torch takes seconds)
 import asyncio
 import contextlib
 import io
@@ -44,7 +49,9 @@ from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_se
 from serve.edge import numbers_refusal, server_config
 from serve.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
+from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
+from util.signals import Terminated
 
 # Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
 # by resizing and dividing by 255 (CIFAR's are normalised per channel: send JSON arrays instead).
@@ -346,12 +353,7 @@ def check_port(host: str, port: int) -> None:
                               f"what holds it, or pick another with --set app.port=PORT.") from None
 
 
-class Stopped(Exception):
-    """SIGTERM before the server runs: stop as on Ctrl-C (the actors and the Ray this process started go too)."""
-
-
-def _terminate(signum, frame):
-    raise Stopped()
+Stopped = Terminated  # SIGTERM before the server runs: stop as on Ctrl-C (serve.app.Stopped, as before)
 
 
 def make_server(config):
@@ -381,9 +383,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"\".[serve]\".") from None
     loaded = load_service_code(cfg, app)
     check_port(app.host, app.port)
-    from util.ray_cluster import start_ray
+    from util.ray_cluster import start_ray, stop_ray
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signals.raising()  # from here a signal raises, so the clean-up below runs (start_ray defers it past ray.init)
     started, pool, service, why = False, None, None, None
     try:
         try:
@@ -394,8 +396,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"Ray did not start ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). "
                             f"Fix: retry when the machine is less busy, or join a running cluster with "
                             f"--set address=HOST:PORT.") from None
-        pool = start_pool(cfg, app, loaded)
-        service = build_service(cfg, app, loaded, pool)
+        with signals.deferred():  # actors starting: a signal is raised once they have
+            pool = start_pool(cfg, app, loaded)
+            service = build_service(cfg, app, loaded, pool)
         busy = []
         if cfg.interference:  # on the instances this front end started (a shared pool's others have theirs)
             busy = [a for a in (service.core.actors[i] for i in cfg.interference["instances"]) if a in pool.started]
@@ -416,18 +419,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         why = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(server.stopped_by)
     except KeyboardInterrupt:
         why = "Ctrl-C"
-    except Stopped:
+    except Terminated:
         why = "SIGTERM"
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        if pool is not None:
-            with contextlib.suppress(Exception):
-                pool.shutdown()
-        if started:
-            ray.shutdown()
-    answered = service.counts["answered"] if service is not None else 0
-    print(f"stopped by {why or 'request'}: {answered} queries answered; instances{' and Ray' if started else ''} shut "
-          f"down", file=sys.stderr)
+        with signals.ignored():  # a second Ctrl-C must not cut the clean-up short
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    pool.shutdown()
+            if started:
+                stop_ray()
+    if service is None:
+        print(f"stopped by {why or 'request'} while starting: nothing was served"
+              f"{'; instances and Ray shut down' if started else ''}", file=sys.stderr)
+    else:
+        print(f"stopped by {why or 'request'}: {service.counts['answered']} queries answered; "
+              f"instances{' and Ray' if started else ''} shut down", file=sys.stderr)
     return 130 if why == "Ctrl-C" else 143 if why == "SIGTERM" else 0
 
 
