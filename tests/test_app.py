@@ -32,6 +32,7 @@ from serve.dispatch import GroupFormer  # noqa: E402
 from serve.plan import form_groups, slow_factors  # noqa: E402
 from coders.code import load_code  # noqa: E402
 from test_hostile import BAD_BATCH_BODIES, BAD_BODIES, MAX_BODY  # noqa: E402  the hostile-input lists
+from util.signals import descendants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,20 +396,6 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
         next(other.base.parameters()).add_(1.0)
     with pytest.raises(UserError, match="'app.pool_name'.*another code"):
         Pool(other, cfgs[1], 2, [1], name="test-app")
-
-
-def descendants(pid: int) -> set:
-    """Every live process below ``pid`` (from /proc: Ray's processes and the actors it started)."""
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parent[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, ppid in parent.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def running(pid: int) -> bool:
