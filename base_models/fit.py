@@ -317,6 +317,14 @@ def name_flags(message: str) -> str:
     return message
 
 
+def build_flagged(model: str, splits, **kwargs) -> nn.Module:
+    """F of ``--model``, its refusals naming the flag (build_base_model names train.py's config key)."""
+    try:
+        return build_base_model(model, splits, "models", **kwargs)
+    except ConfigError as exc:
+        raise ConfigError(name_flags(str(exc))) from None
+
+
 @exits_on_user_error
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m base_models.fit", description=__doc__.split("\n\n")[0])
@@ -356,13 +364,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     path = default_path(args.dataset, args.model, args.root)
     if path.exists() and not args.force:
         print(f"{path} exists; reusing it (pass --force to retrain).")
-        model = load_state(build_base_model(args.model, splits, "--model"), path)
+        model = load_state(build_flagged(args.model, splits), path)
         if is_regression(splits):
             print(f"test mse {mse(model, splits.test_x, splits.test_y):.4f}")
         else:
             print(f"test acc {accuracy(model, splits.test_x, splits.test_y):.4f}")
         return 0
-    model = build_base_model(args.model, splits, "--model", seed=args.seed)
+    model = build_flagged(args.model, splits, seed=args.seed)
     with weights_writer(path, wait=False):
         model, metrics = train_base_model(model, splits, epochs=args.epochs, batch_size=args.batch_size,
                                           lr=args.lr, device=args.device, seed=args.seed)

@@ -35,6 +35,25 @@ def _missing(name: str, folder: Path, files: list[str], download: bool, reason: 
     )
 
 
+def _absent_folders(leaf: Path) -> list[Path]:
+    """``leaf`` and the folders above it that do not exist yet, deepest first."""
+    out = []
+    for folder in [leaf, *leaf.parents]:
+        if folder.exists():
+            break
+        out.append(folder)
+    return out
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Take back the folders a failed download made (deepest first), those it left empty only."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written), or already gone
+            return
+
+
 def digits(data_dir: str, download: bool) -> Arrays:
     """scikit-learn's 1797 8x8 handwritten digits, scaled to [0, 1]; no files needed.
 
@@ -84,10 +103,12 @@ def _torchvision_mnist(cls_name: str, folder_name: str, name: str, data_dir: str
     have = all((raw / f).exists() for f in files)
     if not have and not download:
         raise _missing(name, raw, files, download)
+    made = _absent_folders(raw)
     try:
         train = cls(root=str(root), train=True, download=download and not have)
         test = cls(root=str(root), train=False, download=False)
     except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+        _remove_if_empty(made)  # a failed download leaves no empty data/MNIST/raw behind
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if have:
             raise UserError(
@@ -140,9 +161,11 @@ def _cifar(name: str, data_dir: str, download: bool, folder_name: str, train_fil
             raise _missing(name, folder, files, download)
         import torchvision.datasets as tvd
 
+        made = _absent_folders(folder)
         try:
             getattr(tvd, tv_class)(root=str(data_dir), train=True, download=True)
         except (RuntimeError, OSError) as exc:
+            _remove_if_empty(made)
             raise _missing(name, folder, files, download, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     try:
         tx, ty = _read_cifar_batches(folder, train_files, label_key)

@@ -29,11 +29,11 @@ from coders.config import parse_overrides
 from serve.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
                         make_queries, parity_per_model, pool_roles)
 from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
-EXIT_TERMINATED = 143   # 128 + SIGTERM
+EXIT_INTERRUPTED, EXIT_TERMINATED = signals.EXIT_INTERRUPTED, signals.EXIT_TERMINATED  # 128 + SIGINT, SIGTERM
 
 
 def load_codes(cfg: ServeConfig) -> dict:
@@ -84,8 +84,9 @@ def check_failures(cfg: ServeConfig, codes: dict) -> None:
                                       f"instances every strategy has (0..{cfg.instances - 1}).")
 
 
-def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
-    """Run every setting and strategy; returns ``[(setting record, [summary per strategy]), ...]``."""
+def serve_all(cfg: ServeConfig, out=None, finished: Optional[list] = None) -> list[tuple[dict, list[dict]]]:
+    """Run every setting and strategy; returns ``[(setting record, [summary per strategy]), ...]``
+    (``finished``: a list to which each setting's name is added once its files are written)."""
     from util.lock import folder_lock
 
     out = out or sys.stdout
@@ -95,10 +96,10 @@ def serve_all(cfg: ServeConfig, out=None) -> list[tuple[dict, list[dict]]]:
     settings = expand_settings(cfg)
     with folder_lock(cfg.out_dir, "serving results folder"):  # one writer; its temporaries are stale
         remove_result_temps(Path(cfg.out_dir))
-        return _serve_settings(cfg, codes, settings, out)
+        return _serve_settings(cfg, codes, settings, out, [] if finished is None else finished)
 
 
-def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out) -> list[tuple[dict, list[dict]]]:
+def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out, finished: list) -> list[tuple[dict, list[dict]]]:
     ours = False  # whether this call starts Ray (and so shuts it down, even when interrupted while starting)
     if cfg.engine == "ray":
         import ray
@@ -115,11 +116,14 @@ def _serve_settings(cfg: ServeConfig, codes: dict, settings: list, out) -> list[
         for setting in settings:
             loaded = codes[setting.run]
             results.append(serve_setting(cfg, setting, loaded, pools, out))
+            finished.append(setting.name)
         for pool in pools.values():
             pool.shutdown()
     finally:
         if ours:
-            ray.shutdown()
+            from util.ray_cluster import stop_ray
+
+            stop_ray()
     return results
 
 
@@ -261,14 +265,8 @@ def remove_result_temps(out_dir: Path) -> None:
             remove_stale_temps(folder, RESULT_FILES)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every ``finally`` (Ray's shutdown) runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
+Terminated = signals.Terminated  # serve.cli.Terminated, as before
+_raise_terminated = signals.raise_terminated
 _SIGTERM_OWNED = False  # main() handles SIGTERM; a library caller of serve_all keeps its own handler
 
 
@@ -277,28 +275,36 @@ def keep_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
-def stops_cleanly(work, out_dir: str, command: str) -> int:
+def stops_cleanly(work, out_dir: str, command: str, finished: Optional[list] = None) -> int:
     """Run ``work()``; Ctrl-C and SIGTERM end it with one line and exit 130 / 143, after every ``finally``
-    (Ray's shutdown, the folder lock) has run. Files of finished settings are complete (atomic writes)."""
+    (Ray's shutdown, the folder lock) has run. Files of finished settings are complete (atomic writes);
+    ``finished``, when given, is the list ``work`` adds each finished setting's name to, and the line
+    says how many there are."""
     global _SIGTERM_OWNED
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous = {s: signal.getsignal(s) for s in signals.STOPS} if main_thread else {}
+    signals.raising()
     _SIGTERM_OWNED = main_thread
-    said = (f"the settings already finished are complete under '{out_dir}'; rerun {command} to serve them all "
-            f"again")
+
+    def said() -> str:
+        if finished is not None and not finished:
+            return f"no setting had finished, so nothing under '{out_dir}' is complete"
+        done = f"the {len(finished)} setting(s)" if finished else "the settings"
+        return f"{done} already finished are complete under '{out_dir}'; rerun {command} to serve them all again"
+
     try:
         work()
         return 0
     except KeyboardInterrupt:
-        print(f"\ninterrupted (Ctrl-C): {said}", file=sys.stderr)
+        print(f"\ninterrupted (Ctrl-C): {said()}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Terminated:
-        print(f"terminated (SIGTERM): {said}", file=sys.stderr)
+        print(f"terminated (SIGTERM): {said()}", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         _SIGTERM_OWNED = False
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
@@ -312,8 +318,9 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
                     for p in policies)
         per = parity_per_model(cfg.instances, k)
         split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)  # never an N-worker run's
-        pools[setting.run] = Pool(code, cfg, num_f, [per] * r if split_coded else [],
-                                  loaded.backup, r * per if "backup" in cfg.strategies else 0)
+        with signals.deferred():  # actors starting: a signal is raised once they have
+            pools[setting.run] = Pool(code, cfg, num_f, [per] * r if split_coded else [],
+                                      loaded.backup, r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
     frontend = Frontend(plan, actors, code, x, pad_output)  # fixed layouts and policies alike
@@ -341,4 +348,5 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ImportError:
             raise ConfigError("Config key 'engine': \"ray\" needs Ray, which is not installed. Fix: "
                               "pip install -e \".[serve]\", or set \"engine\": \"sim\".") from None
-    return stops_cleanly(lambda: serve_all(cfg), cfg.out_dir, "python -m serve")
+    finished: list = []
+    return stops_cleanly(lambda: serve_all(cfg, finished=finished), cfg.out_dir, "python -m serve", finished)

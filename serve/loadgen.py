@@ -120,6 +120,15 @@ def health(url: str) -> dict:
                         f"serve.app CONFIG.json, and pass its address with --url.") from None
 
 
+def layer_percentiles(rec: dict, ok: np.ndarray) -> dict:
+    """p50 and p99 (ms) of the answered queries' server-measured latency and of what HTTP added to it."""
+    http = (rec["done"] - rec["sent"]) * 1000 - rec["server_ms"]
+    return {"server_p50_ms": float(np.nanpercentile(rec["server_ms"][ok], 50)),
+            "server_p99_ms": float(np.nanpercentile(rec["server_ms"][ok], 99)),
+            "http_p50_ms": float(np.nanpercentile(http[ok], 50)),
+            "http_p99_ms": float(np.nanpercentile(http[ok], 99))}
+
+
 def run(cfg: ServeConfig, url, out: Path, connections: int, timeout_s: float, stream=None) -> list[dict]:
     """Measure every rate of the config against the service at ``url`` (or front ends of one service taking turns:
     a list of URLs); returns the summaries."""
@@ -159,13 +168,9 @@ def run(cfg: ServeConfig, url, out: Path, connections: int, timeout_s: float, st
             raise UserError(f"The service at {url} answered none of {len(ok)} queries (first reply: "
                             f"{rec['reason'][0] or rec['status'][0]}). Fix: see the service's output.")
         summary = summarize(outcome, strategy, int(state["instances"]), min(cfg.warmup_queries, int(ok.sum()) - 1))
-        http = (rec["done"] - rec["sent"]) * 1000 - rec["server_ms"]
         summary.update({"transport": "http", "url": url, "sent": int(len(ok)), "failed": int((~ok).sum()),
                         "status_counts": {str(s): int(c) for s, c in zip(*np.unique(rec["status"], return_counts=True))},
-                        "server_p50_ms": float(np.nanpercentile(rec["server_ms"][ok], 50)),
-                        "server_p99_ms": float(np.nanpercentile(rec["server_ms"][ok], 99)),
-                        "http_p50_ms": float(np.nanpercentile(http[ok], 50)),
-                        "http_p99_ms": float(np.nanpercentile(http[ok], 99))})
+                        **layer_percentiles(rec, ok)})
         write_strategy(folder / strategy, outcome, summary)
         atomic_write_text(http_csv(rec, queries.arrival), folder / strategy / "http.csv")
         write_setting(folder, setting, cfg, strategy, url)

@@ -40,6 +40,7 @@ ENGINE = "tests/test_engine.py::"
 PARITY = "tests/test_parity_coders.py::"
 TRAINING = "tests/test_parity_training.py::"
 SCALE = "tests/test_nworker_scale.py::"
+PLANTED = "tests/test_planted.py::"
 
 
 @dataclass
@@ -329,6 +330,49 @@ MUTANTS = [
            "take = self.has_hit & available[:, self.hit_worker]", "take = self.has_hit & False",
            [SCALE + "test_factored_berrut_decoder_is_the_interpolant_through_the_answering_workers"],
            why="where a data point is a worker's point, the factored decoder drops that worker's output"),
+    # -- the bugs the whole suite let through in hardening round 4 (issue 32) --
+    Mutant("p2c_to_the_busier",
+           "return a if self.outstanding[a] <= self.outstanding[b] else b",
+           "return a if self.outstanding[a] >= self.outstanding[b] else b",
+           [PLANTED + "test_power_of_two_choices_sends_to_the_less_busy_of_its_two_draws"],
+           why="power-of-two-choices routing sends to the busier of its two draws"),
+    Mutant("hedge_after_answer_without_cancel",
+           "if self.answers_of[q] and (self.cancel_on or self.defer is not None):",
+           "if self.answers_of[q] and self.cancel_on:",
+           [PLANTED + "test_a_hedged_copy_is_not_sent_once_its_query_is_answered_even_without_cancellation"],
+           why="with deferral but no cancellation, a hedged copy goes out after its query is answered"),
+    Mutant("deferral_percentile_over_empty_window",
+           "np.percentile(self.window[:min(self.samples, w)], ", "np.percentile(self.window, ",
+           [PLANTED + "test_a_percentile_deferral_is_taken_over_the_latencies_seen_not_the_empty_window"],
+           why="the deferral percentile taken over the whole window, its unfilled zeros included"),
+    Mutant("ray_slow_factor_on_delay_only",
+           "remaining = (compute + delay_s) * factor - (time.perf_counter() - start)",
+           "remaining = compute + delay_s * factor - (time.perf_counter() - start)",
+           [PLANTED + "test_a_slow_period_on_ray_stretches_the_compute_as_well_as_the_delay"],
+           why="on Ray, a slow period stretches the injected delay but not the compute"),
+    Mutant("rejected_counts_requests",
+           'self.counts["rejected"] += len(inputs)', 'self.counts["rejected"] += 1',
+           [PLANTED + "test_metrics_count_refused_queries_not_requests"],
+           why="/metrics' rejected count counts refused requests, not queries"),
+    Mutant("loadgen_p99_is_0_99th_percentile",
+           '"server_p99_ms": float(np.nanpercentile(rec["server_ms"][ok], 99)),',
+           '"server_p99_ms": float(np.nanpercentile(rec["server_ms"][ok], 0.99)),',
+           [PLANTED + "test_the_load_generators_server_and_http_percentiles_are_the_50th_and_99th"],
+           why="the load generator's server p99 computed as the 0.99th percentile"),
+    Mutant("uniform_box_drops_low",
+           'width = _broadcast(spec.high, shape, "high", ConfigError) - low',
+           'width = _broadcast(spec.high, shape, "high", ConfigError)',
+           [PLANTED + "test_a_uniform_domain_fills_its_whole_box"],
+           why="the uniform domain's box width drops 'low': [-3, 3] drawn as [-3, 0]"),
+    Mutant("normal_sampler_uniform",
+           "draw = lambda m, g: mean + std * torch.randn(m, *shape, generator=g)",
+           "draw = lambda m, g: mean + std * torch.rand(m, *shape, generator=g)",
+           [PLANTED + "test_a_normal_domain_draws_normal_numbers"],
+           why="the normal sampler draws uniform numbers"),
+    Mutant("file_domain_unshuffled",
+           "pool = data[torch.randperm(n, generator=gen)]", "pool = data",
+           [PLANTED + "test_a_file_domain_is_shuffled_with_the_seed_before_it_is_cut"],
+           why="a file domain cut in file order, without the seeded shuffle"),
 ]
 
 

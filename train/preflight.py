@@ -14,7 +14,7 @@ from base_models.fit import check_weights_path
 from base_models.functions import construct
 from datasets import DATASET_ALIASES
 from coders.build import build_coders, probe_coders
-from coders.config import Config, RunSpec
+from coders.config import DEFAULT_OPTIMIZER, Config, RunSpec
 from train.losses import LOSS_ALIASES, TARGET_KINDS, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.checks import check_device, check_writable_folder  # noqa: F401  (re-exported: train.preflight.check_device)
@@ -144,6 +144,13 @@ def check_optimizer(cfg: Config) -> None:
     opt_cls = _importable(cfg.optimizer, "optimizer")
     if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
         raise ConfigError(f"Config key 'optimizer': {name} is not a torch.optim.Optimizer class.")
+    args = cfg.optimizer.get("args") or {} if isinstance(cfg.optimizer, dict) else {}
+    for key, value in args.items():  # torch refuses a NaN or negative rate, but takes an infinite one
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"Config key 'optimizer': its arg '{key}' is {value}, and training with it would "
+                              f"fail at the first step. Fix: a finite number (the default 'lr' is "
+                              f"{DEFAULT_OPTIMIZER['args']['lr']:g}).")
     param = nn.Parameter(torch.zeros(3))
     try:
         opt = build(cfg.optimizer, "optimizer", [param])
@@ -322,6 +329,7 @@ def probe_function(model_spec, dataset, splits, cfg: Config, domain: bool) -> in
     for split in ("train", "val", "test"):
         x = splits.split(split)[0]
         rows = x if full else x[:PROBE_ROWS]
+        bad_rows, first = 0, None
         for i in range(0, len(rows), cfg.eval_batch_size):
             batch = rows[i:i + cfg.eval_batch_size]
             with torch.no_grad():
@@ -341,12 +349,14 @@ def probe_function(model_spec, dataset, splits, cfg: Config, domain: bool) -> in
                                   f"number for every input.")
             width = int(out.shape[1])
             bad = ~torch.isfinite(out).all(1)
-            if bool(bad.any()):
+            if first is None and bool(bad.any()):
                 first = batch[bad.nonzero()[0, 0]].flatten()[:4].tolist()
-                raise ConfigError(f"Config key 'models': F ({name}) returns NaN or infinite values on "
-                                  f"{int(bad.sum())} of {len(batch)} {split} inputs of {where} (the first at "
-                                  f"{[round(v, 4) for v in first]}{'...' if batch[0].numel() > 4 else ''}). Fix: "
-                                  f"restrict the domain (config key 'domains') to where F is finite, or correct F.")
+            bad_rows += int(bad.sum())
+        if bad_rows:  # counted over the whole split, every batch of it
+            raise ConfigError(f"Config key 'models': F ({name}) returns NaN or infinite values on {bad_rows} of "
+                              f"{'the' if full else 'the first'} {len(rows)} {split} inputs of {where} (the first "
+                              f"at {[round(v, 4) for v in first]}{'...' if x[0].numel() > 4 else ''}). Fix: "
+                              f"restrict the domain (config key 'domains') to where F is finite, or correct F.")
     return width
 
 

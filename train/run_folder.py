@@ -55,10 +55,14 @@ class RunFolder:
         if "base_model_digest" in self.config:
             return
         cfg = self.cfg
-        data_path = os.path.abspath(resolve_data_dir(cfg.data_dir))
+        data_path, named = os.path.abspath(resolve_data_dir(cfg.data_dir)), None
+        domain = (cfg.domains or {}).get(self.spec.dataset) if isinstance(self.spec.dataset, str) else None
+        if domain and domain.get("sampler") == "file":  # the inputs are that file's rows, not data_dir's
+            data_path = os.path.abspath(domain["path"])
+            named = (f"domain '{self.spec.dataset}''s file", f"'domains' entry '{self.spec.dataset}' ('path')")
         self.config.update(fingerprint(self.base, self.splits, os.path.abspath(self.base_model_path), data_path,
                                        data_key=(json.dumps(self.spec.dataset), data_path, cfg.val_size, cfg.seed,
-                                                 json.dumps((cfg.domains or {}).get(self.spec.dataset)))))
+                                                 json.dumps(domain)), data_named=named))
 
     def load_state(self, path: Path) -> None:
         self.record_fingerprint()
@@ -131,10 +135,12 @@ class RunFolder:
     def prepare_folder(self, resume: bool, overwrite: bool) -> None:
         """Lock the folder for this process, remove what a killed writer left (temporary files),
         then load the checkpoint (``resume``) or clear the folder for a fresh start."""
-        self.folder_lock.acquire()
-        remove_partial_writes(self.folder)
         self.record_fingerprint()
         current = self.folder / "current.pt"
+        if current.exists() and resume:  # a checkpoint of another run is refused before the lock is touched
+            load_checkpoint(current, expected=self.config)
+        self.folder_lock.acquire()
+        remove_partial_writes(self.folder)
         if current.exists() and resume:
             self.load_state(current)
             self.log.truncate(self.epoch)

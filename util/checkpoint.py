@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -37,10 +37,13 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(base: torch.nn.Module, splits, base_model_path: str, data_path: str, data_key: Any = None) -> dict:
+def fingerprint(base: torch.nn.Module, splits, base_model_path: str, data_path: str, data_key: Any = None,
+                data_named: Optional[tuple[str, str]] = None) -> dict:
     """What a run's numbers depend on beyond its config: F's weights and the dataset's content
     (train, validation and test tensors), with the paths they came from for messages.
-    ``data_key`` names the data for a per-process cache, so a sweep hashes each dataset once."""
+    ``data_key`` names the data for a per-process cache, so a sweep hashes each dataset once;
+    ``data_named`` is (what ``data_path`` is, the config key that sets it) for messages, when
+    not the dataset of 'data_dir' (a domain's file, say)."""
     data = _DATA_DIGESTS.get(data_key) if data_key is not None else None
     if data is None:
         data = tensors_digest((f"{s}_{xy}", getattr(splits, f"{s}_{xy}"))
@@ -50,7 +53,8 @@ def fingerprint(base: torch.nn.Module, splits, base_model_path: str, data_path: 
     return {"base_model_digest": tensors_digest(sorted(base.state_dict().items())),
             "data_digest": data,
             "data_sizes": [len(splits.train_y), len(splits.val_y), len(splits.test_y)],
-            "base_model_path": str(base_model_path), "data_path": str(data_path)}
+            "base_model_path": str(base_model_path), "data_path": str(data_path),
+            **({"data_named": list(data_named)} if data_named else {})}
 
 
 def check_fingerprint(saved: dict, now: dict, path: Path) -> None:
@@ -68,9 +72,11 @@ def check_fingerprint(saved: dict, now: dict, path: Path) -> None:
                      f"{saved.get('data_sizes')} then, {now.get('data_sizes')} now")
             keys.append("'val_size'")
         else:
-            where = _path_change(saved, now, "data_path", "the dataset")
-            keys.append("'data_dir'")
-        changes.append(f"the dataset is not the one the run started with ({where})")
+            what, key = now.get("data_named") or ("the dataset", "'data_dir'")
+            where = _path_change(saved, now, "data_path", what)
+            keys.append(key if saved.get("data_path") != now.get("data_path") else f"{what}'s content")
+        changes.append(f"{'the inputs are not the ones' if now.get('data_named') else 'the dataset is not the one'} "
+                       f"the run started with ({where})")
     if changes:
         raise UserError(f"Checkpoint '{path}' was made by a run with other inputs: {'; and '.join(changes)}. "
                         f"Continuing would mix two runs in one metrics file. Fix: set {' and '.join(keys)} back "
