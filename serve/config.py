@@ -71,6 +71,10 @@ class ServeConfig:
     backup_model: Optional[dict] = None  # "backup": {"model": F-like class path or name, "file": its weights}
     service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
     policies: list[dict] = field(default_factory=list)  # more rows beside 'strategies': PolicyConfig objects
+    batch_size: int = 32                # most requests an instance takes in one call (1: no batching)
+    batch_wait_ms: float = 0.0          # longest a batch's first request waits for more while its instance is free
+    batch_inflight: int = 2             # calls an instance may have outstanding; later requests wait and batch
+    batch_adaptive_ms: Optional[float] = None  # AIMD: adapt each instance's largest batch to this call latency
     app: dict = field(default_factory=dict)  # the HTTP service (python -m serve.app): keys of AppConfig below
 
 
@@ -303,6 +307,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
 
         check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
+    check_batching(cfg, source)
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
@@ -316,6 +321,20 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
     from util.checks import check_writable_folder
 
     check_writable_folder(cfg.out_dir, "out_dir", f"{source}: config key 'out_dir'")  # a file above it, too
+
+
+def check_batching(cfg: ServeConfig, source: str) -> None:
+    if not 1 <= cfg.batch_size <= 65536:
+        raise _bad(source, "batch_size", f"must be from 1 (no batching) to 65536 requests a call; got {cfg.batch_size}.")
+    if not _number(cfg.batch_wait_ms) or not 0 <= cfg.batch_wait_ms <= 60_000:
+        raise _bad(source, "batch_wait_ms", f"must be from 0 to 60000 milliseconds (0: a batch goes as soon as its "
+                   f"instance is free); got {cfg.batch_wait_ms!r}.")
+    if not 1 <= cfg.batch_inflight <= 1024:
+        raise _bad(source, "batch_inflight", f"must be from 1 to 1024 calls per instance; got {cfg.batch_inflight}.")
+    a = cfg.batch_adaptive_ms
+    if a is not None and (not _number(a) or a <= 0):
+        raise _bad(source, "batch_adaptive_ms", f"must be null (a fixed batch_size) or the call latency in "
+                   f"milliseconds the batch size adapts to (> 0); got {a!r}.")
 
 
 def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:

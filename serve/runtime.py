@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from serve.batching import Batching, batching_of
 from serve.config import STRATEGIES, PolicyConfig
 from serve.dispatch import Dispatcher, GroupFormer, Request
 from serve.online import Service
@@ -66,6 +68,19 @@ class Instance:
     def infer(self, x: np.ndarray, delay_s: float, factor: float) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
         out = self.module(torch.as_tensor(x, device=self.device).unsqueeze(0))[0].float().cpu().numpy()
+        compute = time.perf_counter() - start
+        remaining = (compute + delay_s) * factor - (time.perf_counter() - start)
+        if remaining > 0:
+            time.sleep(remaining)
+        return out, compute
+
+    @torch.no_grad()
+    def infer_batch(self, x: np.ndarray, delay_s: float, factor: float) -> tuple[np.ndarray, float]:
+        """F over a batch of inputs (B, ...) in one call: its (B, outputs), and the compute time. The call takes
+        (compute + delay) x factor, the largest injected delay and factor among its requests (the dispatcher's),
+        so a straggler delays every request of the call it lands in."""
+        start = time.perf_counter()
+        out = self.module(torch.as_tensor(x, device=self.device)).float().cpu().numpy()
         compute = time.perf_counter() - start
         remaining = (compute + delay_s) * factor - (time.perf_counter() - start)
         if remaining > 0:
@@ -236,8 +251,8 @@ class Driver:
     core: Dispatcher
 
     def init_driver(self) -> None:
-        self.ref_of: dict = {}      # request n -> its ObjectRef
-        self.n_of: dict = {}        # ObjectRef -> request n
+        self.ref_of: dict = {}      # request n -> its ticket in the core
+        self.n_of: dict = {}        # ticket -> request n
         self.outputs_of: dict = {}  # request n -> its output, while the machine reads it
 
     def input_of(self, q: int) -> np.ndarray:
@@ -257,15 +272,18 @@ class Driver:
             if g >= 0:
                 self.open_group(g)
             req = Request("plan", q, g, slot)
-            x = self.input_of(q) if q >= 0 else self.core.coded_input(g, slot)
-        ref = self.core.send(inst, x, delay, factor, req)
-        self.ref_of[n] = ref
-        self.n_of[ref] = n
+            x = self.input_of(q) if q >= 0 else None  # a coded slot: encoded when its batch goes out
+        ticket = self.core.send(inst, x, delay, factor, req)
+        self.ref_of[n] = ticket
+        self.n_of[ticket] = n
 
     def cancel(self, n: int) -> None:
-        ref = self.ref_of.get(n)
-        if ref is not None and ref in self.core.pending:
-            self.core.ray.cancel(ref)
+        """Drop request ``n`` if it has not started: out of its batcher at once, or its whole call by
+        ``ray.cancel`` once every request of the call is dropped."""
+        ticket = self.ref_of.get(n)
+        if ticket is not None and self.core.withdraw(ticket):
+            del self.n_of[ticket]
+            self.policy.cancelled(n)
 
     def answer_own(self, q: int, n: int) -> None:
         d = self.policy
@@ -289,22 +307,20 @@ class Driver:
 
     # -- what the actors report ------------------------------------------------------------------------
     def settle(self, ref, now: float) -> None:
-        """A request's ref is ready: tell the machine whether it answered, was cancelled, or was lost."""
-        got = self.core.collect(ref, now)
-        if got is None:
-            return
+        """A call's ref is ready: tell the machine, for each request it carried, whether it answered, was
+        cancelled, or was lost. Call ``self.core.end_round`` after a round of these."""
         d = self.policy
-        n = self.n_of.pop(ref)
-        req, inst, output, ok, cancelled = got
-        if cancelled:
-            d.cancelled(n)
-        elif not ok:  # its actor died
-            d.failed(inst, now)
-            d.lost(n, now)
-        else:
-            self.outputs_of[n] = self.core.keep(req, output)
-            d.output(n, now)
-            self.outputs_of.pop(n, None)
+        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now):
+            n = self.n_of.pop(ticket)
+            if cancelled:
+                d.cancelled(n)
+            elif not ok:  # its actor died
+                d.failed(inst, now)
+                d.lost(n, now)
+            else:
+                self.outputs_of[n] = self.core.keep(req, output)
+                d.output(n, now)
+                self.outputs_of.pop(n, None)
 
     def kill(self, i: int, now: float) -> None:
         """A planned fail-stop: the actor goes, and the machine sends nothing more there."""
@@ -323,7 +339,7 @@ class Frontend(Driver):
     """
 
     def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
-                 seed_index: int = 0):
+                 seed_index: int = 0, batching: Batching = Batching()):
         import ray
 
         from serve.policy import PolicyMachine
@@ -337,8 +353,10 @@ class Frontend(Driver):
         self.next = 0
         self.t0 = time.perf_counter()
         self.timers: list = []
+        self.wakeups: list = []  # (t, seq, fn): the batchers' waits
+        self.seq = itertools.count()
         self.core = Dispatcher(plan.strategy, plan.roles, actors, code, pad_output, inputs.shape[1:], self.clock,
-                               self.record)
+                               self.record, batching=batching, schedule=self.at)
         self.policy = PolicyMachine(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
         self.init_driver()
 
@@ -367,6 +385,9 @@ class Frontend(Driver):
     def wake(self, n: int, t: float) -> None:
         heapq.heappush(self.timers, (t, n))
 
+    def at(self, t: float, fn) -> None:
+        heapq.heappush(self.wakeups, (t, next(self.seq), fn))
+
     def clock(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -391,8 +412,11 @@ class Frontend(Driver):
                 d.due(self.next - 1, now)
             while self.timers and self.timers[0][0] <= now:
                 d.due(heapq.heappop(self.timers)[1], now)
+            while self.wakeups and self.wakeups[0][0] <= now:
+                heapq.heappop(self.wakeups)[2]()
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
-                           self.timers[0][0] if self.timers else np.inf)
+                           self.timers[0][0] if self.timers else np.inf,
+                           self.wakeups[0][0] if self.wakeups else np.inf)
             wait = max(0.0, min(upcoming - self.clock(), 1.0))
             if not core.pending:
                 if upcoming == np.inf:
@@ -406,6 +430,7 @@ class Frontend(Driver):
             now = self.clock()
             for ref in ready:
                 self.settle(ref, now)
+            core.end_round(now)
         if not all(d.answers_of):  # every path answers or re-sends; this would be a bug
             name = p.policy.name if p.policy is not None and p.policy.name else p.strategy
             raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of {name} were never answered "
@@ -452,7 +477,8 @@ class ServiceFrontend(Driver, Service):
         self.policy_config = pol
         self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
         self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
-                               self._answered, watch=self._watch, log_requests=False)
+                               self._answered, watch=self._watch, log_requests=False, batching=batching_of(cfg),
+                               schedule=self.at)
         self.ray = self.core.ray
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
@@ -531,8 +557,13 @@ class ServiceFrontend(Driver, Service):
     def wake(self, n: int, t: float) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), lambda: self.policy.due(n, self.clock()))
 
+    def at(self, t: float, fn) -> None:
+        self.loop.call_later(max(0.0, t - self.clock()), fn)
+
     def _settle(self, ref) -> None:
-        self.settle(ref, self.clock())
+        now = self.clock()
+        self.settle(ref, now)
+        self.core.end_round(now)
 
     def unanswerable(self, q: int) -> None:
         """No live instance holds F to send ``q`` again: its client gets 503."""
