@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import math
 import signal
 import socket
@@ -40,6 +41,7 @@ import torch
 
 from serve.cli import config_command, load_backup
 from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
+from serve.edge import numbers_refusal, server_config
 from serve.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
 from util.errors import ConfigError, UserError, exits_on_user_error
@@ -68,19 +70,29 @@ async def read_body(request, limit: int) -> bytes:
             raise BadInput(400, f"Content-Length {length!r} is not a number of bytes")
         if int(length) > limit:
             raise BadInput(413, f"the body is {int(length)} bytes, more than app.max_body_bytes = {limit}")
+    from starlette.requests import ClientDisconnect
+
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadInput(413, f"the body is more than app.max_body_bytes = {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise BadInput(413, f"the body is more than app.max_body_bytes = {limit} bytes")
+    except ClientDisconnect:  # the answer reaches no one; it is counted, and nothing is logged
+        raise BadInput(400, f"the client hung up after {len(body)} bytes of the body") from None
     return bytes(body)
 
 
 def to_input(value, shape: tuple, where: str) -> np.ndarray:
     """One input as float32 in F's input ``shape``: nested in that shape, or flat."""
+    reason = numbers_refusal(value, shape, where)
+    if reason:
+        raise BadInput(422, reason)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, refused below
             arr = np.asarray(value, dtype=np.float32)
+    except OverflowError:  # an integer beyond a float's range
+        raise BadInput(422, f"{where} holds an integer beyond float32's range") from None
     except (ValueError, TypeError):
         raise BadInput(422, f"{where} is not an array of numbers in F's input shape {list(shape)}") from None
     size = math.prod(shape)
@@ -131,6 +143,9 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
     elif kind in ("application/json", "text/json", "", "application/x-www-form-urlencoded"):  # the last: curl -d
         try:
             value = json.loads(body)
+        except RecursionError:
+            raise BadInput(422, f"the JSON nests deeper than its parser allows; F's inputs nest {len(shape)} deep "
+                                f"({len(shape) + 1} in a batch)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadInput(400, f"the body is not JSON ({exc.msg if hasattr(exc, 'msg') else exc}"
                                 f"{f' at character {exc.pos}' if hasattr(exc, 'pos') else ''})") from None
@@ -177,7 +192,11 @@ def create_app(service: Service, dataset: str):
 
     @api.middleware("http")
     async def count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug of the service's own: logged with its traceback, answered 500, counted
+            logging.getLogger("lcc.serve").exception("%s %s failed", request.method, request.url.path)
+            response = refuse(500, f"internal error ({type(exc).__name__}); the service's log has the details")
         key = (request.url.path, response.status_code)
         responses[key] = responses.get(key, 0) + 1
         return response
@@ -237,6 +256,9 @@ def prometheus_text(m: dict, responses: dict, strategy: str) -> str:
 
     metric("http_responses_total", "counter", "HTTP responses by path and status code.",
            [(f'path="{p}",code="{c}"', n) for (p, c), n in sorted(responses.items())])
+    metric("http_server_errors_total", "counter", "HTTP responses with a 5xx status other than 503 (overload, "
+           "no live F): the service's own failures.", [(label, sum(n for (_, c), n in responses.items()
+                                                               if c >= 500 and c != 503))])
     for name, doc in (("queries_answered_total", "Queries answered (each exactly once)."),
                       ("queries_rebuilt_total", "Queries answered by the decoder (or the backup model)."),
                       ("queries_retried_total", "Queries sent again after their instance died."),
@@ -353,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         import fastapi  # noqa: F401
         import ray  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as exc:
         raise UserError(f"The service needs FastAPI, uvicorn and Ray ({exc.name} is missing). Fix: pip install -e "
                         f"\".[serve]\".") from None
@@ -378,9 +400,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.interference:  # on the instances this front end started (a shared pool's others have theirs)
             busy = [a for a in (service.core.actors[i] for i in cfg.interference["instances"]) if a in pool.started]
             ray.get([a.start_interference.remote(cfg.interference["processes"]) for a in busy])
-        server = make_server(uvicorn.Config(create_app(service, loaded.splits.name), host=app.host,
-                                               port=app.port, log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5))
+        server = make_server(server_config(create_app(service, loaded.splits.name), app.host, app.port,
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
         shared = (f" of pool '{app.pool_name}' ({pool.attached} attached, {len(pool.started)} started here)"
                   if app.pool_name else "")
         k, r, need = code_layout(loaded.code)

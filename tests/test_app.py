@@ -8,6 +8,7 @@ milliseconds, far above Ray's and HTTP's own latency on this machine.
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,10 +26,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from serve.app import build_service, create_app  # noqa: E402
+from serve.edge import server_config  # noqa: E402
 from serve.config import app_config, validate  # noqa: E402
 from serve.dispatch import GroupFormer  # noqa: E402
 from serve.plan import form_groups, slow_factors  # noqa: E402
 from coders.code import load_code  # noqa: E402
+from test_hostile import BAD_BATCH_BODIES, BAD_BODIES, MAX_BODY  # noqa: E402  the hostile-input lists
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,8 +70,8 @@ def serving(cfg, loaded, pool):
     """A uvicorn server for ``cfg``'s service, in a thread: yields (base URL, service)."""
     app = app_config(cfg)
     service = build_service(cfg, app, loaded, pool)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, loaded.splits.name), host="127.0.0.1", port=app.port,
-                                           log_level="warning"))
+    server = uvicorn.Server(server_config(create_app(service, loaded.splits.name), "127.0.0.1", app.port,
+                                          log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -204,35 +207,97 @@ def test_an_instance_killed_while_serving_loses_no_request(strategy, tmp_path, d
 
 # -- bad input and overload -----------------------------------------------------------------------------
 
-BAD = [
-    (b"[1, 2", "application/json", 400, "not JSON"),
-    (b"[[1, 2], [3]]", "application/json", 422, "not an array of numbers"),
-    (b'["a"]', "application/json", 422, "not an array of numbers"),
-    (json.dumps([0.5] * 63).encode(), "application/json", 422, "shape [63]"),
-    (json.dumps([[0.5] * 8] * 8).encode(), "application/json", 422, "shape [8, 8]"),
-    (("[NaN" + ", 0" * 63 + "]").encode(), "application/json", 422, "non-finite"),
-    (json.dumps([1e39] * 64).encode(), "application/json", 422, "non-finite"),
-    (b'{"inputs": []}', "application/json", 422, "only \"input\""),
-    (b"\x89PNG not really", "image/png", 422, "not an image"),
-    (b"<xml/>", "application/xml", 415, "application/xml"),
-    (json.dumps([0.5] * 64 * 200).encode(), "application/json", 413, "max_body_bytes"),
-]
-
-
 def test_bad_bodies_get_a_4xx_with_a_reason_and_reach_no_instance(tmp_path, digits_run_folder, loaded, pool):
-    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none", "max_body_bytes": 4096})
-    with serving(cfg, loaded, pool) as (url, service):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none", "max_body_bytes": MAX_BODY})
+    with serving(cfg, loaded, pool) as (url, service), logged() as records:
         with httpx.Client(base_url=url) as client:
-            for body, kind, status, reason in BAD:
+            for body, kind, status, reason, absent in BAD_BODIES:
                 r = client.post("/predict", content=body, headers={"Content-Type": kind})
                 assert r.status_code == status, (body[:40], r.text)
                 detail = r.json()["detail"]
-                assert reason in detail and "\n" not in detail
-            r = client.post("/predict/batch", json={"inputs": [[0.5] * 64, [0.5] * 3]})
-            assert r.status_code == 422 and "input 1" in r.json()["detail"]
+                assert reason in detail and "\n" not in detail and (absent is None or absent not in detail)
+                assert client.get("/health").status_code == 200
+            for body, status, reason in BAD_BATCH_BODIES:
+                r = client.post("/predict/batch", content=body, headers={"Content-Type": "application/json"})
+                assert r.status_code == status and reason in r.json()["detail"], r.text
+                assert client.get("/health").status_code == 200
             assert service.core.sent == 0 and metric(url, "instance_requests_total") == 0
             ok = client.post("/predict/batch", json={"inputs": [[0.5] * 64, [[[0.25] * 8] * 8]]})
             assert ok.status_code == 200 and len(ok.json()["answers"]) == 2
+            assert metric(url, "http_server_errors_total") == 0
+    assert not [r for r in records if r.exc_info], "a refusal left a traceback in the log"
+
+
+@contextlib.contextmanager
+def logged():
+    """The log records (warnings and above) of uvicorn and the service while the block runs."""
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = lambda record: record in records or records.append(record)  # once, whichever logger has it
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def raw_http(port: int, data: bytes, hang_up: bool = False) -> bytes:
+    """Send ``data`` on a bare connection; what the server answers before it closes (nothing if ``hang_up``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        if hang_up:
+            return b""
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def responses_of(url, path, code) -> float:
+    text = httpx.get(url + "/metrics").text
+    line = f'lcc_http_responses_total{{path="{path}",code="{code}"}} '
+    return sum(float(x[len(line):]) for x in text.splitlines() if x.startswith(line))
+
+
+def test_a_bad_head_or_a_client_hanging_up_leaves_the_service_healthy_and_no_traceback(tmp_path, digits_run_folder,
+                                                                                         loaded, pool):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none"})
+    port = app_config(cfg).port
+    with serving(cfg, loaded, pool) as (url, service), logged() as records:
+        for length, reason in (("abc", "Content-Length 'abc' is not a number of bytes"),
+                               ("-5", "Content-Length '-5' is not a number of bytes")):
+            out = raw_http(port, f"POST /predict HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                                 f"Content-Length: {length}\r\n\r\n[0.5]".encode())
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), out
+            assert json.loads(body) == {"detail": reason}
+            assert httpx.get(url + "/health").status_code == 200
+        raw_http(port, b"POST /predict HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 600\r\n\r\n[0.5, 0.5, 0.5", hang_up=True)
+        deadline = time.time() + 30
+        while responses_of(url, "/predict", 400) < 1:  # the hang-up is answered (to no one) and counted
+            assert time.time() < deadline, httpx.get(url + "/metrics").text
+            time.sleep(0.05)
+        x, _ = loaded.splits.split("test")
+        assert post_all(url, [as_json(x[0])])[0].status_code == 200
+        assert metric(url, "http_server_errors_total") == 0 and service.core.sent == 1
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+
+
+def test_a_failure_of_the_service_is_a_json_500_counted_in_the_metrics(tmp_path, digits_run_folder, loaded, pool,
+                                                                       monkeypatch):
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none"})
+    with serving(cfg, loaded, pool) as (url, service), logged() as records:
+        monkeypatch.setattr(service, "predict", lambda inputs: 1 / 0)  # a bug planted in the service
+        r = httpx.post(url + "/predict", json=[0.5] * 64)
+        assert r.status_code == 500 and "ZeroDivisionError" in r.json()["detail"]
+        assert metric(url, "http_server_errors_total") == 1 and responses_of(url, "/predict", 500) == 1
+        monkeypatch.undo()
+        assert httpx.post(url + "/predict", json=[0.5] * 64).status_code == 200
+        assert metric(url, "http_server_errors_total") == 1
+    assert [r.exc_info[0] for r in records if r.exc_info] == [ZeroDivisionError]  # logged once, with its traceback
 
 
 def test_beyond_the_queue_bound_requests_get_503_with_retry_after(tmp_path, digits_run_folder, loaded, pool):
