@@ -37,8 +37,10 @@ import sys
 from typing import Optional
 
 import numpy as np
+import orjson
 import torch
 
+from serve.bodies import NPY, RAW, BodyError, binary_inputs
 from serve.cli import config_command, load_backup
 from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
 from serve.edge import numbers_refusal, server_config
@@ -140,9 +142,18 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
         items = [image_input(await f.read(), shape, dataset, f"file '{f.filename}'") for f in files]
     elif kind.startswith("image/"):
         items = [image_input(body, shape, dataset, "the image")]
+    elif kind in RAW or kind in NPY:  # binary: no JSON parse, one array for the whole request
+        try:
+            items = list(binary_inputs(kind, body, request.headers, getattr(request, "query_params", {}), shape,
+                                       batch))
+        except BodyError as exc:
+            raise BadInput(exc.status, exc.reason) from None
     elif kind in ("application/json", "text/json", "", "application/x-www-form-urlencoded"):  # the last: curl -d
         try:
-            value = json.loads(body)
+            try:
+                value = orjson.loads(body)  # fast; what it refuses, the standard parser reads or names
+            except orjson.JSONDecodeError:
+                value = json.loads(body)
         except RecursionError:
             raise BadInput(422, f"the JSON nests deeper than its parser allows; F's inputs nest {len(shape)} deep "
                                 f"({len(shape) + 1} in a batch)") from None
@@ -161,8 +172,9 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
         else:
             items = [to_input(value, shape, "the input")]
     else:
-        raise BadInput(415, f"Content-Type {kind!r} is not served; send application/json, an image/*, or a "
-                            f"multipart form with an image file")
+        raise BadInput(415, f"Content-Type {kind!r} is not served; send application/json, application/octet-stream "
+                            f"(raw float32, shape in X-Shape), application/x-npy, an image/*, or a multipart form "
+                            f"with an image file")
     if not batch and len(items) != 1:
         raise BadInput(422, f"/predict takes one input, got {len(items)}; use /predict/batch")
     if len(items) > max_batch:
@@ -176,7 +188,7 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
 def create_app(service: Service, dataset: str):
     """The ASGI app over ``service``; it starts ``service`` on its event loop at startup."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     app_cfg: AppConfig = service.app
     responses: dict = {}  # (path, status) -> count
@@ -217,7 +229,7 @@ def create_app(service: Service, dataset: str):
                           {"Retry-After": str(app_cfg.retry_after_s)})
         except Unanswerable as exc:
             return refuse(503, f"unavailable: {exc}", {"Retry-After": str(app_cfg.retry_after_s)})
-        return {"answers": answers} if batch else answers[0]
+        return Response(orjson.dumps({"answers": answers} if batch else answers[0]), media_type="application/json")
 
     @api.post("/predict")
     async def predict(request: Request):
