@@ -126,36 +126,13 @@ def http_rows(config: Path, run: str, x: np.ndarray, strategy: str, seconds: flo
     return rows
 
 
-@exits_on_user_error
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="a run folder written by train.py (a systematic code, e.g. MNIST k = 2)")
-    ap.add_argument("--queries", type=int, default=4000, help="queries offered per Ray row (default 4000)")
-    ap.add_argument("--instances", type=int, default=2, help="m (default 2)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per HTTP row (default 5)")
-    ap.add_argument("--port", type=int, default=8931, help="the HTTP service's port (default 8931)")
-    ap.add_argument("--no-http", action="store_true", help="skip the HTTP rows")
-    args = ap.parse_args(argv)
-    if args.queries < 100 or args.instances < 1 or args.seconds <= 0:
-        raise UserError("--queries must be 100 or more, --instances 1 or more and --seconds positive.")
-    if not (Path(args.run) / "config.json").is_file():
-        raise UserError(f"'{args.run}' is not a run folder (no config.json). Fix: pass a folder train.py wrote.")
-    from coders.code import load_code
-    from serve.batching import UNBATCHED, Batching
-    from serve.config import validate
-    from util.ray_cluster import start_ray
-
+def ray_rows(cfg, loaded, one: float) -> None:
+    """The Ray table: equal-resources and coded, unbatched and batched."""
     import ray
 
-    load0 = os.getloadavg()
-    loaded = load_code(args.run)
-    x, _ = loaded.splits.split("test")
-    one, many = bare_loop(loaded.code.base, x)
-    print(f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} on {os.cpu_count()} cores\n")
-    print(f"bare F loop, one thread: {one:,.0f} queries/s at batch 1, {many:,.0f} at batch {BATCH}\n")
-    out = tempfile.mkdtemp(prefix="lcc-throughput-")
-    cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": args.instances,
-                    "out_dir": out, "plot": False, "group_timeout_ms": 5.0})
+    from serve.batching import UNBATCHED, Batching
+    from util.ray_cluster import start_ray
+
     start_ray(None, None)
     pools: dict = {}
     print("| Ray, all offered at once | batching | queries/s | x bare batch 1 | front-end CPU (us/query) |")
@@ -169,6 +146,37 @@ def main(argv: Optional[list[str]] = None) -> int:
         for p in pools.values():
             p.shutdown()
         ray.shutdown()
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a run folder written by train.py (a systematic code, e.g. MNIST k = 2)")
+    ap.add_argument("--queries", type=int, default=4000, help="queries offered per Ray row (default 4000)")
+    ap.add_argument("--instances", type=int, default=2, help="m (default 2)")
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per HTTP row (default 5)")
+    ap.add_argument("--port", type=int, default=8931, help="the HTTP service's port (default 8931)")
+    ap.add_argument("--no-http", action="store_true", help="skip the HTTP rows")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray rows")
+    args = ap.parse_args(argv)
+    if args.queries < 100 or args.instances < 1 or args.seconds <= 0:
+        raise UserError("--queries must be 100 or more, --instances 1 or more and --seconds positive.")
+    if not (Path(args.run) / "config.json").is_file():
+        raise UserError(f"'{args.run}' is not a run folder (no config.json). Fix: pass a folder train.py wrote.")
+    from coders.code import load_code
+    from serve.config import validate
+
+    load0 = os.getloadavg()
+    loaded = load_code(args.run)
+    x, _ = loaded.splits.split("test")
+    one, many = bare_loop(loaded.code.base, x)
+    print(f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} on {os.cpu_count()} cores\n")
+    print(f"bare F loop, one thread: {one:,.0f} queries/s at batch 1, {many:,.0f} at batch {BATCH}\n")
+    out = tempfile.mkdtemp(prefix="lcc-throughput-")
+    cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": args.instances,
+                    "out_dir": out, "plot": False, "group_timeout_ms": 5.0})
+    if not args.no_ray:
+        ray_rows(cfg, loaded, one)
     if not args.no_http:
         config = Path(out) / "serve.json"
         config.write_text(json.dumps({"runs": [str(Path(args.run).resolve())], "instances": args.instances,

@@ -369,9 +369,11 @@ class ServiceFrontend(Driver, Service):
     def at(self, t: float, fn) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), fn)
 
-    def _settle(self, ref) -> None:
+    def _settle(self, refs: list) -> None:
+        """Replies in hand: settle each, then end the round (decode, send what the batchers let go)."""
         now = self.clock()
-        self.settle(ref, now)
+        for ref in refs:
+            self.settle(ref, now)
         self.core.end_round(now)
 
     def unanswerable(self, q: int) -> None:
