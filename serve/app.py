@@ -7,9 +7,11 @@ mean to ``python -m serve``. Endpoints:
 
 * ``POST /predict``: one input, as a JSON array in F's input shape (or flat),
   ``{"input": [...]}``, or an image (``curl -F file=@digit.png``, or the raw
-  bytes with ``Content-Type: image/png``) -> ``{"query", "class", "output",
+  bytes with ``Content-Type: image/png``), or binary (raw float32 as
+  ``application/octet-stream`` with the shape in ``X-Shape``, or ``.npy`` as
+  ``application/x-npy``: serve/bodies.py) -> ``{"query", "class", "output",
   "rebuilt", "retried", "latency_ms"}`` (``class`` only when F is a classifier);
-* ``POST /predict/batch``: ``{"inputs": [...]}`` or a JSON array of inputs ->
+* ``POST /predict/batch``: ``{"inputs": [...]}``, a JSON array of inputs, or one binary body of n ->
   ``{"answers": [...]}``;
 * ``GET /health``: 200 while an instance holding F is alive, else 503;
 * ``GET /metrics``: counters and latency quantiles since start, Prometheus text format.
@@ -43,6 +45,7 @@ import torch
 from serve.bodies import NPY, RAW, BodyError, binary_inputs
 from serve.cli import config_command, load_backup
 from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
+from serve.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.app.prometheus_text)
 from serve.edge import numbers_refusal, server_config
 from serve.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
@@ -51,7 +54,6 @@ from util.errors import ConfigError, UserError, exits_on_user_error
 # Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
 # by resizing and dividing by 255 (CIFAR's are normalised per channel: send JSON arrays instead).
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
-PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class BadInput(Exception):
@@ -247,77 +249,6 @@ def create_app(service: Service, dataset: str):
         return PlainTextResponse(prometheus_text(service.metrics(), responses, service.strategy), media_type=PROMETHEUS)
 
     return Counted(api, responses)
-
-
-class Counted:
-    """The service's ASGI app, counting every response by (path, status) for /metrics.
-
-    A plain ASGI wrapper rather than an ``@app.middleware("http")`` function: Starlette runs those through a
-    task and a stream per request, which cost more CPU than the rest of a /predict (measured in
-    bench/throughput.py's HTTP rows). A failure Starlette has already answered with a 500 (the app's
-    exception handler) is counted and not raised again, so it is logged once.
-    """
-
-    def __init__(self, app, responses: dict):
-        self.app, self.responses = app, responses
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def sending(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        except Exception:  # answered (500) and logged by the exception handler already
-            pass
-        key = (scope["path"], status)
-        self.responses[key] = self.responses.get(key, 0) + 1
-
-
-def prometheus_text(m: dict, responses: dict, strategy: str) -> str:
-    """The metrics in Prometheus' text exposition format (counters, gauges, and a latency summary)."""
-    label = f'strategy="{strategy}"'
-    lines = []
-
-    def metric(name: str, kind: str, doc: str, samples):
-        lines.append(f"# HELP lcc_{name} {doc}")
-        lines.append(f"# TYPE lcc_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"lcc_{name}{{{labels}}} {value:.9g}" if isinstance(value, float)
-                         else f"lcc_{name}{{{labels}}} {value}")
-
-    metric("http_responses_total", "counter", "HTTP responses by path and status code.",
-           [(f'path="{p}",code="{c}"', n) for (p, c), n in sorted(responses.items())])
-    metric("http_server_errors_total", "counter", "HTTP responses with a 5xx status other than 503 (overload, "
-           "no live F): the service's own failures.", [(label, sum(n for (_, c), n in responses.items()
-                                                               if c >= 500 and c != 503))])
-    for name, doc in (("queries_answered_total", "Queries answered (each exactly once)."),
-                      ("queries_rebuilt_total", "Queries answered by the decoder (or the backup model)."),
-                      ("queries_retried_total", "Queries sent again after their instance died."),
-                      ("queries_rejected_total", "Queries refused with 503 because the queue was full."),
-                      ("queries_unanswerable_total", "Queries lost because no instance holding F was alive."),
-                      ("instance_requests_total", "Requests sent to model instances (F, parity, backup).")):
-        metric(name, "counter", doc, [(label, m[name])])
-    for name, doc in (("queries_in_flight", "Queries admitted and not yet answered."),
-                      ("instances", "Model instances of the strategy."),
-                      ("instances_alive", "Model instances not failed."),
-                      ("rebuilt_fraction", "Fraction of answered queries the decoder rebuilt, since start.")):
-        metric(name, "gauge", doc, [(label, m[name])])
-    metric("frontend_seconds_total", "counter", "Seconds the frontend spent encoding, dispatching and decoding.",
-           [(f'{label},stage="{k}"', float(v)) for k, v in m["frontend_seconds"].items()])
-    lines.append("# HELP lcc_latency_seconds Server-measured latency per query (admission to answer), since start.")
-    lines.append("# TYPE lcc_latency_seconds summary")
-    for q, v in m["latency_quantiles"].items():
-        lines.append(f'lcc_latency_seconds{{{label},quantile="{q:g}"}} {v:.9g}')
-    lines.append(f"lcc_latency_seconds_sum{{{label}}} {m['latency_seconds_sum']:.9g}")
-    lines.append(f"lcc_latency_seconds_count{{{label}}} {m['latency_seconds_count']}")
-    return "\n".join(lines) + "\n"
 
 
 # -- building a service -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ so a straggler delays the whole call it lands in, as a slow server delays every 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,3 +133,26 @@ class Batchers:
 
     def waiting(self) -> int:
         return sum(len(q) for q in self.queue)
+
+
+def check_batching(cfg, source: str) -> None:
+    """The ``batch_*`` keys of a serving config; a ConfigError names the key and the range."""
+    from util.errors import ConfigError
+
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{source}: config key '{key}' {msg}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not 1 <= cfg.batch_size <= 65536:
+        raise bad("batch_size", f"must be from 1 (no batching) to 65536 requests a call; got {cfg.batch_size}.")
+    if not number(cfg.batch_wait_ms) or not 0 <= cfg.batch_wait_ms <= 60_000:
+        raise bad("batch_wait_ms", f"must be from 0 to 60000 milliseconds (0: a batch goes as soon as its instance "
+                  f"is free); got {cfg.batch_wait_ms!r}.")
+    if not 1 <= cfg.batch_inflight <= 1024:
+        raise bad("batch_inflight", f"must be from 1 to 1024 calls per instance; got {cfg.batch_inflight}.")
+    a = cfg.batch_adaptive_ms
+    if a is not None and (not number(a) or a <= 0):
+        raise bad("batch_adaptive_ms", f"must be null (a fixed batch_size) or the call latency in milliseconds the "
+                  f"batch size adapts to (> 0); got {a!r}.")

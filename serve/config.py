@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from coders.config import read_json_config, validate_schema
+from serve.batching import check_batching
 from util.errors import ConfigError
 
 STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
@@ -321,20 +322,6 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
     from util.checks import check_writable_folder
 
     check_writable_folder(cfg.out_dir, "out_dir", f"{source}: config key 'out_dir'")  # a file above it, too
-
-
-def check_batching(cfg: ServeConfig, source: str) -> None:
-    if not 1 <= cfg.batch_size <= 65536:
-        raise _bad(source, "batch_size", f"must be from 1 (no batching) to 65536 requests a call; got {cfg.batch_size}.")
-    if not _number(cfg.batch_wait_ms) or not 0 <= cfg.batch_wait_ms <= 60_000:
-        raise _bad(source, "batch_wait_ms", f"must be from 0 to 60000 milliseconds (0: a batch goes as soon as its "
-                   f"instance is free); got {cfg.batch_wait_ms!r}.")
-    if not 1 <= cfg.batch_inflight <= 1024:
-        raise _bad(source, "batch_inflight", f"must be from 1 to 1024 calls per instance; got {cfg.batch_inflight}.")
-    a = cfg.batch_adaptive_ms
-    if a is not None and (not _number(a) or a <= 0):
-        raise _bad(source, "batch_adaptive_ms", f"must be null (a fixed batch_size) or the call latency in "
-                   f"milliseconds the batch size adapts to (> 0); got {a!r}.")
 
 
 def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
