@@ -10,7 +10,8 @@ Prints, in one run on this machine (ratios to the bare loop are what carry to an
   queries/s served, and the front end's CPU per query (the driver process's CPU time over the run);
 * HTTP (``python -m serve.app`` in a subprocess, driven by :func:`serve.loadgen.drive` over aiohttp):
   goodput at capacity with one query per request, with JSON and with raw float32 bodies, and with batch
-  requests of 32; the server's CPU per query (its process's CPU time) and the client's own;
+  requests of 32; the server's CPU per query (its process's CPU time) and the client's own; first, the same
+  uvicorn + FastAPI stack answering a constant (the HTTP floor on this machine);
 * the load average before and after.
 """
 from __future__ import annotations
@@ -98,13 +99,67 @@ def wait_health(url: str, proc, timeout_s: float = 120.0) -> None:
     raise UserError("The service did not answer /health within 120 s.")
 
 
+CONSTANT_APP = """
+import sys, uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from serve.edge import server_config
+api = FastAPI()
+@api.post("/predict")
+async def predict(request: Request):
+    await request.body()
+    return Response(b'{"class": 0}', media_type="application/json")
+@api.get("/health")
+async def health():
+    return Response(b'{}', media_type="application/json")
+uvicorn.Server(server_config(api, "127.0.0.1", int(sys.argv[1]), log_level="warning")).run()
+"""
+
+
+def bare_stack_row(x: np.ndarray, seconds: float, port: int) -> tuple:
+    """The same uvicorn + FastAPI stack answering a constant: (queries/s, server CPU us/query, client CPU)."""
+    from serve.loadgen import drive
+
+    proc = subprocess.Popen([sys.executable, "-c", CONSTANT_APP, str(port)], stdout=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_health(url, proc)
+        server = proc_cpu(proc.pid)
+        got = asyncio.run(drive(url, x, kind="raw", per_request=1, seconds=seconds, connections=64))
+        server = proc_cpu(proc.pid) - server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    n = max(got["answered"], 1)
+    return got["answered"] / got["seconds"], 1e6 * server / n, 1e6 * got["client_cpu"] / n
+
+
+QUEUE = 256  # app.max_queue of the measured service: 64 connections of one query, or 8 of 32
+
+
+def overload(url: str, x: np.ndarray, rate: float, seconds: float) -> tuple:
+    """Open loop at ``rate`` (3x the JSON capacity) for ``seconds``: the goodput, and how fast the excess is
+    refused (503 with Retry-After, past app.max_queue)."""
+    from serve.loadgen import encode_body, send_all
+
+    n = int(rate * seconds)
+    bodies = [encode_body(x[i % len(x)], "json")[0] for i in range(n)]
+    rec = asyncio.run(send_all(url, bodies, np.arange(n) / rate, 256, 30.0))
+    ok, refused = rec["status"] == 200, rec["status"] == 503
+    span = np.nanmax(rec["done"][ok]) if ok.any() else seconds
+    quick = np.nanmedian(1000 * (rec["done"] - rec["sent"])[refused]) if refused.any() else float("nan")
+    return (f"json, offered {rate:,.0f}/s (3x): 503 p50 {quick:.1f} ms", ok.sum() / span, float("nan"),
+            float("nan"), int(refused.sum()))
+
+
 def http_rows(config: Path, run: str, x: np.ndarray, strategy: str, seconds: float, port: int) -> list:
     """Per body kind: (kind, queries/s answered, server CPU us/query, client CPU us/query, 503s)."""
     from serve.loadgen import drive
 
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serve.app", str(config), "--set", f"app.strategy={json.dumps(strategy)}",
-           "--set", f"app.port={port}", "--set", "app.max_queue=4096"]
+           "--set", f"app.port={port}", "--set", f"app.max_queue={QUEUE}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
     rows = []
@@ -112,11 +167,13 @@ def http_rows(config: Path, run: str, x: np.ndarray, strategy: str, seconds: flo
         wait_health(url, proc)
         for kind, per in (("json", 1), ("raw", 1), ("raw", 32)):
             server = proc_cpu(proc.pid)
-            got = asyncio.run(drive(url, x, kind=kind, per_request=per, seconds=seconds, connections=64))
+            got = asyncio.run(drive(url, x, kind=kind, per_request=per, seconds=seconds,
+                                    connections=min(64, QUEUE // per)))
             server = proc_cpu(proc.pid) - server
             answered = got["answered"]
             rows.append((f"{kind}, {per} per request", answered / got["seconds"],
                          1e6 * server / max(answered, 1), 1e6 * got["client_cpu"] / max(answered, 1), got["refused"]))
+        rows.append(overload(url, x, 3 * rows[0][1], seconds))
     finally:
         proc.terminate()
         try:
@@ -185,6 +242,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               "| client CPU (us/query) | 503s |")
         print("|---|---|---:|---:|---:|---:|---:|")
         xs = x[:1024].numpy()
+        rate, server, client = bare_stack_row(xs, args.seconds, args.port + 1)
+        print(f"| bare stack: a constant answer | raw, 1 per request | {rate:,.0f} | {rate / one:.2f} | {server:.0f} "
+              f"| {client:.0f} | 0 |", flush=True)
         for strategy in ("equal-resources", "coded"):
             for kind, rate, server, client, refused in http_rows(config, args.run, xs, strategy, args.seconds,
                                                                  args.port):
