@@ -145,7 +145,7 @@ def overload(url: str, x: np.ndarray, rate: float, seconds: float) -> tuple:
 
     n = int(rate * seconds)
     bodies = [encode_body(x[i % len(x)], "json")[0] for i in range(n)]
-    rec = asyncio.run(send_all(url, bodies, np.arange(n) / rate, 256, 30.0))
+    rec = asyncio.run(send_all(url, bodies, np.arange(n) / rate, 4 * QUEUE, 30.0))  # more than the queue admits
     ok, refused = rec["status"] == 200, rec["status"] == 503
     span = np.nanmax(rec["done"][ok]) if ok.any() else seconds
     quick = np.nanmedian(1000 * (rec["done"] - rec["sent"])[refused]) if refused.any() else float("nan")

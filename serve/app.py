@@ -215,6 +215,7 @@ def create_app(service: Service, dataset: str):
 
     async def answer(request: Request, batch: bool):
         try:
+            service.admit()  # a full queue refuses before the body is read or parsed: overload costs little
             body = await read_body(request, app_cfg.max_body_bytes)
             inputs = await parse_inputs(request, body, service.input_shape, dataset, batch,
                                         min(app_cfg.max_batch, app_cfg.max_queue))

@@ -85,11 +85,16 @@ class Service:
     # -- queries in ------------------------------------------------------------------------------------
     async def predict(self, inputs: list[np.ndarray]) -> list[dict]:
         """Answer each input (float32, F's input shape); raises Overloaded when the queue is full."""
-        if len(self.futures) + len(inputs) > self.app.max_queue:
-            self.counts["rejected"] += len(inputs)
+        self.admit(len(inputs))
+        return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
+
+    def admit(self, n: int = 1) -> None:
+        """Raise Overloaded (counting ``n`` queries refused) if ``n`` more would pass ``app.max_queue``. The HTTP
+        layer asks before it reads a body (n = 1), so a full service refuses without parsing anything."""
+        if len(self.futures) + n > self.app.max_queue:
+            self.counts["rejected"] += n
             raise Overloaded(f"{len(self.futures)} queries are waiting, the bound (app.max_queue) is "
                              f"{self.app.max_queue}")
-        return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
 
     def submit(self, x: np.ndarray) -> asyncio.Future:
         """Admit ``x`` as the next query and set its requests going; the future resolves to its answer."""
