@@ -15,7 +15,7 @@ import torch
 
 from serve.batching import UNBATCHED, Batchers, Batching
 from serve.config import PolicyConfig, validate
-from serve.plan import build_plan, code_layout, make_queries, pool_roles
+from serve.plan import build_plan, code_layout, make_queries
 from coders.code import load_code
 
 
@@ -179,11 +179,12 @@ def test_batched_answers_equal_the_codes_own_computation_for_every_strategy(row,
     assert outs[0].reconstructed.any() or strategy in ("none", "equal-resources", "replicate")
 
 
-def test_an_instance_killed_while_it_holds_a_batch_loses_no_query(local_ray, tmp_path, digits_run_folder):
+def test_an_instance_killed_while_it_holds_a_batch_loses_no_query(pool, tmp_path, digits_run_folder):
     """Instance 0 is 150 ms slow, so its requests batch up; it is killed 100 ms in, with a call running and more
     waiting: every query is answered exactly once (rebuilt, or sent again), none twice."""
-    from serve.runtime import Frontend, Pool
+    from serve.runtime import Frontend
 
+    actors_pool, _ = pool
     loaded = load_code(digits_run_folder)
     code, (x, y) = loaded.code, loaded.splits.split("test")
     cfg = serve_cfg(tmp_path, digits_run_folder, num_queries=40, rates=[200], group_timeout_ms=20,
@@ -191,14 +192,11 @@ def test_an_instance_killed_while_it_holds_a_batch_loses_no_query(local_ray, tmp
     queries = make_queries(cfg, 200.0, y.numpy())
     pad = code.base(torch.zeros(1, *x.shape[1:]))[0].detach()
     for strategy in ("none", "coded"):
-        roles = pool_roles(strategy, 2, 2, 1)
-        own = Pool(code, cfg, roles.count(-1), [roles.count(0)] if 0 in roles else [])
-        try:
-            plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], 0)
-            frontend = Frontend(plan, own.actors_for(plan.roles), code, x, pad, batching=Batching(size=4))
-            out = frontend.run()
-        finally:
-            own.shutdown()
+        plan = build_plan(cfg, strategy, 2, 1, queries, cfg.delays[0], 0)
+        actors = actors_pool.actors_for(plan.roles)
+        frontend = Frontend(plan, actors, code, x, pad, batching=Batching(size=4))
+        out = frontend.run()
+        actors_pool.replace_dead({actors[i] for i in frontend.dead})  # the pool whole again for the next
         assert out.answers.tolist() == [1] * 40, strategy
         lost = ~out.requests["ok"] & ~out.requests["cancelled"]
         assert lost.sum() >= 2 and set(out.requests["instance"][lost].tolist()) == {0}  # a batch went down with it
