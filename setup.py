@@ -18,9 +18,9 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "plot": ["matplotlib>=3.5"],
-        "serve": ["ray[default]==2.60.0", "fastapi>=0.100", "uvicorn>=0.29", "httpx>=0.24",
+        "serve": ["ray[default,serve]==2.60.0", "fastapi>=0.100", "uvicorn>=0.29", "httpx>=0.24",
                   "python-multipart>=0.0.9", "pillow>=9",
-                  "starlette>=0.27"],
+                  "starlette>=0.27", "aiohttp>=3.9", "orjson>=3.9"],
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
     },
     entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main",

@@ -7,9 +7,11 @@ mean to ``python -m serve``. Endpoints:
 
 * ``POST /predict``: one input, as a JSON array in F's input shape (or flat),
   ``{"input": [...]}``, or an image (``curl -F file=@digit.png``, or the raw
-  bytes with ``Content-Type: image/png``) -> ``{"query", "class", "output",
+  bytes with ``Content-Type: image/png``), or binary (raw float32 as
+  ``application/octet-stream`` with the shape in ``X-Shape``, or ``.npy`` as
+  ``application/x-npy``: serve/bodies.py) -> ``{"query", "class", "output",
   "rebuilt", "retried", "latency_ms"}`` (``class`` only when F is a classifier);
-* ``POST /predict/batch``: ``{"inputs": [...]}`` or a JSON array of inputs ->
+* ``POST /predict/batch``: ``{"inputs": [...]}``, a JSON array of inputs, or one binary body of n ->
   ``{"answers": [...]}``;
 * ``GET /health``: 200 while an instance holding F is alive, else 503;
 * ``GET /metrics``: counters and latency quantiles since start, Prometheus text format.
@@ -42,10 +44,13 @@ import sys
 from typing import Optional
 
 import numpy as np
+import orjson
 import torch
 
+from serve.bodies import NPY, RAW, BodyError, binary_inputs
 from serve.cli import config_command, load_backup
 from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
+from serve.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.app.prometheus_text)
 from serve.edge import numbers_refusal, server_config
 from serve.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
@@ -56,7 +61,6 @@ from util.signals import Terminated
 # Datasets whose loaders give plain [0, 1] pixels, so an uploaded 8-bit image maps onto F's input
 # by resizing and dividing by 255 (CIFAR's are normalised per channel: send JSON arrays instead).
 IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist")
-PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class BadInput(Exception):
@@ -147,9 +151,18 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
         items = [image_input(await f.read(), shape, dataset, f"file '{f.filename}'") for f in files]
     elif kind.startswith("image/"):
         items = [image_input(body, shape, dataset, "the image")]
+    elif kind in RAW or kind in NPY:  # binary: no JSON parse, one array for the whole request
+        try:
+            items = list(binary_inputs(kind, body, request.headers, getattr(request, "query_params", {}), shape,
+                                       batch))
+        except BodyError as exc:
+            raise BadInput(exc.status, exc.reason) from None
     elif kind in ("application/json", "text/json", "", "application/x-www-form-urlencoded"):  # the last: curl -d
         try:
-            value = json.loads(body)
+            try:
+                value = orjson.loads(body)  # fast; what it refuses, the standard parser reads or names
+            except orjson.JSONDecodeError:
+                value = json.loads(body)
         except RecursionError:
             raise BadInput(422, f"the JSON nests deeper than its parser allows; F's inputs nest {len(shape)} deep "
                                 f"({len(shape) + 1} in a batch)") from None
@@ -168,8 +181,9 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
         else:
             items = [to_input(value, shape, "the input")]
     else:
-        raise BadInput(415, f"Content-Type {kind!r} is not served; send application/json, an image/*, or a "
-                            f"multipart form with an image file")
+        raise BadInput(415, f"Content-Type {kind!r} is not served; send application/json, application/octet-stream "
+                            f"(raw float32, shape in X-Shape), application/x-npy, an image/*, or a multipart form "
+                            f"with an image file")
     if not batch and len(items) != 1:
         raise BadInput(422, f"/predict takes one input, got {len(items)}; use /predict/batch")
     if len(items) > max_batch:
@@ -183,7 +197,7 @@ async def parse_inputs(request, body: bytes, shape: tuple, dataset: str, batch: 
 def create_app(service: Service, dataset: str):
     """The ASGI app over ``service``; it starts ``service`` on its event loop at startup."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     app_cfg: AppConfig = service.app
     responses: dict = {}  # (path, status) -> count
@@ -197,22 +211,18 @@ def create_app(service: Service, dataset: str):
     api = FastAPI(title="lcc prediction service", lifespan=lifespan,
                   description=f"Strategy '{service.strategy}' of a code with k={service.k}, r={service.r}.")
 
-    @api.middleware("http")
-    async def count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # a bug of the service's own: logged with its traceback, answered 500, counted
-            logging.getLogger("lcc.serve").exception("%s %s failed", request.method, request.url.path)
-            response = refuse(500, f"internal error ({type(exc).__name__}); the service's log has the details")
-        key = (request.url.path, response.status_code)
-        responses[key] = responses.get(key, 0) + 1
-        return response
+    async def failed(request: Request, exc: Exception):  # a bug of the service's own: logged, a JSON 500
+        logging.getLogger("lcc.serve").error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return refuse(500, f"internal error ({type(exc).__name__}); the service's log has the details")
+
+    api.add_exception_handler(Exception, failed)
 
     def refuse(status: int, reason: str, headers: Optional[dict] = None):
         return JSONResponse({"detail": reason}, status_code=status, headers=headers)
 
     async def answer(request: Request, batch: bool):
         try:
+            service.admit()  # a full queue refuses before the body is read or parsed: overload costs little
             body = await read_body(request, app_cfg.max_body_bytes)
             inputs = await parse_inputs(request, body, service.input_shape, dataset, batch,
                                         min(app_cfg.max_batch, app_cfg.max_queue))
@@ -224,7 +234,7 @@ def create_app(service: Service, dataset: str):
                           {"Retry-After": str(app_cfg.retry_after_s)})
         except Unanswerable as exc:
             return refuse(503, f"unavailable: {exc}", {"Retry-After": str(app_cfg.retry_after_s)})
-        return {"answers": answers} if batch else answers[0]
+        return Response(orjson.dumps({"answers": answers} if batch else answers[0]), media_type="application/json")
 
     @api.post("/predict")
     async def predict(request: Request):
@@ -246,47 +256,7 @@ def create_app(service: Service, dataset: str):
     async def metrics():
         return PlainTextResponse(prometheus_text(service.metrics(), responses, service.strategy), media_type=PROMETHEUS)
 
-    return api
-
-
-def prometheus_text(m: dict, responses: dict, strategy: str) -> str:
-    """The metrics in Prometheus' text exposition format (counters, gauges, and a latency summary)."""
-    label = f'strategy="{strategy}"'
-    lines = []
-
-    def metric(name: str, kind: str, doc: str, samples):
-        lines.append(f"# HELP lcc_{name} {doc}")
-        lines.append(f"# TYPE lcc_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"lcc_{name}{{{labels}}} {value:.9g}" if isinstance(value, float)
-                         else f"lcc_{name}{{{labels}}} {value}")
-
-    metric("http_responses_total", "counter", "HTTP responses by path and status code.",
-           [(f'path="{p}",code="{c}"', n) for (p, c), n in sorted(responses.items())])
-    metric("http_server_errors_total", "counter", "HTTP responses with a 5xx status other than 503 (overload, "
-           "no live F): the service's own failures.", [(label, sum(n for (_, c), n in responses.items()
-                                                               if c >= 500 and c != 503))])
-    for name, doc in (("queries_answered_total", "Queries answered (each exactly once)."),
-                      ("queries_rebuilt_total", "Queries answered by the decoder (or the backup model)."),
-                      ("queries_retried_total", "Queries sent again after their instance died."),
-                      ("queries_rejected_total", "Queries refused with 503 because the queue was full."),
-                      ("queries_unanswerable_total", "Queries lost because no instance holding F was alive."),
-                      ("instance_requests_total", "Requests sent to model instances (F, parity, backup).")):
-        metric(name, "counter", doc, [(label, m[name])])
-    for name, doc in (("queries_in_flight", "Queries admitted and not yet answered."),
-                      ("instances", "Model instances of the strategy."),
-                      ("instances_alive", "Model instances not failed."),
-                      ("rebuilt_fraction", "Fraction of answered queries the decoder rebuilt, since start.")):
-        metric(name, "gauge", doc, [(label, m[name])])
-    metric("frontend_seconds_total", "counter", "Seconds the frontend spent encoding, dispatching and decoding.",
-           [(f'{label},stage="{k}"', float(v)) for k, v in m["frontend_seconds"].items()])
-    lines.append("# HELP lcc_latency_seconds Server-measured latency per query (admission to answer), since start.")
-    lines.append("# TYPE lcc_latency_seconds summary")
-    for q, v in m["latency_quantiles"].items():
-        lines.append(f'lcc_latency_seconds{{{label},quantile="{q:g}"}} {v:.9g}')
-    lines.append(f"lcc_latency_seconds_sum{{{label}}} {m['latency_seconds_sum']:.9g}")
-    lines.append(f"lcc_latency_seconds_count{{{label}}} {m['latency_seconds_count']}")
-    return "\n".join(lines) + "\n"
+    return Counted(api, responses)
 
 
 # -- building a service -----------------------------------------------------------------------------

@@ -308,6 +308,7 @@ def stops_cleanly(work, out_dir: str, command: str, finished: Optional[list] = N
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
+    from serve.batching import batching_of
     from serve.runtime import Frontend, Pool
 
     code = loaded.code
@@ -323,7 +324,7 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
                                       loaded.backup, r * per if "backup" in cfg.strategies else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
-    frontend = Frontend(plan, actors, code, x, pad_output)  # fixed layouts and policies alike
+    frontend = Frontend(plan, actors, code, x, pad_output, batching=batching_of(cfg))  # fixed layouts, policies
     outcome = frontend.run(cfg.interference)
     pool.replace_dead({actors[i] for i in frontend.dead})
     return outcome

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 from coders.config import read_json_config, validate_schema
+from serve.batching import check_batching
 from util.errors import ConfigError
 
 STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
@@ -71,6 +72,10 @@ class ServeConfig:
     backup_model: Optional[dict] = None  # "backup": {"model": F-like class path or name, "file": its weights}
     service: dict = field(default_factory=lambda: {"dist": "constant", "ms": 1.0})  # sim: compute per request (ms)
     policies: list[dict] = field(default_factory=list)  # more rows beside 'strategies': PolicyConfig objects
+    batch_size: int = 32                # most requests an instance takes in one call (1: no batching)
+    batch_wait_ms: float = 0.0          # longest a batch's first request waits for more while its instance is free
+    batch_inflight: int = 2             # calls an instance may have outstanding; later requests wait and batch
+    batch_adaptive_ms: Optional[float] = None  # AIMD: adapt each instance's largest batch to this call latency
     app: dict = field(default_factory=dict)  # the HTTP service (python -m serve.app): keys of AppConfig below
 
 
@@ -303,6 +308,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
 
         check_device(cfg.device, f"{source}: config key 'device'")
     check_service(cfg.service, source)
+    check_batching(cfg, source)
     if cfg.engine == "sim" and cfg.interference is not None:
         raise _bad(source, "interference", "is real CPU competition beside Ray actors, which the simulator "
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "

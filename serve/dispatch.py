@@ -16,11 +16,14 @@ need, done once:
   is encoded once into its N coded inputs, every one of which goes to an
   instance (blank padding included: it is mixed into them), and all k
   answers are decoded from the N - S outputs the policy says are in hand;
-* a request goes to its actor (:meth:`Dispatcher.send`) and is logged when it
-  comes back (:meth:`Dispatcher.collect`); a coded output is kept for the
-  decoder (:meth:`Dispatcher.keep`);
+* a request joins its instance's batcher (:meth:`Dispatcher.send`,
+  :mod:`serve.batching`), goes out in one call with the others of its batch
+  (their inputs stacked, the coded slots of every group in it encoded at
+  once), and is logged when the call comes back (:meth:`Dispatcher.collect`);
+  a coded output is kept for the decoder (:meth:`Dispatcher.keep`);
 * a query is answered from its own output or from the decoder's
-  reconstruction (:meth:`Dispatcher.answer`, :meth:`Dispatcher.decode`), once.
+  reconstruction (:meth:`Dispatcher.answer`, :meth:`Dispatcher.decode`), once;
+  the groups decided in one round of returned calls are decoded in one call.
 
 Groups are formed k at a time in arrival order, closing at the k-th arrival or
 ``group_timeout_ms`` after the first: :func:`serve.plan.form_groups` applies
@@ -38,6 +41,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from serve.batching import Batchers, Batching
 from serve.plan import code_layout, is_nworker
 
 
@@ -122,12 +126,15 @@ class Dispatcher:
     """The payloads, requests in flight and answers of one strategy's queries; see the module docstring.
 
     ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query; ``watch(ref)``
-    (optional) is told of every request sent, for drivers that wait by callback rather than ray.wait.
+    (optional) is told of every call sent, for drivers that wait by callback rather than ray.wait. Requests go
+    out in batches (``batching``, :mod:`serve.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
+    clock time ``t``, for a batch's wait. A driver calls :meth:`end_round` after reporting returned calls.
     """
 
     def __init__(self, strategy: str, roles: list[int], actors: list, code, pad_output: torch.Tensor,
                  input_shape, clock: Callable[[], float], on_answer: Callable,
-                 watch: Optional[Callable] = None, log_requests: bool = True):
+                 watch: Optional[Callable] = None, log_requests: bool = True, batching: Batching = Batching(),
+                 schedule: Optional[Callable] = None):
         import ray
 
         self.ray = ray
@@ -143,9 +150,16 @@ class Dispatcher:
         self.open: dict = {}          # unanswered query -> its input (numpy), for its requests and retries
         self.group_of: dict = {}      # unanswered coded query -> its group
         self.groups: dict = {}        # group -> Group, until its members are answered and parities sent
-        self.pending: dict = {}       # ObjectRef -> (Request, instance, sent, delay, factor)
+        self.tickets: dict = {}       # request ticket -> [Request, instance, sent, delay, factor, input or None]
+        self.pending: dict = {}       # ObjectRef of a call in flight -> (instance, its tickets, sent)
+        self.call_of: dict = {}       # ticket in flight -> its call's ObjectRef
+        self.withdrawn: dict = {}     # call -> the tickets it carries that were withdrawn
+        self.decodes: list = []       # decodings decided and not yet run (flush_decodes)
+        self.batchers = Batchers(len(actors), batching, self._call, schedule, clock)
+        self.next_ticket = 0
         self.dead: set = set()
         self.sent = 0
+        self.calls = 0
         self.cost = {"encode": 0.0, "dispatch": 0.0, "decode": 0.0}
         names = ("instance", "role", "sent", "done", "compute", "delay", "factor", "ok", "cancelled")
         self.req = {name: [] for name in names} if log_requests else None
@@ -182,18 +196,31 @@ class Dispatcher:
         """The payload of coded ``slot`` of group ``g``: parity ``slot - k`` of a systematic code, coded input
         ``slot`` of an N-worker code. The group's k inputs are encoded once (the code's own ``encode``), at the
         first call."""
-        grp = self.groups[g]
+        grp = self.groups.get(g)
+        if grp is None:  # a policy forgot the group (all answered) while this slot waited in a batcher
+            return np.zeros(self.input_shape, dtype=np.float32)
         if grp.parities is None:
-            t = time.perf_counter()
-            with torch.no_grad(), one_thread():
-                grp.parities = self.code.encode(grp.x.unsqueeze(0))[0]
-            self.cost["encode"] += time.perf_counter() - t
+            self.encode_groups([g])
         out = grp.parities[slot - self.first_coded].numpy()
         grp.parities_left -= 1
         if grp.parities_left == 0:
             grp.parities = None
             self._maybe_drop(g)
         return out
+
+    def encode_groups(self, groups) -> None:
+        """Encode every group of ``groups`` that still has coded slots to hand out, in one call of the code's own
+        ``encode`` over the stacked groups."""
+        todo = [g for g in groups if g in self.groups and self.groups[g].parities is None
+                and self.groups[g].parities_left > 0]
+        if not todo:
+            return
+        t = time.perf_counter()
+        with torch.no_grad(), one_thread():
+            coded = self.code.encode(torch.stack([self.groups[g].x for g in todo]))
+        for g, p in zip(todo, coded):
+            self.groups[g].parities = p
+        self.cost["encode"] += time.perf_counter() - t
 
     def forget(self, g: int) -> None:
         """Group ``g`` will send no more parities (a policy dropped them): free it once its members are answered."""
@@ -208,41 +235,102 @@ class Dispatcher:
             del self.groups[g]  # later outputs of this group answer nothing
 
     # -- sending and collecting ----------------------------------------------------------------------
-    def send(self, instance: int, x: np.ndarray, delay: float, factor: float, req: Request):
-        t = time.perf_counter()
-        ref = self.actors[instance].infer.remote(x, delay, factor)
-        self.pending[ref] = (req, instance, self.clock(), delay, factor)
+    def send(self, instance: int, x: Optional[np.ndarray], delay: float, factor: float, req: Request) -> int:
+        """Queue a request for ``instance`` (``x`` None: a coded slot, encoded when its call goes out); its
+        batcher sends it (:mod:`serve.batching`). Returns the request's ticket."""
+        t, encoded, dispatched = time.perf_counter(), self.cost["encode"], self.cost["dispatch"]
+        ticket = self.next_ticket
+        self.next_ticket += 1
+        self.tickets[ticket] = [req, instance, self.clock(), delay, factor, x]
         self.sent += 1
-        self.cost["dispatch"] += time.perf_counter() - t
+        self.batchers.add(instance, ticket, self.clock())  # the calls it sends time themselves; counted once here
+        self.cost["dispatch"] = dispatched + time.perf_counter() - t - (self.cost["encode"] - encoded)
+        return ticket
+
+    def _call(self, instance: int, tickets: list) -> None:
+        """One call to ``instance`` carrying ``tickets``: their inputs stacked, coded slots encoded (every group
+        of the batch at once), the largest delay and factor among them."""
+        start, encoded = time.perf_counter(), self.cost["encode"]
+        entries = [self.tickets[t] for t in tickets]
+        self.encode_groups({e[0].group for e in entries if e[5] is None})
+        xs = [e[5] if e[5] is not None else self.coded_input(e[0].group, e[0].slot) for e in entries]
+        delay, factor = max(e[3] for e in entries), max(e[4] for e in entries)
+        for e in entries:
+            e[5] = None  # the payload has gone; the output will come back
+        ref = self.actors[instance].infer_batch.remote(np.stack(xs), delay, factor)
+        self.pending[ref] = (instance, tickets, self.clock())
+        for t in tickets:
+            self.call_of[t] = ref
+        self.calls += 1
         if self.watch is not None:
             self.watch(ref)
-        return ref
+        self.cost["dispatch"] += time.perf_counter() - start - (self.cost["encode"] - encoded)
 
-    def collect(self, ref, now: float) -> Optional[tuple]:
-        """Take a finished request off the books and log it: ``(request, instance, output, ok, cancelled)``,
-        or None if it was not pending. ``ok`` False: its actor died; ``cancelled``: a ``ray.cancel`` dropped it
-        before it started."""
-        entry = self.pending.pop(ref, None)
+    def withdraw(self, ticket: int) -> bool:
+        """Cancel a request: True when it was still in its batcher's queue (it never goes out, logged as
+        cancelled); else False, and its call is cancelled with ``ray.cancel`` once every request it carries is
+        withdrawn (Ray drops a call the actor has not started; one started runs on and its outputs come back)."""
+        entry = self.tickets.get(ticket)
         if entry is None:
-            return None
-        req, instance, sent, delay, factor = entry
+            return False
+        if self.batchers.withdraw(entry[1], ticket):
+            del self.tickets[ticket]
+            self._log(entry, self.clock(), float("nan"), False, True)
+            return True
+        ref = self.call_of.get(ticket)
+        if ref is not None and ref in self.pending:
+            marked = self.withdrawn.setdefault(ref, set())
+            marked.add(ticket)
+            if len(marked) == len(self.pending[ref][1]):
+                self.ray.cancel(ref)
+        return False
+
+    def collect(self, ref, now: float) -> list:
+        """Take a finished call off the books and log its requests: ``[(ticket, request, instance, output, ok,
+        cancelled)]``, empty if it was not pending. ``ok`` False: its actor died; ``cancelled``: a ``ray.cancel``
+        dropped it before it started."""
+        call = self.pending.pop(ref, None)
+        if call is None:
+            return []
+        instance, tickets, sent = call
+        self.withdrawn.pop(ref, None)
         ray = self.ray
-        cancelled = False
+        outputs, cancelled = None, False
         try:
-            output, compute = ray.get(ref)
+            outputs, compute = ray.get(ref)
             ok = True
         except ray.exceptions.TaskCancelledError:
-            output, compute, ok, cancelled = None, float("nan"), False, True
+            compute, ok, cancelled = float("nan"), False, True
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError):
-            output, compute, ok = None, float("nan"), False
+            compute, ok = float("nan"), False
         if not ok and not cancelled:
             self.dead.add(instance)
-        if self.req is not None:
-            for name, v in (("instance", instance), ("role", self.roles[instance]), ("sent", sent), ("done", now),
-                            ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok),
-                            ("cancelled", cancelled)):
-                self.req[name].append(v)
-        return req, instance, output, ok, cancelled
+        self.batchers.returned(instance, now - sent, now)
+        out = []
+        for j, t in enumerate(tickets):
+            self.call_of.pop(t, None)
+            entry = self.tickets.pop(t)
+            self._log(entry, now, compute / len(tickets), ok, cancelled)
+            out.append((t, entry[0], instance, outputs[j] if ok else None, ok, cancelled))
+        return out
+
+    def _log(self, entry: list, now: float, compute: float, ok: bool, cancelled: bool) -> None:
+        """One request's row: its call's compute is shared evenly among the requests it carried."""
+        if self.req is None:
+            return
+        req, instance, sent, delay, factor, _ = entry
+        for name, v in (("instance", instance), ("role", self.roles[instance]), ("sent", sent), ("done", now),
+                        ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok),
+                        ("cancelled", cancelled)):
+            self.req[name].append(v)
+
+    def end_round(self, now: float) -> None:
+        """After the driver has reported a round of returned calls: decode what was decided, in one call for
+        every group, then send what the batchers now let go."""
+        self.flush_decodes()
+        for i, q in enumerate(self.batchers.queue):
+            if q:
+                self.batchers.consider(i, now)
 
     def keep(self, req: Request, output) -> torch.Tensor:
         """A landed output as a tensor; a coded group's is kept for its decoder."""
@@ -254,9 +342,11 @@ class Dispatcher:
         return out
 
     def kill(self, instance: int) -> None:
-        """Fail-stop ``instance`` now; detected at once, so nothing more is sent there."""
+        """Fail-stop ``instance`` now; detected at once, so nothing more is sent there. What waits in its batcher
+        goes to the dead actor, and is lost like everything it held."""
         self.ray.kill(self.actors[instance], no_restart=True)
         self.dead.add(instance)
+        self.batchers.drain(instance, self.clock())
 
     # -- answering -------------------------------------------------------------------------------------
     def answer(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool = False) -> None:
@@ -270,16 +360,27 @@ class Dispatcher:
 
     def decode(self, g: int, queries: list, available, now: float, retried=lambda q: False) -> None:
         """Answer ``queries`` of group ``g`` by the decoder, from the outputs ``available`` ((k + r,) bool): the
-        code's own ``decode``, which zeroes the outputs not available whatever they hold."""
+        code's own ``decode``, which zeroes the outputs not available whatever they hold. The decoding waits for
+        the end of the round (:meth:`end_round`), to run in one call with every other group decided in it."""
         grp = self.groups[g]
-        grp.have = torch.as_tensor(np.asarray(available, dtype=bool))
-        waiting = {int(q) for q in queries}
-        if {q for q in grp.members if q >= 0 and q in self.open} != waiting:
+        mask = torch.as_tensor(np.asarray(available, dtype=bool))
+        grp.have = mask
+        waiting = [int(q) for q in queries]
+        if {q for q in grp.members if q >= 0 and q in self.open} != set(waiting):
             raise RuntimeError(f"group {g}: the policy and the answering core disagree on which queries wait")
+        self.decodes.append((g, set(waiting), mask, now, {q: retried(q) for q in waiting}))
+
+    def flush_decodes(self) -> None:
+        """Run the decodings decided since the last flush as one call of the code's ``decode``, then answer."""
+        if not self.decodes:
+            return
+        todo, self.decodes = self.decodes, []
         t = time.perf_counter()
         with torch.no_grad(), one_thread():
-            recon = self.code.decode(grp.outputs.unsqueeze(0), grp.have.unsqueeze(0))[0]
+            recon = self.code.decode(torch.stack([self.groups[g].outputs for g, *_ in todo]),
+                                     torch.stack([mask for _, _, mask, _, _ in todo]))
         self.cost["decode"] += time.perf_counter() - t
-        for s, q in enumerate(list(grp.members)):
-            if q in waiting:
-                self.answer(q, recon[s], now, reconstructed=True, retried=retried(q))
+        for (g, waiting, _, now, retried), rows in zip(todo, recon):
+            for s, q in enumerate(list(self.groups[g].members)):
+                if q in waiting:
+                    self.answer(q, rows[s], now, reconstructed=True, retried=retried[q])

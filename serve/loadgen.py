@@ -4,7 +4,8 @@ Sends the benchmark's seeded queries (:func:`serve.plan.make_queries`: the
 config's ``seed``, ``num_queries``, each of ``rates``, images from ``split``
 of the served run's dataset) to ``POST /predict`` over HTTP, open loop: each
 query leaves at its Poisson arrival time whether or not earlier ones have
-been answered, over up to ``--connections`` connections (httpx, asyncio).
+been answered, over a pool of up to ``--connections`` connections (aiohttp, asyncio: one process drives
+thousands of requests/s; :func:`drive` is the closed-loop capacity driver bench/throughput.py uses).
 Latency is measured at the client, from the query's arrival to its answer.
 
 It writes what ``python -m serve`` writes, under ``--out`` (default
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import io
 import json
@@ -52,39 +52,49 @@ def load_split(cfg: ServeConfig, run: str):
     return splits.split(cfg.split)
 
 
+def connector(connections: int):
+    """aiohttp's pooled connector: at most ``connections`` open, kept alive, no per-request DNS look-up."""
+    import aiohttp
+
+    return aiohttp.TCPConnector(limit=connections, limit_per_host=connections, ttl_dns_cache=3600,
+                                force_close=False, enable_cleanup_closed=False)
+
+
 async def send_all(urls, bodies: list, arrival: np.ndarray, connections: int, timeout_s: float) -> dict:
     """POST ``bodies[i]`` at ``arrival[i]`` seconds from now (open loop) to ``urls[i % len(urls)]`` (one URL, or
-    several front ends taking turns); per query: status, times, answer."""
-    import httpx
+    several front ends taking turns); per query: status, times, answer. aiohttp with a pool of ``connections``
+    (an httpx client tops out near 150 requests/s on a 2-core machine, so it would measure itself)."""
+    import aiohttp
+    import orjson
 
     urls = [urls] if isinstance(urls, str) else list(urls)
-
     n = len(bodies)
     rec = {"status": np.zeros(n, dtype=int), "sent": np.full(n, np.nan), "done": np.full(n, np.nan),
            "server_ms": np.full(n, np.nan), "rebuilt": np.zeros(n, dtype=bool), "retried": np.zeros(n, dtype=bool),
            "predicted": np.full(n, -1), "reason": [""] * n}
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=u, limits=limits, timeout=timeout_s))
-                   for u in urls]
+    headers = {"Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector(connections), timeout=timeout) as session:
         t0 = time.perf_counter()
+        targets = [u.rstrip("/") + "/predict" for u in urls]
 
         async def one(i: int) -> None:
             rec["sent"][i] = time.perf_counter() - t0
             try:
-                resp = await clients[i % len(clients)].post("/predict", content=bodies[i], headers={"Content-Type": "application/json"})
-            except httpx.HTTPError as exc:
+                async with session.post(targets[i % len(targets)], data=bodies[i], headers=headers) as resp:
+                    status, raw = resp.status, await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 rec["reason"][i] = f"{type(exc).__name__}: {exc}"
                 return
             rec["done"][i] = time.perf_counter() - t0
-            rec["status"][i] = resp.status_code
-            if resp.status_code == 200:
-                body = resp.json()
+            rec["status"][i] = status
+            if status == 200:
+                body = orjson.loads(raw)
                 rec["server_ms"][i] = body["latency_ms"]
                 rec["rebuilt"][i], rec["retried"][i] = body["rebuilt"], body["retried"]
                 rec["predicted"][i] = body.get("class", -1)
             else:
-                rec["reason"][i] = resp.text[:200]
+                rec["reason"][i] = raw[:200].decode("utf-8", "replace")
 
         tasks = []
         for i in range(n):
@@ -94,6 +104,63 @@ async def send_all(urls, bodies: list, arrival: np.ndarray, connections: int, ti
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
     return rec
+
+
+def encode_body(x: np.ndarray, kind: str) -> tuple[bytes, dict]:
+    """One request's body and headers: ``x`` (one input, or a batch) as JSON numbers, raw float32 (the shape in
+    ``X-Shape``) or .npy."""
+    import orjson
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if kind == "json":
+        return orjson.dumps(x.tolist()), {"Content-Type": "application/json"}
+    if kind == "raw":
+        return x.tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, x.shape))}
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return buf.getvalue(), {"Content-Type": "application/x-npy"}
+
+
+async def drive(url: str, x: np.ndarray, kind: str = "raw", per_request: int = 1, seconds: float = 5.0,
+                connections: int = 64) -> dict:
+    """Closed loop at capacity: ``connections`` clients each POST back to back for ``seconds`` (``per_request`` 1:
+    /predict, else /predict/batch with that many inputs), cycling through the inputs ``x``. Returns the queries
+    answered, the requests refused (503), the seconds, and this client's own CPU seconds (so that client and
+    server cost are not confused)."""
+    import aiohttp
+
+    shape = x.shape[1:]
+    bodies = []
+    for i in range(0, max(len(x) - per_request + 1, 1), per_request):
+        chunk = x[i:i + per_request]
+        bodies.append(encode_body(chunk[0] if per_request == 1 else chunk.reshape(len(chunk), *shape), kind))
+    target = url.rstrip("/") + ("/predict" if per_request == 1 else "/predict/batch")
+    counts = {"answered": 0, "refused": 0, "failed": 0}
+    async with aiohttp.ClientSession(connector=connector(connections)) as session:
+        stop = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            i = c
+            while time.perf_counter() < stop:
+                body, headers = bodies[i % len(bodies)]
+                i += connections
+                try:
+                    async with session.post(target, data=body, headers=headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                except aiohttp.ClientError:
+                    counts["failed"] += 1
+                    continue
+                if status == 200:
+                    counts["answered"] += per_request
+                elif status == 503:
+                    counts["refused"] += 1
+                else:
+                    counts["failed"] += 1
+
+        cpu, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*[client(c) for c in range(connections)])
+        return {**counts, "seconds": time.perf_counter() - t0, "client_cpu": time.process_time() - cpu}
 
 
 def http_csv(rec: dict, arrival: np.ndarray) -> str:
@@ -156,7 +223,7 @@ def run(cfg: ServeConfig, url, out: Path, connections: int, timeout_s: float, st
         if setting.run != run_folder or setting.delay != delay:
             continue
         queries = make_queries(cfg, setting.rate, y.numpy())
-        bodies = [json.dumps(x[i].flatten().tolist()).encode() for i in queries.index]
+        bodies = [encode_body(x[i].flatten().numpy(), "json")[0] for i in queries.index]
         print(f"== {setting.name}: {setting.describe()} -> {url} ({strategy}, {len(bodies)} queries)",
               file=stream, flush=True)
         rec = asyncio.run(send_all(urls, bodies, queries.arrival, connections, timeout_s))

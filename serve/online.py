@@ -13,6 +13,7 @@ is the subclass that drives it, and the only one to build.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from array import array
 from typing import Optional
@@ -60,6 +61,9 @@ class Service:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.t0 = time.perf_counter()
         self.timers: list = []  # the fail-stop kills still to come
+        self.landed: list = []  # replies landed (on Ray's thread), not yet settled on the loop
+        self.landed_lock = threading.Lock()
+        self.drain_scheduled = False
         self.latency = array("d")  # seconds, every answered query since start
         self.counts = {"answered": 0, "rebuilt": 0, "retried": 0, "rejected": 0, "unanswerable": 0}
 
@@ -81,11 +85,16 @@ class Service:
     # -- queries in ------------------------------------------------------------------------------------
     async def predict(self, inputs: list[np.ndarray]) -> list[dict]:
         """Answer each input (float32, F's input shape); raises Overloaded when the queue is full."""
-        if len(self.futures) + len(inputs) > self.app.max_queue:
-            self.counts["rejected"] += len(inputs)
+        self.admit(len(inputs))
+        return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
+
+    def admit(self, n: int = 1) -> None:
+        """Raise Overloaded (counting ``n`` queries refused) if ``n`` more would pass ``app.max_queue``. The HTTP
+        layer asks before it reads a body (n = 1), so a full service refuses without parsing anything."""
+        if len(self.futures) + n > self.app.max_queue:
+            self.counts["rejected"] += n
             raise Overloaded(f"{len(self.futures)} queries are waiting, the bound (app.max_queue) is "
                              f"{self.app.max_queue}")
-        return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
 
     def submit(self, x: np.ndarray) -> asyncio.Future:
         """Admit ``x`` as the next query and set its requests going; the future resolves to its answer."""
@@ -93,15 +102,28 @@ class Service:
 
     # -- answers out -----------------------------------------------------------------------------------
     def _watch(self, ref) -> None:
+        """Have ``ref``'s reply settled on the event loop. Replies that land while the loop is busy are settled
+        together, in one round (:meth:`_settle_ready`), so their groups are decoded in one call."""
         loop = self.loop
 
         def done(_):
+            with self.landed_lock:
+                self.landed.append(ref)
+                if self.drain_scheduled:
+                    return
+                self.drain_scheduled = True
             try:
-                loop.call_soon_threadsafe(self._settle, ref)
+                loop.call_soon_threadsafe(self._settle_ready)
             except RuntimeError:  # the loop has closed: the service is shutting down
                 pass
 
         ref.future().add_done_callback(done)
+
+    def _settle_ready(self) -> None:
+        with self.landed_lock:
+            refs, self.landed = self.landed, []
+            self.drain_scheduled = False
+        self._settle(refs)
 
     def _answered(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
         fut, admitted = self.futures.pop(q)

@@ -24,198 +24,22 @@ time, in arrival order), which is what a straggling server looks like.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
-import os
-import subprocess
-import sys
+import itertools
 import time
 from typing import Optional
 
 import numpy as np
 import torch
 
+from serve.batching import Batching, batching_of
 from serve.config import STRATEGIES, PolicyConfig
 from serve.dispatch import Dispatcher, GroupFormer, Request
 from serve.online import Service
-from serve.plan import ROLE_BACKUP, ROLE_F, Plan, Queries, code_layout, pool_roles, route, sample_delays
+from serve.plan import Plan, Queries, code_layout, pool_roles, route, sample_delays
+from serve.pool import POOL_NAMESPACE, Instance, Pool, fingerprint  # noqa: F401  (serve.runtime.Pool, as before)
 from serve.results import Outcome
-from util.errors import UserError
 from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
-
-class Instance:
-    """One model instance: holds F or one parity model and serves one request at a time.
-
-    A request's service time is the model's compute plus the injected delay,
-    times the slow-down factor; the actor sleeps what the compute did not take.
-    """
-
-    def __init__(self, module: torch.nn.Module, threads: int, flush: bool, device: str):
-        from util.hardware import flush_denormals
-
-        torch.set_num_threads(threads)
-        flush_denormals(flush)
-        self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
-        self.busy: list[subprocess.Popen] = []
-
-    def ready(self) -> int:
-        return os.getpid()
-
-    @torch.no_grad()
-    def infer(self, x: np.ndarray, delay_s: float, factor: float) -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        out = self.module(torch.as_tensor(x, device=self.device).unsqueeze(0))[0].float().cpu().numpy()
-        compute = time.perf_counter() - start
-        remaining = (compute + delay_s) * factor - (time.perf_counter() - start)
-        if remaining > 0:
-            time.sleep(remaining)
-        return out, compute
-
-    def start_interference(self, processes: int) -> int:
-        """Start ``processes`` busy loops competing for this instance's CPU (real, not seeded)."""
-        for _ in range(processes):
-            self.busy.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
-        return len(self.busy)
-
-    def stop_interference(self) -> None:
-        for p in self.busy:
-            p.kill()
-            p.wait()
-        self.busy = []
-
-
-POOL_NAMESPACE = "lcc"  # the Ray namespace of shared pools' named actors (every front end's driver looks there)
-
-
-def fingerprint(modules) -> str:
-    """A short digest of the modules' weights: front ends share a pool only when they serve the same code."""
-    h = hashlib.sha1()
-    for m in modules:
-        for key, t in m.state_dict().items():
-            h.update(key.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-class Pool:
-    """The actors of one setting: F instances and parity instances, shared by the strategies.
-
-    With a ``name`` the actors are named Ray actors (namespace ``lcc``,
-    ``<name>:<fingerprint of the code>:<slot>``, slot ``f0``, ``p0.1``, ``b0``),
-    so every front end on the same Ray cluster that builds a pool of the same
-    name and code gets the same instances: a slot that exists is attached, a
-    missing one is started. A pool stops only the actors it started
-    (:meth:`shutdown`); Ray ends them too when their starter's process exits.
-    """
-
-    def __init__(self, code, cfg, num_f: int, num_parity: list[int], backup=None, num_backup: int = 0,
-                 name: str = ""):
-        import ray
-
-        self.ray = ray
-        self.code, self.cfg, self.name = code, cfg, name
-        opts = {"num_cpus": cfg.instance_cpus, "max_restarts": 0}
-        if cfg.device.startswith("cuda"):
-            opts["num_gpus"] = 1.0 / (num_f + sum(num_parity))
-        self.remote = ray.remote(**opts)(Instance)
-        self.backup_model = backup
-        self.started: list = []   # the actors this pool started (and stops); the rest were attached
-        self.prefix = ""
-        if name:
-            modules = [code.base] + [code.parity_model(j) for j in range(len(num_parity))] + ([backup] if backup else [])
-            self.prefix = f"{name}:{fingerprint(modules)}:"
-            self._check_shared_name()
-        self.f = [self._start(code.base, f"f{i}") for i in range(num_f)]
-        self.parity = [[self._start(code.parity_model(j), f"p{j}.{i}") for i in range(n)]
-                       for j, n in enumerate(num_parity)]
-        self.backup = [self._start(backup, f"b{i}") for i in range(num_backup)]
-        self.wait_ready(self.f + [a for row in self.parity for a in row] + self.backup)
-
-    def _named(self) -> set:
-        return {a["name"] for a in self.ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == POOL_NAMESPACE}
-
-    def _check_shared_name(self) -> None:
-        others = {n.split(":")[1] for n in self._named() if n.startswith(self.name + ":")} - {self.prefix.split(":")[1]}
-        if others:
-            raise UserError(f"Config key 'app.pool_name': the pool '{self.name}' on this Ray cluster holds instances of "
-                            f"another code (weights {', '.join(sorted(others))}, this run's are "
-                            f"{self.prefix.split(':')[1]}). Fix: serve the same run and checkpoint as the front end "
-                            f"that started it, or pick another pool name with --set app.pool_name=NAME.")
-
-    def _start(self, module, slot: str = "", replace: bool = False):
-        """A new actor holding ``module``; in a shared pool, the named one of ``slot`` (attached when it exists,
-        unless ``replace``: then the dead one's name is waited for and taken)."""
-        cfg = self.cfg
-        args = (module, cfg.instance_threads, cfg.flush_denormal, cfg.device)
-        if not self.name:
-            actor = self.remote.remote(*args)
-            self.started.append(actor)
-            return actor
-        name = self.prefix + slot
-        for attempt in range(100):
-            if not replace:
-                try:
-                    return self.ray.get_actor(name, namespace=POOL_NAMESPACE)
-                except ValueError:  # not there: start it
-                    pass
-            try:
-                actor = self.remote.options(name=name, namespace=POOL_NAMESPACE).remote(*args)
-            except ValueError:  # taken: another front end started it a moment ago, or a killed one still holds it
-                time.sleep(0.1 if replace else 0.0)
-                continue
-            self.started.append(actor)
-            return actor
-        raise UserError(f"The instance '{name}' of pool '{self.name}' could neither be found nor started on this Ray "
-                        f"cluster. Fix: start the front ends one after another.")
-
-    @property
-    def attached(self) -> int:
-        """How many of this pool's instances another front end started."""
-        return len(self.f) + sum(len(row) for row in self.parity) + len(self.backup) - len(self.started)
-
-    def wait_ready(self, actors) -> None:
-        try:
-            self.ray.get([a.ready.remote() for a in actors], timeout=300)
-        except self.ray.exceptions.GetTimeoutError:
-            raise UserError("The model instances did not start within 300 s: the Ray cluster lacks the resources "
-                            "they ask for. Fix: lower 'instance_cpus', or add nodes.") from None
-
-    def actors_for(self, roles: list[int]) -> list:
-        """Actor of each instance of a strategy, in order: F actors for ROLE_F, parity actors for j."""
-        counters = {}
-        out = []
-        for role in roles:
-            n = counters.get(role, 0)
-            counters[role] = n + 1
-            out.append(self.f[n] if role == ROLE_F else self.backup[n] if role == ROLE_BACKUP else self.parity[role][n])
-        return out
-
-    def replace_dead(self, dead: set) -> None:
-        """Start a fresh actor in place of every killed one, so the next strategy has its full pool."""
-        fresh = []
-        for i, a in enumerate(self.f):
-            if a in dead:
-                self.f[i] = self._start(self.code.base, f"f{i}", replace=True)
-                fresh.append(self.f[i])
-        for j, row in enumerate(self.parity):
-            for i, a in enumerate(row):
-                if a in dead:
-                    row[i] = self._start(self.code.parity_model(j), f"p{j}.{i}", replace=True)
-                    fresh.append(row[i])
-        for i, a in enumerate(self.backup):
-            if a in dead:
-                self.backup[i] = self._start(self.backup_model, f"b{i}", replace=True)
-                fresh.append(self.backup[i])
-        if fresh:
-            self.wait_ready(fresh)
-
-    def shutdown(self) -> None:
-        """Stop the actors this pool started (a shared pool's attached ones belong to the front end that started them)."""
-        for a in self.started:
-            self.ray.kill(a)
-        self.started = []
 
 
 class Driver:
@@ -236,8 +60,8 @@ class Driver:
     core: Dispatcher
 
     def init_driver(self) -> None:
-        self.ref_of: dict = {}      # request n -> its ObjectRef
-        self.n_of: dict = {}        # ObjectRef -> request n
+        self.ref_of: dict = {}      # request n -> its ticket in the core
+        self.n_of: dict = {}        # ticket -> request n
         self.outputs_of: dict = {}  # request n -> its output, while the machine reads it
 
     def input_of(self, q: int) -> np.ndarray:
@@ -257,15 +81,18 @@ class Driver:
             if g >= 0:
                 self.open_group(g)
             req = Request("plan", q, g, slot)
-            x = self.input_of(q) if q >= 0 else self.core.coded_input(g, slot)
-        ref = self.core.send(inst, x, delay, factor, req)
-        self.ref_of[n] = ref
-        self.n_of[ref] = n
+            x = self.input_of(q) if q >= 0 else None  # a coded slot: encoded when its batch goes out
+        ticket = self.core.send(inst, x, delay, factor, req)
+        self.ref_of[n] = ticket
+        self.n_of[ticket] = n
 
     def cancel(self, n: int) -> None:
-        ref = self.ref_of.get(n)
-        if ref is not None and ref in self.core.pending:
-            self.core.ray.cancel(ref)
+        """Drop request ``n`` if it has not started: out of its batcher at once, or its whole call by
+        ``ray.cancel`` once every request of the call is dropped."""
+        ticket = self.ref_of.get(n)
+        if ticket is not None and self.core.withdraw(ticket):
+            del self.n_of[ticket]
+            self.policy.cancelled(n)
 
     def answer_own(self, q: int, n: int) -> None:
         d = self.policy
@@ -289,22 +116,20 @@ class Driver:
 
     # -- what the actors report ------------------------------------------------------------------------
     def settle(self, ref, now: float) -> None:
-        """A request's ref is ready: tell the machine whether it answered, was cancelled, or was lost."""
-        got = self.core.collect(ref, now)
-        if got is None:
-            return
+        """A call's ref is ready: tell the machine, for each request it carried, whether it answered, was
+        cancelled, or was lost. Call ``self.core.end_round`` after a round of these."""
         d = self.policy
-        n = self.n_of.pop(ref)
-        req, inst, output, ok, cancelled = got
-        if cancelled:
-            d.cancelled(n)
-        elif not ok:  # its actor died
-            d.failed(inst, now)
-            d.lost(n, now)
-        else:
-            self.outputs_of[n] = self.core.keep(req, output)
-            d.output(n, now)
-            self.outputs_of.pop(n, None)
+        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now):
+            n = self.n_of.pop(ticket)
+            if cancelled:
+                d.cancelled(n)
+            elif not ok:  # its actor died
+                d.failed(inst, now)
+                d.lost(n, now)
+            else:
+                self.outputs_of[n] = self.core.keep(req, output)
+                d.output(n, now)
+                self.outputs_of.pop(n, None)
 
     def kill(self, i: int, now: float) -> None:
         """A planned fail-stop: the actor goes, and the machine sends nothing more there."""
@@ -323,7 +148,7 @@ class Frontend(Driver):
     """
 
     def __init__(self, plan: Plan, actors: list, code, inputs: torch.Tensor, pad_output: torch.Tensor,
-                 seed_index: int = 0):
+                 seed_index: int = 0, batching: Batching = Batching()):
         import ray
 
         from serve.policy import PolicyMachine
@@ -337,8 +162,10 @@ class Frontend(Driver):
         self.next = 0
         self.t0 = time.perf_counter()
         self.timers: list = []
+        self.wakeups: list = []  # (t, seq, fn): the batchers' waits
+        self.seq = itertools.count()
         self.core = Dispatcher(plan.strategy, plan.roles, actors, code, pad_output, inputs.shape[1:], self.clock,
-                               self.record)
+                               self.record, batching=batching, schedule=self.at)
         self.policy = PolicyMachine(plan, self, np.random.default_rng([plan.seed, 11, seed_index]))
         self.init_driver()
 
@@ -367,6 +194,9 @@ class Frontend(Driver):
     def wake(self, n: int, t: float) -> None:
         heapq.heappush(self.timers, (t, n))
 
+    def at(self, t: float, fn) -> None:
+        heapq.heappush(self.wakeups, (t, next(self.seq), fn))
+
     def clock(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -391,8 +221,11 @@ class Frontend(Driver):
                 d.due(self.next - 1, now)
             while self.timers and self.timers[0][0] <= now:
                 d.due(heapq.heappop(self.timers)[1], now)
+            while self.wakeups and self.wakeups[0][0] <= now:
+                heapq.heappop(self.wakeups)[2]()
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
-                           self.timers[0][0] if self.timers else np.inf)
+                           self.timers[0][0] if self.timers else np.inf,
+                           self.wakeups[0][0] if self.wakeups else np.inf)
             wait = max(0.0, min(upcoming - self.clock(), 1.0))
             if not core.pending:
                 if upcoming == np.inf:
@@ -406,6 +239,7 @@ class Frontend(Driver):
             now = self.clock()
             for ref in ready:
                 self.settle(ref, now)
+            core.end_round(now)
         if not all(d.answers_of):  # every path answers or re-sends; this would be a bug
             name = p.policy.name if p.policy is not None and p.policy.name else p.strategy
             raise RuntimeError(f"{sum(1 for a in d.answers_of if not a)} queries of {name} were never answered "
@@ -452,7 +286,8 @@ class ServiceFrontend(Driver, Service):
         self.policy_config = pol
         self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
         self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
-                               self._answered, watch=self._watch, log_requests=False)
+                               self._answered, watch=self._watch, log_requests=False, batching=batching_of(cfg),
+                               schedule=self.at)
         self.ray = self.core.ray
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
@@ -531,8 +366,15 @@ class ServiceFrontend(Driver, Service):
     def wake(self, n: int, t: float) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), lambda: self.policy.due(n, self.clock()))
 
-    def _settle(self, ref) -> None:
-        self.settle(ref, self.clock())
+    def at(self, t: float, fn) -> None:
+        self.loop.call_later(max(0.0, t - self.clock()), fn)
+
+    def _settle(self, refs: list) -> None:
+        """Replies in hand: settle each, then end the round (decode, send what the batchers let go)."""
+        now = self.clock()
+        for ref in refs:
+            self.settle(ref, now)
+        self.core.end_round(now)
 
     def unanswerable(self, q: int) -> None:
         """No live instance holds F to send ``q`` again: its client gets 503."""

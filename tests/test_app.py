@@ -167,6 +167,28 @@ def test_every_request_is_answered_exactly_once(strategy, tmp_path, digits_run_f
                 assert np.allclose(a["output"], f_out[i].numpy(), atol=1e-5)
 
 
+def test_json_raw_and_npy_bodies_get_the_same_answers(tmp_path, digits_run_folder, loaded, pool):
+    """The same eight inputs as JSON, raw float32 and .npy, one a request and as one batch: the same outputs."""
+    from serve.loadgen import encode_body
+
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "none"})
+    x = loaded.splits.split("test")[0][:8].numpy()
+    with serving(cfg, loaded, pool) as (url, service), httpx.Client(base_url=url, timeout=60) as client:
+        outputs = {}
+        for kind in ("json", "raw", "npy"):
+            single = [client.post("/predict", content=encode_body(x[i], kind)[0],
+                                  headers=encode_body(x[i], kind)[1]) for i in range(8)]
+            body, headers = encode_body(x, kind)
+            batch = client.post("/predict/batch", content=body, headers=headers)
+            assert [r.status_code for r in single] == [200] * 8 and batch.status_code == 200, kind
+            outputs[kind] = [r.json()["output"] for r in single] + [a["output"] for a in batch.json()["answers"]]
+        with torch.no_grad():
+            f_out = loaded.code.base(torch.as_tensor(x)).numpy()
+        for kind, got in outputs.items():
+            assert np.allclose(got, np.concatenate([f_out, f_out]), atol=1e-5), kind
+        assert service.counts["answered"] == 48
+
+
 def test_a_slow_instances_answers_are_the_decoders_offline_output(tmp_path, digits_run_folder, loaded, pool):
     # Groups fill (long timeout); query q goes to instance q mod 2, and instance 0 is 400 ms slow.
     cfg = service_config(tmp_path, digits_run_folder, {"strategy": "coded"}, group_timeout_ms=10_000,

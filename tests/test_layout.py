@@ -51,6 +51,7 @@ OLD_NAMES = [  # (old module path, name, new module path): each old one is kept 
     ("train.preflight", "check_device", "util.checks"), ("train.preflight", "probe_coders", "coders.build"),
     ("train.engine", "build_coders", "coders.build"), ("train.engine", "build_parity_models", "coders.build"),
     ("train.cli", "parse_overrides", "coders.config"), ("serve.runtime", "start_ray", "util.ray_cluster"),
+    ("serve.runtime", "Pool", "serve.pool"), ("serve.runtime", "Instance", "serve.pool"),
     ("serve.plan", "read_latency_file", "serve.config"), ("util.util", "get_flattened_dim", "util.shapes"),
     ("util.util", "flush_denormals", "util.hardware"), ("util.util", "atomic_write_text", "util.files"),
 ]

@@ -1,0 +1,95 @@
+"""Which driver: lcc's batched Ray Core actors, or Ray Serve's handles with ``@serve.batch``?
+
+``python -m bench.driver_choice RUN_FOLDER [--queries N]``
+
+Both serve the run's F on two replicas, batches of up to 32, every query offered at once; printed: queries/s
+and the driver's CPU per query, with the load average. lcc's path is :class:`serve.runtime.Frontend` (strategy
+``none``, the default batching); Ray Serve's is a deployment of two replicas whose ``@serve.batch`` method
+runs F, called through a deployment handle from asyncio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from util.errors import UserError, exits_on_user_error
+
+
+def ray_serve_rate(f: torch.nn.Module, xs: np.ndarray) -> tuple[float, float]:
+    """``(queries/s, driver CPU us/query)`` through a Ray Serve deployment with ``@serve.batch``."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+    class Model:
+        def __init__(self, module):
+            torch.set_num_threads(1)
+            self.module = module.eval()
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+        async def __call__(self, inputs: list) -> list:
+            with torch.no_grad():
+                return list(self.module(torch.as_tensor(np.stack(inputs))).numpy())
+
+    handle = serve.run(Model.bind(f), name="lcc-driver-choice", route_prefix=None)
+
+    async def go():
+        await handle.remote(xs[0])
+        cpu, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*[handle.remote(x) for x in xs])
+        return time.perf_counter() - t0, time.process_time() - cpu
+
+    try:
+        wall, cpu = asyncio.run(go())
+    finally:
+        serve.shutdown()
+    return len(xs) / wall, 1e6 * cpu / len(xs)
+
+
+@exits_on_user_error
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.driver_choice", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", help="a run folder written by train.py")
+    ap.add_argument("--queries", type=int, default=3000, help="queries offered (default 3000)")
+    args = ap.parse_args(argv)
+    if args.queries < 100:
+        raise UserError("--queries must be 100 or more.")
+    from bench.throughput import ray_capacity
+    from coders.code import load_code
+    from serve.batching import Batching
+    from serve.config import validate
+    from util.ray_cluster import start_ray
+
+    import ray
+
+    loaded = load_code(args.run)
+    x, _ = loaded.splits.split("test")
+    load0 = os.getloadavg()[0]
+    cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": 2,
+                    "out_dir": tempfile.mkdtemp(prefix="lcc-driver-"), "plot": False})
+    start_ray(None, None)
+    pools: dict = {}
+    try:
+        lcc_rate, lcc_cpu = ray_capacity(cfg, loaded, "none", Batching(), pools)
+        for p in pools.values():
+            p.shutdown()
+        serve_rate, serve_cpu = ray_serve_rate(loaded.code.base, x[:args.queries].numpy())
+    finally:
+        ray.shutdown()
+    print(f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} cores; "
+          f"{args.queries} queries offered at once, two replicas of F, batches up to 32\n")
+    print("| driver | queries/s | driver CPU (us/query) |\n|---|---:|---:|")
+    print(f"| lcc: Ray Core actors, batched (serve.runtime.Frontend) | {lcc_rate:,.0f} | {lcc_cpu:.0f} |")
+    print(f"| Ray Serve: handle + @serve.batch | {serve_rate:,.0f} | {serve_cpu:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
