@@ -14,12 +14,12 @@ with lam chosen by GCV (one SciPy fit per group and output coordinate).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Optional
 
 import torch
 
+from bench.machine_rates import load_line
 from coders.nworker import BerrutDecoder, BerrutEncoder, straggler_patterns
 from coders.spline import SplineDecoder, SplineEncoder
 from util.errors import UserError, exits_on_user_error
@@ -61,9 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     patterns = straggler_patterns(args.n, args.s, 64, seed=0)
     available = patterns[torch.randint(len(patterns), (args.groups,), generator=gen)]
     in_dim, out_dim = [-1, args.dim], [-1, args.out]
-    load = os.getloadavg()
     print(f"{args.groups} groups, K = {args.k}, N = {args.n}, S = {args.s}, D = {args.dim}, n = {args.out}, "
-          f"{args.threads} thread(s), load average {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores")
+          f"{args.threads} thread(s), {load_line()}")
     print("| code | encode (ms) | decode (ms) | first decode (ms) |")
     print("| --- | ---: | ---: | ---: |")
     be, bd = BerrutEncoder(args.k, args.n, in_dim), BerrutDecoder(args.k, args.n, out_dim)

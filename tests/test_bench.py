@@ -95,3 +95,16 @@ def test_seed_spread_refuses_a_missing_data_dir_before_any_table(digits_run_fold
     assert seed_spread.main([str(digits_run_folder), "--data-dir", str(tmp_path / "none")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "--data-dir" in err and "Traceback" not in err
+
+
+def test_every_bench_script_states_the_load_through_one_helper():
+    # bench.machine_rates.load_line is the one phrase for the machine's load: a script reading the load
+    # average itself would print it its own way (one minute only, other rounding, "CPUs" for cores)
+    from pathlib import Path
+
+    from bench.machine_rates import load_line
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    own = [p.name for p in sorted(bench.glob("*.py")) if p.name != "machine_rates.py"
+           and ("getloadavg()" in p.read_text() or "cpu_count()} cores" in p.read_text())]
+    assert not own, f"these bench scripts format the load themselves; use bench.machine_rates.load_line: {own}"
+    assert load_line().startswith("load average ") and load_line().endswith(" cores")
