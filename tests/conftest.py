@@ -32,6 +32,25 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_mnist_dir(data_dir, tmp_path_factory) -> Path:
+    """A data folder holding the first 1,200 training and 200 test images of the real MNIST, in MNIST's own
+    file format: the reader, the splits and the models see MNIST, and a whole epoch takes a second or two."""
+    import struct
+
+    out = tmp_path_factory.mktemp("small_data")
+    raw = out / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, count in (("train", 1200), ("t10k", 200)):
+        for kind, header, item in (("images-idx3-ubyte", 16, 28 * 28), ("labels-idx1-ubyte", 8, 1)):
+            with open(data_dir / "MNIST" / "raw" / f"{name}-{kind}", "rb") as f:
+                head = bytearray(f.read(header))
+                body = f.read(count * item)
+            head[4:8] = struct.pack(">i", count)  # the item count, big-endian, after the 4-byte magic number
+            (raw / f"{name}-{kind}").write_bytes(bytes(head) + body)
+    return out
+
+
+@pytest.fixture(scope="session")
 def anchor_dir() -> Path:
     """Reference base-model weights (``$LCC_ANCHOR_DIR`` or ../shared/anchor_models)."""
     found = _first_existing(os.environ.get("LCC_ANCHOR_DIR"), SHARED / "anchor_models")

@@ -38,10 +38,11 @@ def test_speed_benchmark_reports_a_bad_weights_path_as_one_error(data_dir, ancho
     assert err.startswith("error: ") and "is a folder" in err and "Traceback" not in err
 
 
-def test_fit_mode_times_whole_epochs_and_names_the_f_and_the_subnormal_mode(data_dir, anchor_dir, capsys):
+def test_fit_mode_times_whole_epochs_and_names_the_f_and_the_subnormal_mode(small_mnist_dir, anchor_dir, capsys):
+    # the first 1,200 MNIST images: whole epochs through fit, in both subnormal modes, in seconds
     weights = anchor_dir / "mnist" / "base-mlp" / "model.t7"
     code = speed.main(["--quick", "--steps", "2", "--fit", "1", "--setup", "concat parity model", "--only", "train",
-                       "--data-dir", str(data_dir), "--device", "cpu", "--base-model-file", str(weights),
+                       "--data-dir", str(small_mnist_dir), "--device", "cpu", "--base-model-file", str(weights),
                        "--flush-denormal", "both"])
     out = capsys.readouterr().out
     assert code == 0
