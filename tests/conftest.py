@@ -14,6 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# One torch thread for the suite and the processes it starts (they inherit OMP_NUM_THREADS), unless the caller
+# set a count: its models are tiny, and torch's threads on a busy two-core machine wait on each other at every op
+# (three epochs of the digits quickstart: 8-10 s on one thread, 50-70 s on two, at load 10). A test that needs
+# more threads sets them itself (tests/test_denormals.py), and every test's count is handed back after it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def _first_existing(*candidates):
     for c in candidates:
