@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from bench.machine_rates import load_line
 from util.errors import UserError, exits_on_user_error
 
 
@@ -71,7 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     loaded = load_code(args.run)
     x, _ = loaded.splits.split("test")
-    load0 = os.getloadavg()[0]
+    before = load_line()
     cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": 2,
                     "out_dir": tempfile.mkdtemp(prefix="lcc-driver-"), "plot": False})
     start_ray(None, None)
@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         serve_rate, serve_cpu = ray_serve_rate(loaded.code.base, x[:args.queries].numpy())
     finally:
         ray.shutdown()
-    print(f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} cores; "
+    print(f"before: {before}; after: {load_line()}; "
           f"{args.queries} queries offered at once, two replicas of F, batches up to 32\n")
     print("| driver | queries/s | driver CPU (us/query) |\n|---|---:|---:|")
     print(f"| lcc: Ray Core actors, batched (serve.runtime.Frontend) | {lcc_rate:,.0f} | {lcc_cpu:.0f} |")

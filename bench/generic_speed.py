@@ -17,7 +17,6 @@ on a shared machine the figures scale with the load.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -27,18 +26,11 @@ from typing import Optional
 
 import torch
 
+from bench.machine_rates import load_line
 from util.errors import exits_on_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["conf/xsinx_learned.json", "conf/kernel_learned.json", "conf/tabular_learned.json"]
-
-
-def load_line() -> str:
-    """The machine's 1, 5 and 15-minute load averages and its core count, as one phrase."""
-    if not hasattr(os, "getloadavg"):
-        return "load average unknown on this platform"
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} cores"
 
 
 def time_config(path: str, epochs: int, threads: int, device: str, folder: Path) -> dict:

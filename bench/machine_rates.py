@@ -1,10 +1,25 @@
-"""What this machine can do: its dense matmul rate and its memory bandwidth, the bounds bench.speed compares with."""
+"""What this machine can do: its dense matmul rate and its memory bandwidth, the bounds bench.speed compares with;
+and how busy it is (:func:`load_line`, the phrase every bench script prints next to its figures)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
+
+
+def load_line() -> str:
+    """The machine's 1, 5 and 15-minute load averages and its core count, as one phrase."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown on this platform"
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where the platform has none): how many processes want a core now."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from bench.generic_speed import load_line
+from bench.machine_rates import load_line
 from util.errors import UserError, exits_on_user_error
 
 DELAY = {"dist": "exponential", "mean_ms": 20.0, "probability": 0.05}  # one request in twenty straggles

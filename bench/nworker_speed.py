@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from bench.generic_speed import load_line
+from bench.machine_rates import load_line
 from coders.berrut import berrut_interpolate
 from coders.nworker import BerrutDecoder, BerrutEncoder, MLPDecoder, MLPEncoder, straggler_patterns
 from coders.spline import SplineDecoder, SplineEncoder, smoother_matrix
@@ -124,9 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     patterns = straggler_patterns(args.n, args.s, 64, seed=0)
     available = patterns[torch.randint(len(patterns), (args.groups,), generator=gen)]
     in_dim, out_dim = [-1, args.dim], [-1, args.out]
-    load = os.getloadavg()
     print(f"{args.groups} groups, K = {args.k}, N = {args.n}, S = {args.s}, D = {args.dim}, n = {args.out}, "
-          f"{args.threads} thread(s), load average {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores")
+          f"{args.threads} thread(s), {load_line()}")
     print("| code | encode (ms) | decode (ms) | first decode (ms) |")
     print("| --- | ---: | ---: | ---: |")
     be, bd = BerrutEncoder(args.k, args.n, in_dim), BerrutDecoder(args.k, args.n, out_dim)

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.machine_rates import load_line
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         sys.exit("error: --epochs must be at least 2 (the first is warm-up) and --procs at least 1.")
     groups = groups_per_epoch(args.dataset, args.k, args.data_dir, "images")
     print(f"{args.dataset}, base-mlp, learned MLP code k={args.k} r=1, global batch {args.batch_size}, "
-          f"{groups} groups/epoch, {args.threads} thread(s)/process, {args.device}, {os.cpu_count()} cores")
+          f"{groups} groups/epoch, {args.threads} thread(s)/process, {args.device}, {load_line()}")
     print("| processes | s / epoch (train) | groups / s | x one process |")
     print("| ---: | ---: | ---: | ---: |")
     base = None

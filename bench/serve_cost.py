@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 
+from bench.machine_rates import load_line
 from util.errors import UserError, exits_on_user_error
 
 
@@ -63,12 +64,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import ray
 
-    load = os.getloadavg()[0]
+    load = load_line()
     start_ray(None, None)
     try:
         median, p99, worst = ray_floor()
         print(f"Ray's floor (no-op actor call, one at a time): median {median:.2f} ms, p99 {p99:.2f} ms, "
-              f"max {worst:.1f} ms; load average {load:.2f} on {os.cpu_count()} cores\n")
+              f"max {worst:.1f} ms; {load}\n")
         header = ("| run | encode (us/query) | dispatch (us/query) | decode (us/query) | equal-resources p50 (ms) "
                   "| coded p50 (ms) | coded / equal-resources p50 |")
         print(header)

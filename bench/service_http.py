@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.machine_rates import load_line
 from serve.config import app_config, load_serve_config
 from serve.loadgen import run as loadgen
 from coders.config import parse_overrides
@@ -95,11 +96,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
-
-
 def shared_ray(cfg, sets: list[str]) -> list[str]:
     """Start one local Ray here for every service and the benchmark (a busy machine's Ray start is slow and
     sometimes times out: retried); the services join it. Returns ``sets`` with its address."""
@@ -124,13 +120,13 @@ def compare(config: str, sets: list[str], out: Path, bench_dir: str | None, conn
     overrides = parse_overrides(sets)
     cfg = load_serve_config(config, overrides)
     sets = shared_ray(cfg, sets)
-    loads = [load()]
+    loads = [load_line()]
     http = {}
     for strategy in cfg.strategies:
         with Service(config, sets + [f"app.strategy={strategy}"], out / "logs" / f"{strategy}.log") as svc:
             summary, = loadgen(cfg, svc.url, out / "http", connections, 120.0)[:1]
             http[strategy] = summary
-        loads.append(load())
+        loads.append(load_line())
     if bench_dir is None:
         from serve.cli import serve_all
 
@@ -138,7 +134,7 @@ def compare(config: str, sets: list[str], out: Path, bench_dir: str | None, conn
         with open(out / "logs" / "bench.log", "w") as log:
             serve_all(bench_cfg, out=log)
         bench_dir = str(out / "bench")
-        loads.append(load())
+        loads.append(load_line())
     app = app_config(cfg)
     setting = next(p for p in sorted(Path(bench_dir).glob("*/setting.json"))
                    if json.loads(p.read_text())["run"] == cfg.runs[app.run])
@@ -174,7 +170,7 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
     cfg = load_serve_config(config, overrides)
     sets = shared_ray(cfg, sets)
     app = app_config(cfg)
-    before = load()
+    before = load_line()
     with contextlib.ExitStack() as stack:  # the first (the pool's starter) stops last
         svcs = [stack.enter_context(Service(config, sets, out / "logs" / f"capacity-{app.strategy}-{i}.log"))
                 for i in range(frontends)]
@@ -199,7 +195,7 @@ def capacity(config: str, sets: list[str], out: Path, rates: list[float], connec
     print(f"front end CPU: {per_query:.2f} ms per query (the service processes: HTTP, dispatch, encode, decode, Ray "
           f"client), so one quiet core would carry about {1000 / per_query:.0f} queries/s; the load generator used "
           f"{1000.0 * client / (cfg.num_queries * len(rates)):.2f} ms per query")
-    print(f"machine: {before}; {load()}")
+    print(f"machine: {before}; {load_line()}")
     return 0
 
 

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from bench.inference_speed import bench_inference
-from bench.machine_rates import copy_rate, matmul_rate
+from bench.machine_rates import copy_rate, load_average, load_line, matmul_rate
 from bench.training_speed import (SETUPS, bench_training, default_data_dir, fit_disagreements,  # noqa: F401
                                   reference_weights)
 from util.errors import UserError, exits_on_user_error
@@ -131,10 +131,10 @@ def run_benchmarks(argv: Optional[list[str]]) -> int:
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = load_average()
     if device.type == "cpu" and load > cores - 0.5:
         # Other processes hold the cores: torch's threads then wait on each other at every op.
-        print(f"warning: load average {load:.1f} on {cores} cores; CPU figures are inflated by other "
+        print(f"warning: {load_line()}; CPU figures are inflated by other "
               f"processes (try --threads 1, or an idle machine)")
     rate = matmul_rate(device)
     bandwidth = copy_rate(device)

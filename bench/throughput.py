@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from bench.machine_rates import load_line
 from util.errors import UserError, exits_on_user_error
 
 BATCH = 64
@@ -223,11 +224,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from coders.code import load_code
     from serve.config import validate
 
-    load0 = os.getloadavg()
+    before = load_line()
     loaded = load_code(args.run)
     x, _ = loaded.splits.split("test")
     one, many = bare_loop(loaded.code.base, x)
-    print(f"load average {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f} on {os.cpu_count()} cores\n")
+    print(f"before: {before}\n")
     print(f"bare F loop, one thread: {one:,.0f} queries/s at batch 1, {many:,.0f} at batch {BATCH}\n")
     out = tempfile.mkdtemp(prefix="lcc-throughput-")
     cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": args.instances,
@@ -250,8 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                  args.port):
                 print(f"| {strategy} | {kind} | {rate:,.0f} | {rate / one:.2f} | {server:.0f} | {client:.0f} "
                       f"| {refused} |", flush=True)
-    load1 = os.getloadavg()
-    print(f"\nload average after: {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}")
+    print(f"\nafter: {load_line()}")
     return 0
 
 

@@ -18,16 +18,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from coders.coder import Decoder
+from coders.coder import Decoder, check_size
 from coders.masked import check_availability
-from coders.mlp import check_width
 from util.shapes import get_flattened_dim
-
-
-def _positive(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"its '{key}' must be a positive integer; got {value!r}.")
-    return value
 
 
 class AttentionDecoder(Decoder):
@@ -41,9 +34,9 @@ class AttentionDecoder(Decoder):
                  layers: int = 2, heads: int = 4):
         super().__init__(ec_k, ec_r, in_dim)
         n = get_flattened_dim(in_dim)
-        d = check_width(width, 64)
-        _positive(layers, "layers")
-        _positive(heads, "heads")
+        d = check_size(width, 64, "width")
+        check_size(layers, key="layers")
+        check_size(heads, key="heads")
         if d % heads:
             raise ValueError(f"its 'width' ({d}) must be a multiple of 'heads' ({heads}).")
         m = ec_k + ec_r

@@ -65,3 +65,14 @@ class Decoder(nn.Module):
 
     def forward(self, in_data: torch.Tensor, available: Optional[torch.Tensor] = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+def check_size(value, default: Optional[int] = None, key: str = "hidden") -> int:
+    """A coder's size argument ``key`` (a width, or a number of layers or heads): ``default`` when ``value``
+    is None and there is one; a ValueError naming ``key`` (shown as a config error naming the coder) unless it
+    is a positive integer."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"its '{key}' must be a positive integer; got {value!r}.")
+    return value

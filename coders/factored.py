@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from coders.coder import Encoder
+from coders.coder import Encoder, check_size
 from util.shapes import get_flattened_dim
 
 
@@ -39,9 +39,9 @@ class FactoredEncoder(Encoder):
                  embed: Optional[int] = None, render: Optional[int] = None):
         super().__init__(ec_k, ec_r, in_dim)
         d = get_flattened_dim(in_dim)
-        h = _width(hidden, 256, "hidden")
-        e = _width(embed, 64, "embed")
-        g = _width(render, 512, "render")
+        h = check_size(hidden, 256, "hidden")
+        e = check_size(embed, 64, "embed")
+        g = check_size(render, 512, "render")
         self.reader = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, e), nn.ReLU())
         self.combine = nn.Linear(ec_k * e, g)
         self.render = nn.Sequential(nn.ReLU(), nn.Linear(g, g), nn.ReLU(), nn.Linear(g, ec_r * d))
@@ -52,11 +52,3 @@ class FactoredEncoder(Encoder):
         mixed = self.combine(embeddings.view(b, -1))             # position i meets its own block of weights
         return self.render(mixed).view(b, self.ec_r, d)
 
-
-def _width(value: Optional[int], default: int, key: str) -> int:
-    """``default`` when ``value`` is None; a ValueError naming ``key`` unless it is a positive integer."""
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"its '{key}' width must be a positive integer; got {value!r}.")
-    return value

@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from coders.coder import Decoder
-from coders.mlp import check_width
+from coders.coder import Decoder, check_size
 from util.shapes import get_flattened_dim
 
 
@@ -44,9 +43,8 @@ class MaskedMLPDecoder(Decoder):
                  depth: int = 2):
         super().__init__(ec_k, ec_r, in_dim)
         n = get_flattened_dim(in_dim)
-        h = check_width(hidden, 256)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise ValueError(f"its 'depth' (hidden layers) must be a positive integer; got {depth!r}.")
+        h = check_size(hidden, 256)
+        check_size(depth, key="depth")
         m = ec_k + ec_r
         layers, width = [], m * n + m
         for _ in range(depth):

@@ -6,18 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from coders.coder import Decoder, Encoder
+from coders.coder import Decoder, Encoder, check_size
 from util.shapes import get_flattened_dim
-
-
-def check_width(hidden: Optional[int], default: int) -> int:
-    """The hidden width: ``default`` when ``hidden`` is None; a ValueError (shown as a config
-    error naming the coder) unless it is a positive integer."""
-    if hidden is None:
-        return default
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"its 'hidden' width must be a positive integer; got {hidden!r}.")
-    return hidden
 
 
 class MLPEncoder(Encoder):
@@ -27,7 +17,7 @@ class MLPEncoder(Encoder):
     def __init__(self, ec_k: int, ec_r: int, in_dim: Sequence[int], hidden: Optional[int] = None):
         super().__init__(ec_k, ec_r, in_dim)
         d = get_flattened_dim(in_dim)
-        h = check_width(hidden, ec_k * d)
+        h = check_size(hidden, ec_k * d)
         self.nn = nn.Sequential(nn.Linear(ec_k * d, h), nn.ReLU(), nn.Linear(h, ec_r * d))
 
     def forward(self, in_data: torch.Tensor) -> torch.Tensor:
@@ -44,7 +34,7 @@ class MLPDecoder(Decoder):
         super().__init__(ec_k, ec_r, in_dim)
         n = get_flattened_dim(in_dim)
         m = (ec_k + ec_r) * n
-        h1, h2 = (m, ec_k * n) if hidden is None else (check_width(hidden, m),) * 2
+        h1, h2 = (m, ec_k * n) if hidden is None else (check_size(hidden, m),) * 2
         self.nn = nn.Sequential(
             nn.Linear(m, h1), nn.ReLU(),
             nn.Linear(h1, h2), nn.ReLU(),

@@ -14,6 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# One torch thread for the suite and the processes it starts (they inherit OMP_NUM_THREADS), unless the caller
+# set a count: its models are tiny, and torch's threads on a busy two-core machine wait on each other at every op
+# (three epochs of the digits quickstart: 8-10 s on one thread, 50-70 s on two, at load 10). A test that needs
+# more threads sets them itself (tests/test_denormals.py), and every test's count is handed back after it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def _first_existing(*candidates):
     for c in candidates:
@@ -29,6 +41,25 @@ def data_dir() -> Path:
     if found is None or not (found / "MNIST" / "raw").is_dir():
         pytest.skip("real MNIST files not present here; CI points LCC_DATA_DIR at ../shared/data")
     return found
+
+
+@pytest.fixture(scope="session")
+def small_mnist_dir(data_dir, tmp_path_factory) -> Path:
+    """A data folder holding the first 1,200 training and 200 test images of the real MNIST, in MNIST's own
+    file format: the reader, the splits and the models see MNIST, and a whole epoch takes a second or two."""
+    import struct
+
+    out = tmp_path_factory.mktemp("small_data")
+    raw = out / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, count in (("train", 1200), ("t10k", 200)):
+        for kind, header, item in (("images-idx3-ubyte", 16, 28 * 28), ("labels-idx1-ubyte", 8, 1)):
+            with open(data_dir / "MNIST" / "raw" / f"{name}-{kind}", "rb") as f:
+                head = bytearray(f.read(header))
+                body = f.read(count * item)
+            head[4:8] = struct.pack(">i", count)  # the item count, big-endian, after the 4-byte magic number
+            (raw / f"{name}-{kind}").write_bytes(bytes(head) + body)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -202,7 +202,7 @@ MUTANTS = [
             "tests/test_mlp_coders.py::test_a_wide_decoder_trains_in_its_own_folder"],
            why="two specs of one class with different args share a run folder"),
     Mutant("decoder_width_ignored",
-           "h1, h2 = (m, ec_k * n) if hidden is None else (check_width(hidden, m),) * 2",
+           "h1, h2 = (m, ec_k * n) if hidden is None else (check_size(hidden, m),) * 2",
            "h1, h2 = (m, ec_k * n)",
            ["tests/test_mlp_coders.py::test_hidden_sets_the_widths_of_the_hidden_layers_only"],
            why="the decoder's 'hidden' arg is accepted and ignored"),

@@ -38,10 +38,11 @@ def test_speed_benchmark_reports_a_bad_weights_path_as_one_error(data_dir, ancho
     assert err.startswith("error: ") and "is a folder" in err and "Traceback" not in err
 
 
-def test_fit_mode_times_whole_epochs_and_names_the_f_and_the_subnormal_mode(data_dir, anchor_dir, capsys):
+def test_fit_mode_times_whole_epochs_and_names_the_f_and_the_subnormal_mode(small_mnist_dir, anchor_dir, capsys):
+    # the first 1,200 MNIST images: whole epochs through fit, in both subnormal modes, in seconds
     weights = anchor_dir / "mnist" / "base-mlp" / "model.t7"
     code = speed.main(["--quick", "--steps", "2", "--fit", "1", "--setup", "concat parity model", "--only", "train",
-                       "--data-dir", str(data_dir), "--device", "cpu", "--base-model-file", str(weights),
+                       "--data-dir", str(small_mnist_dir), "--device", "cpu", "--base-model-file", str(weights),
                        "--flush-denormal", "both"])
     out = capsys.readouterr().out
     assert code == 0
@@ -95,3 +96,16 @@ def test_seed_spread_refuses_a_missing_data_dir_before_any_table(digits_run_fold
     assert seed_spread.main([str(digits_run_folder), "--data-dir", str(tmp_path / "none")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "--data-dir" in err and "Traceback" not in err
+
+
+def test_every_bench_script_states_the_load_through_one_helper():
+    # bench.machine_rates.load_line is the one phrase for the machine's load: a script reading the load
+    # average itself would print it its own way (one minute only, other rounding, "CPUs" for cores)
+    from pathlib import Path
+
+    from bench.machine_rates import load_line
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    own = [p.name for p in sorted(bench.glob("*.py")) if p.name != "machine_rates.py"
+           and ("getloadavg()" in p.read_text() or "cpu_count()} cores" in p.read_text())]
+    assert not own, f"these bench scripts format the load themselves; use bench.machine_rates.load_line: {own}"
+    assert load_line().startswith("load average ") and load_line().endswith(" cores")

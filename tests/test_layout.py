@@ -81,3 +81,38 @@ def test_no_bench_script_is_named_like_a_module_it_may_import():
     taken = set(sys.stdlib_module_names) | {"torch", "torchvision", "numpy", "ray", "matplotlib", "pytest"}
     clashes = [py.name for py in (ROOT / "bench").glob("*.py") if py.stem in taken]
     assert not clashes, clashes
+
+
+def layout_map(text: str) -> dict[str, list[str]]:
+    """The modules docs/layout.md's map names, by package: the code block whose lines are ``pkg/  what``
+    headers followed by ``  a.py [b.py ...]  what`` lines (the leading ``.py`` words of each)."""
+    block = text.split("```\nutil/", 1)[1].split("```", 1)[0]
+    listed: dict[str, list[str]] = {}
+    package = "util"
+    for line in ("util/" + block).splitlines():
+        if line and not line.startswith(" "):
+            package = line.split("/", 1)[0]
+        else:
+            words = line.split()
+            listed.setdefault(package, []).extend(w for w in words[:next(
+                (i for i, w in enumerate(words) if not w.endswith(".py")), len(words))])
+    return listed
+
+
+def test_the_layout_map_names_every_module_of_the_tree():
+    listed = layout_map((ROOT / "docs" / "layout.md").read_text())
+    fixes = []
+    for pkg in PACKAGES:
+        tree = sorted(py.name for py in (ROOT / pkg).glob("*.py") if py.name != "__init__.py")
+        named = listed.get(pkg, [])
+        fixes += [f"add under '{pkg}/' the line '  {name:<14} <what it holds, in a few words>'"
+                  for name in tree if name not in named]
+        fixes += [f"remove '{name}' from the '{pkg}/' lines: there is no {pkg}/{name}"
+                  for name in named if name not in tree]
+    assert not fixes, "docs/layout.md's map is behind the tree:\n" + "\n".join(fixes)
+
+
+def test_the_layout_map_check_sees_a_missing_and_a_stale_module():
+    # the reader above must see the modules of a line, and only those, so the check can fail
+    text = "```\nutil/   x\n  a.py b.py   two things, c.py in words\ncoders/   y\n  d.py   one\n```\n"
+    assert layout_map(text) == {"util": ["a.py", "b.py"], "coders": ["d.py"]}

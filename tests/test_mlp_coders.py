@@ -23,7 +23,7 @@ def test_hidden_sets_the_widths_of_the_hidden_layers_only():
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "wide", True])
 def test_a_bad_width_is_a_config_error_naming_the_coder(digits_config, bad):
     pair = ["coders.mlp.MLPEncoder", {"class": "coders.mlp.MLPDecoder", "args": {"hidden": bad}}]
-    with pytest.raises(ConfigError, match="MLPDecoder.*'hidden' width must be a positive integer"):
+    with pytest.raises(ConfigError, match="MLPDecoder.*'hidden' must be a positive integer"):
         make_run(digits_config(enc_dec_types=[pair]))
 
 

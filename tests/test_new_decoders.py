@@ -36,6 +36,15 @@ def test_shapes_and_every_parameter_learns(cls, k, r):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
 
 
+@pytest.mark.parametrize("cls,key,bad", [(AttentionDecoder, "width", 0), (AttentionDecoder, "layers", 0),
+                                         (AttentionDecoder, "heads", True), (MaskedMLPDecoder, "hidden", -4),
+                                         (MaskedMLPDecoder, "depth", 1.5)])
+def test_a_bad_size_names_its_own_key(cls, key, bad):
+    # one check (coders.coder.check_size) for every coder's widths and counts, naming the key the user wrote
+    with pytest.raises(ValueError, match=f"its '{key}' must be a positive integer; got {bad!r}"):
+        cls(2, 1, [-1, 10], **{key: bad})
+
+
 @pytest.mark.parametrize("cls", DECODERS)
 def test_what_an_unavailable_output_holds_never_matters_but_the_mask_does(cls):
     torch.manual_seed(0)
