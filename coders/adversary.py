@@ -33,13 +33,18 @@ spline's hat matrix on the kept points, ``locate_lam``): a trimmed
 penalised fit. A spike of a corrupted output costs the spline its
 curvature, and dropping it removes that cost.
 
-**How many to drop.** Removing workers always lowers a misfit, so a removal
-must earn its place: the decoder takes the e (0 to ``e_max``) minimising
-``misfit_e * gain^e``, each dropped worker having to cut the misfit by the
-factor ``gain`` (default 10), with misfits below ``1e-10`` of the outputs'
-energy counted as zero. With no corrupted worker and data on the curve (an
-affine F for Berrut) nothing is dropped, and the decoder is the plain one.
-``last_located`` holds the ``(B, N)`` mask of the workers it dropped.
+**Which of them to drop.** The search always takes the best removal set of
+the largest size the answering count allows (``e_max``, or fewer where
+``m < degree + 1 + 2 e_max``); a worker of that set is then dropped only if
+its output misses the curve fitted to the kept workers by more than
+``threshold`` (default 5) times the kept workers' root-mean-square
+leave-one-out miss (each kept worker's miss against the curve fitted without
+it, ``r_i / (1 - h_ii)``: out-of-sample, as the dropped workers' misses are)
+(squared misfits below ``1e-10`` of the outputs' energy per worker count as
+zero). So a set filled up with good workers drops only its corrupted ones, and
+with no corrupted worker and data on the curve (an affine F for Berrut)
+nothing is dropped: the decoder is the plain one. ``last_located`` holds the
+``(B, N)`` mask of the workers it dropped.
 
 **Learned** (:class:`LocatingMLPDecoder`): coders.nworker.MLPDecoder (residual
 over Berrut) fed the outputs after the Berrut locator has dropped its
@@ -59,7 +64,7 @@ from coders.berrut import berrut_weights
 from coders.nworker import BerrutDecoder, MLPDecoder, NWorkerDecoder, chebyshev_points
 from coders.spline import MIN_POINTS, SplineDecoder, check_lam, smoother_matrix
 
-ZERO = 1e-10  # misfits below this share of the outputs' energy count as zero
+ZERO = 1e-10  # squared misfits below this share of the outputs' energy per worker count as zero
 CACHE_BYTES = 256 * 2 ** 20  # the misfit forms kept per decoder, over all patterns
 
 
@@ -76,18 +81,18 @@ def _check_int(name: str, value, low: int) -> int:
 
 
 class LocatingDecoder(NWorkerDecoder):
-    """The search shared by the locating decoders: subclasses give the misfit forms of a kept set
-    (:meth:`misfit_form`), the scaled values (:meth:`scaled`), the most workers a pattern of m can drop
-    (:meth:`capacity`) and the plain decoder (``self.plain``)."""
+    """The search shared by the locating decoders: subclasses give a kept set's misfit form and residual
+    operator (:meth:`operators`), the most workers a pattern of m can drop (:meth:`capacity`) and the plain
+    decoder (``self.plain``)."""
 
-    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, gain: float = 10.0,
+    def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, threshold: float = 5.0,
                  max_sets: int = 5000):
         super().__init__(k, n_workers, in_dim)
         self.e_max = _check_int("e_max", e_max, 0)
         self.max_sets = _check_int("max_sets", max_sets, 1)
-        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain > 1:
-            raise ValueError(f"its 'gain' must be a number > 1; got {gain!r}.")
-        self.gain = float(gain)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ValueError(f"its 'threshold' must be a number > 0; got {threshold!r}.")
+        self.threshold = float(threshold)
         if math.comb(n_workers, e_max) > max_sets:
             raise ValueError(f"locating e_max = {e_max} of N = {n_workers} workers searches C({n_workers}, "
                              f"{e_max}) = {math.comb(n_workers, e_max)} removal sets, over its 'max_sets' "
@@ -99,30 +104,31 @@ class LocatingDecoder(NWorkerDecoder):
     def capacity(self, m: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def misfit_form(self, used: np.ndarray, keep: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """``(m, m)`` symmetric: the misfit of the kept workers ``keep`` (boolean over the m answering ``used``)."""
+    def operators(self, used: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        """For the kept workers ``keep`` (boolean over the m answering ``used``): the symmetric ``(m, m)`` form of
+        their misfit, and the ``(m, m)`` operator giving every answering worker's residual against the curve
+        fitted to the kept ones."""
         raise NotImplementedError
 
-    def scaled(self, values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def forms(self, used: np.ndarray, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The removal sets ``(C, e)`` (positions among the answering) and their misfit forms ``(C, m, m)``."""
+    def forms(self, used: np.ndarray, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The removal sets ``(C, e)`` (positions among the answering), their misfit forms and residual
+        operators ``(C, m, m)``; kept for the patterns met last, up to CACHE_BYTES."""
         key = (used.tobytes(), e)
         if key not in self._forms:
             m = int(used.sum())
             sets = list(itertools.combinations(range(m), e))
-            forms = np.empty((len(sets), m, m))
+            forms, ops = np.empty((len(sets), m, m)), np.empty((len(sets), m, m))
             for c, removed in enumerate(sets):
                 keep = np.ones(m, dtype=bool)
                 keep[list(removed)] = False
-                forms[c] = self.misfit_form(used, keep)
-            entry = (torch.tensor(sets, dtype=torch.long).reshape(len(sets), e), torch.from_numpy(forms))
-            while self._forms and self._bytes + forms.nbytes > CACHE_BYTES:  # the oldest go first
-                self._bytes -= next(iter(self._forms.values()))[1].numpy().nbytes
+                forms[c], ops[c] = self.operators(used, keep)
+            size = 2 * forms.nbytes
+            while self._forms and self._bytes + size > CACHE_BYTES:  # the oldest go first
+                self._bytes -= 2 * next(iter(self._forms.values()))[1].numpy().nbytes
                 del self._forms[next(iter(self._forms))]
-            self._forms[key] = entry
-            self._bytes += forms.nbytes
+            self._forms[key] = (torch.tensor(sets, dtype=torch.long).reshape(len(sets), e),
+                                torch.from_numpy(forms), torch.from_numpy(ops))
+            self._bytes += size
         return self._forms[key]
 
     @torch.no_grad()
@@ -134,25 +140,24 @@ class LocatingDecoder(NWorkerDecoder):
         patterns, index = torch.unique(available.cpu(), dim=0, return_inverse=True)
         for row, pattern in enumerate(patterns):
             used = pattern.numpy()
-            top = min(self.e_max, self.capacity(int(used.sum())))
-            if top < 1:
+            m = int(used.sum())
+            e = min(self.e_max, self.capacity(m))
+            if e < 1:
                 continue
             members = (index == row).nonzero().flatten()
             cols = torch.from_numpy(used.nonzero()[0])
-            values = self.scaled(outputs.detach().cpu()[members][:, cols].double(), cols)
-            floor = ZERO * values.pow(2).sum((1, 2))
-            best, choice = [], []
-            for e in range(top + 1):
-                sets, forms = self.forms(used, e)
-                misfit, which = quadratic_scores(values, forms).min(1)
-                best.append(torch.maximum(misfit, floor) * self.gain ** e)
-                choice.append(sets[which])  # (b, e)
-            pick = torch.stack(best, 1).argmin(1)
-            for e in range(1, top + 1):
-                rows = (pick == e).nonzero().flatten()
-                if len(rows):
-                    located[members[rows].unsqueeze(1).to(located.device),
-                            cols[choice[e][rows]].to(located.device)] = True
+            values = outputs.detach().cpu()[members][:, cols].double()  # (b, m, n)
+            sets, forms, ops = self.forms(used, e)
+            which = quadratic_scores(values, forms).argmin(1)  # (b,)
+            removed = sets[which]  # (b, e)
+            misses = torch.matmul(ops[which], values).pow(2).sum(-1)  # (b, m): each worker's squared miss
+            kept = torch.ones_like(misses, dtype=torch.bool).scatter(1, removed, False)
+            scale = (misses * kept).sum(1) / kept.sum(1)
+            floor = ZERO * values.pow(2).sum((1, 2)) / m
+            bar = self.threshold ** 2 * torch.maximum(scale, floor)
+            flagged = misses.gather(1, removed) > bar.unsqueeze(1)  # (b, e)
+            rows, slots = flagged.nonzero(as_tuple=True)
+            located[members[rows].to(located.device), cols[removed[rows, slots]].to(located.device)] = True
         return located
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -160,6 +165,17 @@ class LocatingDecoder(NWorkerDecoder):
         self.last_located = located
         keep = available & ~located
         return self.plain(outputs * keep.unsqueeze(-1).to(outputs.dtype), keep)
+
+
+def loo_operator(fit: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``(m, m)``: every worker's miss against the curve fitted to the kept ones (``fit``, ``(m, kept)``, linear
+    in the kept values): the removed workers' misses as they are, the kept workers' as leave-one-out misses,
+    ``r_i / (1 - h_ii)`` (exact for least squares and for smoothing splines), so both are out-of-sample."""
+    op = np.eye(len(keep))
+    op[:, keep] -= fit
+    leverage = np.zeros(len(keep))
+    leverage[keep] = np.diag(fit[keep])
+    return op / np.maximum(1 - leverage, 1e-6)[:, None]
 
 
 def berrut_denominator(alpha: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -177,25 +193,25 @@ class LocatingBerrutDecoder(LocatingDecoder):
     (default K - 1, exact for an affine F) is the polynomial degree of the scaled outputs."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, degree: Optional[int] = None,
-                 gain: float = 10.0, max_sets: int = 5000, points: str = "first"):
-        super().__init__(k, n_workers, in_dim, e_max, gain, max_sets)
+                 threshold: float = 5.0, max_sets: int = 5000, points: str = "first"):
+        super().__init__(k, n_workers, in_dim, e_max, threshold, max_sets)
         self.degree = k - 1 if degree is None else _check_int("degree", degree, 0)
         self.plain = BerrutDecoder(k, n_workers, in_dim, points=points)
         beta = chebyshev_points(n_workers, points)
-        self.register_buffer("scale", berrut_denominator(chebyshev_points(k), beta), persistent=False)
-        # Chebyshev polynomials T_0..T_degree at the worker points: a well-conditioned basis
-        self.basis = np.polynomial.chebyshev.chebvander(beta.numpy(), self.degree)  # (N, degree + 1)
+        # the rational functions T_j(z) / D(z), j = 0..degree (T_j Chebyshev's polynomials: well conditioned), at
+        # the worker points: the outputs' misfit is measured where they live, not scaled by D
+        denominator = berrut_denominator(chebyshev_points(k), beta).numpy()
+        self.basis = np.polynomial.chebyshev.chebvander(beta.numpy(), self.degree) / denominator[:, None]
 
     def capacity(self, m: int) -> int:
         return max(0, (m - self.degree - 1) // 2)
 
-    def scaled(self, values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-        return values * self.scale.cpu()[used].unsqueeze(-1)
-
-    def misfit_form(self, used: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        basis = self.basis[used] * keep[:, None]
-        q, _ = np.linalg.qr(basis)
-        return np.diag(keep.astype(float)) - q @ q.T  # the residual projector on the kept rows
+    def operators(self, used: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        basis = self.basis[used]
+        fit = basis @ np.linalg.pinv(basis[keep])  # (m, kept): the least-squares curve through the kept, everywhere
+        kept = np.eye(len(keep))[keep]
+        kept[:, keep] -= fit[keep]
+        return kept.T @ kept, loo_operator(fit, keep)
 
 
 class LocatingSplineDecoder(LocatingDecoder):
@@ -203,8 +219,8 @@ class LocatingSplineDecoder(LocatingDecoder):
     to ``e_max`` workers (module docstring)."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, lam: float = 0.0,
-                 locate_lam: float = 1e-3, gain: float = 10.0, max_sets: int = 5000, points: str = "first"):
-        super().__init__(k, n_workers, in_dim, e_max, gain, max_sets)
+                 locate_lam: float = 1e-3, threshold: float = 5.0, max_sets: int = 5000, points: str = "first"):
+        super().__init__(k, n_workers, in_dim, e_max, threshold, max_sets)
         check_lam(locate_lam, allow_gcv=False)
         if not locate_lam > 0:
             raise ValueError(f"its 'locate_lam' must be > 0 (an interpolating spline fits any outlier); "
@@ -216,22 +232,23 @@ class LocatingSplineDecoder(LocatingDecoder):
     def capacity(self, m: int) -> int:
         return max(0, min((m - self.k) // 2, m - MIN_POINTS))
 
-    def misfit_form(self, used: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        nodes = self.plain.beta[used][keep]
-        hat = smoother_matrix(nodes, nodes, self.locate_lam)
+    def operators(self, used: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nodes = self.plain.beta[used]
+        fit = smoother_matrix(nodes[keep], nodes, self.locate_lam)  # (m, kept): the kept workers' spline, everywhere
         form = np.zeros((len(keep), len(keep)))
-        form[np.ix_(keep, keep)] = np.eye(len(nodes)) - (hat + hat.T) / 2
-        return form
+        hat = fit[keep]
+        form[np.ix_(keep, keep)] = np.eye(int(keep.sum())) - (hat + hat.T) / 2
+        return form, loo_operator(fit, keep)
 
 
 class LocatingMLPDecoder(MLPDecoder):
     """The learned decoder (coders.nworker.MLPDecoder, residual over Berrut) on the outputs the Berrut locator
-    keeps (``e_max``, ``degree``, ``gain`` as for :class:`LocatingBerrutDecoder`)."""
+    keeps (``e_max``, ``degree``, ``threshold`` as for :class:`LocatingBerrutDecoder`)."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
-                 e_max: int = 1, degree: Optional[int] = None, gain: float = 10.0, max_sets: int = 5000):
+                 e_max: int = 1, degree: Optional[int] = None, threshold: float = 5.0, max_sets: int = 5000):
         super().__init__(k, n_workers, in_dim, hidden=hidden, residual=True)
-        self.locator = LocatingBerrutDecoder(k, n_workers, in_dim, e_max, degree, gain, max_sets)
+        self.locator = LocatingBerrutDecoder(k, n_workers, in_dim, e_max, degree, threshold, max_sets)
         self.last_located: Optional[torch.Tensor] = None
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,7 @@ from typing import Optional
 import torch
 
 from coders.nworker import NWorkerCode
-
-ADVERSARY_KINDS = ("gaussian", "sign", "swap")
+from coders.perturb_config import ADVERSARY_KINDS
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,12 @@ class Perturbation:
     scale: float = 100.0
     target: Optional[int] = None
     noise: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "Perturbation":
+        """The perturbation a run config's keys name."""
+        return cls(cfg.adversaries, cfg.adversary, float(cfg.adversary_scale), cfg.adversary_target,
+                   float(cfg.output_noise))
 
     def __post_init__(self):
         if isinstance(self.adversaries, bool) or not isinstance(self.adversaries, int) or self.adversaries < 0:
