@@ -220,3 +220,11 @@ def test_train_py_runs_codes_under_adversaries_and_random_stragglers(digits_conf
     assert saved["undecodable_probability"] == pytest.approx(0.2 ** 7)
     out = capsys.readouterr().out
     assert "adversaries: 1 (gaussian, scale 100)" in out and "late with probability 0.2" in out
+
+
+def test_the_robust_bench_refuses_an_unknown_figure(capsys):
+    from bench.nworker_robust import main
+
+    assert main(["xsinx-m"]) == 2
+    err = capsys.readouterr().err
+    assert "xsinx-m" in err and "xsinx-n" in err and "Traceback" not in err
