@@ -15,7 +15,10 @@ FIGURE is one of
 * ``mnist-adv``: MNIST with the reference base-mlp F (``--anchor-dir``), K = 8, N = 13 and 20, S = 1, test
   accuracy of all K answers against A = 0 to 3 adversaries (``--adversary``), for Berrut and the spline
   with and without the locator (e_max = 2) and the learned code with the locator trained with A = 2;
-* ``lenet-adv``: the same with LeNet-5 as F (trained by lcc into ``--save-dir`` if missing).
+* ``mnist-noise`` / ``mnist-p``: the same F, K and N, accuracy against the output noise sigma (Berrut, the
+  interpolating spline, the spline with lam by C_p and by GCV) and against the straggling probability p;
+* ``lenet-adv`` / ``lenet-noise`` / ``lenet-p``: the same with LeNet-5 as F (trained by lcc, ``--f-epochs``
+  epochs, into ``--save-dir`` if missing).
 
 Every score is a ``train.py`` run (the one computation of training and evaluation): each family is built
 (and, if it learns, trained ``--epochs`` epochs at the column's training setting) into its own folder under
@@ -89,22 +92,36 @@ def figure(name: str, args) -> tuple[dict, list, list]:
         columns = [(f"p = {p:g}", {"n_workers": [32], "stragglers": [0], "straggler_p": p}, {"straggler_p": p})
                    for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)]
         return XSINX, families, columns
-    if name in ("mnist-adv", "lenet-adv"):
-        model = "base-mlp" if name == "mnist-adv" else "lenet5"
+    data, _, kind = name.partition("-")
+    if data in ("mnist", "lenet") and kind in ("adv", "noise", "p"):
+        model = "base-mlp" if data == "mnist" else "lenet5"
         base = {"form": "nworker", "k_vals": [8], "stragglers": [1], "datasets": ["mnist"], "models": [model],
                 "losses": ["kl"], "lr_schedule": "cosine", "epoch_groups": "disjoint", "progress": False,
                 "num_threads": 1, "max_patterns": args.patterns, "adversary": args.adversary,
-                "base_model_dir": str(Path(args.save_dir) / "base_models")}
+                "base_model_dir": str(Path(args.save_dir) / "base_models"), "base_model_epochs": args.f_epochs}
         if model == "base-mlp":
             base["base_model_file"] = str(Path(args.anchor_dir) / "mnist" / "base-mlp" / "model.t7")
+        if kind == "noise":
+            cp = ["coders.spline.SplineEncoder", {"class": "coders.smoothing.NoiseSplineDecoder",
+                                                  "args": {"rule": "cp", "sigma": "SIGMA"}}]
+            gcv = ["coders.spline.SplineEncoder", {"class": "coders.smoothing.NoiseSplineDecoder",
+                                                   "args": {"rule": "gcv"}}]
+            families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False),
+                        ("spline, lam by C_p (sigma known)", cp, False), ("spline, lam by GCV", gcv, False)]
+            return base, families, [(f"N = {n}, sigma = {v:g}", {"n_workers": [n], "output_noise": v},
+                                     {"output_noise": v}) for n in args.n for v in (0.0, 1.0, 3.0, 10.0)]
+        if kind == "p":
+            families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False)]
+            return base, families, [(f"N = {n}, p = {p:g}", {"n_workers": [n], "stragglers": [0], "straggler_p": p},
+                                     {"straggler_p": p}) for n in args.n for p in (0.0, 0.1, 0.2, 0.3)]
         families = [("Berrut", BERRUT, False), ("spline", SPLINE, False), *[(k, v, False) for k, v in
                                                                               locating(2).items()],
                     ("learned + locator", learned(512, 2, 256), True)]
         columns = [(f"N = {n}, A = {a}", {"n_workers": [n], "adversaries": 2}, {"adversaries": a})
                    for n in args.n for a in (0, 1, 2, 3)]
         return base, families, columns
-    raise UserError(f"unknown figure {name!r}. Fix: name one of xsinx-n, xsinx-noise, xsinx-p, mnist-adv, "
-                    f"lenet-adv.")
+    raise UserError(f"unknown figure {name!r}. Fix: name one of xsinx-n, xsinx-noise, xsinx-p, or "
+                    f"{{mnist,lenet}}-{{adv,noise,p}}.")
 
 
 SKIP: dict = {}  # (family, N) -> the cell shown instead: a search too slow to run here
@@ -150,6 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--adversary", default="gaussian", help="mnist-adv: gaussian, sign or swap")
     ap.add_argument("--n", type=int, nargs="+", default=[13, 20], help="mnist-adv: the numbers of workers")
     ap.add_argument("--patterns", type=int, default=8, help="mnist-adv: straggler patterns scored")
+    ap.add_argument("--f-epochs", type=int, default=20, help="lenet-*: LeNet-5's training epochs when it is missing")
     ap.add_argument("--only", nargs="*", default=None, help="the families to run (names as printed)")
     args = ap.parse_args(argv)
     base, families, columns = figure(args.figure, args)

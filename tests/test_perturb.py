@@ -25,8 +25,8 @@ def affine_outputs(k, n, groups, d=3, out=4, seed=0):
     return BerrutEncoder(k, n, [d])(x) @ a + b
 
 
-def patterns(n, s, groups):
-    rows = straggler_patterns(n, s, 64)
+def patterns(n, s, groups, distinct=64):
+    rows = straggler_patterns(n, s, distinct)
     return rows[torch.arange(groups) % len(rows)]
 
 
@@ -61,7 +61,7 @@ def test_sign_flips_and_small_errors_are_located_too_on_an_affine_f():
 
 def test_robust_decoders_equal_the_plain_ones_without_adversaries():
     k, n = 5, 12
-    avail = patterns(n, 2, 30)
+    avail = patterns(n, 2, 30, distinct=3)
     y = affine_outputs(k, n, 30) * avail[..., None]
     for robust, plain in ((LocatingBerrutDecoder(k, n, [4], e_max=2), BerrutDecoder(k, n, [4])),):
         assert torch.allclose(robust(y, avail), plain(y, avail), atol=1e-12)
@@ -92,7 +92,7 @@ def test_the_spline_locator_finds_gross_errors_on_a_smooth_f():
     x = torch.rand(40, k, 1, generator=gen, dtype=torch.float64) * 6 - 3
     y = SplineEncoder(k, n, [1])(x)
     y = y * torch.sin(y)
-    avail = patterns(n, 1, 40)
+    avail = patterns(n, 1, 40, distinct=3)
     bad, corrupted = Perturbation(2).apply(y, avail, torch.Generator().manual_seed(1))
     dec = LocatingSplineDecoder(k, n, [1], e_max=2)
     dec(bad * avail[..., None], avail)
@@ -209,7 +209,7 @@ def test_train_py_runs_codes_under_adversaries_and_random_stragglers(digits_conf
     locate = [{"class": "coders.nworker.MLPEncoder", "args": {"hidden": 16}},
               {"class": "coders.adversary.LocatingMLPDecoder", "args": {"hidden": 16, "e_max": 1}}]
     path = digits_config(form="nworker", k_vals=[2], n_workers=[7], stragglers=[0], enc_dec_types=[locate],
-                         num_epoch=1, epoch_groups="disjoint", adversaries=1, straggler_p=0.2, max_patterns=4)
+                         num_epoch=1, epoch_groups="disjoint", adversaries=1, straggler_p=0.2, max_patterns=2)
     first = run_all(str(path), {"save_dir": str(tmp_path / "a")})[0]
     again = run_all(str(path), {"save_dir": str(tmp_path / "b")})[0]
     assert {r["val_located"] for r in first} and all(0 <= r["val_located"] <= 1 for r in first)
