@@ -82,6 +82,15 @@ class Config:
     stragglers: Optional[list[int]] = None  # "nworker" form: numbers of late workers S to sweep (0 <= S < N)
     max_patterns: int = 64              # "nworker" form: straggler patterns trained and scored; all C(N, S) when
                                         # at most this many, else a seeded sample of this many (logged)
+    adversaries: int = 0                # "nworker" form: answering workers whose outputs are corrupted in every
+                                        # decode of training and evaluation (coders/perturb.py, docs/nworker.md)
+    adversary: str = "gaussian"         # how: "gaussian" (adds N(0, adversary_scale^2)), "sign" (negated),
+                                        # "swap" (top class exchanged with adversary_target)
+    adversary_scale: float = 100.0      # the standard deviation of the "gaussian" adversary's corruption
+    adversary_target: Optional[int] = None  # the class "swap" pushes towards (null: the one after the top class)
+    output_noise: float = 0.0           # "nworker" form: noise of this standard deviation on every worker's output
+    straggler_p: Optional[float] = None     # "nworker" form: each worker late independently with this probability
+                                        # (then 'stragglers' must be [0]); null: exactly S late
 
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),
@@ -268,6 +277,9 @@ def _check_nworker(cfg: Config, bad) -> None:
     combination."""
     keys = ("n_workers", "stragglers")
     if cfg.form != "nworker":
+        from coders.perturb_config import refuse_perturbation_keys
+
+        refuse_perturbation_keys(cfg, bad)
         for key in keys:
             if getattr(cfg, key) is not None:
                 raise bad(key, f"is read only by the N-worker form; this config's 'form' is {cfg.form!r}. Fix: "
@@ -288,6 +300,9 @@ def _check_nworker(cfg: Config, bad) -> None:
                                f"k_vals {cfg.k_vals}. Fix: raise n_workers or lower k_vals.")
     if cfg.max_patterns < 1:
         raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
+    from coders.perturb_config import check_perturbation_keys
+
+    check_perturbation_keys(cfg, bad)
 
 
 def _check_domains(cfg: Config, source: str) -> None:

@@ -119,7 +119,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
     make_run, data_runs = CodedRun, runs
     if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
-        from train.nworker import NWorkerRun, expand_nworker_runs, probe_nworker_coders
+        from train.nworker import expand_nworker_runs, probe_nworker_coders
+        from train.nworker_perturbed import PerturbedNWorkerRun as NWorkerRun  # the plain run without perturbations
         if ray_address is not None:
             raise UserError("--ray runs the sweeps of systematic codes only; this config's 'form' is \"nworker\". "
                             "Fix: drop --ray, or share the sweep with --shard I/N across processes.")
