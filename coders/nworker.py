@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from coders.berrut import berrut_coefficients, berrut_weights
+from coders.coder import check_size
 from util.classpath import build, spec_name
 from util.errors import ConfigError
 from util.shapes import get_flattened_dim
@@ -230,14 +231,6 @@ class BerrutDecoder(Placed, NWorkerDecoder):
         return torch.where(take.unsqueeze(-1), outputs[:, self.hit_worker], rebuilt)
 
 
-def _width(hidden: Optional[int], default: int) -> int:
-    if hidden is None:
-        return default
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"its 'hidden' width must be a positive integer; got {hidden!r}.")
-    return hidden
-
-
 class MLPEncoder(Placed, NWorkerEncoder):
     """Learned: Linear(K*D, h) -> ReLU -> Linear(h, N*D) over the K inputs stacked (h = ``hidden``,
     default K*D). With ``residual`` (default) the network learns a correction to Berrut's
@@ -249,7 +242,7 @@ class MLPEncoder(Placed, NWorkerEncoder):
         super().__init__(k, n_workers, in_dim)
         self.place(k, n_workers, None, data_points, worker_points)
         d = get_flattened_dim(in_dim)
-        h = _width(hidden, k * d)
+        h = check_size(hidden, k * d)
         self.nn = nn.Sequential(nn.Linear(k * d, h), nn.ReLU(), nn.Linear(h, n_workers * d))
         self.start = BerrutEncoder(k, n_workers, in_dim, data_points=self.data_points,
                                    worker_points=self.worker_points) if residual else None
@@ -274,7 +267,7 @@ class MLPDecoder(Placed, NWorkerDecoder):
         self.place(k, n_workers, None, data_points, worker_points)
         n = get_flattened_dim(in_dim)
         m = n_workers * (n + 1)
-        h = _width(hidden, n_workers * n)
+        h = check_size(hidden, n_workers * n)
         self.nn = nn.Sequential(nn.Linear(m, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, k * n))
         self.start = BerrutDecoder(k, n_workers, in_dim, data_points=self.data_points,
                                    worker_points=self.worker_points) if residual else None

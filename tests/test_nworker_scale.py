@@ -203,3 +203,12 @@ def test_a_size_that_cannot_fit_is_refused_with_its_estimate_before_any_allocati
     monkeypatch.setattr(util.memory, "available_memory", lambda: 2 ** 20)  # a 1 MiB machine
     with pytest.raises(ConfigError, match=r"'n_workers'.*batches"):
         probe_nworker_coders(small)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_learned_nworker_coders_bad_width_is_refused_by_the_one_check(bad):
+    # coders.nworker's learned pair uses coders.coder.check_size, as every other coder does
+    from coders.nworker import MLPDecoder, MLPEncoder
+    for cls in (MLPEncoder, MLPDecoder):
+        with pytest.raises(ValueError, match=f"its 'hidden' must be a positive integer; got {bad!r}"):
+            cls(2, 3, [-1, 4], hidden=bad)
