@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -21,20 +20,12 @@ import numpy as np
 from coders.config import read_json_config, validate_schema
 from serve.batching import check_batching
 from util.errors import ConfigError
+from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
+                           read_latency_file)
 
 STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
 DEFAULT_STRATEGIES = STRATEGIES[:4]  # "backup" needs a 'backup_model
 ENGINES = ("ray", "sim")
-DISTRIBUTIONS = {
-    # name: (required parameters, optional parameters)
-    "none": ((), ()),
-    "constant": (("ms",), ()),
-    "exponential": (("mean_ms",), ()),
-    "shifted-exponential": (("shift_ms", "mean_ms"), ()),
-    "pareto": (("scale_ms", "alpha"), ()),
-    "file": (("path",), ("column",)),
-}
-COMMON_DELAY_KEYS = ("dist", "probability", "instances")
 ROUTINGS = ("static", "jsq", "p2c")
 POOLS = ("split", "shared")
 MAX_WINDOW = 1_000_000  # latencies a percentile deferral keeps (memory: 8 bytes each)
@@ -146,64 +137,6 @@ def describe_delay(delay: dict) -> str:
     return delay["dist"] + (f" ({params})" if params else "")
 
 
-def _bad(source: str, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{source}: config key '{key}' {msg}")
-
-
-def check_delay(delay: dict, source: str, key: str = "delays") -> None:
-    dist = delay.get("dist")
-    if dist not in DISTRIBUTIONS:
-        raise _bad(source, key, f"needs \"dist\" set to one of {', '.join(DISTRIBUTIONS)}; got {delay}.")
-    required, optional = DISTRIBUTIONS[dist]
-    unknown = set(delay) - set(required) - set(optional) - set(COMMON_DELAY_KEYS)
-    missing = [p for p in required if p not in delay]
-    if unknown or missing:
-        raise _bad(source, key, f"entry {delay}: \"{dist}\" takes {', '.join(required) or 'no parameters'}"
-                   f"{' (and ' + ', '.join(optional) + ')' if optional else ''}, plus optional \"probability\" "
-                   f"and \"instances\"; {'unknown ' + ', '.join(sorted(unknown)) if unknown else 'missing ' + ', '.join(missing)}.")
-    for p in required:
-        if p == "path":
-            if not isinstance(delay[p], str) or not Path(delay[p]).is_file():
-                raise _bad(source, key, f"entry {delay}: \"path\" must name an existing file of measured "
-                           f"latencies in milliseconds (one per line, or a CSV column).")
-        elif not _number(delay[p]) or delay[p] < 0 or (p in ("mean_ms", "scale_ms", "alpha") and delay[p] == 0):
-            raise _bad(source, key, f"entry {delay}: \"{p}\" must be a positive number; got {delay[p]!r}.")
-    prob = delay.get("probability", 1.0)
-    if not _number(prob) or not 0 <= prob <= 1:
-        raise _bad(source, key, f"entry {delay}: \"probability\" must be a number from 0 to 1; got {prob!r}.")
-    inst = delay.get("instances")
-    if inst is not None and not (isinstance(inst, list) and all(_index(i) for i in inst)):
-        raise _bad(source, key, f"entry {delay}: \"instances\" must be a list of instance numbers (0, 1, ...) "
-                   f"or absent for every instance; got {inst!r}.")
-    if dist == "file":
-        if "column" in delay and not isinstance(delay["column"], str):
-            raise _bad(source, key, f"entry {delay}: \"column\" must be a CSV column name.")
-        read_latency_file(delay["path"], delay.get("column"))  # its content, too, before any work
-
-
-def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
-    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column``."""
-    import csv
-
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-        if column is not None:
-            col = rows[0].index(column)
-            values = [float(row[col]) for row in rows[1:] if row]
-        else:
-            values = [float(row[0]) for row in rows if row and row[0].strip()]
-    except (OSError, ValueError, IndexError) as exc:
-        raise ConfigError(f"Config key 'delays': the latency file '{path}' could not be read as milliseconds "
-                          f"({type(exc).__name__}: {exc}). Fix: one number per line, or a CSV with a header and "
-                          f"\"column\" naming the column.") from None
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ConfigError(f"Config key 'delays': the latency file '{path}' must hold finite, non-negative "
-                          f"milliseconds; it holds {arr.size} values.")
-    return arr
-
-
 def check_service(service: dict, source: str) -> None:
     """``service``: a distribution like a delay model's, drawn for every request (no probability, no instances)."""
     if not isinstance(service, dict):
@@ -214,14 +147,6 @@ def check_service(service: dict, source: str) -> None:
         raise _bad(source, "service", f"entry {service}: every request has a service time, so \"{shared[0]}\" "
                    f"does not apply; give only \"dist\" and its parameters.")
     check_delay(service, source, "service")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _index(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:

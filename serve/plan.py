@@ -50,8 +50,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from serve.config import PolicyConfig, ServeConfig, read_latency_file
+from serve.config import PolicyConfig, ServeConfig, read_latency_file  # noqa: F401
 from util.errors import ConfigError
+from util.latency import sample_ms
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
 ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "backup")
@@ -203,27 +204,8 @@ def form_groups(arrival: np.ndarray, k: int, timeout_s: float) -> tuple[np.ndarr
 
 
 def sample_delays(delay: dict, instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Injected delay (s) per request to ``instance``, from the config's delay model."""
-    n = len(instance)
-    dist = delay["dist"]
-    if dist == "none":
-        ms = np.zeros(n)
-    elif dist == "constant":
-        ms = np.full(n, float(delay["ms"]))
-    elif dist == "exponential":
-        ms = rng.exponential(delay["mean_ms"], n)
-    elif dist == "shifted-exponential":
-        ms = delay["shift_ms"] + rng.exponential(delay["mean_ms"], n)
-    elif dist == "pareto":
-        ms = delay["scale_ms"] * (1.0 + rng.pareto(delay["alpha"], n))
-    elif dist == "file":
-        ms = rng.choice(read_latency_file(delay["path"], delay.get("column")), n)
-    else:  # check_delay refuses others
-        raise ValueError(dist)
-    hit = rng.random(n) < delay.get("probability", 1.0)
-    if delay.get("instances") is not None:
-        hit &= np.isin(instance, delay["instances"])
-    return np.where(hit, ms, 0.0) / 1000.0
+    """Injected delay (s) per request to ``instance``, from the config's delay model (util/latency.py)."""
+    return sample_ms(delay, instance, rng) / 1000.0
 
 
 def slow_table(seed: int, slowdown: dict, n_periods: int, num_instances: int) -> np.ndarray:
