@@ -17,6 +17,10 @@ FIGURE is one of
   with and without the locator (e_max = 2) and the learned code with the locator trained with A = 2;
 * ``mnist-noise`` / ``mnist-p``: the same F, K and N, accuracy against the output noise sigma (Berrut, the
   interpolating spline, the spline with lam by C_p and by GCV) and against the straggling probability p;
+* ``xsinx-deadline`` / ``mnist-deadline``: each worker's completion time from the shifted exponential
+  ``LATENCY`` (10 ms + an exponential tail of mean 5 ms, util/latency.py), test error of the answered groups
+  and the fraction answered against the deadline (coders/deadline.py), for Berrut and the spline (x sin x:
+  N = 32; MNIST: the reference base-mlp F, N = ``--n``);
 * ``lenet-adv`` / ``lenet-noise`` / ``lenet-p``: the same with LeNet-5 as F (trained by lcc, ``--f-epochs``
   epochs, into ``--save-dir`` if missing).
 
@@ -92,8 +96,12 @@ def figure(name: str, args) -> tuple[dict, list, list]:
         columns = [(f"p = {p:g}", {"n_workers": [32], "stragglers": [0], "straggler_p": p}, {"straggler_p": p})
                    for p in (0.0, 0.05, 0.1, 0.2, 0.3, 0.4)]
         return XSINX, families, columns
+    if name == "xsinx-deadline":
+        return {**XSINX, "stragglers": [0], "max_patterns": 64}, [("Berrut", BERRUT, False),
+                                                                   ("spline, lam 0", SPLINE, False)], \
+            deadline_columns([32])
     data, _, kind = name.partition("-")
-    if data in ("mnist", "lenet") and kind in ("adv", "noise", "p"):
+    if data in ("mnist", "lenet") and kind in ("adv", "noise", "p", "deadline"):
         model = "base-mlp" if data == "mnist" else "lenet5"
         base = {"form": "nworker", "k_vals": [8], "stragglers": [1], "datasets": ["mnist"], "models": [model],
                 "losses": ["kl"], "lr_schedule": "cosine", "epoch_groups": "disjoint", "progress": False,
@@ -110,6 +118,9 @@ def figure(name: str, args) -> tuple[dict, list, list]:
                         ("spline, lam by C_p (sigma known)", cp, False), ("spline, lam by GCV", gcv, False)]
             return base, families, [(f"N = {n}, sigma = {v:g}", {"n_workers": [n], "output_noise": v},
                                      {"output_noise": v}) for n in args.n for v in (0.0, 1.0, 3.0, 10.0)]
+        if kind == "deadline":
+            return {**base, "stragglers": [0]}, [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False)], \
+                deadline_columns(args.n)
         if kind == "p":
             families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False)]
             return base, families, [(f"N = {n}, p = {p:g}", {"n_workers": [n], "stragglers": [0], "straggler_p": p},
@@ -121,7 +132,18 @@ def figure(name: str, args) -> tuple[dict, list, list]:
                    for n in args.n for a in (0, 1, 2, 3)]
         return base, families, columns
     raise UserError(f"unknown figure {name!r}. Fix: name one of xsinx-n, xsinx-noise, xsinx-p, or "
-                    f"{{mnist,lenet}}-{{adv,noise,p}}.")
+                    f"{{mnist,lenet}}-{{adv,noise,p}}, xsinx-deadline, mnist-deadline.")
+
+
+LATENCY = {"dist": "shifted-exponential", "shift_ms": 10.0, "mean_ms": 5.0}
+DEADLINES = (10.5, 11.0, 12.0, 13.0, 15.0, 20.0, 1e9)
+
+
+def deadline_columns(ns: list) -> list:
+    """A column per N and deadline: the run built (nothing trained) at the loosest, scored at each."""
+    return [(f"N = {n}, deadline {'none' if d >= 1e9 else f'{d:g} ms'}",
+             {"n_workers": [n], "worker_latency": LATENCY, "deadline_ms": 1e9},
+             {"deadline_ms": d}) for n in ns for d in DEADLINES]
 
 
 SKIP: dict = {}  # (family, N) -> the cell shown instead: a search too slow to run here
@@ -134,6 +156,8 @@ def slug(text: str) -> str:
 def cell(metrics: dict) -> str:
     value = (f"{100 * metrics['test_degraded_acc']:.2f}%" if "test_degraded_acc" in metrics
              else f"{metrics['test_nmse']:.3g}")
+    if "test_answered" in metrics:
+        value += f" ({100 * metrics['test_answered']:.0f}% ans.)"
     if "test_located" in metrics:
         value += f" ({100 * metrics['test_located']:.0f}% loc.)"
     return value
@@ -186,7 +210,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if skip:
                 cells.append(skip)
                 continue
-            shape = {k: v for k, v in train.items() if k in ("n_workers", "stragglers", "straggler_p")}
+            shape = {k: v for k, v in train.items() if k in ("n_workers", "stragglers", "straggler_p",
+                                                             "deadline_ms")}
             if "SIGMA" in json.dumps(pair):  # the decoder's args change with the column
                 shape["sigma"] = test.get("output_noise")
             train_key = slug(json.dumps(train if learns else shape, sort_keys=True))

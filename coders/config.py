@@ -91,6 +91,10 @@ class Config:
     output_noise: float = 0.0           # "nworker" form: noise of this standard deviation on every worker's output
     straggler_p: Optional[float] = None     # "nworker" form: each worker late independently with this probability
                                         # (then 'stragglers' must be [0]); null: exactly S late
+    worker_latency: Optional[dict] = None   # "nworker" form: each worker's completion time (ms), a latency law as
+                                        # serving's 'delays' entries (util/latency.py); needs deadline_ms
+    deadline_ms: Optional[float] = None     # "nworker" form: evaluation decodes from the workers done by then
+                                        # (coders/deadline.py); a group with too few is not answered
 
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),

@@ -1,7 +1,7 @@
 """The config keys of N-worker perturbations (coders/perturb.py), checked without importing torch.
 
 ``adversaries``, ``adversary``, ``adversary_scale``, ``adversary_target``,
-``output_noise`` and ``straggler_p`` (coders/config.py declares them; docs/nworker.md
+``output_noise``, ``straggler_p``, ``worker_latency`` and ``deadline_ms`` (coders/config.py declares them; docs/nworker.md
 explains them). :func:`coders.config.validate_dict` calls the two checks below.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import math
 
 ADVERSARY_KINDS = ("gaussian", "sign", "swap")
 DEFAULTS = {"adversaries": 0, "adversary": "gaussian", "adversary_scale": 100.0, "adversary_target": None,
-            "output_noise": 0.0, "straggler_p": None}
+            "output_noise": 0.0, "straggler_p": None,
+            "worker_latency": None, "deadline_ms": None}
 
 
 def refuse_perturbation_keys(cfg, bad) -> None:
@@ -45,3 +46,37 @@ def check_perturbation_keys(cfg, bad) -> None:
         if cfg.stragglers != [0]:
             raise bad("stragglers", f"must be [0] when 'straggler_p' is set (the number late is then random, "
                                     f"Binomial(N, p)); got {cfg.stragglers}.")
+    check_deadline_keys(cfg, bad)
+
+
+def check_deadline_keys(cfg, bad) -> None:
+    """``worker_latency`` (a latency law, util/latency.py) and ``deadline_ms`` come together, with S = [0] and
+    without ``straggler_p`` (one law of lateness at a time)."""
+    law, deadline = cfg.worker_latency, cfg.deadline_ms
+    if law is None and deadline is None:
+        return
+    if law is None:
+        raise bad("deadline_ms", "needs 'worker_latency', the law each worker's completion time is drawn from, e.g. "
+                                 "{\"dist\": \"shifted-exponential\", \"shift_ms\": 10, \"mean_ms\": 5}.")
+    if deadline is None:
+        raise bad("worker_latency", "is read only with 'deadline_ms' (the time by which evaluation decodes). Fix: "
+                                    "add \"deadline_ms\", or remove 'worker_latency'.")
+    if not (math.isfinite(deadline) and deadline >= 0):
+        raise bad("deadline_ms", f"must be a finite number of milliseconds >= 0; got {deadline!r}.")
+    from util.errors import ConfigError
+    from util.latency import check_delay
+
+    try:
+        check_delay(law, "", "worker_latency")
+    except ConfigError as exc:
+        raise bad("worker_latency", str(exc).split("config key 'worker_latency' ", 1)[-1]) from None
+    if any(i >= min(cfg.n_workers) for i in law.get("instances") or []):
+        raise bad("worker_latency", f"\"instances\" names workers 0 to N - 1 = {min(cfg.n_workers) - 1} (for every N "
+                                    f"of 'n_workers'); got {law['instances']}.")
+    if cfg.straggler_p is not None:
+        raise bad("straggler_p", "and 'worker_latency' are two laws of lateness; give one. Fix: remove "
+                                 "'straggler_p' (a latency law with \"probability\" p and a deadline below its "
+                                 "delay is the same law).")
+    if cfg.stragglers != [0]:
+        raise bad("stragglers", f"must be [0] with a deadline (the workers late are those whose drawn time "
+                                f"passes it); got {cfg.stragglers}.")
