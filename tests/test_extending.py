@@ -7,6 +7,7 @@ order, each in a namespace of its own.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -43,6 +44,14 @@ def test_a_block_the_page_does_not_mark_is_not_run():
     assert examples(text) == {"A": [("run", "x = 1\n")]}
 
 
+def forget_page_modules() -> None:
+    """Drop every ``my_*`` module, so the page's files are imported from this test's scratch folder even when
+    another test (tests/test_classpath.py's user modules, say) imported a module of the same name first."""
+    for mod in [m for m in sys.modules if m.startswith("my_")]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
+
+
 @pytest.mark.parametrize("section", SECTIONS)
 def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
     import torch
@@ -50,7 +59,7 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
+    forget_page_modules()
     try:
         for name, code in examples(PAGE.read_text())[section]:
             if name != "run":
@@ -58,9 +67,7 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
             else:
                 exec(compile(code, f"{PAGE.name} ({section})", "exec"), {"__name__": "__example__"})
     finally:  # the page's own modules are imported from this scratch folder only
-        for mod in set(sys.modules) - before:
-            if mod.startswith("my_"):
-                del sys.modules[mod]
+        forget_page_modules()
 
 
 def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, monkeypatch):
@@ -77,6 +84,7 @@ def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     fragments = [json.loads("{" + m + "}") for m in re.findall(r'`("(?:enc_dec_types|models)": \[.*?\])`', text)]
     built = []
+    forget_page_modules()
     try:
         for fragment in fragments:
             for pair in fragment.get("enc_dec_types", []):
@@ -86,8 +94,7 @@ def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, mo
                           build(pair[1], "enc_dec_types", *sizes, [-1, 10])]
             built += [construct(spec, "models", MODEL_ALIASES, (1, 4, 4), 10) for spec in fragment.get("models", [])]
     finally:
-        for mod in [m for m in sys.modules if m.startswith("my_")]:
-            del sys.modules[mod]
+        forget_page_modules()
     assert {type(m).__name__ for m in built} == {"MixEncoder", "FlatDecoder", "LinearEncoder", "MaskedDecoder",
                                                  "TinyMLP"}
     assert built[1].net[1].out_features == 128  # the fragment's args reach the constructor
