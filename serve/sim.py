@@ -64,6 +64,7 @@ from typing import Optional
 
 import numpy as np
 
+from serve.batching import Batchers, batching_of
 from serve.config import STRATEGIES, ServeConfig
 from serve.plan import ROLE_F, Plan, is_nworker, sample_delays
 from serve.runtime import Outcome
@@ -72,6 +73,7 @@ from util.files import atomic_write_text
 
 MAX_ROUNDS = 50  # retries and queues settle in a few rounds; more means something oscillates
 PROFILE_COLUMNS = ["role", "actor", "compute_ms", "overhead_ms"]
+BATCH_COLUMN = "batch"  # requests in the call a row's request went in (a profile without it: every call held one)
 
 
 # -- queues -------------------------------------------------------------------------------------------
@@ -132,7 +134,38 @@ def read_profile(path: str) -> dict:
     compute = out["compute_ms"]
     if np.all(np.isnan(compute)) or np.any(compute[~np.isnan(compute)] < 0):
         raise ConfigError(f"Config key 'profile': '{path}' holds no non-negative compute_ms values.")
+    batch = np.array([float(row.get(BATCH_COLUMN) or 1) for row in rows])
+    if np.any(~np.isfinite(batch) | (batch < 1)):
+        raise ConfigError(f"Config key 'profile': '{path}' has a batch value below 1; rewrite it with a ray run.")
+    out[BATCH_COLUMN] = batch
+    ok = ~np.isnan(compute)
+    out["a_ms"], out["b_ms"] = fit_batch_cost(batch[ok], compute[ok])
+    # Each row's compute as the call of one request it stands for: its call's time, scaled back to batch 1.
+    out["compute_ms"] = compute * batch * batch_scale(out["a_ms"], out["b_ms"], 1) / \
+        batch_scale(out["a_ms"], out["b_ms"], batch)
     return out
+
+
+def fit_batch_cost(batch: np.ndarray, compute_ms: np.ndarray) -> tuple[float, float]:
+    """``(a, b)`` in milliseconds with a call of n requests taking a + b x n, fitted by least squares to a
+    profile's rows (``compute_ms``: each request's share of its call, ``batch``: the call's n). A call of n
+    appears as n rows, so each row weighs 1/n: every call counts once. With fewer than two batch sizes there is
+    nothing to fit: a = the mean call time, b = 0 (a call costs the same whatever it carries)."""
+    batch, call = np.asarray(batch, float), np.asarray(compute_ms, float) * np.asarray(batch, float)
+    if len(np.unique(batch)) < 2:
+        return (float(call.mean()) if len(call) else 0.0), 0.0
+    w = 1.0 / batch
+    x_mean, y_mean = np.average(batch, weights=w), np.average(call, weights=w)
+    b = float(np.average((batch - x_mean) * (call - y_mean), weights=w) / np.average((batch - x_mean) ** 2, weights=w))
+    a = y_mean - b * x_mean
+    if a <= 0 or b < 0:  # noise past the physics: keep the straight line's mean through a non-negative cost
+        a, b = max(a, 1e-9), max(b, 0.0)
+    return float(a), float(b)
+
+
+def batch_scale(a: float, b: float, n):
+    """A call of ``n`` requests' time relative to a call of one: (a + b n) / (a + b); 1 without a cost."""
+    return (a + b * np.asarray(n, float)) / (a + b) if a + b > 0 else np.ones_like(np.asarray(n, float))
 
 
 def draw_from_pools(keys: np.ndarray, pool_keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
@@ -165,6 +198,13 @@ class ServiceModel:
             self.width = width
             self.inst_key = (self.roles + 1) * width + pos        # (role, actor) as one integer
             self.prof_key = (self.profile["role"].astype(int) + 1) * width + self.profile["actor"].astype(int)
+
+    def scale(self, n: int) -> float:
+        """A call of ``n`` requests' compute over a call of one's: the profile's fitted (a + b n) / (a + b); 1
+        without a profile (the ``service`` distribution gives a call's time whatever it carries)."""
+        if self.profile is None or n == 1:
+            return 1.0
+        return float(batch_scale(self.profile["a_ms"], self.profile["b_ms"], n))
 
     def draw(self, instance: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self.profile is None:
@@ -385,8 +425,8 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
-    if plan.dynamic:
-        return EventRun(plan, cfg).outcome(code, inputs, batch)
+    if plan.dynamic or cfg.batch_size > 1:  # the array path serves one request a call
+        return EventRun(plan, cfg).outcome(code, inputs, batch, backup)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
     n = len(plan.queries.arrival)
@@ -400,25 +440,15 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         copies = np.full((n, 2), np.inf)
         copies[plan.query, plan.slot] = state["arrive"]
         reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
-    predicted = np.full(n, -1)  # stays so for nworker of a systematic run: its latency alone, no N-worker code
-    if code is not None and inputs is not None and plan.strategy == "nworker" and is_nworker(code):
-        # Each group's first N - S outputs (ties in slot order), decoded as the Ray frontend decodes them.
+    available = None
+    if plan.strategy == "nworker":  # each group's first N - S outputs (ties in slot order), as Ray decodes
         first = np.argsort(run.slot_arrive, axis=1, kind="stable")[:, :plan.need]
         available = np.zeros(run.slot_arrive.shape, dtype=bool)
         np.put_along_axis(available, first, True, axis=1)
-        predicted = nworker_predictions(plan, run.group_of, available, reconstructed, code, inputs, batch)
-    elif code is not None and inputs is not None and plan.strategy != "nworker":
-        available = run.slot_arrive <= run.decode_time[:, None] if plan.strategy == "coded" else None
-        predicted = predictions(plan, getattr(run, "group_of", None), available,
-                                reconstructed if plan.strategy == "coded" else np.zeros(n, dtype=bool),
-                                code, inputs, batch)
-        if plan.strategy == "backup" and backup is not None and reconstructed.any():
-            import torch
-
-            with torch.no_grad():
-                images = inputs[torch.as_tensor(plan.queries.index[reconstructed])]
-                predicted[reconstructed] = torch.cat([backup(images[i:i + 4096]) for i in
-                                                      range(0, len(images), 4096)]).argmax(1).numpy()
+    elif plan.strategy == "coded":
+        available = run.slot_arrive <= run.decode_time[:, None]
+    predicted = served_predictions(plan, getattr(run, "group_of", None), available, reconstructed, code, inputs,
+                                   batch, backup)
     q = plan.queries
     n_plan = len(plan)
     inst = state["inst"]
@@ -449,7 +479,7 @@ class EventRun:
     Events at one time: outputs first, then failures, then dispatches (as the fixed plans' reference order).
     """
 
-    FINISH, ARRIVE, FAIL, DUE = 0, 1, 2, 3  # the order of events at one time
+    FINISH, ARRIVE, FAIL, DUE, WAKE = 0, 1, 2, 3, 4  # the order of events at one time
 
     def __init__(self, plan: Plan, cfg: ServeConfig):
         from serve.policy import PolicyMachine
@@ -470,13 +500,20 @@ class EventRun:
         self.seq = 0
         self.now = 0.0
         num = len(plan.roles)
-        self.queue = [deque() for _ in range(num)]
-        self.running = [-1] * num
+        # Each instance batches as the runtime's (serve.batching.Batchers: the same decisions), and serves its
+        # calls one at a time in the order they went out. A call: [instance, requests, sent, lost].
+        self.batchers = Batchers(num, batching_of(cfg), self.call, lambda t, fn: self.push(t, self.WAKE, fn),
+                                 lambda: self.now)
+        self.calls: list[list] = []
+        self.queue = [deque() for _ in range(num)]   # calls waiting for their instance
+        self.running = [-1] * num                    # the call each instance is serving
+        self.call_of: dict = {}                      # request -> its call, once it went out
+        self.withdrawn: dict = {}                    # call not started -> its requests cancelled
         self.compute_l, self.overhead_l = self.compute.tolist(), self.overhead.tolist()
         # per request (plan rows, then retries in the order they are made): what happened to it
         size = len(plan)
         self.rec = {name: [np.nan] * size for name in ("instance", "sent", "start", "finish", "compute", "delay",
-                                                       "factor", "overhead")}
+                                                       "factor", "overhead", "batch")}
         self.status = [None] * size  # None: never sent; queued, running, done, lost, cancelled
 
     # -- the driver interface the policy machine calls --------------------------------------------------------
@@ -496,14 +533,38 @@ class EventRun:
         rec["instance"][n], rec["sent"][n], rec["finish"][n] = inst, self.now, np.inf
         rec["compute"][n], rec["delay"][n], rec["factor"][n], rec["overhead"][n] = compute, delay, factor, overhead
         self.status[n] = "queued"
-        self.queue[inst].append(n)
+        self.batchers.add(inst, n, self.now)
+
+    def call(self, inst: int, requests: list) -> None:
+        """The batcher of ``inst`` sends ``requests`` as one call: it queues at its instance."""
+        c = len(self.calls)
+        self.calls.append([inst, requests, self.now, False])
+        for n in requests:
+            self.call_of[n] = c
+        self.queue[inst].append(c)
         if self.running[inst] < 0:
             self.start_next(inst)
 
     def cancel(self, n: int) -> None:
-        if self.status[n] == "queued":
+        """As the runtime: a request still in its batcher never goes out; a call not started is dropped once
+        every request it carries is cancelled; one started runs on."""
+        if self.status[n] != "queued":
+            return
+        c = self.call_of.get(n)
+        if c is None:
+            self.batchers.withdraw(int(self.rec["instance"][n]), n)
             self.status[n] = "cancelled"
             self.policy.cancelled(n)
+            return
+        marked = self.withdrawn.setdefault(c, [])
+        marked.append(n)
+        if len(marked) == len(self.calls[c][1]):
+            inst = self.calls[c][0]
+            self.queue[inst].remove(c)
+            self.batchers.returned(inst, self.now - self.calls[c][2], self.now)
+            for m in marked:
+                self.status[m] = "cancelled"
+                self.policy.cancelled(m)
 
     def wake(self, n: int, t: float) -> None:
         self.push(t, self.DUE, n)
@@ -528,19 +589,28 @@ class EventRun:
         heapq.heappush(self.heap, (t, kind, self.seq, payload))
 
     def start_next(self, inst: int) -> None:
-        rec, q, status = self.rec, self.queue[inst], self.status
-        while q:
-            n = q.popleft()
-            if status[n] != "queued":
-                continue
-            status[n] = "running"
-            rec["start"][n] = self.now
-            end = self.now + (rec["compute"][n] + rec["delay"][n]) * rec["factor"][n]
-            rec["finish"][n] = end
-            self.running[inst] = n
-            self.push(end, self.FINISH, n)
+        """Start ``inst``'s next call: the compute drawn for its first request, scaled to the batch by the
+        profile's a + b x batch, plus the largest delay, times the largest factor among its requests (a
+        straggler delays its whole call); each request is charged an equal share of the compute."""
+        rec, q = self.rec, self.queue[inst]
+        if not q:
+            self.running[inst] = -1
             return
-        self.running[inst] = -1
+        c = q.popleft()
+        reqs = self.calls[c][1]
+        first = reqs[0]
+        compute = rec["compute"][first] * self.model.scale(len(reqs))
+        delay = max(rec["delay"][n] for n in reqs) if len(reqs) > 1 else rec["delay"][first]
+        factor = max(rec["factor"][n] for n in reqs) if len(reqs) > 1 else rec["factor"][first]
+        end = self.now + (compute + delay) * factor
+        for n in reqs:
+            self.status[n] = "running"
+            rec["start"][n], rec["finish"][n] = self.now, end
+            rec["batch"][n] = len(reqs)
+            if len(reqs) > 1:
+                rec["compute"][n] = compute / len(reqs)
+        self.running[inst] = c
+        self.push(end, self.FINISH, c)
 
     def run(self) -> None:
         p, d = self.plan, self.policy
@@ -559,6 +629,8 @@ class EventRun:
                     self.fail(x, t)
                 elif kind == self.DUE:
                     d.due(x, t)
+                elif kind == self.WAKE:
+                    x()
                 else:  # an output reaching the frontend after its response overhead
                     d.output(x, t)
             else:
@@ -566,24 +638,32 @@ class EventRun:
                 d.due(nxt, self.now)
                 nxt += 1
 
-    def finish(self, n: int, t: float) -> None:
-        if self.status[n] != "running":
+    def finish(self, c: int, t: float) -> None:
+        inst, reqs, sent, lost = self.calls[c]
+        if lost:
             return  # lost to a failure before it finished
-        self.status[n] = "done"
-        inst = self.rec["instance"][n]
-        overhead = self.rec["overhead"][n]
+        for n in reqs:
+            self.status[n] = "done"
+        overhead = self.rec["overhead"][reqs[0]]  # one call, one answer: its first request's overhead draw
         self.start_next(inst)
-        if overhead > 0:
-            self.push(t + overhead, self.ARRIVE, n)
-        else:
-            self.policy.output(n, t)
+        self.batchers.returned(inst, t - sent, t)
+        self.batchers.consider(inst, t)
+        for n in reqs:
+            self.rec["overhead"][n] = overhead
+            if overhead > 0:
+                self.push(t + overhead, self.ARRIVE, n)
+            else:
+                self.policy.output(n, t)
 
     def fail(self, i: int, t: float) -> None:
         self.policy.failed(i, t)
         lost = []
-        if self.running[i] >= 0:
-            lost.append(self.running[i])
-        lost += [n for n in self.queue[i] if self.status[n] == "queued"]
+        calls = ([self.running[i]] if self.running[i] >= 0 else []) + list(self.queue[i])
+        for c in calls:
+            self.calls[c][3] = True
+            lost += [n for n in self.calls[c][1] if self.status[n] in ("queued", "running")]
+        lost += [n for n in self.batchers.queue[i] if self.status[n] == "queued"]
+        self.batchers.queue[i], self.batchers.inflight[i] = [], 0
         self.queue[i].clear()
         self.running[i] = -1
         for n in lost:
@@ -592,18 +672,14 @@ class EventRun:
         for n in lost:
             self.policy.lost(n, t)
 
-    def outcome(self, code=None, inputs=None, batch: int = 2048) -> Outcome:
+    def outcome(self, code=None, inputs=None, batch: int = 2048, backup=None) -> Outcome:
         self.run()
         p, d = self.plan, self.policy
         if np.any(np.isinf(d.done)):
             raise UserError("The simulation left a query unanswered; this is a bug in serve/policy.py.")
-        n = len(p.queries.arrival)
-        predicted = np.full(n, -1)
-        if code is not None and inputs is not None:
-            group_of = d._group_of if p.strategy == "coded" else None
-            predicted = predictions(p, group_of, d.available if p.strategy == "coded" else None,
-                                    d.reconstructed if p.strategy == "coded" else np.zeros(n, dtype=bool),
-                                    code, inputs, batch)
+        grouped = p.strategy in ("coded", "nworker")
+        predicted = served_predictions(p, d._group_of if grouped else None, d.available if grouped else None,
+                                       d.reconstructed, code, inputs, batch, backup)
         status = np.array([x or "" for x in self.status])
         sent = status != ""
         rec = {name: np.asarray(v, dtype=float)[sent] for name, v in self.rec.items()}
@@ -616,11 +692,36 @@ class EventRun:
             "done": np.where(ok, rec["finish"] + rec["overhead"], rec["finish"]),
             "compute": rec["compute"], "delay": rec["delay"], "factor": rec["factor"], "ok": ok,
             "started": started, "busy": np.where(started, rec["finish"] - rec["start"], 0.0),
-            "cancelled": status == "cancelled",
+            "cancelled": status == "cancelled", "batch": np.nan_to_num(rec["batch"], nan=0).astype(int),
         }
         q = p.queries
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, predicted, q.label, q.index, {}, requests,
                        d.answers)
+
+
+def served_predictions(plan: Plan, group_of, available, reconstructed: np.ndarray, code, inputs, batch: int,
+                       backup=None) -> np.ndarray:
+    """Every query's served prediction, from who answered it (``reconstructed``: by decoding, or for ``backup`` by
+    the backup model) and what each group had in hand (``available``); -1 without a code and inputs, and for
+    ``nworker`` of a systematic run (its latency alone, no N-worker code)."""
+    n = len(plan.queries.arrival)
+    if code is None or inputs is None:
+        return np.full(n, -1)
+    if plan.strategy == "nworker":
+        if not is_nworker(code):
+            return np.full(n, -1)
+        return nworker_predictions(plan, group_of, available, reconstructed, code, inputs, batch)
+    coded = plan.strategy == "coded"
+    predicted = predictions(plan, group_of if coded else None, available if coded else None,
+                            reconstructed if coded else np.zeros(n, dtype=bool), code, inputs, batch)
+    if plan.strategy == "backup" and backup is not None and reconstructed.any():
+        import torch
+
+        with torch.no_grad():
+            images = inputs[torch.as_tensor(plan.queries.index[reconstructed])]
+            predicted[reconstructed] = torch.cat([backup(images[i:i + 4096]) for i in
+                                                  range(0, len(images), 4096)]).argmax(1).numpy()
+    return predicted
 
 
 def group_inputs(plan: Plan, groups: np.ndarray, inputs):
@@ -687,7 +788,7 @@ def nworker_predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray,
 
 # -- profiles measured by the ray runtime ------------------------------------------------------------
 def profile_rows(roles: list[int], requests: dict) -> list[list]:
-    """Rows (role, actor, compute_ms, overhead_ms) of one strategy's served requests on Ray.
+    """Rows (role, actor, compute_ms, overhead_ms, batch) of one strategy's served requests on Ray.
 
     ``overhead_ms`` is what the runtime added beyond the instance's service, measured only on requests that
     found their instance idle (its previous answer was back before they were sent), so no queueing is in it.
@@ -699,6 +800,7 @@ def profile_rows(roles: list[int], requests: dict) -> list[list]:
     sent, done = np.asarray(requests["sent"]), np.asarray(requests["done"])
     compute, delay, factor = (np.asarray(requests[c], dtype=float) for c in ("compute", "delay", "factor"))
     ok = np.asarray(requests["ok"], dtype=bool)
+    batch = np.asarray(requests.get(BATCH_COLUMN, np.ones(len(inst))), dtype=int)
     rows = []
     for i in np.unique(inst):
         idx = np.nonzero((inst == i) & ok)[0]
@@ -708,7 +810,7 @@ def profile_rows(roles: list[int], requests: dict) -> list[list]:
         overhead = (done[idx] - sent[idx]) - (compute[idx] + delay[idx]) * factor[idx]
         for j, n in enumerate(idx):
             rows.append([int(roles[i]), int(pos[i]), f"{1000 * compute[n]:.4f}",
-                         f"{1000 * max(overhead[j], 0.0):.4f}" if idle[j] else ""])
+                         f"{1000 * max(overhead[j], 0.0):.4f}" if idle[j] else "", int(batch[n])])
     return rows
 
 
@@ -716,7 +818,7 @@ def write_profile(path: Path, strategies: list[tuple[list[int], dict]]) -> None:
     """``profile.csv`` of one setting from every strategy's requests on Ray (``[(roles, requests), ...]``)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(PROFILE_COLUMNS)
+    w.writerow(PROFILE_COLUMNS + [BATCH_COLUMN])
     for roles, requests in strategies:
         w.writerows(profile_rows(roles, requests))
     atomic_write_text(buf.getvalue(), path)
