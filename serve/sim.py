@@ -13,6 +13,10 @@ two by its key ``engine``. What it models:
   overheads measured there: the time Ray takes to carry a request to an idle
   actor and its answer back, which delays the answer but does not hold the
   instance.
+* **Batching** (``batch_size`` above 1): run event by event (:class:`EventRun`), each instance's
+  requests batched by the runtime's own :class:`serve.batching.Batchers`; a call of n holds its instance
+  for (c x (a + b n) / (a + b) + largest delay) x largest factor, c the first request's compute draw and
+  a + b x batch fitted to the profile's call times (:func:`fit_batch_cost`; without one, b = 0).
 * **Queueing.** Each instance serves one request at a time in dispatch order
   (an actor's FIFO): completion_i = max(dispatch_i, completion_{i-1}) +
   service_i, computed for every instance at once with cumulative sums and a
