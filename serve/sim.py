@@ -357,7 +357,7 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
                          np.concatenate([state["arrive"], state["r_arrive"]]))[sent],
         "compute": state["compute"][sent], "delay": delay[sent], "factor": factor[sent],
         "ok": ~state["lost"][sent], "started": (busy > 0)[sent] | ~state["lost"][sent], "busy": busy[sent],
-        "cancelled": np.zeros(int(sent.sum()), dtype=bool),
+        "cancelled": np.zeros(int(sent.sum()), dtype=bool), "batch": np.ones(int(sent.sum()), dtype=int),
     }
     return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
                    np.ones(n, dtype=int))
