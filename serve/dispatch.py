@@ -161,7 +161,7 @@ class Dispatcher:
         self.sent = 0
         self.calls = 0
         self.cost = {"encode": 0.0, "dispatch": 0.0, "decode": 0.0}
-        names = ("instance", "role", "sent", "done", "compute", "delay", "factor", "ok", "cancelled")
+        names = ("instance", "role", "sent", "done", "compute", "delay", "factor", "ok", "cancelled", "batch")
         self.req = {name: [] for name in names} if log_requests else None
 
     # -- queries and groups --------------------------------------------------------------------------
@@ -310,18 +310,18 @@ class Dispatcher:
         for j, t in enumerate(tickets):
             self.call_of.pop(t, None)
             entry = self.tickets.pop(t)
-            self._log(entry, now, compute / len(tickets), ok, cancelled)
+            self._log(entry, now, compute / len(tickets), ok, cancelled, len(tickets))
             out.append((t, entry[0], instance, outputs[j] if ok else None, ok, cancelled))
         return out
 
-    def _log(self, entry: list, now: float, compute: float, ok: bool, cancelled: bool) -> None:
+    def _log(self, entry: list, now: float, compute: float, ok: bool, cancelled: bool, batch: int = 1) -> None:
         """One request's row: its call's compute is shared evenly among the requests it carried."""
         if self.req is None:
             return
         req, instance, sent, delay, factor, _ = entry
         for name, v in (("instance", instance), ("role", self.roles[instance]), ("sent", sent), ("done", now),
                         ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok),
-                        ("cancelled", cancelled)):
+                        ("cancelled", cancelled), ("batch", batch)):
             self.req[name].append(v)
 
     def end_round(self, now: float) -> None:

@@ -13,6 +13,10 @@ two by its key ``engine``. What it models:
   overheads measured there: the time Ray takes to carry a request to an idle
   actor and its answer back, which delays the answer but does not hold the
   instance.
+* **Batching** (``batch_size`` above 1): run event by event (:class:`EventRun`), each instance's
+  requests batched by the runtime's own :class:`serve.batching.Batchers`; a call of n holds its instance
+  for (c x (a + b n) / (a + b) + largest delay) x largest factor, c the first request's compute draw and
+  a + b x batch fitted to the profile's call times (:func:`fit_batch_cost`; without one, b = 0).
 * **Queueing.** Each instance serves one request at a time in dispatch order
   (an actor's FIFO): completion_i = max(dispatch_i, completion_{i-1}) +
   service_i, computed for every instance at once with cumulative sums and a
@@ -52,26 +56,31 @@ gives the very same figures (tested).
 
 Randomness (compute and overhead draws) comes from its own seeded streams,
 so the same config and seed give the same figures.
+
+This module holds the array path; the event loop is in :mod:`serve.sim_events`, service times and profiles in
+:mod:`serve.sim_profile`, served predictions in :mod:`serve.sim_predict`; every name stays importable from here.
 """
 from __future__ import annotations
 
-import csv
-import heapq
-import io
-from collections import deque
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from serve.config import STRATEGIES, ServeConfig
-from serve.plan import ROLE_F, Plan, is_nworker, sample_delays
+from serve.plan import ROLE_F, Plan
 from serve.runtime import Outcome
-from util.errors import ConfigError, UserError
-from util.files import atomic_write_text
+from serve.sim_events import EventRun
+from serve.sim_predict import group_inputs, nworker_predictions, predictions, served_predictions
+from serve.sim_profile import (BATCH_COLUMN, PROFILE_COLUMNS, ServiceModel, batch_scale, draw_from_pools,
+                               fit_batch_cost, profile_rows, read_profile, role_positions, write_profile)
+from util.errors import UserError
+
+__all__ = ["BATCH_COLUMN", "EventRun", "MAX_ROUNDS", "PROFILE_COLUMNS", "ServiceModel", "batch_scale",
+           "draw_from_pools", "fifo_completion", "fit_batch_cost", "group_inputs", "next_live_f",
+           "nworker_predictions", "predictions", "profile_rows", "read_profile", "role_positions",
+           "served_predictions", "simulate", "write_profile"]
 
 MAX_ROUNDS = 50  # retries and queues settle in a few rounds; more means something oscillates
-PROFILE_COLUMNS = ["role", "actor", "compute_ms", "overhead_ms"]
 
 
 # -- queues -------------------------------------------------------------------------------------------
@@ -104,85 +113,6 @@ def fifo_completion(instance: np.ndarray, arrival: np.ndarray, service: np.ndarr
     out = np.empty(n)
     out[order] = best + s_incl
     return out
-
-
-# -- service times ------------------------------------------------------------------------------------
-def role_positions(roles: list[int]) -> np.ndarray:
-    """Each instance's position among the instances of its role: the actor it is in the Ray pool."""
-    roles_arr = np.asarray(roles)
-    pos = np.zeros(len(roles), dtype=int)
-    for role in np.unique(roles_arr):
-        idx = np.nonzero(roles_arr == role)[0]
-        pos[idx] = np.arange(len(idx))
-    return pos
-
-
-def read_profile(path: str) -> dict:
-    """A profile CSV as arrays: role, actor, compute_ms, overhead_ms (NaN where not measured)."""
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or any(c not in rows[0] for c in PROFILE_COLUMNS):
-            raise ValueError(f"needs the columns {', '.join(PROFILE_COLUMNS)} and at least one row")
-        out = {c: np.array([float(row[c]) if row[c] != "" else np.nan for row in rows]) for c in PROFILE_COLUMNS}
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"Config key 'profile': '{path}' could not be read as a service profile ({exc}). Fix: "
-                          f"name the profile.csv that a run with \"engine\": \"ray\" wrote under out_dir/<setting>/.") \
-            from None
-    compute = out["compute_ms"]
-    if np.all(np.isnan(compute)) or np.any(compute[~np.isnan(compute)] < 0):
-        raise ConfigError(f"Config key 'profile': '{path}' holds no non-negative compute_ms values.")
-    return out
-
-
-def draw_from_pools(keys: np.ndarray, pool_keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
-                    fallback: np.ndarray) -> np.ndarray:
-    """For each entry of ``keys``, a random value among ``values`` whose pool key matches; keys with no
-    measured value draw from ``fallback``."""
-    ok = ~np.isnan(values)
-    pool_keys, values = pool_keys[ok], values[ok]
-    order = np.argsort(pool_keys, kind="stable")
-    pool_keys, values = pool_keys[order], values[order]
-    lo = np.searchsorted(pool_keys, keys, side="left")
-    hi = np.searchsorted(pool_keys, keys, side="right")
-    u = rng.random(len(keys))
-    own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
-        else np.zeros(len(keys))
-    other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
-    return np.where(hi > lo, own, other)
-
-
-class ServiceModel:
-    """Compute time and response overhead (seconds) of requests to given instances."""
-
-    def __init__(self, cfg: ServeConfig, roles: list[int]):
-        self.cfg = cfg
-        self.roles = np.asarray(roles)
-        self.profile = read_profile(cfg.profile) if cfg.profile else None
-        if self.profile is not None:
-            pos = role_positions(roles)
-            width = int(max(pos.max(), self.profile["actor"].max())) + 1
-            self.width = width
-            self.inst_key = (self.roles + 1) * width + pos        # (role, actor) as one integer
-            self.prof_key = (self.profile["role"].astype(int) + 1) * width + self.profile["actor"].astype(int)
-
-    def draw(self, instance: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        if self.profile is None:
-            return sample_delays(self.cfg.service, instance, rng), np.zeros(len(instance))
-        p = self.profile
-        keys = self.inst_key[instance]
-        same_role = p["role"].astype(int)
-        out = []
-        for column in ("compute_ms", "overhead_ms"):
-            values = p[column]
-            # An actor missing from the profile draws from its role, a role missing from every row.
-            by_role = draw_from_pools(self.roles[instance], same_role, values, rng,
-                                      values[~np.isnan(values)])
-            fallback_rows = values[~np.isnan(values)]
-            drawn = draw_from_pools(keys, self.prof_key, values, rng, fallback_rows)
-            has_actor = np.isin(keys, self.prof_key[~np.isnan(values)])
-            out.append(np.where(has_actor, drawn, by_role) / 1000.0)
-        return out[0], out[1]
 
 
 # -- the simulation -----------------------------------------------------------------------------------
@@ -385,8 +315,8 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
-    if plan.dynamic:
-        return EventRun(plan, cfg).outcome(code, inputs, batch)
+    if plan.dynamic or cfg.batch_size > 1:  # the array path serves one request a call
+        return EventRun(plan, cfg).outcome(code, inputs, batch, backup)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
     n = len(plan.queries.arrival)
@@ -400,25 +330,15 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         copies = np.full((n, 2), np.inf)
         copies[plan.query, plan.slot] = state["arrive"]
         reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
-    predicted = np.full(n, -1)  # stays so for nworker of a systematic run: its latency alone, no N-worker code
-    if code is not None and inputs is not None and plan.strategy == "nworker" and is_nworker(code):
-        # Each group's first N - S outputs (ties in slot order), decoded as the Ray frontend decodes them.
+    available = None
+    if plan.strategy == "nworker":  # each group's first N - S outputs (ties in slot order), as Ray decodes
         first = np.argsort(run.slot_arrive, axis=1, kind="stable")[:, :plan.need]
         available = np.zeros(run.slot_arrive.shape, dtype=bool)
         np.put_along_axis(available, first, True, axis=1)
-        predicted = nworker_predictions(plan, run.group_of, available, reconstructed, code, inputs, batch)
-    elif code is not None and inputs is not None and plan.strategy != "nworker":
-        available = run.slot_arrive <= run.decode_time[:, None] if plan.strategy == "coded" else None
-        predicted = predictions(plan, getattr(run, "group_of", None), available,
-                                reconstructed if plan.strategy == "coded" else np.zeros(n, dtype=bool),
-                                code, inputs, batch)
-        if plan.strategy == "backup" and backup is not None and reconstructed.any():
-            import torch
-
-            with torch.no_grad():
-                images = inputs[torch.as_tensor(plan.queries.index[reconstructed])]
-                predicted[reconstructed] = torch.cat([backup(images[i:i + 4096]) for i in
-                                                      range(0, len(images), 4096)]).argmax(1).numpy()
+    elif plan.strategy == "coded":
+        available = run.slot_arrive <= run.decode_time[:, None]
+    predicted = served_predictions(plan, getattr(run, "group_of", None), available, reconstructed, code, inputs,
+                                   batch, backup)
     q = plan.queries
     n_plan = len(plan)
     inst = state["inst"]
@@ -437,286 +357,7 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
                          np.concatenate([state["arrive"], state["r_arrive"]]))[sent],
         "compute": state["compute"][sent], "delay": delay[sent], "factor": factor[sent],
         "ok": ~state["lost"][sent], "started": (busy > 0)[sent] | ~state["lost"][sent], "busy": busy[sent],
-        "cancelled": np.zeros(int(sent.sum()), dtype=bool),
+        "cancelled": np.zeros(int(sent.sum()), dtype=bool), "batch": np.ones(int(sent.sum()), dtype=int),
     }
     return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
                    np.ones(n, dtype=int))
-
-
-class EventRun:
-    """One plan under a dynamic policy, event by event: the driver of a :class:`serve.policy.PolicyMachine`.
-
-    Events at one time: outputs first, then failures, then dispatches (as the fixed plans' reference order).
-    """
-
-    FINISH, ARRIVE, FAIL, DUE = 0, 1, 2, 3  # the order of events at one time
-
-    def __init__(self, plan: Plan, cfg: ServeConfig):
-        from serve.policy import PolicyMachine
-
-        self.plan, self.cfg = plan, cfg
-        name = plan.policy.strategy if plan.policy else plan.strategy
-        index = STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES)
-        self.roles = np.asarray(plan.roles)
-        self.model = ServiceModel(cfg, plan.roles)
-        # The fixed plans' compute draws, request by request; with a profile, drawn at each send instead.
-        rng = np.random.default_rng([cfg.seed, 8, index])
-        self.compute, self.overhead = self.model.draw(np.maximum(plan.instance, 0), rng)
-        self.profile_rng = np.random.default_rng([cfg.seed, 10, index])
-        self.retry_rng_seed = [cfg.seed, 9, index]
-        self.retry_compute: Optional[np.ndarray] = None
-        self.policy = PolicyMachine(plan, self, np.random.default_rng([cfg.seed, 11, index]))
-        self.heap: list = []
-        self.seq = 0
-        self.now = 0.0
-        num = len(plan.roles)
-        self.queue = [deque() for _ in range(num)]
-        self.running = [-1] * num
-        self.compute_l, self.overhead_l = self.compute.tolist(), self.overhead.tolist()
-        # per request (plan rows, then retries in the order they are made): what happened to it
-        size = len(plan)
-        self.rec = {name: [np.nan] * size for name in ("instance", "sent", "start", "finish", "compute", "delay",
-                                                       "factor", "overhead")}
-        self.status = [None] * size  # None: never sent; queued, running, done, lost, cancelled
-
-    # -- the driver interface the policy machine calls --------------------------------------------------------
-    def send(self, n: int, inst: int, delay: float, factor: float) -> None:
-        if n < len(self.compute_l):
-            if self.model.profile is None:
-                compute, overhead = self.compute_l[n], self.overhead_l[n]
-            else:
-                c, o = self.model.draw(np.array([inst]), self.profile_rng)
-                compute, overhead = float(c[0]), float(o[0])
-        else:
-            compute, overhead = self.retry_draw(self.policy.query_of(n))
-            for column in self.rec.values():
-                column.append(np.nan)
-            self.status.append(None)
-        rec = self.rec
-        rec["instance"][n], rec["sent"][n], rec["finish"][n] = inst, self.now, np.inf
-        rec["compute"][n], rec["delay"][n], rec["factor"][n], rec["overhead"][n] = compute, delay, factor, overhead
-        self.status[n] = "queued"
-        self.queue[inst].append(n)
-        if self.running[inst] < 0:
-            self.start_next(inst)
-
-    def cancel(self, n: int) -> None:
-        if self.status[n] == "queued":
-            self.status[n] = "cancelled"
-            self.policy.cancelled(n)
-
-    def wake(self, n: int, t: float) -> None:
-        self.push(t, self.DUE, n)
-
-    def answer_own(self, q: int, n: int) -> None:
-        pass
-
-    def answer_decoded(self, g: int, queries: list, available: np.ndarray) -> None:
-        pass
-
-    # -- the loop -----------------------------------------------------------------------------------------
-    def retry_draw(self, q: int) -> tuple[float, float]:
-        if self.retry_compute is None:
-            n = len(self.plan.queries.arrival)
-            f_instances = np.nonzero(self.roles == ROLE_F)[0]
-            self.retry_compute, self.retry_overhead = self.model.draw(
-                f_instances[np.arange(n) % len(f_instances)], np.random.default_rng(self.retry_rng_seed))
-        return float(self.retry_compute[q]), float(self.retry_overhead[q])
-
-    def push(self, t: float, kind: int, payload: int) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, kind, self.seq, payload))
-
-    def start_next(self, inst: int) -> None:
-        rec, q, status = self.rec, self.queue[inst], self.status
-        while q:
-            n = q.popleft()
-            if status[n] != "queued":
-                continue
-            status[n] = "running"
-            rec["start"][n] = self.now
-            end = self.now + (rec["compute"][n] + rec["delay"][n]) * rec["factor"][n]
-            rec["finish"][n] = end
-            self.running[inst] = n
-            self.push(end, self.FINISH, n)
-            return
-        self.running[inst] = -1
-
-    def run(self) -> None:
-        p, d = self.plan, self.policy
-        for i, t in p.failures.items():
-            self.push(t, self.FAIL, i)
-        times = p.time
-        nxt, n_plan = 0, len(p)
-        heap = self.heap
-        while nxt < n_plan or heap:
-            if heap and (nxt >= n_plan or heap[0][0] < times[nxt] or (heap[0][0] == times[nxt] and heap[0][1] < self.DUE)):
-                t, kind, _, x = heapq.heappop(heap)
-                self.now = t
-                if kind == self.FINISH:
-                    self.finish(x, t)
-                elif kind == self.FAIL:
-                    self.fail(x, t)
-                elif kind == self.DUE:
-                    d.due(x, t)
-                else:  # an output reaching the frontend after its response overhead
-                    d.output(x, t)
-            else:
-                self.now = float(times[nxt])
-                d.due(nxt, self.now)
-                nxt += 1
-
-    def finish(self, n: int, t: float) -> None:
-        if self.status[n] != "running":
-            return  # lost to a failure before it finished
-        self.status[n] = "done"
-        inst = self.rec["instance"][n]
-        overhead = self.rec["overhead"][n]
-        self.start_next(inst)
-        if overhead > 0:
-            self.push(t + overhead, self.ARRIVE, n)
-        else:
-            self.policy.output(n, t)
-
-    def fail(self, i: int, t: float) -> None:
-        self.policy.failed(i, t)
-        lost = []
-        if self.running[i] >= 0:
-            lost.append(self.running[i])
-        lost += [n for n in self.queue[i] if self.status[n] == "queued"]
-        self.queue[i].clear()
-        self.running[i] = -1
-        for n in lost:
-            self.status[n] = "lost"
-            self.rec["finish"][n] = t
-        for n in lost:
-            self.policy.lost(n, t)
-
-    def outcome(self, code=None, inputs=None, batch: int = 2048) -> Outcome:
-        self.run()
-        p, d = self.plan, self.policy
-        if np.any(np.isinf(d.done)):
-            raise UserError("The simulation left a query unanswered; this is a bug in serve/policy.py.")
-        n = len(p.queries.arrival)
-        predicted = np.full(n, -1)
-        if code is not None and inputs is not None:
-            group_of = d._group_of if p.strategy == "coded" else None
-            predicted = predictions(p, group_of, d.available if p.strategy == "coded" else None,
-                                    d.reconstructed if p.strategy == "coded" else np.zeros(n, dtype=bool),
-                                    code, inputs, batch)
-        status = np.array([x or "" for x in self.status])
-        sent = status != ""
-        rec = {name: np.asarray(v, dtype=float)[sent] for name, v in self.rec.items()}
-        status = status[sent]
-        inst = rec["instance"].astype(int)
-        started = np.isfinite(rec["start"])
-        ok = status == "done"
-        requests = {
-            "instance": inst, "role": self.roles[inst], "sent": rec["sent"],
-            "done": np.where(ok, rec["finish"] + rec["overhead"], rec["finish"]),
-            "compute": rec["compute"], "delay": rec["delay"], "factor": rec["factor"], "ok": ok,
-            "started": started, "busy": np.where(started, rec["finish"] - rec["start"], 0.0),
-            "cancelled": status == "cancelled",
-        }
-        q = p.queries
-        return Outcome(q.arrival, d.done, d.reconstructed, d.retried, predicted, q.label, q.index, {}, requests,
-                       d.answers)
-
-
-def group_inputs(plan: Plan, groups: np.ndarray, inputs):
-    """``(members, real, x)`` of ``groups``: their member queries ((B, k), -1 for blank padding), which slots
-    hold one, and the k inputs of each group ((B, k, ...)) with blank padding as zeros, as the frontend encodes
-    them."""
-    import torch
-
-    members = plan.members[groups]
-    real = members >= 0
-    img = np.where(real, plan.queries.index[np.maximum(members, 0)], 0)
-    x = inputs[torch.as_tensor(img.reshape(-1))].reshape(len(groups), plan.k, *inputs.shape[1:]).clone()
-    x[torch.as_tensor(~real)] = 0.0
-    return members, real, x
-
-
-def predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconstructed: np.ndarray, code, inputs,
-                batch: int) -> np.ndarray:
-    """F's argmax for own answers; the decoder's reconstruction from the outputs in hand for reconstructed ones
-    (``available``: (groups, k + r), which outputs each group had when it decoded)."""
-    import torch
-
-    q = plan.queries
-    images, where = np.unique(q.index, return_inverse=True)
-    with torch.no_grad():
-        fx = torch.cat([code.base(inputs[torch.as_tensor(images[i:i + 4096])]) for i in range(0, len(images), 4096)])
-        pad_output = code.base(torch.zeros(1, *inputs.shape[1:]))[0]
-    predicted = fx.argmax(1).numpy()[where]
-    if not reconstructed.any():
-        return predicted
-    k = plan.k
-    groups = np.unique(group_of[reconstructed])
-    for lo in range(0, len(groups), batch):
-        g = groups[lo:lo + batch]
-        members, real, x = group_inputs(plan, g, inputs)
-        with torch.no_grad():
-            own = fx[torch.as_tensor(where[np.maximum(members, 0)].reshape(-1))].reshape(len(g), k, -1).clone()
-            own[torch.as_tensor(~real)] = pad_output
-            parity = code.parity_outputs(code.encode(x))
-            recon = code.decode(torch.cat([own, parity], 1), torch.as_tensor(available[g]))
-        pick = real & reconstructed[np.maximum(members, 0)]
-        rows, cols = np.nonzero(pick)
-        predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
-    return predicted
-
-
-def nworker_predictions(plan: Plan, group_of: np.ndarray, available: np.ndarray, reconstructed: np.ndarray, code,
-                        inputs, batch: int) -> np.ndarray:
-    """An N-worker code's served predictions: F's argmax for queries answered by a retry (their own output), and
-    for the rest the code itself (:class:`coders.nworker.NWorkerCode`: encode, F on every coded input, decode) on
-    the group's members, from the outputs ``available`` ((groups, N)) when it decoded."""
-    import torch
-
-    predicted = predictions(plan, None, None, np.zeros(len(reconstructed), dtype=bool), code, inputs, batch)
-    groups = np.unique(group_of[reconstructed])
-    for lo in range(0, len(groups), batch):
-        g = groups[lo:lo + batch]
-        members, real, x = group_inputs(plan, g, inputs)
-        recon = code(x, torch.as_tensor(available[g]))
-        rows, cols = np.nonzero(real & reconstructed[np.maximum(members, 0)])
-        predicted[members[rows, cols]] = recon[torch.as_tensor(rows), torch.as_tensor(cols)].argmax(-1).numpy()
-    return predicted
-
-
-# -- profiles measured by the ray runtime ------------------------------------------------------------
-def profile_rows(roles: list[int], requests: dict) -> list[list]:
-    """Rows (role, actor, compute_ms, overhead_ms) of one strategy's served requests on Ray.
-
-    ``overhead_ms`` is what the runtime added beyond the instance's service, measured only on requests that
-    found their instance idle (its previous answer was back before they were sent), so no queueing is in it.
-    """
-    if not len(requests.get("instance", [])):
-        return []
-    pos = role_positions(roles)
-    inst = np.asarray(requests["instance"])
-    sent, done = np.asarray(requests["sent"]), np.asarray(requests["done"])
-    compute, delay, factor = (np.asarray(requests[c], dtype=float) for c in ("compute", "delay", "factor"))
-    ok = np.asarray(requests["ok"], dtype=bool)
-    rows = []
-    for i in np.unique(inst):
-        idx = np.nonzero((inst == i) & ok)[0]
-        idx = idx[np.argsort(sent[idx], kind="stable")]
-        prev_done = np.concatenate([[-np.inf], done[idx][:-1]])
-        idle = sent[idx] >= prev_done
-        overhead = (done[idx] - sent[idx]) - (compute[idx] + delay[idx]) * factor[idx]
-        for j, n in enumerate(idx):
-            rows.append([int(roles[i]), int(pos[i]), f"{1000 * compute[n]:.4f}",
-                         f"{1000 * max(overhead[j], 0.0):.4f}" if idle[j] else ""])
-    return rows
-
-
-def write_profile(path: Path, strategies: list[tuple[list[int], dict]]) -> None:
-    """``profile.csv`` of one setting from every strategy's requests on Ray (``[(roles, requests), ...]``)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(PROFILE_COLUMNS)
-    for roles, requests in strategies:
-        w.writerows(profile_rows(roles, requests))
-    atomic_write_text(buf.getvalue(), path)

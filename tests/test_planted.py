@@ -20,7 +20,7 @@ from test_sim import bursts
 
 def sim_config(**overrides):
     raw = {"instances": 4, "num_queries": 2000, "service": {"dist": "exponential", "mean_ms": 1.0},
-           "engine": "sim", "plot": False, "group_timeout_ms": 2.0, "delays": [{"dist": "none"}], **overrides}
+           "engine": "sim", "batch_size": 1, "plot": False, "group_timeout_ms": 2.0, "delays": [{"dist": "none"}], **overrides}
     return validate(raw, need_runs=False)
 
 

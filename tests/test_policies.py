@@ -26,7 +26,7 @@ PERCENTILES = (50, 90, 99, 99.9)
 
 def sim_config(**overrides):
     raw = {"instances": 4, "num_queries": 2000, "service": {"dist": "exponential", "mean_ms": 1.0},
-           "engine": "sim", "plot": False, "group_timeout_ms": 2.0,
+           "engine": "sim", "batch_size": 1, "plot": False, "group_timeout_ms": 2.0,
            "delays": [{"dist": "exponential", "mean_ms": 5, "probability": 0.1}], **overrides}
     return validate(raw, need_runs=False)
 

@@ -20,7 +20,7 @@ from serve.sim import simulate
 
 
 def sim_config(**overrides):
-    raw = {"instances": 2, "num_queries": 10, "service": {"dist": "constant", "ms": 100.0}, "engine": "sim",
+    raw = {"instances": 2, "num_queries": 10, "service": {"dist": "constant", "ms": 100.0}, "engine": "sim", "batch_size": 1,
            "plot": False, **overrides}
     return validate(raw, need_runs=False)
 

@@ -29,7 +29,7 @@ PERCENTILES = (50, 90, 99, 99.9)
 
 def sim_config(**overrides) -> ServeConfig:
     raw = {"instances": 4, "num_queries": 1000, "service": {"dist": "exponential", "mean_ms": 1.0},
-           "engine": "sim", "plot": False, **overrides}
+           "engine": "sim", "batch_size": 1, "plot": False, **overrides}
     return validate(raw, need_runs=False)
 
 
@@ -463,7 +463,7 @@ def test_bad_sim_config_exits_2_naming_the_key(tmp_path, digits_run_folder):
 # -- the map --------------------------------------------------------------------------------------------
 
 def write_map_config(tmp_path, **overrides) -> Path:
-    raw = {"instances": 20, "num_queries": 20000, "service": {"dist": "exponential", "mean_ms": 1.0},
+    raw = {"instances": 20, "num_queries": 20000, "service": {"dist": "exponential", "mean_ms": 1.0}, "batch_size": 1,
            "delays": [{"dist": "constant", "ms": 20}], "group_timeout_ms": 5.0, "out_dir": str(tmp_path / "map"),
            "strategies": ["equal-resources", "replicate", "coded"],
            "map": {"loads": [0.2, 0.8], "straggler_rates": [0.01], "k_vals": [2], "r_vals": [2]}, **overrides}
