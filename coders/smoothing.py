@@ -32,7 +32,7 @@ import torch
 
 from coders.adversary import quadratic_scores
 from coders.nworker import NWorkerDecoder, chebyshev_points
-from coders.spline import MIN_POINTS, smoother_matrix
+from coders.spline import MIN_POINTS, check_answering, smoother_matrix
 
 RULES = ("cp", "gcv")
 DEFAULT_LAMS = [0.0] + [float(v) for v in np.logspace(-8, 1, 19)]
@@ -79,10 +79,7 @@ class NoiseSplineDecoder(NWorkerDecoder):
         return self._mats[key]
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-        counts = available.sum(1)
-        if bool((counts < MIN_POINTS).any()):
-            raise ValueError(f"the spline decoder needs at least {MIN_POINTS} answering workers per group "
-                             f"(SciPy's smoothing spline); got {int(counts.min())}.")
+        check_answering(available)
         b, _, n = outputs.shape
         out = torch.zeros(b, self.k, n, dtype=torch.float64)
         chosen = torch.zeros(b, dtype=torch.float64)

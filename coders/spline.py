@@ -107,6 +107,14 @@ def spline_fit(nodes: np.ndarray, values: np.ndarray, at: np.ndarray, lam: Lam) 
     return make_smoothing_spline(nodes, values, lam=None)(at)
 
 
+def check_answering(available: torch.Tensor) -> None:
+    """Refuse a batch in which some group has fewer than MIN_POINTS answering workers (each spline decoder's floor)."""
+    counts = available.sum(1)
+    if bool((counts < MIN_POINTS).any()):
+        raise ValueError(f"the spline decoder needs at least {MIN_POINTS} answering workers per group "
+                         f"(SciPy's smoothing spline); got {int(counts.min())}.")
+
+
 class SplineEncoder(Placed, NWorkerEncoder):
     """Worker i gets the smoothing spline through the K inputs, at worker point i.
     ``lam`` (default 0: interpolation, since the inputs are exact) is the encoder's smoothing."""
@@ -175,10 +183,7 @@ class SplineDecoder(Placed, NWorkerDecoder):
         return matrix
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
-        counts = available.sum(1)
-        if bool((counts < MIN_POINTS).any()):
-            raise ValueError(f"the spline decoder needs at least {MIN_POINTS} answering workers per group "
-                             f"(SciPy's smoothing spline); got {int(counts.min())}.")
+        check_answering(available)
         if self.lam != "gcv":
             patterns, index = torch.unique(available, dim=0, return_inverse=True)
             mats = [self.pattern_matrix(row) for row in patterns]
