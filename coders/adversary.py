@@ -138,6 +138,7 @@ class LocatingDecoder(NWorkerDecoder):
         if self.e_max == 0:
             return located
         patterns, index = torch.unique(available.cpu(), dim=0, return_inverse=True)
+        values_all = outputs.detach().cpu()  # one copy to the host, not one per pattern
         for row, pattern in enumerate(patterns):
             used = pattern.numpy()
             m = int(used.sum())
@@ -146,7 +147,7 @@ class LocatingDecoder(NWorkerDecoder):
                 continue
             members = (index == row).nonzero().flatten()
             cols = torch.from_numpy(used.nonzero()[0])
-            values = outputs.detach().cpu()[members][:, cols].double()  # (b, m, n)
+            values = values_all[members][:, cols].double()  # (b, m, n)
             sets, forms, ops = self.forms(used, e)
             which = quadratic_scores(values, forms).argmin(1)  # (b,)
             removed = sets[which]  # (b, e)

@@ -69,7 +69,6 @@ class Perturbation:
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, N, n)`` outputs, ``(B, N)`` availability -> the perturbed outputs and the ``(B, N)`` mask of the
         corrupted workers (A of the answering ones in every row, all of them where fewer answered)."""
-        b, m, n = outputs.shape
         corrupted = choose_adversaries(available, self.adversaries, gen)
         out = outputs
         if self.adversaries > 0:

@@ -138,12 +138,14 @@ def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None
     seen = set()
     for spec in expand_nworker_runs(cfg):
         known = known_shapes.get(spec.dataset)
-        check_nworker_memory(cfg, spec, *(known or ((1,), 1)))  # unknown sizes: the N- and K-bound parts alone
         key = (json.dumps([spec.encoder, spec.decoder], sort_keys=True), spec.k, spec.n_workers, spec.stragglers,
                spec.dataset)
-        if known is None or key in seen:
+        if key in seen:  # the same coders at the same sizes: checked once
             continue
         seen.add(key)
+        check_nworker_memory(cfg, spec, *(known or ((1,), 1)))  # unknown sizes: the N- and K-bound parts alone
+        if known is None:
+            continue
         (in_shape, n_out), (k, n) = known, (spec.k, spec.n_workers)
         encoder, decoder = build_nworker_coders(spec, in_shape, n_out)
         d = math.prod(in_shape)
