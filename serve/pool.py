@@ -39,13 +39,9 @@ class Instance:
 
     @torch.no_grad()
     def infer(self, x: np.ndarray, delay_s: float, factor: float) -> tuple[np.ndarray, float]:
-        start = time.perf_counter()
-        out = self.module(torch.as_tensor(x, device=self.device).unsqueeze(0))[0].float().cpu().numpy()
-        compute = time.perf_counter() - start
-        remaining = (compute + delay_s) * factor - (time.perf_counter() - start)
-        if remaining > 0:
-            time.sleep(remaining)
-        return out, compute
+        """F on one input: :meth:`infer_batch` on a batch of one."""
+        out, compute = self.infer_batch(np.asarray(x)[None], delay_s, factor)
+        return out[0], compute
 
     @torch.no_grad()
     def infer_batch(self, x: np.ndarray, delay_s: float, factor: float) -> tuple[np.ndarray, float]:

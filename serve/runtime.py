@@ -91,7 +91,7 @@ class Driver:
         ``ray.cancel`` once every request of the call is dropped."""
         ticket = self.ref_of.get(n)
         if ticket is not None and self.core.withdraw(ticket):
-            del self.n_of[ticket]
+            del self.n_of[ticket], self.ref_of[n]
             self.policy.cancelled(n)
 
     def answer_own(self, q: int, n: int) -> None:
@@ -121,6 +121,7 @@ class Driver:
         d = self.policy
         for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now):
             n = self.n_of.pop(ticket)
+            del self.ref_of[n]  # both maps hold only requests in flight: a long-running service keeps none
             if cancelled:
                 d.cancelled(n)
             elif not ok:  # its actor died
