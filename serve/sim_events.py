@@ -106,6 +106,7 @@ class EventRun:
             inst = self.calls[c][0]
             self.queue[inst].remove(c)
             self.batchers.returned(inst, self.now - self.calls[c][2], self.now)
+            self.batchers.consider(inst, self.now)  # the freed slot sends what waits, as after a finished call
             for m in marked:
                 self.status[m] = "cancelled"
                 self.policy.cancelled(m)
