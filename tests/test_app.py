@@ -32,7 +32,7 @@ from serve.dispatch import GroupFormer  # noqa: E402
 from serve.plan import form_groups, slow_factors  # noqa: E402
 from coders.code import load_code  # noqa: E402
 from test_hostile import BAD_BATCH_BODIES, BAD_BODIES, MAX_BODY  # noqa: E402  the hostile-input lists
-from util.signals import descendants  # noqa: E402
+from util.signals import alive, descendants  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,14 +420,6 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
         Pool(other, cfgs[1], 2, [1], name="test-app")
 
 
-def running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
 def test_ctrl_c_stops_the_service_and_its_ray_exit_130(tmp_path, digits_run_folder):
     cfg = {"runs": [digits_run_folder], "num_cpus": 1, "instances": 1, "app": {"strategy": "none", "port": free_port()}}
@@ -451,6 +443,6 @@ def test_ctrl_c_stops_the_service_and_its_ray_exit_130(tmp_path, digits_run_fold
     assert proc.returncode == 130
     assert err.strip().count("\n") == 0 and "Ctrl-C" in err and "Traceback" not in err
     deadline = time.time() + 20
-    while any(running(p) for p in started) and time.time() < deadline:
+    while any(alive(p) for p in started) and time.time() < deadline:
         time.sleep(0.2)
-    assert not [p for p in started if running(p)]
+    assert not [p for p in started if alive(p)]

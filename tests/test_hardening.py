@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from util.signals import alive, descendants
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -264,32 +266,6 @@ def test_a_map_with_no_work_per_request_is_refused_not_divided_by_zero(tmp_path,
 
 # -- signals ------------------------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> set[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
 @pytest.mark.parametrize("sig, engine, code, said", [(signal.SIGINT, "sim", 130, "interrupted (Ctrl-C)"),
                                                      (signal.SIGTERM, "ray", 143, "terminated (SIGTERM)")])
@@ -316,9 +292,9 @@ def test_a_signal_stops_serving_with_one_line_and_leaves_no_ray_and_whole_settin
         while not (out / "setting00" / "setting.json").exists():
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline, "the first setting never finished"
-            family |= _descendants(proc.pid)
+            family |= descendants(proc.pid)
             time.sleep(0.05)
-        family |= _descendants(proc.pid)
+        family |= descendants(proc.pid)
         proc.send_signal(sig)
         err = proc.communicate(timeout=120)[1]
     finally:
@@ -329,9 +305,9 @@ def test_a_signal_stops_serving_with_one_line_and_leaves_no_ray_and_whole_settin
     assert err.strip().startswith(said) and err.strip().count("\n") == 0, err[-3000:]
     assert (engine == "ray") == bool(family), "Ray runs in child processes; the simulator in none"
     deadline = time.time() + 30
-    while any(_alive(p) for p in family) and time.time() < deadline:
+    while any(alive(p) for p in family) and time.time() < deadline:
         time.sleep(0.2)
-    assert not [p for p in family if _alive(p)], "Ray processes of this command outlived it"
+    assert not [p for p in family if alive(p)], "Ray processes of this command outlived it"
     finished = [json.loads(p.read_text())["name"] for p in sorted(out.glob("*/setting.json"))]
     assert finished and len(finished) < 4, finished  # stopped part way
     for name in finished:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from util.signals import alive
+
 SHAPE = (1, 8, 8)  # the digits F of the suite's served run
 
 # (body, Content-Type, status, a piece of the reason, a piece the reason must not hold)
@@ -265,13 +267,6 @@ def family(pid: int) -> dict:
     return out
 
 
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
 def test_a_signal_at_any_moment_of_start_up_exits_with_one_line_and_leaves_no_ray(tmp_path, digits_run_folder):
     pytest.importorskip("ray")
@@ -315,6 +310,6 @@ def test_a_signal_at_any_moment_of_start_up_exits_with_one_line_and_leaves_no_ra
             (command, when, err[-3000:])
         assert when == "at once" or seen, "Ray was never seen starting"
         deadline = time.time() + 30
-        while any(running(p) for p in seen) and time.time() < deadline:
+        while any(alive(p) for p in seen) and time.time() < deadline:
             time.sleep(0.2)
-        assert not [seen[p] for p in seen if running(p)], (command, when, "Ray processes outlived the command")
+        assert not [seen[p] for p in seen if alive(p)], (command, when, "Ray processes outlived the command")

@@ -212,7 +212,8 @@ def test_train_py_runs_codes_under_adversaries_and_random_stragglers(digits_conf
                          num_epoch=1, epoch_groups="disjoint", adversaries=1, straggler_p=0.2, max_patterns=2)
     first = run_all(str(path), {"save_dir": str(tmp_path / "a")})[0]
     again = run_all(str(path), {"save_dir": str(tmp_path / "b")})[0]
-    assert {r["val_located"] for r in first} and all(0 <= r["val_located"] <= 1 for r in first)
+    # the locator finds some of the scale-100 adversaries (a switched-off locator reports 0 every epoch)
+    assert any(r["val_located"] > 0 for r in first) and all(0 <= r["val_located"] <= 1 for r in first)
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(first) == drop(again)  # seeded: the same corruption, patterns and training
     saved = json.loads(next((tmp_path / "a").rglob("config.json")).read_text())

@@ -94,6 +94,14 @@ def ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not), read from /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid``, read from Linux's /proc (empty elsewhere)."""
     parent = {}
