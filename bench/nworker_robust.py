@@ -16,7 +16,8 @@ FIGURE is one of
   accuracy of all K answers against A = 0 to 3 adversaries (``--adversary``), for Berrut and the spline
   with and without the locator (e_max = 2) and the learned code with the locator trained with A = 2;
 * ``mnist-noise`` / ``mnist-p``: the same F, K and N, accuracy against the output noise sigma (Berrut, the
-  interpolating spline, the spline with lam by C_p and by GCV) and against the straggling probability p;
+  interpolating spline, the spline with lam by C_p and by GCV, the learned code trained at each sigma) and
+  against the straggling probability p (Berrut, the spline, the learned code trained at each p);
 * ``xsinx-deadline`` / ``mnist-deadline``: each worker's completion time from the shifted exponential
   ``LATENCY`` (10 ms + an exponential tail of mean 5 ms, util/latency.py), test error of the answered groups
   and the fraction answered against the deadline (coders/deadline.py), for Berrut and the spline (x sin x:
@@ -115,14 +116,16 @@ def figure(name: str, args) -> tuple[dict, list, list]:
             gcv = ["coders.spline.SplineEncoder", {"class": "coders.smoothing.NoiseSplineDecoder",
                                                    "args": {"rule": "gcv"}}]
             families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False),
-                        ("spline, lam by C_p (sigma known)", cp, False), ("spline, lam by GCV", gcv, False)]
+                        ("spline, lam by C_p (sigma known)", cp, False), ("spline, lam by GCV", gcv, False),
+                        ("learned", learned(512, None, 256), True)]
             return base, families, [(f"N = {n}, sigma = {v:g}", {"n_workers": [n], "output_noise": v},
                                      {"output_noise": v}) for n in args.n for v in (0.0, 1.0, 3.0, 10.0)]
         if kind == "deadline":
             return {**base, "stragglers": [0]}, [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False)], \
                 deadline_columns(args.n)
         if kind == "p":
-            families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False)]
+            families = [("Berrut", BERRUT, False), ("spline, lam 0", SPLINE, False),
+                        ("learned", learned(512, None, 256), True)]
             return base, families, [(f"N = {n}, p = {p:g}", {"n_workers": [n], "stragglers": [0], "straggler_p": p},
                                      {"straggler_p": p}) for n in args.n for p in (0.0, 0.1, 0.2, 0.3)]
         families = [("Berrut", BERRUT, False), ("spline", SPLINE, False), *[(k, v, False) for k, v in
