@@ -59,6 +59,9 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    from serve.core.strategies import REGISTRY
+
+    registered = dict(REGISTRY)
     forget_page_modules()
     try:
         for name, code in examples(PAGE.read_text())[section]:
@@ -66,8 +69,10 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
                 (tmp_path / name).write_text(code)
             else:
                 exec(compile(code, f"{PAGE.name} ({section})", "exec"), {"__name__": "__example__"})
-    finally:  # the page's own modules are imported from this scratch folder only
+    finally:  # the page's own modules are imported from this scratch folder only, its strategies live here only
         forget_page_modules()
+        REGISTRY.clear()
+        REGISTRY.update(registered)
 
 
 def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, monkeypatch):
