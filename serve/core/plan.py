@@ -277,7 +277,8 @@ def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, del
     roles = way.roles(m, k, r, policy.pool if policy else "split")
     check_failed_instances(cfg, k, r, [strategy])
     failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
-    time, query, group, slot, members, closed = way.requests(queries.arrival, k, r, cfg.group_timeout_ms / 1000.0)
+    groups = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0) if way.grouped else None
+    time, query, group, slot, members, closed = way.requests(queries.arrival, k, r, groups)
     order = np.argsort(time, kind="stable")
     time, query, group, slot = time[order], query[order], group[order], slot[order]
     inst = way.route(m, k, r, query, slot, group)

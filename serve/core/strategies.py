@@ -79,9 +79,10 @@ class Strategy:
         return m
 
     # -- requests ------------------------------------------------------------------------------------
-    def requests(self, arrival: np.ndarray, k: int, r: int, timeout_s: float):
+    def requests(self, arrival: np.ndarray, k: int, r: int, groups=None):
         """Every request of the queries arriving at ``arrival``: ``(time, query, group, slot, members, closed)``,
-        not yet ordered (members and closed: per group, None without groups)."""
+        not yet ordered; ``groups``: ``(members (G, k), close times (G,))`` of a grouped strategy
+        (:func:`serve.core.plan.form_groups`), else None (and members, closed are None)."""
         n, c = len(arrival), self.copies
         return (np.repeat(arrival, c), np.repeat(np.arange(n), c), np.full(c * n, -1), np.tile(np.arange(c), n),
                 None, None)
@@ -135,10 +136,8 @@ class Grouped(Strategy):
         data_q = members[data_g, data_slot]
         return data_g, data_slot, data_q, arrival[data_q]
 
-    def requests(self, arrival, k, r, timeout_s):
-        from serve.core.plan import form_groups
-
-        members, closed = form_groups(arrival, k, timeout_s)
+    def requests(self, arrival, k, r, groups=None):
+        members, closed = groups
         g = len(closed)
         data_g, data_slot, data_q, arrive = self.coded_inputs(members, closed, arrival, k)
         # Parities go out when the group closes (the encoder needs all k inputs).
