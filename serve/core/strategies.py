@@ -49,6 +49,7 @@ class Strategy:
     answers = "its own output"  # how a query is answered, in words (docs, messages)
     default = False           # one of the strategies a config without 'strategies' compares
     grouped = False           # requests form groups of k queries, decoded from ``need`` of their k + r outputs
+                              # (the code's: k for a systematic code, N - S for an N-worker one; Plan.need)
     copies = 1                # requests per query when not grouped (the first answer wins)
     own_outputs = True        # a request carries one query, whose output answers it (False: only decoding does)
     approximate_copy = False  # the last copy is a cheaper model's approximate answer (its answer is "rebuilt")
