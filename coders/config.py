@@ -30,6 +30,9 @@ from util.schema import (Spec, key_error, parse_overrides, read_json_config,  # 
 
 @dataclass
 class CodeConfig:
+    """The computation's keys, each declared once with its type, default and meaning (``train.config.Config``
+    adds training's)."""
+
     k_vals: list[int]                   # numbers of data inputs per group to sweep
     enc_dec_types: list[list[Spec]]     # [encoder, decoder] class-path pairs to sweep
     datasets: list[str]                 # digits, mnist, fashion-mnist, cifar10, cifar100, diabetes, a class
