@@ -81,8 +81,10 @@ class CodeConfig:
 
 CODE_CHOICES = {"parity_model_init": ("random", "base"), "form": ("systematic", "nworker")}
 
-keep_moved_attributes(__name__, {name: "train.config" for name in (  # the training config's names, as before
-    "Config", "DEFAULT_OPTIMIZER", "CHOICES", "REQUIRED", "validate_dict", "load_config", "load_run_folder")})
+keep_moved_attributes(__name__, {  # the training config's names, as before (tests/test_layering.py reads this dict)
+    "Config": "train.config", "DEFAULT_OPTIMIZER": "train.config", "CHOICES": "train.config",
+    "REQUIRED": "train.config", "validate_dict": "train.config", "load_config": "train.config",
+    "load_run_folder": "train.config"})
 
 
 @dataclass(frozen=True)
