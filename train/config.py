@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from coders.config import (CODE_CHOICES, CODE_DIRS, NWORKER_RUN_KEYS, RUN_KEYS, CodeConfig, RunSpec,  # noqa: F401
                            Spec, add_code_dir, check_code_values, expand_runs, load_code_config, parse_overrides,
-                           read_json_config, read_run_folder, split_spec, to_dict, validate_schema)
+                           read_json_config, read_run_folder, spec_name, split_spec, to_dict, validate_schema)
 from util.errors import ConfigError
 from util.schema import key_error, required_keys
 
