@@ -13,7 +13,7 @@ from typing import Optional
 
 from base_models.fit import build_base_model
 from util.shapes import coder_in_dim
-from coders.config import Config, RunSpec
+from coders.config import CodeConfig, RunSpec
 from util.classpath import build, describe_exception, spec_name
 from util.errors import ConfigError
 
@@ -33,7 +33,7 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
     return modules[0], modules[1]
 
 
-def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module,
+def build_parity_models(cfg: CodeConfig, spec: RunSpec, splits, base: nn.Module,
                         n_out: Optional[int] = None) -> nn.ModuleList:
     """The r parity models F_P of a run (architecture 'parity_model', else F's), each with ``n_out``
     outputs (F's output width; by default the dataset's class count or target width)."""

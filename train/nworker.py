@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from coders.config import CODE_DIRS, Config, to_dict
+from train.config import CODE_DIRS, Config, to_dict
 from coders.nworker import NWorkerCode, pattern_count, patterns_used, straggler_patterns
 from coders.nworker import build_nworker_coders as build_coder_pair
 from train.engine import CodedRun, eval_groups, make_optimizer
