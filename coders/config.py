@@ -3,19 +3,20 @@
 Every key is declared once in :class:`Config` with its type, default and a
 comment. :func:`load_config` rejects unknown keys (with a did-you-mean),
 wrong types and impossible values before any work starts, and
-:func:`expand_runs` turns the lists into one :class:`RunSpec` per combination.
+:func:`expand_runs` turns the lists into one :class:`RunSpec` per combination. What depends on the
+config's ``form`` (its keys' checks, the sizes it sweeps) is the form's (coders/form.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-from util.classpath import CODE_DIRS, add_code_dir, spec_name, split_spec  # noqa: F401  (CODE_DIRS: re-exported)
+from coders.form import FORMS, RunSpec, check_forms, expand_runs, form_named, form_of_record  # noqa: F401
+from util.classpath import CODE_DIRS, add_code_dir, split_spec  # noqa: F401  (CODE_DIRS: re-exported)
 from util.errors import ConfigError, UserError
 
 Spec = Union[str, dict]
@@ -99,38 +100,9 @@ class Config:
 
 CHOICES = {"parity_model_init": ("random", "base"), "epoch_groups": ("images", "disjoint"),
            "lr_schedule": ("constant", "cosine", "linear", "step"),
-           "task": ("auto", "classification", "regression"), "form": ("systematic", "nworker")}
+           "task": ("auto", "classification", "regression"), "form": tuple(FORMS)}
 REQUIRED = [f.name for f in dataclasses.fields(Config) if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One combination of the config's lists: what one run folder holds."""
-
-    dataset: Spec
-    model: Spec
-    k: int
-    r: int
-    loss: Spec
-    encoder: Spec
-    decoder: Spec
-    run_seed: Optional[int] = None  # one of the config's 'seeds'; None when it sweeps none
-
-    def folder(self, save_dir: str) -> Path:
-        parts = [self.dataset, self.model, f"k{self.k}", f"r{self.r}", self.loss, self.encoder, self.decoder]
-        if self.run_seed is not None:
-            parts.append(f"seed{self.run_seed}")
-        return Path(save_dir, *[spec_name(p) if not isinstance(p, int) else str(p) for p in parts])
-
-    def describe(self) -> str:
-        return (f"{spec_name(self.dataset)} {spec_name(self.model)} k={self.k} r={self.r} "
-                f"{spec_name(self.loss)} {spec_name(self.encoder)}/{spec_name(self.decoder)}"
-                + (f" seed={self.run_seed}" if self.run_seed is not None else ""))
-
-    def train_seed(self, cfg: "Config") -> int:
-        """The seed of this run's coder initialisation and data order."""
-        return self.run_seed if self.run_seed is not None else cfg.seed
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -184,8 +156,9 @@ def _check_distinct_folders(cfg: Config, source: str) -> None:
         if folder in seen:
             raise ConfigError(f"{source}: two runs of the sweep would write the same run folder '{folder}' "
                               f"({seen[folder]} and {spec.describe()}): a value is listed twice in 'datasets', "
-                              f"'models', 'losses', 'enc_dec_types', 'k_vals', 'r_vals' or 'seeds'. Fix: list "
-                              f"each value once.")
+                              f"'models', 'losses', 'enc_dec_types', 'k_vals', "
+                              f"{', '.join(repr(key) for key in form_named(cfg.form).sweep_keys)} or 'seeds'. "
+                              f"Fix: list each value once.")
         seen[folder] = spec.describe()
 
 
@@ -254,7 +227,7 @@ def _check_values(cfg: Config, source: str) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise bad(key, f"must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, key)!r}.")
-    _check_nworker(cfg, bad)
+    check_forms(cfg, bad)  # the form's own keys (coders/form.py)
     for key in ("optimizer", "parity_model"):
         if getattr(cfg, key) is not None:
             split_spec(getattr(cfg, key), key)
@@ -274,39 +247,6 @@ def _check_values(cfg: Config, source: str) -> None:
             raise bad("device", f"is not a device name; use \"auto\", \"cpu\" or \"cuda\"; got {cfg.device!r}.") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise bad("device", "asks for CUDA, but this machine has no usable GPU; use \"auto\" or \"cpu\".")
-
-
-def _check_nworker(cfg: Config, bad) -> None:
-    """The N-worker keys are given exactly when ``form`` is "nworker", with 0 <= S < N and K <= N in every
-    combination."""
-    keys = ("n_workers", "stragglers")
-    if cfg.form != "nworker":
-        from coders.perturb_config import refuse_perturbation_keys
-
-        refuse_perturbation_keys(cfg, bad)
-        for key in keys:
-            if getattr(cfg, key) is not None:
-                raise bad(key, f"is read only by the N-worker form; this config's 'form' is {cfg.form!r}. Fix: "
-                               f"set \"form\": \"nworker\", or remove '{key}' (the systematic form uses r_vals).")
-        return
-    for key in keys:
-        if not getattr(cfg, key):
-            raise bad(key, f"must list at least one value when 'form' is \"nworker\" (e.g. \"{key}\": "
-                           f"{[10] if key == 'n_workers' else [1]}).")
-    if any(n < 1 for n in cfg.n_workers):
-        raise bad("n_workers", f"must hold integers of 1 or more; got {cfg.n_workers}.")
-    if any(s < 0 for s in cfg.stragglers) or max(cfg.stragglers) >= min(cfg.n_workers):
-        raise bad("stragglers", f"must hold integers S with 0 <= S < N for every N of 'n_workers' (at least one "
-                                f"worker answers); got stragglers {cfg.stragglers} with n_workers {cfg.n_workers}.")
-    if min(cfg.n_workers) < max(cfg.k_vals):
-        raise bad("n_workers", f"must hold N >= K for every K of 'k_vals' (each of the K inputs needs a worker's "
-                               f"answer at least; serving refuses such a run); got n_workers {cfg.n_workers} with "
-                               f"k_vals {cfg.k_vals}. Fix: raise n_workers or lower k_vals.")
-    if cfg.max_patterns < 1:
-        raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
-    from coders.perturb_config import check_perturbation_keys
-
-    check_perturbation_keys(cfg, bad)
 
 
 def _check_domains(cfg: Config, source: str) -> None:
@@ -387,12 +327,6 @@ def read_json_config(path: Path, example: str) -> Any:
         raise ConfigError(f"Config file '{path}' is not text (UTF-8). Fix: pass a JSON file, {example}.") from None
 
 
-RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
-# An N-worker run's config.json names N and S instead of r (train/nworker.py).
-NWORKER_RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "n_workers": "n_workers",
-                    "stragglers": "stragglers", "loss": "losses"}
-
-
 def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tuple[Config, Path]:
     """The one-run config stored in a run folder's ``config.json``, and the folder."""
     folder = Path(folder)
@@ -403,7 +337,7 @@ def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tup
     try:
         saved = json.loads(path.read_text())
         raw = {key: saved[key] for key in get_type_hints(Config) if key in saved}
-        for one, many in (NWORKER_RUN_KEYS if saved.get("form") == "nworker" else RUN_KEYS).items():
+        for one, many in form_of_record(saved).run_keys().items():  # an N-worker run's N and S, else r
             raw[many] = [saved[one]]
         raw["enc_dec_types"] = [[saved["encoder"], saved["decoder"]]]
         raw["seeds"] = [saved["run_seed"]] if saved.get("run_seed") is not None else None
@@ -420,12 +354,3 @@ def load_run_folder(folder: str | Path, overrides: Optional[dict] = None) -> tup
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def expand_runs(cfg: Config) -> list[RunSpec]:
-    """Every combination of the config's lists, in a stable order."""
-    return [
-        RunSpec(dataset, model, k, r, loss, enc, dec, seed)
-        for dataset, model, k, r, loss, (enc, dec), seed in itertools.product(
-            cfg.datasets, cfg.models, cfg.k_vals, cfg.r_vals, cfg.losses, cfg.enc_dec_types, cfg.seeds or [None])
-    ]
