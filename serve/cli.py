@@ -23,12 +23,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
+from serve.core.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
-from serve.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
+from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
                         make_queries, parity_per_model, pool_roles)
-from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
@@ -154,7 +154,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))
         else:
-            from serve.sim import simulate
+            from serve.simulator.simulate import simulate
 
             outcome = simulate(plan, cfg, code=code, inputs=x, backup=loaded.backup)
         summary = summarize(outcome, strategy, plan.num_instances, cfg.warmup_queries)
@@ -167,7 +167,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
               f"per query", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
     if measured:  # what the simulator's "profile" key reads: compute and overhead per request and instance
-        from serve.sim import write_profile
+        from serve.simulator.simulate import write_profile
 
         write_profile(folder / "profile.csv", measured)
     if cfg.plot:
@@ -204,7 +204,7 @@ def measured_compute_s(code, x) -> float:
     return sorted(times)[len(times) // 2]
 
 
-SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.limits.plan_bytes), and its fix
+SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.core.limits.plan_bytes), and its fix
     "num_queries": ("num_queries", "lower 'num_queries'."),
     "parities": ("num_queries", "lower 'num_queries'."),
     "groups": ("num_queries", "lower 'num_queries'."),
@@ -214,8 +214,8 @@ SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.limit
 
 
 def check_sizes(cfg: ServeConfig, codes: dict) -> None:
-    """Memory, actors and load of every setting, refused with the figure before any work (serve/limits.py)."""
-    from serve.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
+    """Memory, actors and load of every setting, refused with the figure before any work (serve/core/limits.py)."""
+    from serve.core.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
                               mean_delay_ms, slow_factor, strategy_load)
     cfg = replace(cfg, strategies=row_strategies(cfg))  # a policy's plan and load are its strategy's
     shapes = sorted({code_layout(c.code)[:2] for c in codes.values()})
@@ -230,7 +230,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
         if cfg.engine == "ray":
             compute_ms = 1000.0 * measured_compute_s(loaded.code, loaded.splits.test_x)
         elif cfg.profile:
-            from serve.sim import read_profile
+            from serve.simulator.simulate import read_profile
 
             compute_ms = float(np.nanmean(read_profile(cfg.profile)["compute_ms"]))
         else:
@@ -251,7 +251,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
 def least_mean_ms(dist: dict, key: str) -> float:
     """A distribution's mean in ms; for a Pareto with no mean (alpha <= 1), its least value, a lower bound
     that is enough to refuse a rate no instance count could serve."""
-    from serve.limits import mean_ms
+    from serve.core.limits import mean_ms
 
     if dist["dist"] == "pareto" and dist["alpha"] <= 1:
         return float(dist["scale_ms"])
@@ -308,8 +308,8 @@ def stops_cleanly(work, out_dir: str, command: str, finished: Optional[list] = N
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
-    from serve.batching import batching_of
-    from serve.runtime import Frontend, Pool
+    from serve.core.batching import batching_of
+    from serve.cluster.runtime import Frontend, Pool
 
     code = loaded.code
     k, r, _ = code_layout(code)

@@ -3,7 +3,7 @@
 No MkDocs needed. Links and pictures of README.md and docs/*.md must point at
 files that exist (and at headings that exist, for ``page.md#anchor``); every
 key of the training config (coders/config.py ``Config``), the serving config
-(serve/config.py ``ServeConfig``) and the map (serve/map.py ``MAP_KEYS``) needs
+(serve/core/config.py ``ServeConfig``) and the map (serve/simulator/map.py ``MAP_KEYS``) needs
 a row ``| `key` | default | meaning |`` in its reference page, with the
 default the code declares.
 """
@@ -115,9 +115,9 @@ def schemas():
 
     return [
         (schema_defaults(Config), DOCS / "training.md", "coders/config.py, class Config"),
-        (schema_defaults(ServeConfig), DOCS / "serving.md", "serve/config.py, class ServeConfig"),
+        (schema_defaults(ServeConfig), DOCS / "serving.md", "serve/core/config.py, class ServeConfig"),
         ({key: json.dumps(default) for key, (default, _) in MAP_KEYS.items()}, DOCS / "simulator.md",
-         "serve/map.py, MAP_KEYS"),
+         "serve/simulator/map.py, MAP_KEYS"),
     ]
 
 

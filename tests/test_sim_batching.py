@@ -1,4 +1,4 @@
-"""The simulator's batching (serve/sim.py EventRun with serve.batching.Batchers): batch size 1 is the unbatched
+"""The simulator's batching (serve/simulator/simulate.py EventRun with serve.batching.Batchers): batch size 1 is the unbatched
 simulator to the nanosecond; the maximum wait is honoured; a straggler delays exactly the call it lands in; no
 query is lost or answered twice; the profile's a + b x batch fit recovers planted costs. No Ray."""
 import csv

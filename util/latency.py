@@ -4,7 +4,7 @@ A law is a dict such as ``{"dist": "shifted-exponential", "shift_ms": 10, "mean_
 ``probability`` (each draw is delayed with this probability, else 0 ms) and ``instances`` (only these
 instances, or workers, are delayed). :func:`check_delay` validates one (a ConfigError naming the key),
 :func:`sample_ms` draws from one with a numpy Generator: serving's simulator and runtime
-(serve/plan.py) and N-worker evaluation by a deadline (coders/deadline.py) draw from this one law.
+(serve/core/plan.py) and N-worker evaluation by a deadline (coders/deadline.py) draw from this one law.
 """
 from __future__ import annotations
 

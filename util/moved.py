@@ -46,5 +46,4 @@ def keep_moved_names(package: str, moved: dict[str, str]) -> None:
     for old, new in moved.items():
         _MOVED[f"{package}.{old}"] = new if "." in new else f"{package}.{new}"
     if not any(isinstance(f, _MovedNames) for f in sys.meta_path):
-        # first: an old name is the new module, even where a stale file of the old name is still on a path
-        sys.meta_path.insert(0, _MovedNames())
+        sys.meta_path.insert(0, _MovedNames())  # before any other finder: an old name is always the moved module

@@ -1,6 +1,6 @@
 """``python -m serve.loadgen CONFIG.json [--url URL ...] [--set KEY=VALUE ...]``: a real client of the service.
 
-Sends the benchmark's seeded queries (:func:`serve.plan.make_queries`: the
+Sends the benchmark's seeded queries (:func:`serve.core.plan.make_queries`: the
 config's ``seed``, ``num_queries``, each of ``rates``, images from ``split``
 of the served run's dataset) to ``POST /predict`` over HTTP, open loop: each
 query leaves at its Poisson arrival time whether or not earlier ones have
@@ -33,9 +33,9 @@ from typing import Optional
 
 import numpy as np
 
-from serve.config import ServeConfig, app_config, expand_settings, load_serve_config
-from serve.plan import make_queries
-from serve.results import Outcome, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.config import ServeConfig, app_config, expand_settings, load_serve_config
+from serve.core.plan import make_queries
+from serve.core.results import Outcome, markdown_table, plot_cdf, summarize, write_strategy
 from coders.config import parse_overrides
 from util.errors import UserError, exits_on_user_error
 from util.files import atomic_write_text
@@ -184,7 +184,7 @@ def health(url: str) -> dict:
         return resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         raise UserError(f"No lcc service answers at {url} ({type(exc).__name__}). Fix: start one with python -m "
-                        f"serve.app CONFIG.json, and pass its address with --url.") from None
+                        f"serve.web.app CONFIG.json, and pass its address with --url.") from None
 
 
 def layer_percentiles(rec: dict, ok: np.ndarray) -> dict:

@@ -1,8 +1,8 @@
 """Batching in the instances: one batcher per instance, forming the batches its calls carry.
 
 A request the policy machine sends to instance i does not go to Ray alone: it
-joins i's queue in the answering core (:class:`serve.dispatch.Dispatcher`),
-and the queue goes out as one call (:meth:`serve.runtime.Instance.infer_batch`,
+joins i's queue in the answering core (:class:`serve.cluster.dispatch.Dispatcher`),
+and the queue goes out as one call (:meth:`serve.cluster.runtime.Instance.infer_batch`,
 F run once over the stacked inputs) when
 
 * it holds ``batch_size`` requests (a full batch goes at once), or
@@ -46,7 +46,7 @@ UNBATCHED = Batching(size=1, wait_ms=0.0, inflight=1 << 30)  # one request a cal
 
 
 def batching_of(cfg) -> Batching:
-    """The :class:`Batching` of a checked :class:`serve.config.ServeConfig`."""
+    """The :class:`Batching` of a checked :class:`serve.core.config.ServeConfig`."""
     return Batching(cfg.batch_size, float(cfg.batch_wait_ms), cfg.batch_inflight, cfg.batch_adaptive_ms)
 
 

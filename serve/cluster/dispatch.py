@@ -1,11 +1,11 @@
 """The answering core: payloads, encoding, decoding and answers of the requests sent to Ray actors.
 
 Shared by the two frontends that put a trained code in front of Ray actors:
-the benchmark (:class:`serve.runtime.Frontend`, which executes a plan made in
-advance) and the HTTP service (:class:`serve.runtime.ServiceFrontend`, which
+the benchmark (:class:`serve.cluster.runtime.Frontend`, which executes a plan made in
+advance) and the HTTP service (:class:`serve.cluster.runtime.ServiceFrontend`, which
 sends requests as clients make them). Every *decision* (which request goes
 where and when, which are dropped, what answers a query, how a lost request
-is recovered) is :class:`serve.policy.PolicyMachine`'s, the same state
+is recovered) is :class:`serve.core.policy.PolicyMachine`'s, the same state
 machine the simulator runs; what is left here is the work those decisions
 need, done once:
 
@@ -17,7 +17,7 @@ need, done once:
   instance (blank padding included: it is mixed into them), and all k
   answers are decoded from the N - S outputs the policy says are in hand;
 * a request joins its instance's batcher (:meth:`Dispatcher.send`,
-  :mod:`serve.batching`), goes out in one call with the others of its batch
+  :mod:`serve.core.batching`), goes out in one call with the others of its batch
   (their inputs stacked, the coded slots of every group in it encoded at
   once), and is logged when the call comes back (:meth:`Dispatcher.collect`);
   a coded output is kept for the decoder (:meth:`Dispatcher.keep`);
@@ -26,7 +26,7 @@ need, done once:
   the groups decided in one round of returned calls are decoded in one call.
 
 Groups are formed k at a time in arrival order, closing at the k-th arrival or
-``group_timeout_ms`` after the first: :func:`serve.plan.form_groups` applies
+``group_timeout_ms`` after the first: :func:`serve.core.plan.form_groups` applies
 the rule to a whole stream at once (for plans and the simulator),
 :class:`GroupFormer` to one arrival at a time (for the service); a test holds
 them equal.
@@ -41,8 +41,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from serve.batching import Batchers, Batching
-from serve.plan import code_layout, is_nworker
+from serve.core.batching import Batchers, Batching
+from serve.core.plan import code_layout, is_nworker
 
 
 @contextlib.contextmanager
@@ -84,7 +84,7 @@ class Group:
 
 
 class GroupFormer:
-    """Groups of up to k queries, one arrival at a time, by :func:`serve.plan.form_groups`'s rule."""
+    """Groups of up to k queries, one arrival at a time, by :func:`serve.core.plan.form_groups`'s rule."""
 
     def __init__(self, k: int, timeout_s: float):
         self.k, self.timeout = k, timeout_s
@@ -127,7 +127,7 @@ class Dispatcher:
 
     ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query; ``watch(ref)``
     (optional) is told of every call sent, for drivers that wait by callback rather than ray.wait. Requests go
-    out in batches (``batching``, :mod:`serve.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
+    out in batches (``batching``, :mod:`serve.core.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
     clock time ``t``, for a batch's wait. A driver calls :meth:`end_round` after reporting returned calls.
     """
 
@@ -237,7 +237,7 @@ class Dispatcher:
     # -- sending and collecting ----------------------------------------------------------------------
     def send(self, instance: int, x: Optional[np.ndarray], delay: float, factor: float, req: Request) -> int:
         """Queue a request for ``instance`` (``x`` None: a coded slot, encoded when its call goes out); its
-        batcher sends it (:mod:`serve.batching`). Returns the request's ticket."""
+        batcher sends it (:mod:`serve.core.batching`). Returns the request's ticket."""
         t, encoded, dispatched = time.perf_counter(), self.cost["encode"], self.cost["dispatch"]
         ticket = self.next_ticket
         self.next_ticket += 1

@@ -1,11 +1,11 @@
 """The simulator's served predictions, computed offline in batches: F's argmax for own answers, the trained
 decoder's reconstruction from exactly the outputs in hand for reconstructed ones, an N-worker code's own
-computation, the backup model's answers. See serve/sim.py's docstring."""
+computation, the backup model's answers. See serve/simulator/simulate.py's docstring."""
 from __future__ import annotations
 
 import numpy as np
 
-from serve.plan import Plan, is_nworker
+from serve.core.plan import Plan, is_nworker
 
 
 def served_predictions(plan: Plan, group_of, available, reconstructed: np.ndarray, code, inputs, batch: int,

@@ -22,7 +22,7 @@ rate) colours log2(best other p99.9 / coded p99.9): positive where coding
 wins. ``out_dir/map.csv`` holds every figure.
 
 The config's ``policies`` (shortest-queue routing, pooled instances,
-cancellation, deferred parities, hedged copies: :mod:`serve.policy`) are
+cancellation, deferred parities, hedged copies: :mod:`serve.core.policy`) are
 rows of their own, on the same B instances; with any, a second heatmap
 (``out_dir/map_policies.png``) colours log2(best other p99.9 / best coded
 p99.9) over every row, and each cell also records each row's requests
@@ -42,11 +42,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve.config import STRATEGIES, ServeConfig, all_policies, policy_name, row_strategies, validate
-from serve.plan import Queries, build_plan, parity_per_model
-from serve.limits import mean_ms
-from serve.results import extra_work
-from serve.sim import read_profile, simulate
+from serve.core.config import STRATEGIES, ServeConfig, all_policies, policy_name, row_strategies, validate
+from serve.core.plan import Queries, build_plan, parity_per_model
+from serve.core.limits import mean_ms
+from serve.core.results import extra_work
+from serve.simulator.simulate import read_profile, simulate
 from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
 from util.files import atomic_write_text
@@ -124,8 +124,8 @@ def check_map(cfg: ServeConfig, lists: dict, source: str) -> None:
     """What every cell needs, checked before the first: a group of k can fill, requests do some work, the
     loads can be served, the plans fit in memory, and every strategy keeps a live F instance."""
     from serve.cli import SIZE_KEYS, check_live_f
-    from serve.limits import MAX_LOAD, check_plan_sizes, instance_count
-    from serve.plan import check_failed_instances
+    from serve.core.limits import MAX_LOAD, check_plan_sizes, instance_count
+    from serve.core.plan import check_failed_instances
 
     big = [k for k in lists["k_vals"] if k > cfg.num_queries]
     if big:

@@ -1,7 +1,7 @@
 """A discrete-event simulator of a serving plan: the Ray runtime's behaviour, with no model run for latency.
 
-It executes the same :class:`serve.plan.Plan` as ``serve/runtime.py`` and
-returns the same :class:`serve.runtime.Outcome`, so a config moves between the
+It executes the same :class:`serve.core.plan.Plan` as ``serve/cluster/runtime.py`` and
+returns the same :class:`serve.cluster.runtime.Outcome`, so a config moves between the
 two by its key ``engine``. What it models:
 
 * **Service.** A request holds its instance for ``(compute + delay) x factor``
@@ -14,7 +14,7 @@ two by its key ``engine``. What it models:
   actor and its answer back, which delays the answer but does not hold the
   instance.
 * **Batching** (``batch_size`` above 1): run event by event (:class:`EventRun`), each instance's
-  requests batched by the runtime's own :class:`serve.batching.Batchers`; a call of n holds its instance
+  requests batched by the runtime's own :class:`serve.core.batching.Batchers`; a call of n holds its instance
   for (c x (a + b n) / (a + b) + largest delay) x largest factor, c the first request's compute draw and
   a + b x batch fitted to the profile's call times (:func:`fit_batch_cost`; without one, b = 0).
 * **Queueing.** Each instance serves one request at a time in dispatch order
@@ -46,8 +46,8 @@ two by its key ``engine``. What it models:
   predictions are -1 and accuracy reads n/a.
 
 A plan with a dynamic policy (shortest-queue routing, cancellation,
-deferred parities or hedged copies: :mod:`serve.policy`) is run event by
-event instead (:class:`EventRun`): the policy's :class:`serve.policy.PolicyMachine`
+deferred parities or hedged copies: :mod:`serve.core.policy`) is run event by
+event instead (:class:`EventRun`): the policy's :class:`serve.core.policy.PolicyMachine`
 makes every decision, this loop keeps each instance's FIFO queue and the
 clock. A cancelled request still queued is dropped without holding its
 instance; one already started runs on. Compute draws come from the same
@@ -57,8 +57,8 @@ gives the very same figures (tested).
 Randomness (compute and overhead draws) comes from its own seeded streams,
 so the same config and seed give the same figures.
 
-This module holds the array path; the event loop is in :mod:`serve.sim_events`, service times and profiles in
-:mod:`serve.sim_profile`, served predictions in :mod:`serve.sim_predict`; every name stays importable from here.
+This module holds the array path; the event loop is in :mod:`serve.simulator.events`, service times and profiles in
+:mod:`serve.simulator.profiles`, served predictions in :mod:`serve.simulator.predictions`; every name stays importable from here.
 """
 from __future__ import annotations
 
@@ -66,12 +66,12 @@ from typing import Optional
 
 import numpy as np
 
-from serve.config import STRATEGIES, ServeConfig
-from serve.plan import ROLE_F, Plan
-from serve.runtime import Outcome
-from serve.sim_events import EventRun
-from serve.sim_predict import group_inputs, nworker_predictions, predictions, served_predictions
-from serve.sim_profile import (BATCH_COLUMN, PROFILE_COLUMNS, ServiceModel, batch_scale, draw_from_pools,
+from serve.core.config import STRATEGIES, ServeConfig
+from serve.core.plan import ROLE_F, Plan
+from serve.cluster.runtime import Outcome
+from serve.simulator.events import EventRun
+from serve.simulator.predictions import group_inputs, nworker_predictions, predictions, served_predictions
+from serve.simulator.profiles import (BATCH_COLUMN, PROFILE_COLUMNS, ServiceModel, batch_scale, draw_from_pools,
                                fit_batch_cost, profile_rows, read_profile, role_positions, write_profile)
 from util.errors import UserError
 
@@ -321,7 +321,7 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     done, retried, state, retries = run.run()
     n = len(plan.queries.arrival)
     if np.any(np.isinf(done)):
-        raise UserError("The simulation left a query unanswered; this is a bug in serve/sim.py.")
+        raise UserError("The simulation left a query unanswered; this is a bug in serve/simulator/simulate.py.")
     reconstructed = np.zeros(n, dtype=bool)
     if plan.strategy in ("coded", "nworker"):
         decoded = run.decode_time[run.group_of]

@@ -4,7 +4,7 @@ A :class:`Plan` lists every request a strategy sends: when (dispatch time),
 to which instance, for which query or parity, with which injected delay and
 slow-down factor. Arrivals, groups, routing, delays and slow periods all
 follow from the config's seed and the queries' arrival times alone, never
-from wall-clock timing, so the Ray runtime (``serve/runtime.py``) and the
+from wall-clock timing, so the Ray runtime (``serve/cluster/runtime.py``) and the
 simulator execute the very same plan and a seed reproduces it exactly.
 
 Instances of a strategy, numbered as the config's ``instances`` lists refer
@@ -36,7 +36,7 @@ the frontend knows in advance, so they count as available at once.
 An instance that has failed gets no more requests: a request that would go
 to it goes to the next live instance of the same role.
 
-A plan made for a policy (``policies`` in the config, :mod:`serve.policy`)
+A plan made for a policy (``policies`` in the config, :mod:`serve.core.policy`)
 keeps the same requests, but its times and instances are the earliest moment
 and the fixed-layout choice only: a dynamic policy picks each instance when it
 sends, defers or drops requests, so the plan also carries what those choices
@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from serve.config import PolicyConfig, ServeConfig, read_latency_file  # noqa: F401
+from serve.core.config import PolicyConfig, ServeConfig, read_latency_file  # noqa: F401
 from util.errors import ConfigError
 from util.latency import sample_ms
 
@@ -293,7 +293,7 @@ def check_code_fits(code, strategies: Sequence[str], run: str, engine: str, key:
 
 def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, delay: dict,
                strategy_index: int = 0, need: Optional[int] = None) -> Plan:
-    """The requests of ``strategy`` (a name, or a :class:`serve.config.PolicyConfig`) for ``queries``; see the
+    """The requests of ``strategy`` (a name, or a :class:`serve.core.config.PolicyConfig`) for ``queries``; see the
     module docstring for the routing. ``need``: the outputs a group decodes from (default k; the third value of
     :func:`code_layout`)."""
     policy = strategy if isinstance(strategy, PolicyConfig) else None

@@ -1,17 +1,17 @@
 """Serving a trained code on Ray: model instances as actors, one frontend that answers queries.
 
-The frontend (this process) executes a :class:`serve.plan.Plan` under its
+The frontend (this process) executes a :class:`serve.core.plan.Plan` under its
 policy (:class:`Frontend`; a fixed strategy is the policy with the fixed
 layout), or serves clients' queries as they come (:class:`ServiceFrontend`,
 for ``python -m serve.app``). Both are drivers of one
-:class:`serve.policy.PolicyMachine`, which decides where and when each
+:class:`serve.core.policy.PolicyMachine`, which decides where and when each
 request goes, what is deferred or dropped, and what answers a query (the
 moment its own output arrives or, for the coded strategy, the moment the
 decoder has k outputs of its group in hand, whichever is first); a request
 whose actor died is recovered by reconstruction when its group can still be
 decoded, else sent again to a live instance holding F, so no query is lost.
 The encoder and decoder are the trained code's own
-(:class:`coders.code.Code`), run here by :class:`serve.dispatch.Dispatcher`;
+(:class:`coders.code.Code`), run here by :class:`serve.cluster.dispatch.Dispatcher`;
 F and the parity models run in the actors. Late outputs are dropped.
 
 Why Ray Core actors rather than Ray Serve: the frontend must decide per
@@ -32,22 +32,22 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.batching import Batching, batching_of
-from serve.config import STRATEGIES, PolicyConfig
-from serve.dispatch import Dispatcher, GroupFormer, Request
-from serve.online import Service
-from serve.plan import Plan, Queries, code_layout, pool_roles, route, sample_delays
-from serve.pool import POOL_NAMESPACE, Instance, Pool, fingerprint  # noqa: F401  (serve.runtime.Pool, as before)
-from serve.results import Outcome
-from util.ray_cluster import start_ray  # noqa: F401  (serve.runtime.start_ray, as before)
+from serve.core.batching import Batching, batching_of
+from serve.core.config import STRATEGIES, PolicyConfig
+from serve.cluster.dispatch import Dispatcher, GroupFormer, Request
+from serve.web.online import Service
+from serve.core.plan import Plan, Queries, code_layout, pool_roles, route, sample_delays
+from serve.cluster.pool import POOL_NAMESPACE, Instance, Pool, fingerprint  # noqa: F401  (serve.cluster.runtime.Pool, as before)
+from serve.core.results import Outcome
+from util.ray_cluster import start_ray  # noqa: F401  (serve.cluster.runtime.start_ray, as before)
 
 
 class Driver:
-    """What a Ray frontend does for its :class:`serve.policy.PolicyMachine` (``self.policy``).
+    """What a Ray frontend does for its :class:`serve.core.policy.PolicyMachine` (``self.policy``).
 
     The machine makes every decision, as it does in the simulator: which request goes to which instance and
     when, which are dropped, and which output or decoding answers a query. A driver keeps the clock and carries
-    those decisions out on actors through the answering core (:class:`serve.dispatch.Dispatcher`,
+    those decisions out on actors through the answering core (:class:`serve.cluster.dispatch.Dispatcher`,
     ``self.core``): it builds each request's payload (a parity is encoded once, when the first goes out),
     sends it, reports back what became of it (:meth:`settle`), decodes, and records each answer. Queue lengths
     are the frontend's count of requests sent to an actor and not yet back. A cancel is ``ray.cancel`` on the
@@ -143,7 +143,7 @@ class Frontend(Driver):
 
     A plain strategy is the policy with the fixed layout (routing "static", pool "split", no cancellation, no
     deferral), so fixed strategies and ``policies`` rows run through this one driver of a
-    :class:`serve.policy.PolicyMachine` (see :class:`Driver`), in one wait loop: the plan's requests fall
+    :class:`serve.core.policy.PolicyMachine` (see :class:`Driver`), in one wait loop: the plan's requests fall
     due at their times, the machine's deferred requests at their timers, fail-stops at theirs, and every
     output is reported the moment Ray has it.
     """
@@ -152,7 +152,7 @@ class Frontend(Driver):
                  seed_index: int = 0, batching: Batching = Batching()):
         import ray
 
-        from serve.policy import PolicyMachine
+        from serve.core.policy import PolicyMachine
 
         self.ray = ray
         self.plan, self.actors, self.code, self.inputs = plan, actors, code, inputs
@@ -266,12 +266,12 @@ def service_roles(strategy: str, m: int, k: int, r: int, policy: Optional[Policy
 class ServiceFrontend(Driver, Service):
     """The HTTP service's frontend: queries from clients, decided by a policy machine, answered by the core.
 
-    ``policy`` (a ``policies`` row, :class:`serve.config.PolicyConfig`) or, when None, ``app.strategy``'s
+    ``policy`` (a ``policies`` row, :class:`serve.core.config.PolicyConfig`) or, when None, ``app.strategy``'s
     fixed layout; ``actors``: one per instance of :func:`service_roles`. Admission, the answers' futures and
-    the metrics are :class:`serve.online.Service`'s; arrivals are grouped by
-    :class:`serve.dispatch.GroupFormer` (closing at the k-th arrival or ``group_timeout_ms`` after the first, by
+    the metrics are :class:`serve.web.online.Service`'s; arrivals are grouped by
+    :class:`serve.cluster.dispatch.GroupFormer` (closing at the k-th arrival or ``group_timeout_ms`` after the first, by
     a timer on the event loop). Each request the layout makes is added to the
-    :class:`serve.policy.PolicyMachine` as it is made and falls due at once; the machine routes, defers, drops
+    :class:`serve.core.policy.PolicyMachine` as it is made and falls due at once; the machine routes, defers, drops
     and recovers it exactly as it does a plan's in the benchmark and the simulator. Actors report through Ray
     futures' callbacks onto the event loop, which owns all of this state (no locks).
     """
@@ -280,7 +280,7 @@ class ServiceFrontend(Driver, Service):
                  policy: Optional[PolicyConfig] = None):
         import dataclasses
 
-        from serve.policy import PolicyMachine
+        from serve.core.policy import PolicyMachine
 
         pol = policy if policy is not None else PolicyConfig(strategy=app.strategy, name=app.strategy)
         super().__init__(cfg, dataclasses.replace(app, strategy=pol.strategy), code, input_shape, classifier)
@@ -388,7 +388,7 @@ class ServiceFrontend(Driver, Service):
 def service_plan(cfg, policy: PolicyConfig, k: int, r: int, roles: list[int], delay: dict,
                  need: Optional[int] = None) -> Plan:
     """The empty plan a service's policy machine starts from: no query yet, the policy, the slow periods
-    (``need``: the outputs a group decodes from, :func:`serve.plan.code_layout`)."""
+    (``need``: the outputs a group decodes from, :func:`serve.core.plan.code_layout`)."""
     z, zi = np.zeros(0), np.zeros(0, dtype=int)
     grouped = policy.strategy in ("coded", "nworker")
     return Plan(policy.strategy, k, r, roles, Queries(z, zi, zi), z, zi, zi, zi, zi, z, z,

@@ -1,6 +1,6 @@
 """The simulator's service times: profiles that a Ray run measures (``profile.csv``), the fit of a call's
 compute to a + b x batch, and the draws of compute and response overhead per request (:class:`ServiceModel`).
-See serve/sim.py's docstring and docs/simulator.md."""
+See serve/simulator/simulate.py's docstring and docs/simulator.md."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.config import ServeConfig
-from serve.plan import sample_delays
+from serve.core.config import ServeConfig
+from serve.core.plan import sample_delays
 from util.errors import ConfigError
 from util.files import atomic_write_text
 

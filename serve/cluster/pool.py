@@ -1,7 +1,7 @@
 """The model instances on Ray: :class:`Instance` (one F or parity model, served by one actor) and :class:`Pool`
 (the actors of one setting, shared by its strategies, or by front ends on one cluster under a name).
 
-Formerly part of :mod:`serve.runtime`, which still exports these names.
+Formerly part of :mod:`serve.cluster.runtime`, which still exports these names.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from serve.plan import ROLE_BACKUP, ROLE_F
+from serve.core.plan import ROLE_BACKUP, ROLE_F
 from util.errors import UserError
 
 

@@ -4,7 +4,7 @@ The simulator and the Ray frontend hold every request of a strategy in memory
 at once, so a config's size is known before anything runs: ``num_queries``,
 the code's k and r, the instance counts and the slow-down periods fix it. The
 figures below are upper bounds calibrated on the simulator (``tracemalloc``
-peaks of ``serve.sim.simulate`` plus the results files: about 400 bytes per
+peaks of ``serve.simulator.simulate.simulate`` plus the results files: about 400 bytes per
 request, 40 per slot of a coded group, 48 per instance, 9 per slow-down cell),
 rounded up. A config that needs more memory than this machine has available
 is refused with the figure, as is a rate the instances cannot serve at all
@@ -22,9 +22,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from serve.plan import read_latency_file
+from serve.core.plan import read_latency_file
 from util.errors import ConfigError
-from util.memory import available_memory, check_memory, size  # noqa: F401  (serve.limits' names since they began)
+from util.memory import available_memory, check_memory, size  # noqa: F401  (serve.core.limits' names since they began)
 
 MAX_LOAD = 10.0  # above it, over 90% of the last queries' latency is queueing: the figures say nothing
 BYTES_PER_REQUEST = 400
@@ -56,7 +56,7 @@ def mean_ms(dist: dict, key: str) -> float:
 
 
 def instance_count(strategy: str, m: int, k: int, r: int) -> tuple[int, int, int, int]:
-    """``(all, F, parity, backup)`` instances of ``strategy`` (serve/plan.py's pool_roles, counted without
+    """``(all, F, parity, backup)`` instances of ``strategy`` (serve/core/plan.py's pool_roles, counted without
     building the list, which a huge 'instances' would not fit in memory)."""
     p = r * math.ceil(m / k)
     if strategy == "none":

@@ -1,5 +1,5 @@
 """The simulator's event loop (:class:`EventRun`): a plan run event by event, for dynamic policies
-(:mod:`serve.policy`) and for batching (:mod:`serve.batching`). See serve/sim.py's docstring."""
+(:mod:`serve.core.policy`) and for batching (:mod:`serve.core.batching`). See serve/simulator/simulate.py's docstring."""
 from __future__ import annotations
 
 import heapq
@@ -8,17 +8,17 @@ from typing import Optional
 
 import numpy as np
 
-from serve.batching import Batchers, batching_of
-from serve.config import STRATEGIES, ServeConfig
-from serve.plan import ROLE_F, Plan
-from serve.runtime import Outcome
-from serve.sim_predict import served_predictions
-from serve.sim_profile import ServiceModel
+from serve.core.batching import Batchers, batching_of
+from serve.core.config import STRATEGIES, ServeConfig
+from serve.core.plan import ROLE_F, Plan
+from serve.cluster.runtime import Outcome
+from serve.simulator.predictions import served_predictions
+from serve.simulator.profiles import ServiceModel
 from util.errors import UserError
 
 
 class EventRun:
-    """One plan under a dynamic policy, event by event: the driver of a :class:`serve.policy.PolicyMachine`.
+    """One plan under a dynamic policy, event by event: the driver of a :class:`serve.core.policy.PolicyMachine`.
 
     Events at one time: outputs first, then failures, then dispatches (as the fixed plans' reference order).
     """
@@ -26,7 +26,7 @@ class EventRun:
     FINISH, ARRIVE, FAIL, DUE, WAKE = 0, 1, 2, 3, 4  # the order of events at one time
 
     def __init__(self, plan: Plan, cfg: ServeConfig):
-        from serve.policy import PolicyMachine
+        from serve.core.policy import PolicyMachine
 
         self.plan, self.cfg = plan, cfg
         name = plan.policy.strategy if plan.policy else plan.strategy
@@ -44,7 +44,7 @@ class EventRun:
         self.seq = 0
         self.now = 0.0
         num = len(plan.roles)
-        # Each instance batches as the runtime's (serve.batching.Batchers: the same decisions), and serves its
+        # Each instance batches as the runtime's (serve.core.batching.Batchers: the same decisions), and serves its
         # calls one at a time in the order they went out. A call: [instance, requests, sent, lost].
         self.batchers = Batchers(num, batching_of(cfg), self.call, lambda t, fn: self.push(t, self.WAKE, fn),
                                  lambda: self.now)
@@ -221,7 +221,7 @@ class EventRun:
         self.run()
         p, d = self.plan, self.policy
         if np.any(np.isinf(d.done)):
-            raise UserError("The simulation left a query unanswered; this is a bug in serve/policy.py.")
+            raise UserError("The simulation left a query unanswered; this is a bug in serve/core/policy.py.")
         grouped = p.strategy in ("coded", "nworker")
         predicted = served_predictions(p, d._group_of if grouped else None, d.available if grouped else None,
                                        d.reconstructed, code, inputs, batch, backup)

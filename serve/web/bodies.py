@@ -1,4 +1,4 @@
-"""Binary request bodies for the HTTP service (serve/app.py): raw float32 and .npy, read without a JSON parse.
+"""Binary request bodies for the HTTP service (serve/web/app.py): raw float32 and .npy, read without a JSON parse.
 
 * ``application/octet-stream``: the inputs as raw little-endian float32, one after another. The shape is the
   ``X-Shape`` header or the ``shape`` query parameter (``784``, ``1,28,28``, or ``32,1,28,28`` for 32 inputs),
@@ -22,7 +22,7 @@ LITTLE_FLOAT32 = np.dtype("<f4")
 
 
 class BodyError(Exception):
-    """(HTTP status, one-line reason); serve.app turns it into its BadInput."""
+    """(HTTP status, one-line reason); serve.web.app turns it into its BadInput."""
 
     def __init__(self, status: int, reason: str):
         super().__init__(reason)

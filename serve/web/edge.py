@@ -1,4 +1,4 @@
-"""The HTTP edge's guards (serve/app.py): what a JSON input may hold, and uvicorn's own refusals as JSON.
+"""The HTTP edge's guards (serve/web/app.py): what a JSON input may hold, and uvicorn's own refusals as JSON.
 
 A request body is checked here before numpy sees it: only JSON numbers, in
 lists nested no deeper than F's input shape, so strings, booleans, nulls and

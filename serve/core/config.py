@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from coders.config import read_json_config, validate_schema
-from serve.batching import check_batching
+from serve.core.batching import check_batching
 from util.errors import ConfigError
 from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
                            read_latency_file)

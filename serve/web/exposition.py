@@ -1,6 +1,6 @@
 """What ``GET /metrics`` shows, in Prometheus' text format, and the ASGI wrapper counting the responses it lists.
 
-Part of the HTTP service (serve/app.py, which still exports ``prometheus_text``).
+Part of the HTTP service (serve/web/app.py, which still exports ``prometheus_text``).
 """
 
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"

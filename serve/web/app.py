@@ -9,7 +9,7 @@ mean to ``python -m serve``. Endpoints:
   ``{"input": [...]}``, or an image (``curl -F file=@digit.png``, or the raw
   bytes with ``Content-Type: image/png``), or binary (raw float32 as
   ``application/octet-stream`` with the shape in ``X-Shape``, or ``.npy`` as
-  ``application/x-npy``: serve/bodies.py) -> ``{"query", "class", "output",
+  ``application/x-npy``: serve/web/bodies.py) -> ``{"query", "class", "output",
   "rebuilt", "retried", "latency_ms"}`` (``class`` only when F is a classifier);
 * ``POST /predict/batch``: ``{"inputs": [...]}``, a JSON array of inputs, or one binary body of n ->
   ``{"answers": [...]}``;
@@ -21,7 +21,7 @@ more than ``app.max_queue`` waiting queries get 503 with ``Retry-After``.
 Ctrl-C stops the service, its actors and the Ray it started (exit 130).
 With ``app.pool_name`` set, front ends on one Ray cluster share one pool of
 instances (named Ray actors): the first starts them, the others attach
-(serve/runtime.py, ``Pool``; docs/service.md, "Scaling out").
+(serve/cluster/runtime.py, ``Pool``; docs/service.md, "Scaling out").
 
 Why FastAPI + uvicorn in front of Ray Core actors rather than Ray Serve: see
 docs/service.md (the dispatch core must pick each request's instance and see
@@ -47,13 +47,13 @@ import numpy as np
 import orjson
 import torch
 
-from serve.bodies import NPY, RAW, BodyError, binary_inputs
+from serve.web.bodies import NPY, RAW, BodyError, binary_inputs
 from serve.cli import config_command, load_backup
-from serve.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
-from serve.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.app.prometheus_text)
-from serve.edge import numbers_refusal, server_config
-from serve.online import Overloaded, Service, Unanswerable, classifier_output
-from serve.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
+from serve.core.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
+from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.web.app.prometheus_text)
+from serve.web.edge import numbers_refusal, server_config
+from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
+from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.signals import Terminated
@@ -263,8 +263,8 @@ def create_app(service: Service, dataset: str):
 
 def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
     """The service of ``app.policy`` (a ``policies`` row) or else ``app.strategy``'s fixed layout, on ``pool``'s
-    actors for the trained code ``loaded``: the policy machine's driver of :mod:`serve.runtime`."""
-    from serve.runtime import ServiceFrontend, service_roles
+    actors for the trained code ``loaded``: the policy machine's driver of :mod:`serve.cluster.runtime`."""
+    from serve.cluster.runtime import ServiceFrontend, service_roles
 
     code = loaded.code
     shape = tuple(loaded.splits.input_shape)
@@ -280,7 +280,7 @@ def build_service(cfg: ServeConfig, app: AppConfig, loaded, pool) -> Service:
 def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
     """The actors of ``app.strategy`` (or ``app.policy``'s pool) alone: this front end's own, or the shared pool
     ``app.pool_name`` (attached where another front end on the same Ray cluster started them)."""
-    from serve.runtime import Pool, service_roles
+    from serve.cluster.runtime import Pool, service_roles
 
     code = loaded.code
     k, r, _ = code_layout(code)
@@ -323,7 +323,7 @@ def check_port(host: str, port: int) -> None:
                               f"what holds it, or pick another with --set app.port=PORT.") from None
 
 
-Stopped = Terminated  # SIGTERM before the server runs: stop as on Ctrl-C (serve.app.Stopped, as before)
+Stopped = Terminated  # SIGTERM before the server runs: stop as on Ctrl-C (serve.web.app.Stopped, as before)
 
 
 def make_server(config):

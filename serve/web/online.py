@@ -7,7 +7,7 @@ on the web server's asyncio event loop, admits a client's input as a query
 answers with 503 and ``Retry-After``), resolves the query's future when the
 answer comes, and counts. Every dispatch decision (grouping, routing,
 deferral, recovery after a failure) is made by the one policy machine the
-benchmark and the simulator use too: :class:`serve.runtime.ServiceFrontend`
+benchmark and the simulator use too: :class:`serve.cluster.runtime.ServiceFrontend`
 is the subclass that drives it, and the only one to build.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.config import STRATEGIES, AppConfig, ServeConfig
-from serve.plan import ROLE_BACKUP, ROLE_F, code_layout, pool_roles
+from serve.core.config import STRATEGIES, AppConfig, ServeConfig
+from serve.core.plan import ROLE_BACKUP, ROLE_F, code_layout, pool_roles
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -44,7 +44,7 @@ def instances_needed(strategy: str, m: int, k: int, r: int) -> tuple[int, list[i
 class Service:
     """Admission, futures and metrics of one served code; see the module docstring.
 
-    A subclass sets ``roles`` (one per instance) and ``core`` (the :class:`serve.dispatch.Dispatcher`
+    A subclass sets ``roles`` (one per instance) and ``core`` (the :class:`serve.cluster.dispatch.Dispatcher`
     holding payloads and answers) and implements :meth:`start` and :meth:`submit`.
     """
 

@@ -1,16 +1,16 @@
 """Serving policies as one state machine: where each request goes, and which requests are deferred or dropped.
 
-Not to be confused with :mod:`serve.dispatch`, the answering core (payloads, encoding once, decoding,
-recording answers): every decision is made here, and the Ray frontends (:class:`serve.runtime.Frontend` for a
-plan, :class:`serve.runtime.ServiceFrontend` for the HTTP service) carry it out with that core. A fixed
+Not to be confused with :mod:`serve.cluster.dispatch`, the answering core (payloads, encoding once, decoding,
+recording answers): every decision is made here, and the Ray frontends (:class:`serve.cluster.runtime.Frontend` for a
+plan, :class:`serve.cluster.runtime.ServiceFrontend` for the HTTP service) carry it out with that core. A fixed
 strategy is the policy with routing "static", pool "split", no cancellation and no deferral, so fixed
 layouts and ``policies`` rows run through the same machine everywhere.
 
-A :class:`PolicyMachine` executes a :class:`serve.plan.Plan` under its policy
-(:class:`serve.config.PolicyConfig`); it owns every decision and every
+A :class:`PolicyMachine` executes a :class:`serve.core.plan.Plan` under its policy
+(:class:`serve.core.config.PolicyConfig`); it owns every decision and every
 answer, and knows nothing of clocks or actors. Drivers feed it events:
-the simulator's event loop (``serve/sim.py``) in simulated time and the Ray
-frontends (``serve/runtime.py``) in wall-clock time, so all run one policy
+the simulator's event loop (``serve/simulator/simulate.py``) in simulated time and the Ray
+frontends (``serve/cluster/runtime.py``) in wall-clock time, so all run one policy
 with the same rules. A plan's requests are known in advance; a service adds
 its queries, groups and requests as clients make them (``add_query``,
 ``open_group``, ``join_group``, ``close_group``, ``add_request``) and calls
@@ -75,7 +75,7 @@ from typing import Optional
 
 import numpy as np
 
-from serve.plan import ROLE_BACKUP, ROLE_F, Plan, slow_table
+from serve.core.plan import ROLE_BACKUP, ROLE_F, Plan, slow_table
 from util.errors import UserError
 
 PLANNED, OUTSTANDING, DONE, LOST, CANCELLED, SKIPPED = range(6)
