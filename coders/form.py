@@ -129,7 +129,8 @@ class CodeForm:
     probe: str = ""              # the class path of the function (cfg, runs) that probes a sweep's coders before any
                                  # data (train.preflight.preflight calls it)
     on_ray: bool = True          # whether train.py --ray runs its sweeps
-    probe_with_data: bool = True  # whether train.preflight.check_data probes its coders once a dataset's sizes are known
+    probe_with_data: bool = True  # whether train.preflight.check_data probes its coders once the data's sizes
+                                  # are known
     best_by: str = "val_recon_acc"  # the metrics column a classifier's best validation epoch is picked by
     parity_models: bool = True   # whether a code of this form may hold parity models (else F on every coded input)
     all_coded: bool = False      # whether every slot of a group is a coded input (no query answered by F as it is)

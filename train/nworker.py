@@ -36,7 +36,8 @@ import torch
 
 from coders.build import build_coders
 from coders.config import Config
-from coders.form import NWorkerSpec, RunSpec, expand_runs, form_named, form_of_record  # noqa: F401  (NWorkerSpec: its old home)
+from coders.form import NWorkerSpec  # noqa: F401  (its old home: train.nworker.NWorkerSpec)
+from coders.form import RunSpec, expand_runs, form_named, form_of_record
 from coders.nworker import pattern_count, patterns_used, straggler_patterns
 from train.engine import CodedRun, eval_groups, make_optimizer, run_config
 from train.losses import LOSS_ALIASES, target_kind
@@ -100,7 +101,8 @@ def check_nworker_memory(cfg: Config, spec: RunSpec, in_shape, n_out: int) -> No
 def probe_nworker_coders(cfg: Config, runs: Optional[list[RunSpec]] = None,
                          known_shapes: dict = KNOWN_SHAPES) -> None:
     """Build and call the coders of every run (``runs``, default the config's) on a dataset of known sizes
-    (``{dataset: (in_shape, n_out)}``), before any data or F is loaded (coders.form.NWorkerForm.probe): a coder that refuses K, N or the sizes, or breaks the contract of
+    (``{dataset: (in_shape, n_out)}``), before any data or F is loaded (the N-worker form's probe,
+    coders.form.NWorkerForm.probe): a coder that refuses K, N or the sizes, or breaks the contract of
     coders/nworker.py, is a ConfigError naming 'enc_dec_types'."""
     seen = set()
     for spec in expand_runs(cfg) if runs is None else runs:
