@@ -42,12 +42,12 @@ def load_code(folder: str | Path, checkpoint: str = "best.pt", device: str = "cp
     from base_models.fit import build_base_model, check_weights_path, default_path, has_weights, load_state
     from datasets import load_data
     from util.checkpoint import load_checkpoint, load_module_state, tensors_digest
-    from coders.config import expand_runs, load_run_folder
+    from coders.config import expand_runs, load_code_config
     from coders.build import build_coders
     from util.errors import UserError
     from util.hardware import resolve_device
 
-    cfg, folder = load_run_folder(folder)
+    cfg, folder = load_code_config(folder)
     (spec,) = expand_runs(cfg)  # of the run's form
     path = folder / checkpoint
     state = load_checkpoint(path)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from coders.config import parse_overrides
+from util.schema import parse_overrides
 from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, UserError
 
 
@@ -107,8 +107,8 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     """
     out = out or sys.stdout
     from util.checkpoint import refuse_occupied
-    from coders.config import expand_runs, load_config, load_run_folder
     from coders.form import FORMS, form_named
+    from train.config import expand_runs, load_config, load_run_folder
     from train.engine import fit_each
     from util.classpath import import_class
     from train.preflight import check_data, preflight

@@ -35,10 +35,10 @@ from typing import Optional
 import torch
 
 from coders.build import build_coders
-from coders.config import Config
 from coders.form import NWorkerSpec  # noqa: F401  (its old home: train.nworker.NWorkerSpec)
 from coders.form import RunSpec, expand_runs, form_named, form_of_record
 from coders.nworker import pattern_count, patterns_used, straggler_patterns
+from train.config import Config
 from train.engine import CodedRun, eval_groups, make_optimizer, run_config
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from coders.config import Config
+from train.config import Config
 from coders.deadline import answered_patterns, by_deadline
 from coders.perturb import Perturbation, PerturbedNWorkerCode, late_patterns, min_answering, undecodable_probability
 from train.metrics import Tally

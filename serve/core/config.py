@@ -1,7 +1,7 @@
 """The serving config: one declared schema, shared by the Ray runtime and the simulator.
 
 Every key is declared once in :class:`ServeConfig`, checked by the same
-machinery as the training config (:func:`coders.config.validate_schema`:
+machinery as the training config (:func:`util.schema.validate_schema`:
 unknown keys with a did-you-mean, wrong types), then by :func:`check_values`.
 The lists ``runs``, ``rates`` and ``delays`` sweep: every combination is one
 *setting*, and every setting runs each of ``strategies`` on the same seeded
@@ -17,11 +17,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coders.config import read_json_config, validate_schema
 from serve.core.batching import check_batching
 from util.errors import ConfigError
 from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
                            read_latency_file)
+from util.schema import read_json_config, validate_schema
 
 STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
 DEFAULT_STRATEGIES = STRATEGIES[:4]  # "backup" needs a 'backup_model
