@@ -6,8 +6,10 @@ k and r or N and S, the data, F, the parity models, the perturbations between
 the workers and the decoder), which :func:`coders.code.load_code` rebuilds a
 trained code from; ``train.config.Config`` adds how it is trained (epochs,
 optimizer, schedule, progress, ...). :func:`expand_runs` turns the lists into
-one :class:`RunSpec` per combination. The schema machinery (types, unknown keys,
-the refusals' wording) is util/schema.py's.
+one :class:`RunSpec` per combination. What depends on the config's ``form`` (its
+keys' checks, the sizes it sweeps, the runs it expands into) is the form's
+(coders/form.py). The schema machinery (types, unknown keys, the refusals'
+wording) is util/schema.py's.
 
 The training config's names stay importable from here (``from coders.config
 import Config, load_config``), served from train/config.py when first asked for.
@@ -15,12 +17,12 @@ import Config, load_config``), served from train/config.py when first asked for.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, get_type_hints
 
+from coders.form import FORMS, RunSpec, check_forms, expand_runs, form_of_record  # noqa: F401  (re-exported)
 from util.classpath import CODE_DIRS, add_code_dir, spec_name, split_spec  # noqa: F401  (CODE_DIRS: re-exported)
 from util.errors import ConfigError
 from util.moved import keep_moved_attributes
@@ -79,41 +81,12 @@ class CodeConfig:
 
 
 
-CODE_CHOICES = {"parity_model_init": ("random", "base"), "form": ("systematic", "nworker")}
+CODE_CHOICES = {"parity_model_init": ("random", "base"), "form": tuple(FORMS)}
 
 keep_moved_attributes(__name__, {  # the training config's names, as before (tests/test_layering.py reads this dict)
     "Config": "train.config", "DEFAULT_OPTIMIZER": "train.config", "CHOICES": "train.config",
     "REQUIRED": "train.config", "validate_dict": "train.config", "load_config": "train.config",
     "load_run_folder": "train.config"})
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One combination of the config's lists: what one run folder holds."""
-
-    dataset: Spec
-    model: Spec
-    k: int
-    r: int
-    loss: Spec
-    encoder: Spec
-    decoder: Spec
-    run_seed: Optional[int] = None  # one of the config's 'seeds'; None when it sweeps none
-
-    def folder(self, save_dir: str) -> Path:
-        parts = [self.dataset, self.model, f"k{self.k}", f"r{self.r}", self.loss, self.encoder, self.decoder]
-        if self.run_seed is not None:
-            parts.append(f"seed{self.run_seed}")
-        return Path(save_dir, *[spec_name(p) if not isinstance(p, int) else str(p) for p in parts])
-
-    def describe(self) -> str:
-        return (f"{spec_name(self.dataset)} {spec_name(self.model)} k={self.k} r={self.r} "
-                f"{spec_name(self.loss)} {spec_name(self.encoder)}/{spec_name(self.decoder)}"
-                + (f" seed={self.run_seed}" if self.run_seed is not None else ""))
-
-    def train_seed(self, cfg: CodeConfig) -> int:
-        """The seed of this run's coder initialisation and data order."""
-        return self.run_seed if self.run_seed is not None else cfg.seed
 
 
 def check_code_values(cfg: CodeConfig, source: str) -> None:
@@ -144,7 +117,7 @@ def check_code_values(cfg: CodeConfig, source: str) -> None:
     for key, allowed in CODE_CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise bad(key, f"must be one of {', '.join(map(repr, allowed))}; got {getattr(cfg, key)!r}.")
-    _check_nworker(cfg, bad)
+    check_forms(cfg, bad)  # the form's own keys (coders/form.py)
     if cfg.parity_model is not None:
         split_spec(cfg.parity_model, "parity_model")
     for key in ("datasets", "models", "losses"):
@@ -154,39 +127,6 @@ def check_code_values(cfg: CodeConfig, source: str) -> None:
         for spec in pair:
             split_spec(spec, "enc_dec_types")
     _check_domains(cfg, source)
-
-
-def _check_nworker(cfg: Config, bad) -> None:
-    """The N-worker keys are given exactly when ``form`` is "nworker", with 0 <= S < N and K <= N in every
-    combination."""
-    keys = ("n_workers", "stragglers")
-    if cfg.form != "nworker":
-        from coders.perturb_config import refuse_perturbation_keys
-
-        refuse_perturbation_keys(cfg, bad)
-        for key in keys:
-            if getattr(cfg, key) is not None:
-                raise bad(key, f"is read only by the N-worker form; this config's 'form' is {cfg.form!r}. Fix: "
-                               f"set \"form\": \"nworker\", or remove '{key}' (the systematic form uses r_vals).")
-        return
-    for key in keys:
-        if not getattr(cfg, key):
-            raise bad(key, f"must list at least one value when 'form' is \"nworker\" (e.g. \"{key}\": "
-                           f"{[10] if key == 'n_workers' else [1]}).")
-    if any(n < 1 for n in cfg.n_workers):
-        raise bad("n_workers", f"must hold integers of 1 or more; got {cfg.n_workers}.")
-    if any(s < 0 for s in cfg.stragglers) or max(cfg.stragglers) >= min(cfg.n_workers):
-        raise bad("stragglers", f"must hold integers S with 0 <= S < N for every N of 'n_workers' (at least one "
-                                f"worker answers); got stragglers {cfg.stragglers} with n_workers {cfg.n_workers}.")
-    if min(cfg.n_workers) < max(cfg.k_vals):
-        raise bad("n_workers", f"must hold N >= K for every K of 'k_vals' (each of the K inputs needs a worker's "
-                               f"answer at least; serving refuses such a run); got n_workers {cfg.n_workers} with "
-                               f"k_vals {cfg.k_vals}. Fix: raise n_workers or lower k_vals.")
-    if cfg.max_patterns < 1:
-        raise bad("max_patterns", f"must be 1 or more; got {cfg.max_patterns}.")
-    from coders.perturb_config import check_perturbation_keys
-
-    check_perturbation_keys(cfg, bad)
 
 
 def _check_domains(cfg: Config, source: str) -> None:
@@ -209,10 +149,8 @@ def _check_domains(cfg: Config, source: str) -> None:
         check_domain(name, spec, where)
 
 
-RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "r": "r_vals", "loss": "losses"}
-# An N-worker run's config.json names N and S instead of r (train/nworker.py).
-NWORKER_RUN_KEYS = {"dataset": "datasets", "model": "models", "k": "k_vals", "n_workers": "n_workers",
-                    "stragglers": "stragglers", "loss": "losses"}
+# config.json's one-run keys -> the config's lists, by form (coders.form.CodeForm.run_keys; these two, old names)
+RUN_KEYS, NWORKER_RUN_KEYS = FORMS["systematic"].run_keys(), FORMS["nworker"].run_keys()
 
 
 def read_run_folder(folder: str | Path, schema: type, overrides: Optional[dict] = None) -> tuple[dict, Path]:
@@ -226,7 +164,7 @@ def read_run_folder(folder: str | Path, schema: type, overrides: Optional[dict] 
     try:
         saved = json.loads(path.read_text())
         raw = {key: saved[key] for key in get_type_hints(schema) if key in saved}
-        for one, many in (NWORKER_RUN_KEYS if saved.get("form") == "nworker" else RUN_KEYS).items():
+        for one, many in form_of_record(saved).run_keys().items():  # an N-worker run's N and S, else r
             raw[many] = [saved[one]]
         raw["enc_dec_types"] = [[saved["encoder"], saved["decoder"]]]
         raw["seeds"] = [saved["run_seed"]] if saved.get("run_seed") is not None else None
@@ -253,12 +191,3 @@ def load_code_config(folder: str | Path) -> tuple[CodeConfig, Path]:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def expand_runs(cfg: Config) -> list[RunSpec]:
-    """Every combination of the config's lists, in a stable order."""
-    return [
-        RunSpec(dataset, model, k, r, loss, enc, dec, seed)
-        for dataset, model, k, r, loss, (enc, dec), seed in itertools.product(
-            cfg.datasets, cfg.models, cfg.k_vals, cfg.r_vals, cfg.losses, cfg.enc_dec_types, cfg.seeds or [None])
-    ]

@@ -134,7 +134,7 @@ MUTANTS = [
            ["tests/test_scenarios.py", CATCH + "test_unavailable_outputs_reach_neither_the_decoder_nor_the_loss"],
            why="the scenario with only parities missing is trained and scored too"),
     Mutant("f_not_frozen",
-           "model.requires_grad_(False)", "model.requires_grad_(True)", path="coders/code.py",
+           "model.requires_grad_(False)", "model.requires_grad_(True)", path="coders/systematic.py",
            tests=[ENGINE + "test_step_reaches_every_coder_parameter_and_never_touches_f",
                   ENGINE + "test_f_stays_frozen_over_a_whole_fit"],
            why="F's weights take gradients"),

@@ -17,7 +17,7 @@ import pytest
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 BLOCK = re.compile(r"<!-- (file: (?P<name>[\w.]+)|run) -->\n```\w*\n(?P<code>.*?)```", re.S)
-SECTIONS = ("A coder", "An N-worker code", "A base model", "A serving policy", "A strategy")
+SECTIONS = ("A coder", "An N-worker code", "A code form", "A base model", "A serving policy", "A strategy")
 
 
 def examples(text: str) -> dict[str, list[tuple[str, str]]]:

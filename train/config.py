@@ -75,8 +75,9 @@ def _check_distinct_folders(cfg: Config, source: str) -> None:
         if folder in seen:
             raise ConfigError(f"{source}: two runs of the sweep would write the same run folder '{folder}' "
                               f"({seen[folder]} and {spec.describe()}): a value is listed twice in 'datasets', "
-                              f"'models', 'losses', 'enc_dec_types', 'k_vals', 'r_vals' or 'seeds'. Fix: list "
-                              f"each value once.")
+                              f"'models', 'losses', 'enc_dec_types', 'k_vals', "
+                              f"{', '.join(repr(key) for key in spec.code_form.sweep_keys)} or 'seeds'. "
+                              f"Fix: list each value once.")
         seen[folder] = spec.describe()
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -75,7 +75,7 @@ def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
 def run_config(cfg: Config, spec: RunSpec) -> dict:
     """The resolved config of one run: the whole config, this run's choices, and the
     folders its user code may live in (see :data:`util.classpath.CODE_DIRS`)."""
-    return {**to_dict(cfg), **asdict(spec), "code_dirs": list(CODE_DIRS)}
+    return {**to_dict(cfg), **spec.record(), "code_dirs": list(CODE_DIRS)}
 
 
 class CodedRun(RunFolder):
