@@ -26,7 +26,8 @@ import torch
 from serve.core.config import (ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
-from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
+from coders.form import form_of
+from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout,
                         make_queries, parity_per_model, pool_roles)
 from serve.core.strategies import get as strategy_of, needs_backup, seed_index
 from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
@@ -142,7 +143,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
     record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
               "delay": setting.delay, "k": k, "r": r, "need": need, "strategies": names, "engine": cfg.engine,
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
-    shape = (f"K={k}, N={k + r}, S={k + r - need}" if is_nworker(code) else f"k={k}, r={r}")
+    shape = form_of(code).shape(k, r, need)
     print(f"== {setting.name}: {setting.describe()} ({shape}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
     summaries, curves, measured = [], {}, []

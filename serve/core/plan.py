@@ -52,6 +52,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from coders.form import form_of
 from serve.core.config import PolicyConfig, ServeConfig, read_latency_file  # noqa: F401
 from serve.core.strategies import ROLE_BACKUP, ROLE_F, is_nworker  # noqa: F401  (plan's names since they began)
 from serve.core.strategies import get as strategy_of
@@ -59,13 +60,10 @@ from util.errors import ConfigError
 from util.latency import sample_ms
 
 def code_layout(code) -> tuple[int, int, int]:
-    """``(k, r, need)`` of a loaded code as plans lay it out: a systematic code (:class:`coders.code.Code`) has k
-    data and r parity slots per group and decodes from any k outputs; an N-worker code
-    (:class:`coders.nworker.NWorkerCode`) has K queries, N = K + r coded slots, and decodes from N - S."""
-    n_workers = getattr(code, "n_workers", None)
-    if n_workers is None:
-        return code.k, code.r, code.k
-    return code.k, n_workers - code.k, n_workers - code.stragglers
+    """``(k, r, need)`` of a loaded code as plans lay it out, as its form (:mod:`coders.form`) says: a systematic
+    code has k data and r parity slots per group and decodes from any k outputs; an N-worker code has K queries,
+    N = K + r coded slots, and decodes from N - S."""
+    return form_of(code).layout(code)
 
 
 def parity_per_model(m: int, k: int) -> int:
@@ -257,10 +255,7 @@ def check_code_fits(code, strategies: Sequence[str], run: str, engine: str, key:
     """Stop with a ConfigError naming ``key`` if one of ``strategies`` cannot serve the run's code (each asks its
     :meth:`serve.core.strategies.Strategy.check_code`: ``coded`` needs a systematic code, ``nworker`` on Ray an
     N-worker run; the rest serve either form), or if an N-worker run has N < K, which cannot be laid out."""
-    if is_nworker(code) and code.n_workers < code.k:
-        raise ConfigError(f"Config key 'runs': run '{run}' codes K = {code.k} queries into N = {code.n_workers} < K "
-                          f"worker inputs, which serving cannot lay out on its instances (a group of K queries sends "
-                          f"N coded inputs). Fix: serve an N-worker run with N >= K.")
+    form_of(code).check_servable(code, run)
     for strategy in strategies:
         strategy_of(strategy).check_code(code, run, engine, key)
 

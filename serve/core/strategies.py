@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from coders.form import form_of
 from util.errors import ConfigError
 
 ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
@@ -35,8 +36,9 @@ ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "back
 
 
 def is_nworker(code) -> bool:
-    """Whether a loaded code is an N-worker code (answers decoded from N - S coded outputs, none F's own)."""
-    return getattr(code, "n_workers", None) is not None
+    """Whether a loaded code is an N-worker code (answers decoded from N - S coded outputs, none F's own): its
+    form (:mod:`coders.form`) codes every slot of a group."""
+    return form_of(code).all_coded
 
 
 class Strategy:

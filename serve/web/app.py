@@ -54,7 +54,8 @@ from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F
 from serve.web.edge import numbers_refusal, server_config
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.core.strategies import get as strategy_of
-from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
+from coders.form import form_of
+from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, pool_roles
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.signals import Terminated
@@ -287,7 +288,7 @@ def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
     k, r, _ = code_layout(code)
     roles = service_roles(app.strategy, cfg.instances, k, r, app_policy(cfg, app))
     num_f, num_parity, num_backup = roles.count(ROLE_F), [roles.count(j) for j in range(r)], roles.count(ROLE_BACKUP)
-    if is_nworker(code):  # F instances only: an N-worker code has no parity models
+    if not form_of(code).parity_models:  # F instances only: an N-worker code has no parity models
         num_parity = []
     return Pool(code, cfg, num_f, num_parity, loaded.backup, num_backup, name=app.pool_name)
 
@@ -379,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shared = (f" of pool '{app.pool_name}' ({pool.attached} attached, {len(pool.started)} started here)"
                   if app.pool_name else "")
         k, r, need = code_layout(loaded.code)
-        shape = f"K={k}, N={k + r}, S={k + r - need}" if is_nworker(loaded.code) else f"k={k}, r={r}"
+        shape = form_of(loaded.code).shape(k, r, need)
         print(f"serving {cfg.runs[app.run]} ({shape}), strategy {app.strategy} on "
               f"{len(service.roles)} instances{shared}, at http://{app.host}:{app.port} (Ctrl-C stops)", flush=True)
         # uvicorn shuts down gracefully on SIGINT or SIGTERM, then raises that signal again: to a
