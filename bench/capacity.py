@@ -124,17 +124,20 @@ def latencies(folder: Path) -> np.ndarray:
 
 
 # -- the paths ------------------------------------------------------------------------------------------------
-class RayPath:
-    """Measurements through ``python -m serve``'s code path: one Ray, one pool of actors for every strategy."""
+class ServePath:
+    """Measurements through ``python -m serve``'s code path: on Ray (one pool of actors for every strategy), or
+    in the simulator when the config's ``engine`` is ``"sim"``."""
 
-    name = "Ray"
     light_together = True
 
     def __init__(self, cfg, loaded, out: Path):
-        from util.ray_cluster import start_ray
-
         self.cfg, self.loaded, self.out = cfg, loaded, out
-        self.ours = start_ray(cfg.address, cfg.num_cpus)
+        self.name = "Ray" if cfg.engine == "ray" else "simulator"
+        self.ours = False
+        if cfg.engine == "ray":
+            from util.ray_cluster import start_ray
+
+            self.ours = start_ray(cfg.address, cfg.num_cpus)
         self.pools: dict = {}
         self.folders: dict = {}
 
@@ -203,7 +206,7 @@ class HttpPath:
         cmd = [sys.executable, "-m", "serve.app", str(self.config), "--set", f"app.strategy={json.dumps(strategy)}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env={**os.environ, "PYTHONPATH": os.getcwd()})
-        wait_health(self.url, self.proc)
+        wait_health(self.url, self.proc, timeout_s=300.0)
         self.strategy = strategy
 
     def measure(self, strategies, rate: float, n: int, tag: str, plot: bool = False) -> dict:
@@ -302,7 +305,7 @@ def tail_rows(path, found: dict, sizes: Sizes, sim: bool) -> tuple[list[str], li
 
 
 def folder_of(path, strategy: str, tag: str) -> Path:
-    if isinstance(path, RayPath):
+    if isinstance(path, ServePath):
         return path.folders[(strategy, tag)][2] / strategy
     return path.out / tag / "setting00" / strategy
 
@@ -349,6 +352,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--http", action="store_true", help="with --quick: measure the HTTP path too")
     ap.add_argument("--no-http", action="store_true", help="skip the HTTP path")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray path (and so the simulator's comparison)")
+    ap.add_argument("--engine", choices=("ray", "sim"), default="ray", help="sim: the whole search in the simulator "
+                    "(the config's 'service' or 'profile'), no Ray and no HTTP (default ray)")
     ap.add_argument("--out", default=None, help="results folder (default: a new temporary folder)")
     ap.add_argument("--port", type=int, default=8941, help="the HTTP service's port (default 8941)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -366,7 +371,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     run = str(Path(args.run).resolve())
     out = Path(args.out or tempfile.mkdtemp(prefix="lcc-capacity-"))
-    overrides = {**parse_overrides(args.overrides), "runs": [run], "rates": [args.light], "out_dir": str(out / "http")}
+    overrides = {**parse_overrides(args.overrides), "runs": [run], "rates": [args.light], "out_dir": str(out / "http"),
+                 "engine": args.engine}
     raw = {**read_json_config(Path(args.config), "such as conf/serve/mnist_k2.json"), **overrides}
     cfg = load_serve_config(args.config, overrides)
     sizes = QUICK if args.quick else Sizes()
@@ -377,13 +383,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"run {args.run}; config {args.config} (m = {cfg.instances}, delay {cfg.delays[0]}, batch_size "
           f"{cfg.batch_size}, batch_wait_ms {cfg.batch_wait_ms}); light load {args.light:g} queries/s; "
           f"{'quick' if args.quick else 'full'} sizes; results under {out}\n", flush=True)
+    ray = cfg.engine == "ray"
     if not args.no_ray:
-        path = RayPath(replace(cfg, out_dir=str(out / "ray")), loaded, out / "ray")
+        path = ServePath(cfg, loaded, out / cfg.engine)
         try:
-            print("\n".join(measure_path(path, sizes, sizes.strategies, args.light, sim=True)) + "\n", flush=True)
+            print("\n".join(measure_path(path, sizes, sizes.strategies, args.light, sim=ray)) + "\n", flush=True)
         finally:
             path.close()
-    if not args.no_http and (args.http or not args.quick):
+    if ray and not args.no_http and (args.http or not args.quick):
         path = HttpPath(cfg, raw, out / "http", args.port)
         try:
             print("\n".join(measure_path(path, sizes, sizes.http_strategies, args.light, sim=False)) + "\n",

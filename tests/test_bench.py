@@ -169,3 +169,38 @@ def test_capacity_search_through_the_simulator_finds_mm1s_capacity():
     truth = 1000.0 - (1000.0 - 100.0) / 2  # 550 queries/s
     assert found["light_p99_ms"] == pytest.approx(mm1_p99_ms(100.0), rel=0.1)
     assert truth / 1.2 <= found["capacity"] <= truth * 1.1
+
+
+def test_capacity_benchmark_prints_capacities_and_the_tail_at_their_fractions(digits_run_folder, tmp_path, capsys):
+    from bench import capacity
+
+    # the whole run in the simulator (no Ray, no HTTP): the shipped digits config's stragglers, quick sizes
+    code = capacity.main([digits_run_folder, "--quick", "--engine", "sim", "--config", "conf/serve/digits.json",
+                          "--out", str(tmp_path), "--set", "plot=false"])
+    out = capsys.readouterr().out
+    assert code == 0 and "load average" in out
+    cap = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("equal-resources", "coded"):
+            light, limit = float(cells[1]), float(cells[2])
+            assert limit == pytest.approx(2 * light, abs=0.11)  # the 2x rule, as printed to 0.1 ms
+            cap[cells[0]] = float(cells[3].removeprefix(">= ").replace(",", ""))
+    assert set(cap) == {"equal-resources", "coded"}
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| 0.")]
+    assert [(r[0], r[2]) for r in rows] == [("0.5", "equal-resources"), ("0.5", "coded"),
+                                            ("0.7", "equal-resources"), ("0.7", "coded")]
+    for frac, rate, strategy, own, *_ in rows:
+        # every compared strategy at the same fraction of equal-resources' capacity, its own fraction beside it
+        assert float(rate.replace(",", "")) == pytest.approx(float(frac) * cap["equal-resources"], abs=0.51)
+        assert float(own) == pytest.approx(float(frac) * cap["equal-resources"] / cap[strategy], abs=0.006)
+    assert "coded p99.9 / equal-resources p99.9 = " in out and "simulator vs Ray" not in out
+    assert (tmp_path / "sim" / "cdf_0.7.png").is_file()
+
+
+def test_capacity_benchmark_refuses_a_bad_light_rate_before_any_work(tmp_path, capsys):
+    from bench import capacity
+
+    assert capacity.main([str(tmp_path), "--light", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--light" in err and "Traceback" not in err

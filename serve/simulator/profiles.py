@@ -78,21 +78,33 @@ def batch_scale(a: float, b: float, n):
     return (a + b * np.asarray(n, float)) / (a + b) if a + b > 0 else np.ones_like(np.asarray(n, float))
 
 
+class SortedPool:
+    """Measured values grouped by an integer pool key (NaN values left out), sorted once so that each draw is two
+    binary searches: the simulator draws per request sent, and a profile holds thousands of rows."""
+
+    def __init__(self, pool_keys: np.ndarray, values: np.ndarray):
+        ok = ~np.isnan(values)
+        pool_keys, values = pool_keys[ok], values[ok]
+        order = np.argsort(pool_keys, kind="stable")
+        self.keys, self.values = pool_keys[order], values[order]
+
+    def draw(self, keys: np.ndarray, rng: np.random.Generator, fallback: np.ndarray) -> np.ndarray:
+        """For each entry of ``keys``, a random value of its pool; keys with no pool draw from ``fallback``."""
+        pool_keys, values = self.keys, self.values
+        lo = np.searchsorted(pool_keys, keys, side="left")
+        hi = np.searchsorted(pool_keys, keys, side="right")
+        u = rng.random(len(keys))
+        own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
+            else np.zeros(len(keys))
+        other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
+        return np.where(hi > lo, own, other)
+
+
 def draw_from_pools(keys: np.ndarray, pool_keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
                     fallback: np.ndarray) -> np.ndarray:
     """For each entry of ``keys``, a random value among ``values`` whose pool key matches; keys with no
     measured value draw from ``fallback``."""
-    ok = ~np.isnan(values)
-    pool_keys, values = pool_keys[ok], values[ok]
-    order = np.argsort(pool_keys, kind="stable")
-    pool_keys, values = pool_keys[order], values[order]
-    lo = np.searchsorted(pool_keys, keys, side="left")
-    hi = np.searchsorted(pool_keys, keys, side="right")
-    u = rng.random(len(keys))
-    own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
-        else np.zeros(len(keys))
-    other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
-    return np.where(hi > lo, own, other)
+    return SortedPool(pool_keys, values).draw(keys, rng, fallback)
 
 
 class ServiceModel:
@@ -119,20 +131,26 @@ class ServiceModel:
     def draw(self, instance: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self.profile is None:
             return sample_delays(self.cfg.service, instance, rng), np.zeros(len(instance))
-        p = self.profile
+        if not hasattr(self, "pools"):
+            self.pools = {column: self.column_pools(column) for column in ("compute_ms", "overhead_ms")}
         keys = self.inst_key[instance]
-        same_role = p["role"].astype(int)
         out = []
         for column in ("compute_ms", "overhead_ms"):
-            values = p[column]
+            by_role, by_actor, fallback, measured = self.pools[column]
             # An actor missing from the profile draws from its role, a role missing from every row.
-            by_role = draw_from_pools(self.roles[instance], same_role, values, rng,
-                                      values[~np.isnan(values)])
-            fallback_rows = values[~np.isnan(values)]
-            drawn = draw_from_pools(keys, self.prof_key, values, rng, fallback_rows)
-            has_actor = np.isin(keys, self.prof_key[~np.isnan(values)])
-            out.append(np.where(has_actor, drawn, by_role) / 1000.0)
+            role_draw = by_role.draw(self.roles[instance], rng, fallback)
+            drawn = by_actor.draw(keys, rng, fallback)
+            out.append(np.where(np.isin(keys, measured), drawn, role_draw) / 1000.0)
         return out[0], out[1]
+
+    def column_pools(self, column: str) -> tuple:
+        """A profile column's values pooled by role and by (role, actor), the measured values, and the actors
+        with any: sorted once, drawn from at every request."""
+        p = self.profile
+        values = p[column]
+        measured = values[~np.isnan(values)]
+        return (SortedPool(p["role"].astype(int), values), SortedPool(self.prof_key, values), measured,
+                np.unique(self.prof_key[~np.isnan(values)]))
 
 
 # -- profiles measured by the ray runtime ------------------------------------------------------------
