@@ -1,6 +1,7 @@
 """Capacity at the p99 criterion, then the coded tail at 0.5 and 0.7 of it: on Ray, over HTTP, and in the simulator.
 
-``python -m bench.capacity RUN_FOLDER [--quick] [--config conf/serve/mnist_k2.json] [--no-http] [--out DIR]``
+``python -m bench.capacity RUN_FOLDER [--quick [--http]] [--config conf/serve/mnist_k2.json] [--no-http]
+[--engine sim] [--out DIR] [--set KEY=VALUE]``
 
 With the serving config's straggler model (its first ``delays`` entry: in ``conf/serve/mnist_k2.json`` 2% of
 requests held 100 ms + Exp(200 ms)), its instances and its batching keys, for the systematic code in RUN_FOLDER:
@@ -8,8 +9,8 @@ requests held 100 ms + Exp(200 ms)), its instances and its batching keys, for th
 1. **Capacity**, per strategy and path: the highest offered rate at which p99 stays within 2x the strategy's
    p99 at a light load (``--light`` queries/s), with at least 99% of queries answered. Open-loop seeded Poisson
    arrivals (:func:`serve.core.plan.make_queries`); the rate doubles from the light one until a probe fails,
-   then the interval is halved (geometrically) ``--refine`` times (:func:`search_capacity`). On Ray through
-   ``python -m serve``'s own code path (:func:`serve.cli.serve_setting`); over HTTP through
+   then the interval is halved (geometrically) twice, not at all with ``--quick`` (:func:`search_capacity`).
+   On Ray through ``python -m serve``'s own code path (:func:`serve.cli.serve_setting`); over HTTP through
    ``python -m serve.app`` in a subprocess and the aiohttp load generator (:func:`serve.web.loadgen.run`,
    JSON bodies, one query a request).
 2. **The tail at 0.5 and 0.7 of capacity** for equal-resources, replicate and coded, at the same offered rates:
@@ -29,7 +30,6 @@ capacity is measured under them, or 0.7 of it would be past overload.
 from __future__ import annotations
 
 import argparse
-import asyncio  # noqa: F401  (serve.web.loadgen runs its own loop)
 import csv
 import json
 import math
