@@ -67,8 +67,7 @@ class EventRun:
             if self.model.profile is None:
                 compute, overhead = self.compute_l[n], self.overhead_l[n]
             else:
-                c, o = self.model.draw(np.array([inst]), self.profile_rng)
-                compute, overhead = float(c[0]), float(o[0])
+                compute, overhead = self.model.draw_one(inst, self.profile_rng)
         else:
             compute, overhead = self.retry_draw(self.policy.query_of(n))
             for column in self.rec.values():

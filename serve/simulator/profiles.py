@@ -78,21 +78,43 @@ def batch_scale(a: float, b: float, n):
     return (a + b * np.asarray(n, float)) / (a + b) if a + b > 0 else np.ones_like(np.asarray(n, float))
 
 
+class SortedPool:
+    """Measured values grouped by an integer pool key (NaN values left out), sorted once so that each draw is two
+    binary searches: the simulator draws per request sent, and a profile holds thousands of rows."""
+
+    def __init__(self, pool_keys: np.ndarray, values: np.ndarray):
+        ok = ~np.isnan(values)
+        pool_keys, values = pool_keys[ok], values[ok]
+        order = np.argsort(pool_keys, kind="stable")
+        self.keys, self.values = pool_keys[order], values[order]
+        keys, first, count = np.unique(self.keys, return_index=True, return_counts=True)
+        self.ranges = {int(k): (int(f), int(c)) for k, f, c in zip(keys, first, count)}
+        self.value_list = self.values.tolist()
+
+    def draw_one(self, key: int, u: float, fallback: list) -> float:
+        """:meth:`draw` for one key, given its uniform draw ``u``: the same value, without arrays."""
+        own = self.ranges.get(key)
+        if own is not None:
+            return self.value_list[min(own[0] + int(u * own[1]), len(self.value_list) - 1)]
+        return fallback[int(u * len(fallback))] if fallback else 0.0
+
+    def draw(self, keys: np.ndarray, rng: np.random.Generator, fallback: np.ndarray) -> np.ndarray:
+        """For each entry of ``keys``, a random value of its pool; keys with no pool draw from ``fallback``."""
+        pool_keys, values = self.keys, self.values
+        lo = np.searchsorted(pool_keys, keys, side="left")
+        hi = np.searchsorted(pool_keys, keys, side="right")
+        u = rng.random(len(keys))
+        own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
+            else np.zeros(len(keys))
+        other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
+        return np.where(hi > lo, own, other)
+
+
 def draw_from_pools(keys: np.ndarray, pool_keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
                     fallback: np.ndarray) -> np.ndarray:
     """For each entry of ``keys``, a random value among ``values`` whose pool key matches; keys with no
     measured value draw from ``fallback``."""
-    ok = ~np.isnan(values)
-    pool_keys, values = pool_keys[ok], values[ok]
-    order = np.argsort(pool_keys, kind="stable")
-    pool_keys, values = pool_keys[order], values[order]
-    lo = np.searchsorted(pool_keys, keys, side="left")
-    hi = np.searchsorted(pool_keys, keys, side="right")
-    u = rng.random(len(keys))
-    own = values[np.minimum(lo + (u * (hi - lo)).astype(np.int64), max(len(values) - 1, 0))] if len(values) \
-        else np.zeros(len(keys))
-    other = fallback[(u * len(fallback)).astype(np.int64)] if len(fallback) else np.zeros(len(keys))
-    return np.where(hi > lo, own, other)
+    return SortedPool(pool_keys, values).draw(keys, rng, fallback)
 
 
 class ServiceModel:
@@ -119,20 +141,40 @@ class ServiceModel:
     def draw(self, instance: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self.profile is None:
             return sample_delays(self.cfg.service, instance, rng), np.zeros(len(instance))
-        p = self.profile
+        if not hasattr(self, "pools"):
+            self.pools = {column: self.column_pools(column) for column in ("compute_ms", "overhead_ms")}
         keys = self.inst_key[instance]
-        same_role = p["role"].astype(int)
         out = []
         for column in ("compute_ms", "overhead_ms"):
-            values = p[column]
+            by_role, by_actor, fallback, measured, _ = self.pools[column]
             # An actor missing from the profile draws from its role, a role missing from every row.
-            by_role = draw_from_pools(self.roles[instance], same_role, values, rng,
-                                      values[~np.isnan(values)])
-            fallback_rows = values[~np.isnan(values)]
-            drawn = draw_from_pools(keys, self.prof_key, values, rng, fallback_rows)
-            has_actor = np.isin(keys, self.prof_key[~np.isnan(values)])
-            out.append(np.where(has_actor, drawn, by_role) / 1000.0)
+            role_draw = by_role.draw(self.roles[instance], rng, fallback)
+            drawn = by_actor.draw(keys, rng, fallback)
+            out.append(np.where(np.isin(keys, measured), drawn, role_draw) / 1000.0)
         return out[0], out[1]
+
+    def draw_one(self, instance: int, rng: np.random.Generator) -> tuple[float, float]:
+        """:meth:`draw` for one instance with a profile (the same draws from ``rng``), at Python speed: the
+        simulator's event loop draws at every request it sends."""
+        if not hasattr(self, "pools"):
+            self.pools = {column: self.column_pools(column) for column in ("compute_ms", "overhead_ms")}
+        key, role = int(self.inst_key[instance]), int(self.roles[instance])
+        out = []
+        for column in ("compute_ms", "overhead_ms"):
+            by_role, by_actor, _, _, fallback = self.pools[column]
+            role_draw = by_role.draw_one(role, rng.random(), fallback)
+            actor_draw = by_actor.draw_one(key, rng.random(), fallback)
+            out.append((actor_draw if key in by_actor.ranges else role_draw) / 1000.0)
+        return out[0], out[1]
+
+    def column_pools(self, column: str) -> tuple:
+        """A profile column's values pooled by role and by (role, actor), the measured values, the actors with
+        any, and the measured values as a list: sorted once, drawn from at every request."""
+        p = self.profile
+        values = p[column]
+        measured = values[~np.isnan(values)]
+        return (SortedPool(p["role"].astype(int), values), SortedPool(self.prof_key, values), measured,
+                np.unique(self.prof_key[~np.isnan(values)]), measured.tolist())
 
 
 # -- profiles measured by the ray runtime ------------------------------------------------------------
