@@ -29,6 +29,7 @@ from coders.config import parse_overrides
 from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
                         make_queries, parity_per_model, pool_roles)
 from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.workers import served_code, with_deadline
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
@@ -44,6 +45,7 @@ def load_codes(cfg: ServeConfig) -> dict:
     for run in cfg.runs:
         if run not in codes:
             codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
+            codes[run].code = served_code(cfg, codes[run].code, run)  # with the config's 'perturb'
             codes[run].backup = load_backup(cfg, codes[run].splits) if "backup" in cfg.strategies else None
     return codes
 
@@ -148,8 +150,8 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
         index = si if si < len(cfg.strategies) else \
             cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
-        plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
-                          setting.delay, index, need)
+        plan = with_deadline(build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r,
+                                        queries, setting.delay, index, need), cfg, code)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))

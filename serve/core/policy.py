@@ -76,6 +76,7 @@ from typing import Optional
 import numpy as np
 
 from serve.core.plan import ROLE_BACKUP, ROLE_F, Plan, slow_table
+from serve.core.workers import deadline_of
 from util.errors import UserError
 
 PLANNED, OUTSTANDING, DONE, LOST, CANCELLED, SKIPPED = range(6)
@@ -163,6 +164,7 @@ class PolicyMachine:
         self.window = np.zeros(int(self.defer.get("window", 1)) if self.defer else 1)
         self.samples = 0
         self.delay_now = 0.0
+        self.deadline = deadline_of(self)  # nworker with deadline_ms: decode from what arrived by then
 
     # -- what the drivers read ------------------------------------------------------------------------
     @property
@@ -257,6 +259,8 @@ class PolicyMachine:
 
     # -- events ----------------------------------------------------------------------------------------
     def due(self, n: int, now: float) -> None:
+        if self.deadline is not None and self.deadline.due(n, now):
+            return
         if self.state[n] != PLANNED:
             return
         if self.strategy == "coded" and self.p_query[n] < 0:
@@ -314,14 +318,22 @@ class PolicyMachine:
                 self.answer(q, now, False)
                 self.driver.answer_own(q, n)
                 self.after_answer(q)
-        if self.count[g] >= self.need and self.unanswered[g] > 0:
-            waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
-            self.decoded[g] = list(self.have[g])
-            for x in waiting:
-                self.answer(x, now, True)
-            self.driver.answer_decoded(g, waiting, self.decoded[g])
-            for x in waiting:
-                self.after_answer(x)
+        if self.count[g] >= self.need_of(g) and self.unanswered[g] > 0:
+            self.decode_group(g, now)
+
+    def need_of(self, g: int) -> int:
+        """The outputs group ``g`` decodes from now (fewer once its deadline has passed)."""
+        return self.need if self.deadline is None else self.deadline.need(g)
+
+    def decode_group(self, g: int, now: float) -> None:
+        """Answer group ``g``'s waiting members by the decoder, from the outputs in hand."""
+        waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
+        self.decoded[g] = list(self.have[g])
+        for x in waiting:
+            self.answer(x, now, True)
+        self.driver.answer_decoded(g, waiting, self.decoded[g])
+        for x in waiting:
+            self.after_answer(x)
 
     def cancelled(self, n: int) -> None:
         if self.state[n] == OUTSTANDING:
@@ -357,7 +369,7 @@ class PolicyMachine:
                 if self.state[row] == PLANNED and row in self.woken:
                     self.route_and_send(row, now)
             coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING)) + self.unmade[g]
-            if self.count[g] + coming >= self.need:
+            if self.count[g] + coming >= self.need_of(g):
                 return  # the decoder will still get the outputs it needs
             for s, x in enumerate(self.members[g]):  # nworker: no member has an output of its own to wait for
                 if x >= 0 and not self.answers_of[x] and (self.slot_lost[g][s] or self.nworker):

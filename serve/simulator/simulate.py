@@ -69,6 +69,7 @@ import numpy as np
 from serve.core.config import STRATEGIES, ServeConfig
 from serve.core.plan import ROLE_F, Plan
 from serve.cluster.runtime import Outcome
+from serve.core.workers import outputs_used
 from serve.simulator.events import EventRun
 from serve.simulator.predictions import group_inputs, nworker_predictions, predictions, served_predictions
 from serve.simulator.profiles import (BATCH_COLUMN, PROFILE_COLUMNS, ServiceModel, batch_scale, draw_from_pools,
@@ -315,7 +316,8 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
-    if plan.dynamic or cfg.batch_size > 1:  # the array path serves one request a call
+    if plan.dynamic or cfg.batch_size > 1 or plan.deadline_s is not None:  # the array path: one request a call,
+        # a fixed rule of decoding
         return EventRun(plan, cfg).outcome(code, inputs, batch, backup)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
@@ -360,4 +362,4 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         "cancelled": np.zeros(int(sent.sum()), dtype=bool), "batch": np.ones(int(sent.sum()), dtype=int),
     }
     return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
-                   np.ones(n, dtype=int))
+                   np.ones(n, dtype=int), used=outputs_used(getattr(run, "group_of", None), available, reconstructed))

@@ -53,6 +53,7 @@ from serve.core.config import AppConfig, ServeConfig, app_config, app_policy, lo
 from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.web.app.prometheus_text)
 from serve.web.edge import numbers_refusal, server_config
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
+from serve.core.workers import served_code
 from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
@@ -296,6 +297,7 @@ def load_service_code(cfg: ServeConfig, app: AppConfig):
     from coders.code import load_code
 
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
+    loaded.code = served_code(cfg, loaded.code, cfg.runs[app.run])  # with the config's 'perturb'
     loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
     k, r, _ = code_layout(loaded.code)
     check_code_fits(loaded.code, [app.strategy], cfg.runs[app.run], "ray", "app.strategy" if app.policy is None
