@@ -19,7 +19,7 @@ import numpy as np
 
 from coders.config import read_json_config, validate_schema
 from serve.core.batching import check_batching
-from serve.core.workers import check_worker_keys
+from serve.core.worker_keys import check_worker_keys
 from util.errors import ConfigError
 from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
                            read_latency_file)

@@ -65,7 +65,9 @@ The policy's parts:
 ``nworker`` (an N-worker code, docs/nworker.md) is a grouped strategy like
 ``coded`` whose requests carry no query: a group's N coded inputs fall due at
 its close, blank padding has no known output, and every member is answered by
-the decoder once ``need`` = N - S outputs are in (``Plan.need``); a group that
+the decoder once ``need`` = N - S outputs are in (``Plan.need``) or, with a
+deadline (``Plan.deadline_s``, serve/core/workers.py), from those in at the
+group's close + deadline, whichever is first; a group that
 can no longer reach N - S sends every unanswered member again. It runs with
 the fixed layout only (no ``policies`` row names it).
 """
