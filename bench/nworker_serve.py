@@ -57,8 +57,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not (Path(run) / "config.json").is_file():
             raise UserError(f"'{run}' is not a run folder (no config.json). Fix: pass folders train.py wrote.")
     if args.sweep:
-        deadlines = [None if d == "none" else float(d) for d in args.deadlines]
-        if any(d is not None and d < 0 for d in deadlines) or any(not 0 <= p <= 1 for p in args.late_p) \
+        try:
+            deadlines = [None if d == "none" else float(d) for d in args.deadlines]
+        except ValueError:
+            deadlines = [-1.0]
+        if any(d is not None and not d >= 0 for d in deadlines) or any(not 0 <= p <= 1 for p in args.late_p) \
                 or any(a < 0 for a in args.adversaries):
             raise UserError("--deadlines must be 'none' or milliseconds >= 0, --late-p from 0 to 1, --adversaries "
                             ">= 0.")

@@ -198,3 +198,13 @@ def test_ray_decodes_by_the_deadline_from_the_first_output(berrut_run, tmp_path,
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {r["outputs_used"] for r in rows if r["reconstructed"] == "1"} == {"1"}
     assert summary["reconstructed"] == 1.0
+
+
+@pytest.mark.parametrize("extra", [[], ["--sweep", "--deadlines", "soon"], ["--sweep", "--late-p", "2"],
+                                   ["--sweep", "--adversaries", "-1"]])
+def test_the_serving_bench_refuses_bad_sweeps_before_any_work(extra, berrut_run, capsys):
+    from bench.nworker_serve import main
+
+    assert main(["--nworker", berrut_run, *extra]) == 2
+    err = capsys.readouterr().err
+    assert ("--systematic" if not extra else "--deadlines") in err and "Traceback" not in err
