@@ -8,7 +8,7 @@
              the concatenation parity model of the serving config, MNIST, k = 2, r = 1).
 
 Each picture is drawn by the function lcc itself draws it with (``serve.core.results.plot_cdf``,
-``serve.simulator.map.plot_map``, ``util.report.write_plots``) into a results folder, then copied to
+``serve.simulator.map.plot_map``, ``train.report.write_plots``) into a results folder, then copied to
 ``docs/img/NAME.png``. A step whose output is already there is not run again (``--again``
 runs it anyway).
 """
@@ -62,7 +62,7 @@ def heatmap(again: bool) -> Path:
 
 
 def curves(run: str) -> Path:
-    from util.report import summarize_run, write_plots
+    from train.report import summarize_run, write_plots
 
     folder = ROOT / run if not Path(run).is_absolute() else Path(run)
     if not (folder / "metrics.csv").is_file() and not (folder / "metrics.jsonl").is_file():

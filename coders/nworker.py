@@ -172,7 +172,11 @@ class NWorkerEncoder(nn.Module):
 
 
 class NWorkerDecoder(nn.Module):
-    """``(B, N, n)`` worker outputs (unavailable ones zeroed) and ``(B, N)`` availability -> ``(B, K, n)``."""
+    """``(B, N, n)`` worker outputs (unavailable ones zeroed) and ``(B, N)`` availability -> ``(B, K, n)``.
+    ``min_answering``: the fewest answering workers it decodes from (random stragglers are drawn with at least
+    this many answering)."""
+
+    min_answering = 1
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int]):
         super().__init__()

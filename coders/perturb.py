@@ -142,13 +142,10 @@ def late_patterns(n_workers: int, p: float, rows: int, gen: torch.Generator, min
 
 
 def min_answering(decoder) -> int:
-    """The fewest answering workers ``decoder`` can decode from (its ``min_answering``, else 5 for LeTCC's
-    splines (SciPy's minimum), else 1)."""
-    if hasattr(decoder, "min_answering"):
-        return int(decoder.min_answering)
-    from coders.spline import MIN_POINTS, SplineDecoder
-
-    return MIN_POINTS if isinstance(decoder, SplineDecoder) else 1
+    """The fewest answering workers ``decoder`` can decode from: its ``min_answering``
+    (:class:`coders.nworker.NWorkerDecoder` declares 1, each decoder that needs more its own), 1 for a user's
+    decoder that declares none."""
+    return int(getattr(decoder, "min_answering", 1))
 
 
 def group_generator(seed: int, group: int) -> torch.Generator:

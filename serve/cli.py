@@ -23,11 +23,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.core.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
+from serve.core.config import (ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
 from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
                         make_queries, parity_per_model, pool_roles)
+from serve.core.strategies import get as strategy_of, needs_backup, seed_index
 from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
 from serve.core.workers import served_code, with_deadline
 from util import signals
@@ -46,12 +47,13 @@ def load_codes(cfg: ServeConfig) -> dict:
         if run not in codes:
             codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
             codes[run].code = served_code(cfg, codes[run].code, run)  # with the config's 'perturb'
-            codes[run].backup = load_backup(cfg, codes[run].splits) if "backup" in cfg.strategies else None
+            codes[run].backup = load_backup(cfg, codes[run].splits) if needs_backup(cfg.strategies) else None
     return codes
 
 
 def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
-    """The backup model of strategy "backup", built for the run's dataset and loaded from its file."""
+    """The backup model of a strategy that needs one (``backup``), built for the run's dataset and loaded from its
+    file."""
     from base_models.fit import build_base_model, load_state
 
     spec = cfg.backup_model
@@ -149,7 +151,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
     for si, (policy, strategy) in enumerate(zip(policies, names)):
         # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
         index = si if si < len(cfg.strategies) else \
-            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
+            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else seed_index(policy.strategy)
         plan = with_deadline(build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r,
                                         queries, setting.delay, index, need), cfg, code)
         if cfg.engine == "ray":
@@ -320,10 +322,11 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
         num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, k, r, p.pool) if role == ROLE_F)
                     for p in policies)
         per = parity_per_model(cfg.instances, k)
-        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)  # never an N-worker run's
+        split_coded = any(strategy_of(p.strategy).counts(cfg.instances, k, r)[2] and p.pool == "split"
+                          for p in policies)  # parity instances (never an N-worker run's)
         with signals.deferred():  # actors starting: a signal is raised once they have
             pools[setting.run] = Pool(code, cfg, num_f, [per] * r if split_coded else [],
-                                      loaded.backup, r * per if "backup" in cfg.strategies else 0)
+                                      loaded.backup, r * per if needs_backup(cfg.strategies) else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
     frontend = Frontend(plan, actors, code, x, pad_output, batching=batching_of(cfg))  # fixed layouts, policies

@@ -31,7 +31,7 @@ def test_no_module_is_named_like_a_package_of_the_project():
 
 
 def test_a_script_inside_util_still_finds_the_util_package():
-    # `python util/report.py` puts util/ first on sys.path: `import util` finds util/util.py, which must
+    # `python util/checkpoint.py` puts util/ first on sys.path: `import util` finds util/util.py, which must
     # then act as the package (util.classpath, util.files, ...), and `util.util` must still import.
     script = ("import util.files, util.shapes\n"
               "from util.util import get_flattened_dim\n"
@@ -39,8 +39,8 @@ def test_a_script_inside_util_still_finds_the_util_package():
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT / "util", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["64", ".tmp"]
-    proc = subprocess.run([sys.executable, "util/report.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "util/checkpoint.py"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr  # it imports util.errors and util.files through the stand-in
 
 
 OLD_NAMES = [  # (old module path, name, new module path): each old one is kept for users' scripts
@@ -50,10 +50,19 @@ OLD_NAMES = [  # (old module path, name, new module path): each old one is kept 
     ("train.checkpoint", "load_checkpoint", "util.checkpoint"), ("train.lock", "FolderLock", "util.lock"),
     ("train.preflight", "check_device", "util.checks"), ("train.preflight", "probe_coders", "coders.build"),
     ("train.engine", "build_coders", "coders.build"), ("train.engine", "build_parity_models", "coders.build"),
-    ("train.cli", "parse_overrides", "coders.config"), ("serve.runtime", "start_ray", "util.ray_cluster"),
+    ("train.cli", "parse_overrides", "util.schema"), ("coders.config", "parse_overrides", "util.schema"),
+    ("coders.config", "validate_schema", "util.schema"), ("coders.config", "read_json_config", "util.schema"),
+    ("coders.config", "Config", "train.config"), ("coders.config", "validate_dict", "train.config"),
+    ("coders.config", "load_config", "train.config"), ("coders.config", "load_run_folder", "train.config"),
+    ("coders.config", "DEFAULT_OPTIMIZER", "train.config"), ("train.config", "expand_runs", "coders.config"),
+    ("train.config", "RunSpec", "coders.config"), ("train.config", "CODE_DIRS", "util.classpath"),
     ("serve.runtime", "Pool", "serve.pool"), ("serve.runtime", "Instance", "serve.pool"),
     ("serve.plan", "read_latency_file", "serve.config"), ("util.util", "get_flattened_dim", "util.shapes"),
     ("util.util", "flush_denormals", "util.hardware"), ("util.util", "atomic_write_text", "util.files"),
+    ("util.report", "main", "train.report"), ("util.report", "markdown_table", "train.report"),
+    ("coders.code", "Code", "coders.systematic"), ("coders.code", "freeze", "coders.systematic"),
+    ("coders.config", "RunSpec", "coders.form"), ("coders.config", "expand_runs", "coders.form"),
+    ("train.nworker", "NWorkerSpec", "coders.form"), ("train.engine", "build_coders", "coders.build"),
 ]
 
 
@@ -71,9 +80,22 @@ def test_the_policies_frontend_keeps_its_old_name():
 def test_a_moved_module_is_one_module_under_both_names():
     import train.code
 
-    from train import config
-    assert train.code is importlib.import_module("coders.code")
-    assert config is importlib.import_module("coders.config")
+    from train import code
+    assert train.code is code is importlib.import_module("coders.code")
+
+
+def test_the_training_names_of_coders_config_are_served_only_when_asked_for():
+    # coders.config keeps Config, load_config, ... for users' scripts without importing train (the layers):
+    # the name is looked up in train.config when first asked for, and an unknown name is still an AttributeError
+    script = ("import sys, coders.config as c\n"
+              "print('train.config' in sys.modules)\n"
+              "from coders.config import Config, load_config\n"
+              "import train.config as t\n"
+              "print(Config is t.Config and load_config is t.load_config and issubclass(Config, c.CodeConfig))\n"
+              "print(hasattr(c, 'no_such_name'))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True", "False"]
 
 
 def test_no_bench_script_is_named_like_a_module_it_may_import():

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from serve.core.batching import Batching, batching_of
-from serve.core.config import STRATEGIES, PolicyConfig
+from serve.core.config import PolicyConfig
 from serve.cluster.dispatch import Dispatcher, GroupFormer, Request
 from serve.web.online import Service
 from serve.core.plan import Plan, Queries, code_layout, pool_roles, route, sample_delays
 from serve.cluster.pool import POOL_NAMESPACE, Instance, Pool, fingerprint  # noqa: F401  (serve.cluster.runtime.Pool, as before)
 from serve.core.results import Outcome
+from serve.core.strategies import get as strategy_of, seed_index
 from serve.core.workers import outputs_used, with_deadline
 from util.ray_cluster import start_ray  # noqa: F401  (serve.cluster.runtime.start_ray, as before)
 
@@ -109,7 +110,7 @@ class Driver:
     def release(self, q: int) -> None:
         """Once a coded group is answered under a policy that drops its unsent parities, the core forgets it."""
         d = self.policy
-        if q < 0 or d.strategy != "coded" or not (d.cancel_on or d.defer is not None):
+        if q < 0 or not d.grouped or not (d.cancel_on or d.defer is not None):
             return
         g = d.group_list[q]
         if d.unanswered[g] == 0:
@@ -297,7 +298,7 @@ class ServiceFrontend(Driver, Service):
         self.ray = self.core.ray
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
-        index = STRATEGIES.index(pol.strategy)
+        index = seed_index(pol.strategy)
         self.policy = PolicyMachine(with_deadline(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model,
                                                                code_layout(code)[2]), cfg, code), self,
                                     np.random.default_rng([cfg.seed, 11, index]))
@@ -324,7 +325,8 @@ class ServiceFrontend(Driver, Service):
         fut = self.loop.create_future()
         self.futures[q] = (fut, now)
         core.add_query(q, x)
-        if self.strategy in ("coded", "nworker"):
+        kind = strategy_of(self.strategy)
+        if kind.grouped:
             g, slot, closed = self.former.add(q, now)
             if slot == 0:
                 core.open_group(g)
@@ -332,12 +334,12 @@ class ServiceFrontend(Driver, Service):
                 self.loop.call_later(self.former.timeout, self._expire, g)
             core.join(g, slot, q, x)
             d.join_group(g, slot, q)
-            if self.strategy == "coded":  # an N-worker query has no request of its own: its group's go at the close
+            if kind.own_outputs:  # an N-worker query has no request of its own: its group's go at the close
                 d.due(self.add(q, g, slot, now), now)
             for done_group, _, t in closed:
                 self._close(done_group, t)
         else:
-            rows = [self.add(q, -1, c, now) for c in range(2 if self.strategy in ("replicate", "backup") else 1)]
+            rows = [self.add(q, -1, c, now) for c in range(kind.copies)]
             for n in rows:
                 d.due(n, now)
         return fut
@@ -400,7 +402,7 @@ def service_plan(cfg, policy: PolicyConfig, k: int, r: int, roles: list[int], de
     """The empty plan a service's policy machine starts from: no query yet, the policy, the slow periods
     (``need``: the outputs a group decodes from, :func:`serve.core.plan.code_layout`)."""
     z, zi = np.zeros(0), np.zeros(0, dtype=int)
-    grouped = policy.strategy in ("coded", "nworker")
+    grouped = strategy_of(policy.strategy).grouped
     return Plan(policy.strategy, k, r, roles, Queries(z, zi, zi), z, zi, zi, zi, zi, z, z,
                 np.zeros((0, k), dtype=int) if grouped else None, z if grouped else None, {}, policy, None,
                 delay.get("instances"), cfg.slowdown, cfg.seed, need)

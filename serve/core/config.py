@@ -1,7 +1,7 @@
 """The serving config: one declared schema, shared by the Ray runtime and the simulator.
 
 Every key is declared once in :class:`ServeConfig`, checked by the same
-machinery as the training config (:func:`coders.config.validate_schema`:
+machinery as the training config (:func:`util.schema.validate_schema`:
 unknown keys with a did-you-mean, wrong types), then by :func:`check_values`.
 The lists ``runs``, ``rates`` and ``delays`` sweep: every combination is one
 *setting*, and every setting runs each of ``strategies`` on the same seeded
@@ -17,15 +17,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from coders.config import read_json_config, validate_schema
+from serve.core import strategies
 from serve.core.batching import check_batching
 from serve.core.worker_keys import check_worker_keys
 from util.errors import ConfigError
 from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
                            read_latency_file)
+from util.schema import read_json_config, validate_schema
 
-STRATEGIES = ("none", "equal-resources", "replicate", "coded", "backup", "nworker")
-DEFAULT_STRATEGIES = STRATEGIES[:4]  # "backup" needs a 'backup_model
+STRATEGIES = strategies.NAMES  # every registered strategy's name, read live (serve/core/strategies.py)
+DEFAULT_STRATEGIES = strategies.default_names()  # those a config without 'strategies' compares
 ENGINES = ("ray", "sim")
 ROUTINGS = ("static", "jsq", "p2c")
 POOLS = ("split", "shared")
@@ -169,7 +170,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
             raise _bad(source, "checkpoint", f"'{cfg.checkpoint}' is not in the run folder '{run}'. Fix: train "
                        f"the run first, or set 'checkpoint' to a file the folder holds (best.pt, current.pt).")
     if not cfg.strategies or len(set(cfg.strategies)) < len(cfg.strategies) \
-            or any(s not in STRATEGIES for s in cfg.strategies):
+            or any(s not in strategies.REGISTRY for s in cfg.strategies):
         raise _bad(source, "strategies", f"must list distinct strategies from {', '.join(STRATEGIES)}; "
                    f"got {cfg.strategies}.")
     if not cfg.rates or any(not _number(r) or r <= 0 for r in cfg.rates):
@@ -208,12 +209,13 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
             raise _bad(source, "failures", f"entries must be {{\"instance\": i, \"at_ms\": t >= 0}}; got {f}.")
     if len({f["instance"] for f in cfg.failures}) < len(cfg.failures):
         raise _bad(source, "failures", "names one instance twice; an instance fails once.")
-    if "backup" in cfg.strategies:
+    backed = [s for s in cfg.strategies if strategies.get(s).needs_backup]
+    if backed:
         b = cfg.backup_model
         if not (isinstance(b, dict) and set(b) == {"model", "file"} and isinstance(b["file"], str)
                 and isinstance(b["model"], (str, dict))):
             raise _bad(source, "backup_model", f"must be {{\"model\": a base model name or class path, \"file\": "
-                       f"its weights}} when 'strategies' holds \"backup\"; got {b!r}.")
+                       f"its weights}} when 'strategies' holds \"{backed[0]}\"; got {b!r}.")
         if not Path(b["file"]).is_file():
             raise _bad(source, "backup_model", f"\"file\" '{b['file']}' does not exist. Fix: train one, e.g. "
                        f"python -m base_models.fit --dataset mnist --model logistic, and name its model.pt.")
@@ -257,7 +259,7 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
     """The checked ``app`` section of ``cfg``; a ConfigError names the key and the fix."""
     app = validate_schema(cfg.app, AppConfig, f"{source}, section 'app'")
     key = "app." + "{}"
-    if app.strategy not in STRATEGIES:
+    if app.strategy not in strategies.REGISTRY:
         raise _bad(source, key.format("strategy"), f"must be one of {', '.join(STRATEGIES)}; got {app.strategy!r}.")
     if cfg.runs and not 0 <= app.run < len(cfg.runs):
         raise _bad(source, key.format("run"), f"must number one of the {len(cfg.runs)} 'runs' (0..{len(cfg.runs) - 1}); "
@@ -281,9 +283,9 @@ def app_config(cfg: ServeConfig, source: str = "serve config") -> AppConfig:
             raise _bad(source, key.format("policy"), f"must name a row of 'policies' ({names}); got {app.policy!r}. "
                        f"Fix: use one of those names, or drop 'app.policy' to serve 'app.strategy'.")
         app = dataclasses.replace(app, strategy=rows[app.policy].strategy)
-    if app.strategy == "backup" and not isinstance(cfg.backup_model, dict):
-        raise _bad(source, "backup_model", "must be {\"model\": ..., \"file\": ...} when 'app.strategy' is "
-                   "\"backup\".")
+    if strategies.get(app.strategy).needs_backup and not isinstance(cfg.backup_model, dict):
+        raise _bad(source, "backup_model", f"must be {{\"model\": ..., \"file\": ...}} when 'app.strategy' is "
+                   f"\"{app.strategy}\".")
     return app
 
 
@@ -294,7 +296,7 @@ def app_policy(cfg: ServeConfig, app: AppConfig) -> Optional[PolicyConfig]:
     return next(p for p in all_policies(cfg)[len(cfg.strategies):] if policy_name(p) == app.policy)
 
 
-POLICY_STRATEGIES = ("none", "equal-resources", "replicate", "coded")
+POLICY_STRATEGIES = strategies.policy_names()  # the built-in strategies a 'policies' row may name
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+="
 
 
@@ -306,19 +308,20 @@ def policy_from(raw: Any, source: str, index: int) -> PolicyConfig:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{where}: config key '{key}' {msg}")
 
-    if pol.strategy == "nworker":
-        raise bad("strategy", "\"nworker\" runs with its fixed layout only: a group's N coded inputs all go out "
-                  "when it closes, so there is nothing to route by queue, cancel or defer yet. Fix: list "
-                  "\"nworker\" in 'strategies' instead of 'policies'.")
-    if pol.strategy not in POLICY_STRATEGIES:
-        raise bad("strategy", f"must be one of {', '.join(POLICY_STRATEGIES)}; got {pol.strategy!r}.")
+    way = strategies.REGISTRY.get(pol.strategy)
+    if way is not None and way.fixed_only:
+        raise bad("strategy", f"\"{way.name}\" {way.fixed_only}. Fix: list \"{way.name}\" in 'strategies' "
+                  f"instead of 'policies'.")
+    if way is None or not way.policy_rows:
+        raise bad("strategy", f"must be one of {', '.join(strategies.policy_names())}; got {pol.strategy!r}.")
     if pol.routing not in ROUTINGS:
         raise bad("routing", f"must be one of {', '.join(ROUTINGS)}; got {pol.routing!r}.")
     if pol.pool not in POOLS:
         raise bad("pool", f"must be one of {', '.join(POOLS)}; got {pol.pool!r}.")
-    if pol.pool == "shared" and pol.strategy != "coded":
+    if pol.pool == "shared" and not way.shared_pool:
+        pooled = " or ".join(f"\"{s.name}\"" for s in strategies.REGISTRY.values() if s.shared_pool)
         raise bad("pool", f"\"shared\" pools a code's data and parity instances; strategy {pol.strategy!r} has "
-                  f"only F instances. Fix: drop 'pool', or use it with \"strategy\": \"coded\".")
+                  f"only F instances. Fix: drop 'pool', or use it with \"strategy\": {pooled}.")
     if pol.defer is not None:
         d = pol.defer
         fixed = set(d) == {"ms"} and _number(d["ms"]) and d["ms"] >= 0
@@ -327,9 +330,10 @@ def policy_from(raw: Any, source: str, index: int) -> PolicyConfig:
         if not (fixed or pct):
             raise bad("defer", f"must be null, {{\"ms\": t >= 0}} or {{\"percentile\": 0 < p < 100, \"window\": "
                       f"n from 1 to {MAX_WINDOW:,}}} (the latencies kept); got {d!r}.")
-        if pol.strategy not in ("coded", "replicate"):
+        if way.hedges is None:
+            hedged = " or ".join(s.name for s in strategies.REGISTRY.values() if s.hedges and s.policy_rows)
             raise bad("defer", f"delays a redundant request (a code's parities, a replica's second copy); "
-                      f"strategy {pol.strategy!r} sends none. Fix: drop 'defer', or use coded or replicate.")
+                      f"strategy {pol.strategy!r} sends none. Fix: drop 'defer', or use {hedged}.")
     if pol.name is not None and (not pol.name or any(c not in NAME_CHARS for c in pol.name)):
         raise bad("name", f"names a results folder: letters, digits and - _ . + = only; got {pol.name!r}.")
     return pol

@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from serve.core.plan import read_latency_file
+from serve.core.strategies import get as strategy_of
 from util.errors import ConfigError
 from util.memory import available_memory, check_memory, size  # noqa: F401  (serve.core.limits' names since they began)
 
@@ -56,22 +57,13 @@ def mean_ms(dist: dict, key: str) -> float:
 
 
 def instance_count(strategy: str, m: int, k: int, r: int) -> tuple[int, int, int, int]:
-    """``(all, F, parity, backup)`` instances of ``strategy`` (serve/core/plan.py's pool_roles, counted without
-    building the list, which a huge 'instances' would not fit in memory)."""
-    p = r * math.ceil(m / k)
-    if strategy == "none":
-        return m, m, 0, 0
-    if strategy in ("equal-resources", "nworker"):
-        return m + p, m + p, 0, 0
-    if strategy == "replicate":
-        return 2 * m, 2 * m, 0, 0
-    if strategy == "coded":
-        return m + p, m, p, 0
-    return m + p, m, 0, p  # backup
+    """``(all, F, parity, backup)`` instances of ``strategy`` (its roles counted without building the list,
+    which a huge 'instances' would not fit in memory)."""
+    return strategy_of(strategy).counts(m, k, r)
 
 
 def requests_per_query(strategy: str, k: int, r: int) -> float:
-    return 2.0 if strategy in ("replicate", "backup") else 1.0 + r / k if strategy in ("coded", "nworker") else 1.0
+    return strategy_of(strategy).requests_per_query(k, r)
 
 
 def plan_bytes(strategy: str, n: int, k: int, r: int, instances: int, duration_s: float,
@@ -80,14 +72,12 @@ def plan_bytes(strategy: str, n: int, k: int, r: int, instances: int, duration_s
     named by what sets each: ``{"num_queries": bytes, "parities": ..., "groups": ..., "instances": ...,
     "slowdown": ...}``."""
     per_request = BYTES_PER_REQUEST + (RAY_BYTES_PER_REQUEST if ray else 0)
-    requests = n * requests_per_query(strategy, k, r) if strategy != "coded" else n
+    way = strategy_of(strategy)
+    requests, parities = way.request_bound(n, k, r)
     parts = {"num_queries": per_request * requests + (4 * outputs * n if ray else 0),
-             "parities": per_request * n * r if strategy == "coded" else 0.0,  # up to r per query (groups of one)
-             "groups": 0.0, "instances": BYTES_PER_INSTANCE * instances, "slowdown": 0.0}
-    if strategy == "nworker":  # k + r requests per group, up to n groups (closed by their timeout)
-        requests = n * (k + r)
-        parts["num_queries"] = per_request * requests + (4 * outputs * n if ray else 0)
-    if strategy in ("coded", "nworker"):  # a group closed by its timeout may hold one query: up to n groups of k + r slots
+             "parities": per_request * parities, "groups": 0.0, "instances": BYTES_PER_INSTANCE * instances,
+             "slowdown": 0.0}
+    if way.grouped:  # a group closed by its timeout may hold one query: up to n groups of k + r slots
         parts["groups"] = BYTES_PER_GROUP_SLOT * n * (k + r) + (4 * outputs * n * (k + r) if ray else 0)
     if slowdown is not None:  # a (periods x instances) table of slow periods
         periods = duration_s / (slowdown["period_ms"] / 1000.0) + 1
@@ -112,11 +102,9 @@ def check_load(load: float, who: str, where: str, label: str, fix: str, out=None
 
 def strategy_load(strategy: str, rate: float, work_s: float, k: int, r: int, num_instances: int,
                   num_f: int) -> float:
-    """The busiest kind of instance's load: F instances for ``backup`` (the backup model is cheaper), all
-    of the strategy's instances otherwise."""
-    if strategy == "backup":
-        return rate * work_s / num_f
-    return rate * work_s * requests_per_query(strategy, k, r) / num_instances
+    """The busiest kind of instance's load (F instances for ``backup``, whose backup model is cheaper; all of
+    the strategy's instances otherwise): :meth:`serve.core.strategies.Strategy.load`."""
+    return strategy_of(strategy).load(rate, work_s, k, r, num_instances, num_f)
 
 
 def mean_delay_ms(delay: dict, mean_of) -> float:

@@ -8,7 +8,8 @@ from wall-clock timing, so the Ray runtime (``serve/cluster/runtime.py``) and th
 simulator execute the very same plan and a seed reproduces it exactly.
 
 Instances of a strategy, numbered as the config's ``instances`` lists refer
-to them (m = ``instances``, p = r * ceil(m / k) parity instances):
+to them (m = ``instances``, p = r * ceil(m / k) parity instances), as each
+strategy's class in :mod:`serve.core.strategies` lays them out and routes:
 
 * ``none``: 0..m-1 hold F; query q goes to instance q mod m (round robin).
 * ``equal-resources``: 0..m+p-1 hold F, the coded strategy's instance count
@@ -34,7 +35,8 @@ query arrives or ``group_timeout_ms`` after its first, whichever is first;
 a group closed early is padded with blank (all-zero) inputs whose outputs
 the frontend knows in advance, so they count as available at once.
 An instance that has failed gets no more requests: a request that would go
-to it goes to the next live instance of the same role.
+to it goes to the next live instance of the same role (:func:`next_live`, the
+one failover rule).
 
 A plan made for a policy (``policies`` in the config, :mod:`serve.core.policy`)
 keeps the same requests, but its times and instances are the earliest moment
@@ -51,12 +53,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from serve.core.config import PolicyConfig, ServeConfig, read_latency_file  # noqa: F401
+from serve.core.strategies import ROLE_BACKUP, ROLE_F, is_nworker  # noqa: F401  (plan's names since they began)
+from serve.core.strategies import get as strategy_of
 from util.errors import ConfigError
 from util.latency import sample_ms
-
-ROLE_F = -1  # role of an instance holding F; parity instances hold role j >= 0
-ROLE_BACKUP = -2  # role of an instance holding the backup model (strategy "backup")
-
 
 def code_layout(code) -> tuple[int, int, int]:
     """``(k, r, need)`` of a loaded code as plans lay it out: a systematic code (:class:`coders.code.Code`) has k
@@ -68,48 +68,20 @@ def code_layout(code) -> tuple[int, int, int]:
     return code.k, n_workers - code.k, n_workers - code.stragglers
 
 
-def is_nworker(code) -> bool:
-    """Whether a loaded code is an N-worker code (answers decoded from N - S coded outputs, none F's own)."""
-    return getattr(code, "n_workers", None) is not None
-
-
 def parity_per_model(m: int, k: int) -> int:
     return math.ceil(m / k)
 
 
-def pool_roles(strategy: str, m: int, k: int, r: int, pool: str = "split") -> list[int]:
-    """The role of each instance of ``strategy``: ROLE_F, or j for parity j (``pool`` "shared": all F)."""
-    per = parity_per_model(m, k)
-    if strategy in ("coded", "nworker") and pool == "shared" or strategy == "nworker":
-        return [ROLE_F] * (m + r * per)
-    if strategy == "none":
-        return [ROLE_F] * m
-    if strategy == "equal-resources":
-        return [ROLE_F] * (m + r * per)
-    if strategy == "replicate":
-        return [ROLE_F] * (2 * m)
-    if strategy == "coded":
-        return [ROLE_F] * m + [j for j in range(r) for _ in range(per)]
-    if strategy == "backup":
-        return [ROLE_F] * m + [ROLE_BACKUP] * (r * per)
-    raise ValueError(f"unknown strategy {strategy!r}")
+def pool_roles(strategy, m: int, k: int, r: int, pool: str = "split") -> list[int]:
+    """The role of each instance of ``strategy`` (a name or a :class:`serve.core.strategies.Strategy`): ROLE_F,
+    j for parity j, or ROLE_BACKUP (``pool`` "shared": all F where it applies)."""
+    return strategy_of(strategy).roles(m, k, r, pool)
 
 
-def route(strategy: str, m: int, k: int, r: int, query, slot, group):
-    """The instance each request goes to before any failure (arrays or scalars), as the module docstring says:
+def route(strategy, m: int, k: int, r: int, query, slot, group):
+    """The instance each request goes to before any failure (arrays or scalars), as the strategy lays it out:
     ``query`` is -1 for a parity, ``slot`` the coded position or the copy, ``group`` the coded group."""
-    roles = pool_roles(strategy, m, k, r)
-    query, slot, group = np.asarray(query), np.asarray(slot), np.asarray(group)
-    if strategy in ("none", "equal-resources"):
-        return query % len(roles)
-    if strategy == "replicate":
-        return (2 * query + slot) % len(roles)
-    if strategy == "backup":  # copy 0 to F instance q mod m, copy 1 to backup instance q mod p
-        return np.where(slot == 0, query % m, m + query % (len(roles) - m))
-    per = parity_per_model(m, k)  # coded: data to q mod m, group g's parity j to the (g mod per)-th of role j
-    if strategy == "nworker":  # no request carries a query: coded input s < k of group g as query g k + s would go
-        return np.where(slot < k, (group * k + slot) % m, m + (slot - k) * per + group % per)
-    return np.where(query >= 0, query % m, m + (slot - k) * per + group % per)
+    return strategy_of(strategy).route(m, k, r, query, slot, group)
 
 
 @dataclass
@@ -227,28 +199,44 @@ def slow_factors(cfg: ServeConfig, instance: np.ndarray, time: np.ndarray, num_i
     return np.where(slow[(time // period).astype(int), instance], float(s["factor"]), 1.0)
 
 
+def next_live(roles, fail_at, role, after, t) -> np.ndarray:
+    """The failover rule, the one every part of serving follows (the plans' :func:`reroute`, the policy
+    machine's static routing and retries, the simulator's retries): for each (instance ``after``, time ``t``),
+    the first instance of ``role`` cyclically after ``after`` (``after`` itself last) still live at ``t``, i.e.
+    whose failure time in ``fail_at`` (inf: never; -inf: already down) is later than ``t``; -1 where none is.
+    ``role``, ``after`` and ``t`` are arrays of one length, or scalars."""
+    roles, fail_at = np.asarray(roles), np.asarray(fail_at, dtype=float)
+    after, t = np.atleast_1d(after).astype(int), np.atleast_1d(np.asarray(t, dtype=float))
+    role = np.broadcast_to(np.asarray(role), after.shape)
+    t = np.broadcast_to(t, after.shape)
+    out = np.full(len(after), -1)
+    for a, ro in set(zip(after.tolist(), role.tolist())):
+        # Candidates: the instances of the role, cyclically after a. A request at time t goes to the first one
+        # still live at t, i.e. the first whose running maximum of failure times exceeds t.
+        same = np.nonzero(roles == ro)[0]
+        if len(same) == 0:
+            continue
+        start = int(np.searchsorted(same, a, side="right"))
+        cand = same[(start + np.arange(len(same))) % len(same)]
+        reach = np.maximum.accumulate(fail_at[cand])
+        rows = np.nonzero((after == a) & (role == ro))[0]
+        pick = np.searchsorted(reach, t[rows], side="right")
+        out[rows] = np.where(pick < len(cand), cand[np.minimum(pick, len(cand) - 1)], -1)
+    return out
+
+
 def reroute(instance: np.ndarray, time: np.ndarray, roles: list[int], failures: dict) -> np.ndarray:
-    """Send each request whose instance has failed by its dispatch time to the next live one of the same role."""
+    """Send each request whose instance has failed by its dispatch time to the next live one of the same role
+    (:func:`next_live`; -1: no live instance of its role, the request is never sent)."""
     if not failures:
         return instance
-    original, instance = instance, instance.copy()
-    roles_arr = np.asarray(roles)
+    instance = instance.copy()
     fail_at = np.full(len(roles), np.inf)
     for i, t in failures.items():
         fail_at[i] = t
-    moved = time >= fail_at[original]
-    for i in np.unique(original[moved]):
-        # Candidates: the other instances of i's role, cyclically after i. A request at time t
-        # goes to the first one still live at t, i.e. the first whose running maximum of failure
-        # times exceeds t.
-        same = np.nonzero(roles_arr == roles_arr[i])[0]
-        start = int(np.searchsorted(same, i))
-        cand = same[(start + np.arange(1, len(same) + 1)) % len(same)]
-        reach = np.maximum.accumulate(fail_at[cand])
-        rows = np.nonzero(moved & (original == i))[0]
-        pick = np.searchsorted(reach, time[rows], side="right")
-        # -1: no live instance of this role, the request is never sent
-        instance[rows] = np.where(pick < len(cand), cand[np.minimum(pick, len(cand) - 1)], -1)
+    moved = np.nonzero(time >= fail_at[instance])[0]
+    if len(moved):
+        instance[moved] = next_live(roles, fail_at, np.asarray(roles)[instance[moved]], instance[moved], time[moved])
     return instance
 
 
@@ -268,29 +256,15 @@ def check_failed_instances(cfg: ServeConfig, k: int, r: int, strategies: Sequenc
 
 
 def check_code_fits(code, strategies: Sequence[str], run: str, engine: str, key: str = "strategies") -> None:
-    """Stop with a ConfigError naming ``key`` if one of ``strategies`` cannot serve the run's code: ``coded``
-    needs a systematic code (k data + r parities), ``nworker`` on Ray (or over HTTP) an N-worker run (its trained
-    encoder and decoder; the simulator times a systematic run's ``nworker`` alone), and an N-worker run needs
-    N >= K to be laid out. The strategies that send F's own outputs only (none, equal-resources, replicate,
-    backup) serve either form."""
-    nworker = is_nworker(code)
-    if nworker and code.n_workers < code.k:
+    """Stop with a ConfigError naming ``key`` if one of ``strategies`` cannot serve the run's code (each asks its
+    :meth:`serve.core.strategies.Strategy.check_code`: ``coded`` needs a systematic code, ``nworker`` on Ray an
+    N-worker run; the rest serve either form), or if an N-worker run has N < K, which cannot be laid out."""
+    if is_nworker(code) and code.n_workers < code.k:
         raise ConfigError(f"Config key 'runs': run '{run}' codes K = {code.k} queries into N = {code.n_workers} < K "
                           f"worker inputs, which serving cannot lay out on its instances (a group of K queries sends "
                           f"N coded inputs). Fix: serve an N-worker run with N >= K.")
     for strategy in strategies:
-        if strategy == "coded" and nworker:
-            raise ConfigError(f"Config key '{key}': strategy \"coded\" serves a systematic code (k data + r "
-                              f"parities, data outputs answered as they are), but run '{run}' is an N-worker code "
-                              f"(K = {code.k}, N = {code.n_workers}, S = {code.stragglers}). Fix: serve it with "
-                              f"\"nworker\", or name a systematic run folder in 'runs'.")
-        if strategy == "nworker" and not nworker and engine != "sim":
-            raise ConfigError(f"Config key '{key}': strategy \"nworker\" on Ray serves the answers of an N-worker "
-                              f"code, but run '{run}' is a systematic code (k = {code.k}, r = {code.r}), which has "
-                              f"no N-worker encoder and decoder. Fix: name a run trained with \"form\": \"nworker\" "
-                              f"(docs/nworker.md) in 'runs'" + (", or serve another strategy." if key.startswith("app.")
-                                                                else ", or set \"engine\": \"sim\" to time the "
-                                                                "N-worker layout alone, or drop \"nworker\"."))
+        strategy_of(strategy).check_code(code, run, engine, key)
 
 
 def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, delay: dict,
@@ -300,40 +274,16 @@ def build_plan(cfg: ServeConfig, strategy, k: int, r: int, queries: Queries, del
     :func:`code_layout`)."""
     policy = strategy if isinstance(strategy, PolicyConfig) else None
     strategy = policy.strategy if policy else strategy
+    way = strategy_of(strategy)
     m = cfg.instances
-    roles = pool_roles(strategy, m, k, r, policy.pool if policy else "split")
+    roles = way.roles(m, k, r, policy.pool if policy else "split")
     check_failed_instances(cfg, k, r, [strategy])
     failures = {f["instance"]: f["at_ms"] / 1000.0 for f in cfg.failures}
-    n = len(queries.arrival)
-    q = np.arange(n)
-    members = closed = None
-    if strategy in ("none", "equal-resources"):
-        time, query = queries.arrival, q
-        group, slot = np.full(n, -1), np.zeros(n, dtype=int)
-    elif strategy in ("replicate", "backup"):
-        time = np.repeat(queries.arrival, 2)
-        query = np.repeat(q, 2)
-        slot = np.tile([0, 1], n)
-        group = np.full(2 * n, -1)
-    else:  # coded, nworker
-        members, closed = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0)
-        g = len(closed)
-        data_g, data_slot = np.nonzero(members >= 0)
-        data_q = members[data_g, data_slot]
-        arrive = queries.arrival[data_q]
-        if strategy == "nworker":  # k coded inputs in the data positions (padded groups too), sent at the close
-            data_g, data_slot = np.repeat(np.arange(g), k), np.tile(np.arange(k), g)
-            data_q, arrive = np.full(g * k, -1), closed[data_g]
-        # A data query goes out on arrival; parities when the group closes (the encoder needs all k).
-        par_g = np.repeat(np.arange(g), r)
-        par_j = np.tile(np.arange(r), g)
-        time = np.concatenate([arrive, closed[par_g]])
-        query = np.concatenate([data_q, np.full(len(par_g), -1)])
-        group = np.concatenate([data_g, par_g])
-        slot = np.concatenate([data_slot, k + par_j])
+    groups = form_groups(queries.arrival, k, cfg.group_timeout_ms / 1000.0) if way.grouped else None
+    time, query, group, slot, members, closed = way.requests(queries.arrival, k, r, groups)
     order = np.argsort(time, kind="stable")
     time, query, group, slot = time[order], query[order], group[order], slot[order]
-    inst = route(strategy, m, k, r, query, slot, group)
+    inst = way.route(m, k, r, query, slot, group)
     inst = reroute(inst, time, roles, failures)
     rng = np.random.default_rng([cfg.seed, 2, strategy_index])
     # The instance filter draws nothing, so the delay on any instance comes from the same draws.

@@ -17,7 +17,7 @@ def check_worker_keys(cfg, source: str) -> None:
 
     rows = list(cfg.strategies) + [p.get("strategy") for p in cfg.policies if isinstance(p, dict)]
     for key in ("deadline_ms", "perturb"):
-        if getattr(cfg, key) is not None and "nworker" not in rows:
+        if getattr(cfg, key) is not None and not any(decodes_only(name) for name in rows):
             raise bad(key, "is read only by the \"nworker\" strategy (an N-worker run's groups); no row of "
                            "'strategies' serves it. Fix: add \"nworker\" to 'strategies', or remove the key.")
     d = cfg.deadline_ms
@@ -26,6 +26,18 @@ def check_worker_keys(cfg, source: str) -> None:
                                  f"for N - S outputs); got {d!r}.")
     if cfg.perturb is not None:
         perturbation(cfg.perturb, source)
+
+
+def decodes_only(name) -> bool:
+    """Whether strategy ``name`` answers every query by decoding its group (``nworker``): the strategies that
+    ``deadline_ms`` and ``perturb`` apply to."""
+    from serve.core.strategies import get
+
+    try:
+        kind = get(name)
+    except ValueError:
+        return False
+    return kind.grouped and not kind.own_outputs
 
 
 def perturbation(spec: dict, source: str = "serve config"):

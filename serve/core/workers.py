@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from serve.core.worker_keys import perturbation
+from serve.core.worker_keys import decodes_only, perturbation
 from util.errors import ConfigError
 
 
@@ -67,7 +67,7 @@ class Deadline:
 def deadline_of(machine) -> Optional[Deadline]:
     """The machine's :class:`Deadline`, or None (no ``deadline_s`` in its plan, or not ``nworker``)."""
     p = machine.plan
-    if getattr(p, "deadline_s", None) is None or p.strategy != "nworker":
+    if getattr(p, "deadline_s", None) is None or not decodes_only(p.strategy):
         return None
     return Deadline(machine, p.deadline_s, p.fewest or p.need)
 
@@ -94,7 +94,7 @@ def with_deadline(plan, cfg, code):
     ``nworker`` row; a systematic run's has no decoder of its own, so it waits for N - S)."""
     from serve.core.plan import is_nworker
 
-    if cfg.deadline_ms is None or plan.strategy != "nworker":
+    if cfg.deadline_ms is None or not decodes_only(plan.strategy):
         return plan
     fewest = plan.need
     if is_nworker(code):

@@ -9,8 +9,9 @@ from typing import Optional
 import numpy as np
 
 from serve.core.batching import Batchers, batching_of
-from serve.core.config import STRATEGIES, ServeConfig
+from serve.core.config import ServeConfig
 from serve.core.plan import ROLE_F, Plan
+from serve.core.strategies import seed_index
 from serve.core.workers import outputs_used
 from serve.cluster.runtime import Outcome
 from serve.simulator.predictions import served_predictions
@@ -31,7 +32,7 @@ class EventRun:
 
         self.plan, self.cfg = plan, cfg
         name = plan.policy.strategy if plan.policy else plan.strategy
-        index = STRATEGIES.index(name) if name in STRATEGIES else len(STRATEGIES)
+        index = seed_index(name)
         self.roles = np.asarray(plan.roles)
         self.model = ServiceModel(cfg, plan.roles)
         # The fixed plans' compute draws, request by request; with a profile, drawn at each send instead.
@@ -223,7 +224,7 @@ class EventRun:
         p, d = self.plan, self.policy
         if np.any(np.isinf(d.done)):
             raise UserError("The simulation left a query unanswered; this is a bug in serve/core/policy.py.")
-        grouped = p.strategy in ("coded", "nworker")
+        grouped = d.grouped
         predicted = served_predictions(p, d._group_of if grouped else None, d.available if grouped else None,
                                        d.reconstructed, code, inputs, batch, backup)
         status = np.array([x or "" for x in self.status])

@@ -42,10 +42,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve.core.config import STRATEGIES, ServeConfig, all_policies, policy_name, row_strategies, validate
+from serve.core.config import ServeConfig, all_policies, policy_name, row_strategies, validate
 from serve.core.plan import Queries, build_plan, parity_per_model
 from serve.core.limits import mean_ms
 from serve.core.results import extra_work
+from serve.core.strategies import REGISTRY, seed_index
+from serve.core.strategies import get as strategy_of
 from serve.simulator.simulate import read_profile, simulate
 from coders.config import read_json_config
 from util.errors import ConfigError, exits_on_user_error
@@ -59,7 +61,12 @@ MAP_KEYS = {
 }
 REFUSED = {"runs": "the map sweeps k and r itself and runs no trained code",
            "rates": "the map derives arrival rates from \"map\": {\"loads\"}"}
-EQUAL_COST = ("equal-resources", "replicate", "coded")
+EQUAL_COST = tuple(s.name for s in REGISTRY.values() if s.equal_cost)  # the built-in rows of the comparison
+
+
+def coded_row(names) -> Optional[str]:
+    """The first of ``names`` (strategies) that is the map's coded side, or None."""
+    return next((s for s in names if strategy_of(s).map_coded), None)
 
 
 def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple[ServeConfig, dict]:
@@ -105,19 +112,21 @@ def read_map_config(path: str | Path, overrides: Optional[dict] = None) -> tuple
     if cfg.delays[0]["dist"] == "none":
         raise ConfigError(f"{source}: config key 'delays' gives no delay (\"dist\": \"none\"), so no request can "
                           f"straggle. Fix: a delay model such as {{\"dist\": \"constant\", \"ms\": 50}}.")
-    rows = {p.strategy for p in all_policies(cfg)}
-    if "coded" not in rows or not {"equal-resources", "replicate"} & rows:
-        raise ConfigError(f"{source}: config key 'strategies' must include \"coded\" and one of "
-                          f"\"equal-resources\", \"replicate\" (or 'policies' of them) for the map to compare; "
-                          f"got {cfg.strategies}.")
+    rows = [strategy_of(p.strategy) for p in all_policies(cfg)]
+    if not any(s.map_coded for s in rows) or not any(s.equal_cost and not s.map_coded for s in rows):
+        coded = " or ".join(f"\"{s.name}\"" for s in REGISTRY.values() if s.map_coded)
+        plain = ", ".join(f"\"{s.name}\"" for s in REGISTRY.values() if s.equal_cost and not s.map_coded)
+        raise ConfigError(f"{source}: config key 'strategies' must include {coded} and one of {plain} (or "
+                          f"'policies' of them) for the map to compare; got {cfg.strategies}.")
     check_map(cfg, lists, source)
     return cfg, lists
 
 
 def cell_instances(cfg: ServeConfig, strategy: str, k: int, r: int) -> int:
-    """The m a strategy is given in a cell: B/2 pairs for ``replicate``, ``instances`` otherwise (see run_cell)."""
+    """The m a strategy is given in a cell: B/2 pairs for ``replicate``, ``instances`` otherwise (see run_cell;
+    :meth:`serve.core.strategies.Strategy.map_instances`)."""
     budget = cfg.instances + r * parity_per_model(cfg.instances, k)
-    return max(budget // 2 if strategy == "replicate" else cfg.instances, 1)
+    return max(strategy_of(strategy).map_instances(cfg.instances, budget), 1)
 
 
 def check_map(cfg: ServeConfig, lists: dict, source: str) -> None:
@@ -190,10 +199,10 @@ def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> di
     for i, policy in enumerate(all_policies(cfg)):
         name = policy_name(policy)
         strategy = policy.strategy
-        kinds[name] = strategy
+        kinds[name] = strategy_of(strategy)
         scfg = replace(cfg, instances=cell_instances(cfg, strategy, k, r))
         plan = build_plan(scfg, policy if i >= len(cfg.strategies) else strategy, k, r, queries, delay,
-                          STRATEGIES.index(strategy))
+                          seed_index(strategy))
         out = simulate(plan, scfg)
         latency = (out.done - out.arrival)[cfg.warmup_queries:] * 1000.0
         work = extra_work(out.requests, n)
@@ -202,14 +211,14 @@ def run_cell(cfg: ServeConfig, load: float, rate_s: float, k: int, r: int) -> di
         row[f"{name}_p99.9_ms"] = float(np.percentile(latency, 99.9))
         row[f"{name}_requests"] = work["requests_per_query"]
         row[f"{name}_busy_ms"] = work["busy_ms_per_query"]
-    contenders = sorted((row[f"{s}_p99.9_ms"], s) for s in kinds if kinds[s] in EQUAL_COST)
+    contenders = sorted((row[f"{s}_p99.9_ms"], s) for s in kinds if kinds[s].equal_cost)
     row["winner"] = contenders[0][1]
     row["factor"] = contenders[1][0] / contenders[0][0] if len(contenders) > 1 else float("nan")
-    plain = [(row[f"{s}_p99.9_ms"], s) for s in cfg.strategies if s in EQUAL_COST and s != "coded"]
-    row["coded_gain"] = min(plain)[0] / row["coded_p99.9_ms"] if plain and "coded" in cfg.strategies \
-        else float("nan")
-    coded = [(p, s) for p, s in contenders if kinds[s] == "coded"]
-    others = [(p, s) for p, s in contenders if kinds[s] != "coded"]
+    coded_name = coded_row(cfg.strategies)
+    plain = [(row[f"{s}_p99.9_ms"], s) for s in cfg.strategies if strategy_of(s).equal_cost and s != coded_name]
+    row["coded_gain"] = min(plain)[0] / row[f"{coded_name}_p99.9_ms"] if plain and coded_name else float("nan")
+    coded = [(p, s) for p, s in contenders if kinds[s].map_coded]
+    others = [(p, s) for p, s in contenders if not kinds[s].map_coded]
     row["best_coded"], row["best_other"] = min(coded)[1], min(others)[1]
     row["policy_gain"] = min(others)[0] / min(coded)[0]
     return row
@@ -321,14 +330,15 @@ def run_map(cfg: ServeConfig, lists: dict, title: str) -> None:
         rows = sweep(cfg, lists, partial=out / "map.partial.csv")
         write_csv(rows, out / "map.csv")
         (out / "map.partial.csv").unlink()
-        wins = sum(row["winner"] == "coded" for row in rows)
-        print(f"\ncoded wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
+        coded_name = coded_row(cfg.strategies)
+        wins = sum(row["winner"] == coded_name for row in rows)
+        print(f"\n{coded_row(REGISTRY)} wins p99.9 in {wins} of {len(rows)} cells; figures in {out / 'map.csv'}")
         if cfg.policies:
             near = sum(row["policy_gain"] >= 1 / 1.1 for row in rows)
             print(f"the best coded policy has the lowest p99.9, or is within 10% of it, in {near} of {len(rows)} "
                   f"cells")
             print("\n" + policy_table(rows, lists))
-        if cfg.plot and "coded" in cfg.strategies and plot_map(rows, lists, out / "map.png", title):
+        if cfg.plot and coded_name and plot_map(rows, lists, out / "map.png", title):
             print(f"heatmap: {out / 'map.png'}")
         if cfg.plot and cfg.policies and plot_map(
                 rows, lists, out / "map_policies.png", title + " | best coded policy against best other",
@@ -358,8 +368,9 @@ def policy_table(rows: list[dict], lists: dict) -> str:
 
 def short(name: str) -> str:
     """A row name small enough for a heatmap cell."""
-    return (name.replace("equal-resources", "eq").replace("replicate", "rep").replace("coded", "cod")
-            .replace("+cancel", "+c").replace("+pooled", "+pool"))
+    for strategy in REGISTRY.values():
+        name = name.replace(strategy.name, strategy.label)
+    return name.replace("+cancel", "+c").replace("+pooled", "+pool")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve.core.plan import Plan, is_nworker
+from serve.core.strategies import get as strategy_of
 
 
 def served_predictions(plan: Plan, group_of, available, reconstructed: np.ndarray, code, inputs, batch: int,
@@ -16,14 +17,15 @@ def served_predictions(plan: Plan, group_of, available, reconstructed: np.ndarra
     n = len(plan.queries.arrival)
     if code is None or inputs is None:
         return np.full(n, -1)
-    if plan.strategy == "nworker":
+    kind = strategy_of(plan.strategy)
+    if kind.grouped and not kind.own_outputs:  # answered by an N-worker code's decoder only
         if not is_nworker(code):
             return np.full(n, -1)
         return nworker_predictions(plan, group_of, available, reconstructed, code, inputs, batch)
-    coded = plan.strategy == "coded"
+    coded = kind.grouped
     predicted = predictions(plan, group_of if coded else None, available if coded else None,
                             reconstructed if coded else np.zeros(n, dtype=bool), code, inputs, batch)
-    if plan.strategy == "backup" and backup is not None and reconstructed.any():
+    if kind.approximate_copy and backup is not None and reconstructed.any():
         import torch
 
         with torch.no_grad():

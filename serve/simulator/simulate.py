@@ -66,8 +66,9 @@ from typing import Optional
 
 import numpy as np
 
-from serve.core.config import STRATEGIES, ServeConfig
-from serve.core.plan import ROLE_F, Plan
+from serve.core.config import ServeConfig
+from serve.core.plan import ROLE_F, Plan, next_live
+from serve.core.strategies import get as strategy_of, seed_index
 from serve.cluster.runtime import Outcome
 from serve.core.workers import outputs_used
 from serve.simulator.events import EventRun
@@ -118,14 +119,9 @@ def fifo_completion(instance: np.ndarray, arrival: np.ndarray, service: np.ndarr
 
 # -- the simulation -----------------------------------------------------------------------------------
 def next_live_f(roles: np.ndarray, fail_at: np.ndarray, after: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """For each (failed instance ``after``, time ``t``): the next instance holding F, cyclically after it,
-    that is still live at ``t``; -1 where none is."""
-    num = len(roles)
-    steps = np.arange(1, num + 1)
-    cand = (np.asarray(after)[:, None] + steps[None, :]) % num          # (R, num), small R: retries are rare
-    live = (roles[cand] == ROLE_F) & (fail_at[cand] > np.asarray(t)[:, None])
-    first = live.argmax(axis=1)
-    return np.where(live.any(axis=1), cand[np.arange(len(cand)), first], -1)
+    """The next instance holding F after each failed one still live at each time: the one failover rule,
+    :func:`serve.core.plan.next_live` (this module's name for it since it began)."""
+    return next_live(roles, fail_at, ROLE_F, after, t)
 
 
 class _Run:
@@ -133,7 +129,8 @@ class _Run:
 
     def __init__(self, plan: Plan, cfg: ServeConfig):
         self.plan, self.cfg = plan, cfg
-        index = STRATEGIES.index(plan.strategy) if plan.strategy in STRATEGIES else len(STRATEGIES)
+        index = seed_index(plan.strategy)
+        self.kind = strategy_of(plan.strategy)
         self.roles = np.asarray(plan.roles)
         self.fail_at = np.full(len(plan.roles), np.inf)
         for i, t in plan.failures.items():
@@ -188,23 +185,19 @@ class _Run:
         p = self.plan
         n = len(p.queries.arrival)
         arrive, lost_at = state["arrive"], state["lost_at"]
-        if p.strategy in ("none", "equal-resources"):
-            answer = np.full(n, np.inf)
-            answer[p.query] = arrive
-            need = np.nonzero(np.isinf(arrive))[0]
-            return p.query[need], lost_at[need], p.instance[need], answer
-        if p.strategy in ("replicate", "backup"):
-            answer = np.full(n, np.inf)
-            np.minimum.at(answer, p.query, arrive)
-            copies = np.full((n, 2), np.inf)
-            copies[p.query, p.slot] = lost_at
-            rows = np.full((n, 2), -1)
-            rows[p.query, p.slot] = np.arange(len(p))
-            need = np.nonzero(np.isinf(answer))[0]
-            later = copies[need].argmax(axis=1)  # the copy lost last triggers the retry
-            req = rows[need, later]
-            return need, lost_at[req], p.instance[req], answer
-        return self.coded_retries(state)
+        if self.kind.grouped:
+            return self.coded_retries(state)
+        c = self.kind.copies  # each query's copies (one or more): the first output answers it
+        answer = np.full(n, np.inf)
+        np.minimum.at(answer, p.query, arrive)
+        copies = np.full((n, c), np.inf)
+        copies[p.query, p.slot] = lost_at
+        rows = np.full((n, c), -1)
+        rows[p.query, p.slot] = np.arange(len(p))
+        need = np.nonzero(np.isinf(answer))[0]
+        later = copies[need].argmax(axis=1)  # the copy lost last triggers the retry
+        req = rows[need, later]
+        return need, lost_at[req], p.instance[req], answer
 
     def coded_retries(self, state: dict):
         p = self.plan
@@ -241,7 +234,7 @@ class _Run:
             t_star = lost[g, star]
             for s in range(k):
                 q = p.members[g, s]
-                if q >= 0 and p.strategy == "nworker":  # no own output to wait for: every query goes again
+                if q >= 0 and not self.kind.own_outputs:  # no own output to wait for: every query goes again
                     qs.append(q), ts.append(t_star), frm.append(p.instance[req_of[g, star]])
                     continue
                 if q < 0 or not np.isfinite(lost[g, s]):
@@ -266,7 +259,7 @@ class _Run:
             prev_inst, prev_arrive, prev_lost = retries["instance"], state["r_arrive"], state["r_lost_at"]
             level_q, level_t, level_from = q, t, frm
             while len(level_q):
-                target = next_live_f(self.roles, self.fail_at, np.maximum(level_from, 0), level_t)
+                target = next_live(self.roles, self.fail_at, ROLE_F, np.maximum(level_from, 0), level_t)
                 if np.any(target < 0):
                     raise UserError("Every instance holding F has failed, so some queries cannot be answered. "
                                     "Fix: fail fewer instances in 'failures'.")
@@ -316,8 +309,9 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     """Execute ``plan`` in simulated time; see the module docstring. ``code`` (a coders.code.Code) and
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
-    if plan.dynamic or cfg.batch_size > 1 or plan.deadline_s is not None:  # the array path: one request a call,
-        # a fixed rule of decoding
+    kind = strategy_of(plan.strategy)
+    if plan.dynamic or cfg.batch_size > 1 or not kind.array_path or plan.deadline_s is not None:
+        # the array path serves one request a call, and decodes by a fixed rule
         return EventRun(plan, cfg).outcome(code, inputs, batch, backup)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
@@ -325,19 +319,19 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     if np.any(np.isinf(done)):
         raise UserError("The simulation left a query unanswered; this is a bug in serve/simulator/simulate.py.")
     reconstructed = np.zeros(n, dtype=bool)
-    if plan.strategy in ("coded", "nworker"):
+    if kind.grouped:
         decoded = run.decode_time[run.group_of]
         reconstructed = (decoded < run.own) & ~retried
-    if plan.strategy == "backup":  # answered by the backup model: its copy arrived first
-        copies = np.full((n, 2), np.inf)
+    if kind.approximate_copy:  # answered by the cheaper model: its copy (the last) arrived first
+        copies = np.full((n, kind.copies), np.inf)
         copies[plan.query, plan.slot] = state["arrive"]
-        reconstructed = (copies[:, 1] < copies[:, 0]) & ~retried
+        reconstructed = (copies[:, -1] < copies[:, :-1].min(axis=1)) & ~retried
     available = None
-    if plan.strategy == "nworker":  # each group's first N - S outputs (ties in slot order), as Ray decodes
+    if kind.grouped and not kind.own_outputs:  # each group's first N - S outputs (ties in slot order), as Ray decodes
         first = np.argsort(run.slot_arrive, axis=1, kind="stable")[:, :plan.need]
         available = np.zeros(run.slot_arrive.shape, dtype=bool)
         np.put_along_axis(available, first, True, axis=1)
-    elif plan.strategy == "coded":
+    elif kind.grouped:
         available = run.slot_arrive <= run.decode_time[:, None]
     predicted = served_predictions(plan, getattr(run, "group_of", None), available, reconstructed, code, inputs,
                                    batch, backup)

@@ -53,6 +53,7 @@ from serve.core.config import AppConfig, ServeConfig, app_config, app_policy, lo
 from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.web.app.prometheus_text)
 from serve.web.edge import numbers_refusal, server_config
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
+from serve.core.strategies import get as strategy_of
 from serve.core.workers import served_code
 from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, is_nworker, pool_roles
 from util import signals
@@ -293,12 +294,12 @@ def start_pool(cfg: ServeConfig, app: AppConfig, loaded):
 
 
 def load_service_code(cfg: ServeConfig, app: AppConfig):
-    """The served run's code (and the backup model of strategy "backup"), checked before any work."""
+    """The served run's code (and the backup model of a strategy that needs one), checked before any work."""
     from coders.code import load_code
 
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
     loaded.code = served_code(cfg, loaded.code, cfg.runs[app.run])  # with the config's 'perturb'
-    loaded.backup = load_backup(cfg, loaded.splits) if app.strategy == "backup" else None
+    loaded.backup = load_backup(cfg, loaded.splits) if strategy_of(app.strategy).needs_backup else None
     k, r, _ = code_layout(loaded.code)
     check_code_fits(loaded.code, [app.strategy], cfg.runs[app.run], "ray", "app.strategy" if app.policy is None
                     else "app.policy")

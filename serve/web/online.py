@@ -21,8 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.core.config import STRATEGIES, AppConfig, ServeConfig
+from serve.core.config import AppConfig, ServeConfig
 from serve.core.plan import ROLE_BACKUP, ROLE_F, code_layout, pool_roles
+from serve.core.strategies import seed_index
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
@@ -55,7 +56,7 @@ class Service:
         self.m = cfg.instances
         self.input_shape, self.classifier = tuple(input_shape), classifier
         self.delay_model = cfg.delays[app.delay]
-        self.rng = np.random.default_rng([cfg.seed, 2, STRATEGIES.index(self.strategy)])
+        self.rng = np.random.default_rng([cfg.seed, 2, seed_index(self.strategy)])
         self.futures: dict = {}  # admitted, unanswered query -> (asyncio future, admitted at)
         self.next_query = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None

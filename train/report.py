@@ -1,6 +1,7 @@
 """Summarise a sweep: one markdown table over every run folder, plus validation curves.
 
-``python -m util.report SAVE_DIR [--plots DIR] [--out FILE] [--no-plots] [--each-seed] [--form FORM]``
+``python -m train.report SAVE_DIR [--plots DIR] [--out FILE] [--no-plots] [--each-seed] [--form FORM]``
+(its old name ``python -m util.report`` is the same command: this report moved beside the training it reports)
 
 A run folder is any folder under SAVE_DIR holding ``metrics.jsonl`` and
 ``config.json`` (what :class:`train.engine.CodedRun` writes). Each run is
@@ -15,10 +16,11 @@ metrics rows without accuracies) get a table of their own with the errors of
 the rebuilt outputs (MSE, normalised MSE, relative L2) and no accuracy column;
 their best validation epoch is the one of lowest validation MSE.
 
-N-worker runs (``"form": "nworker"``, docs/nworker.md) get tables of their own after the systematic
-ones: K, N and S in place of k and r, the rebuilt outputs' errors, and a classifier scored (as the run
-picks its best epoch) by the accuracy of all K answers over every straggler pattern (ApproxIFER's).
-``--form`` keeps one form's tables (``python -m train.nworker SAVE_DIR`` is ``--form nworker --no-plots``).
+Each code form (coders/form.py) gets tables of its own, in the order of :data:`coders.form.FORMS`, with the
+columns its form gives (:meth:`coders.form.CodeForm.columns`): N-worker runs (docs/nworker.md) show K, N
+and S in place of k and r, the rebuilt outputs' errors, and a classifier scored (as the run picks its best
+epoch) by the accuracy of all K answers over every straggler pattern (ApproxIFER's). ``--form`` keeps one
+form's tables (``python -m train.nworker SAVE_DIR`` is ``--form nworker --no-plots``).
 """
 from __future__ import annotations
 
@@ -31,15 +33,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from coders.form import FORMS as CODE_FORMS
+from coders.form import form_named, form_of_record
 from util.classpath import spec_name
 from util.errors import EXIT_USER_ERROR
 from util.files import unwritable
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-SORT_KEYS = ("dataset", "model", "k", "r", "loss", "encoder", "decoder")
-FORMS = ("systematic", "nworker")  # the code forms, in the order their tables are printed
-NWORKER_KEYS = ("dataset", "model", "k", "n_workers", "stragglers", "loss", "encoder", "decoder")
+FORMS = tuple(CODE_FORMS)  # the code forms, in the order their tables are printed
+SIZE_KEYS = tuple(dict.fromkeys(key for form in CODE_FORMS.values() for key in form.sizes))  # r, n_workers, ...
 
 # (row key, column header, kind); kind "pct" prints a 0..1 fraction as a percentage, "num" 4 digits.
 _RUN = [  # what the run is, and how far it got: every table starts with these
@@ -159,12 +162,12 @@ def summarize_run(folder: str | Path) -> dict:
         raise RunReadError(f"{CONFIG_FILE} is unreadable ({exc})") from None
     if not isinstance(config, dict):
         raise RunReadError(f"{CONFIG_FILE} is not a JSON object")
-    nworker = config.get("form") == "nworker"
-    missing = [k for k in (NWORKER_KEYS if nworker else SORT_KEYS) if k not in config]
+    form = form_of_record(config)
+    missing = [k for k in form.record_keys() if k not in config]
     if missing:
         raise RunReadError(f"{CONFIG_FILE} lacks {', '.join(missing)}")
     rows = sorted(read_rows(folder / METRICS_FILE), key=lambda r: r["epoch"])
-    best = best_row(rows, "val_degraded_acc" if nworker else "val_recon_acc")
+    best = best_row(rows, form.best_by)
     classify = is_classifier(rows)
     f_acc = _number(best.get("test_base_acc"))
     # Epoch 0 only evaluates the untrained code; the others train, evaluate and checkpoint.
@@ -174,10 +177,8 @@ def summarize_run(folder: str | Path) -> dict:
         "dataset": spec_name(config["dataset"]),
         "model": spec_name(config["model"]),
         "k": config["k"],
-        "r": config.get("r"),
-        "form": "nworker" if nworker else "systematic",
-        "n_workers": config.get("n_workers") if nworker else None,
-        "stragglers": config.get("stragglers") if nworker else None,
+        **{key: config.get(key) if key in form.sizes else None for key in SIZE_KEYS},  # r; N, S
+        "form": form.name,
         "loss": spec_name(config["loss"]),
         "encoder": spec_name(config["encoder"]),
         "decoder": spec_name(config["decoder"]),
@@ -244,35 +245,14 @@ def sort_key(row: dict) -> tuple:
 _ERRORS = [c for c in REGRESSION_COLUMNS if c[2] == "num"]  # test MSE, NMSE, relative L2
 
 
-def nworker_columns(columns: list) -> list:
-    """``columns`` for N-worker runs: K, N, S for k, r; no all-k column (every answer is rebuilt, so the
-    degraded accuracy is that of all K answers); a classifier's rebuilt-output errors after the accuracy lost."""
-    out = []
-    for key, head, kind in columns:
-        if key == "k":
-            out.append(("k", "K", kind))
-        elif key == "r":
-            out += [("n_workers", "N", "str"), ("stragglers", "S", "str")]
-        elif key == "test_degraded_acc":
-            out.append((key, "test acc, all K answers (%)", kind))
-        elif key == "acc_lost":
-            out += [(key, "accuracy lost vs F (points)", kind)] + _ERRORS
-        elif key not in ("test_group_acc",):
-            out.append((key, head, kind))
-    return out
-
-
 def columns_of(form: str, classify: bool) -> list:
     """The columns of every table here: of runs of code ``form`` whose F is a classifier or not."""
-    columns = COLUMNS if classify else REGRESSION_COLUMNS
-    return nworker_columns(columns) if form == "nworker" else columns
+    return form_named(form).columns(COLUMNS if classify else REGRESSION_COLUMNS, _ERRORS)
 
 
 def shape_label(row: dict) -> str:
-    """``k=8 r=2`` for a systematic run, ``K=8 N=12 S=1`` for an N-worker one."""
-    if row.get("form") == "nworker":
-        return f"K={row['k']} N={row['n_workers']} S={row['stragglers']}"
-    return f"k={row['k']} r={row['r']}"
+    """``k=8 r=2`` for a systematic run, ``K=8 N=12 S=1`` for an N-worker one (the run's form says)."""
+    return form_of_record(row).label(row)
 
 
 def _cell(value: Any, kind: str, std: Optional[float] = None) -> str:
@@ -292,8 +272,8 @@ def markdown_table(rows: Iterable[dict], forms: Sequence[str] = FORMS) -> str:
     sorted by :func:`sort_key`. A "seeds" column appears when a row merges several seeds (figures
     then read mean ± standard deviation), a "seed" column when rows of a sweep are listed one by one.
     Runs of classifiers and runs of other F get a table each (the second after a blank line), the
-    latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy; N-worker runs get their
-    own tables after those (:func:`nworker_columns`). ``forms`` limits the tables to those code forms."""
+    latter with error columns (:data:`REGRESSION_COLUMNS`) and no accuracy; each other code form's runs get
+    their own tables after those, with the columns of their form (:func:`columns_of`). ``forms`` limits the tables to those code forms."""
     rows = list(rows)
     parts = []
     for form in forms:
@@ -397,7 +377,7 @@ def collect(save_dir: Path, err=sys.stderr) -> list[dict]:
 def main(argv: Optional[list[str]] = None, out=None, err=None) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    ap = argparse.ArgumentParser(prog="python -m util.report",
+    ap = argparse.ArgumentParser(prog="python -m train.report",
                                  description="Table and plots of every run under a save_dir.")
     ap.add_argument("save_dir", help="the config's save_dir, e.g. save")
     ap.add_argument("--plots", metavar="DIR", help="folder for the PNG plots (default SAVE_DIR/plots)")
