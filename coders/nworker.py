@@ -367,6 +367,10 @@ class NWorkerCode(nn.Module):
                                                                           device=outputs.device))
         return self.decoder(masked, available)
 
+    def decode_groups(self, outputs: torch.Tensor, available: torch.Tensor, groups) -> torch.Tensor:
+        """Serving's decode of whole groups (their numbers ``groups``, which seed a perturbation: none here)."""
+        return self.decode(outputs, available)
+
     def decode_patterns(self, outputs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
         """``(B, N, n)`` outputs and P patterns ``(P, N)`` -> ``(P, B, K, n)``, in one decoder call."""
         b = outputs.shape[0]

@@ -31,6 +31,7 @@ from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_i
                         make_queries, parity_per_model, pool_roles)
 from serve.core.strategies import get as strategy_of, needs_backup, seed_index
 from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.workers import served_code, with_deadline
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
@@ -46,6 +47,7 @@ def load_codes(cfg: ServeConfig) -> dict:
     for run in cfg.runs:
         if run not in codes:
             codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
+            codes[run].code = served_code(cfg, codes[run].code, run)  # with the config's 'perturb'
             codes[run].backup = load_backup(cfg, codes[run].splits) if needs_backup(cfg.strategies) else None
     return codes
 
@@ -151,8 +153,8 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
         # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
         index = si if si < len(cfg.strategies) else \
             cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else seed_index(policy.strategy)
-        plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
-                          setting.delay, index, need)
+        plan = with_deadline(build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r,
+                                        queries, setting.delay, index, need), cfg, code)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))

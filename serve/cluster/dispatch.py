@@ -377,8 +377,10 @@ class Dispatcher:
         todo, self.decodes = self.decodes, []
         t = time.perf_counter()
         with torch.no_grad(), one_thread():
-            recon = self.code.decode(torch.stack([self.groups[g].outputs for g, *_ in todo]),
-                                     torch.stack([mask for _, _, mask, _, _ in todo]))
+            outputs = torch.stack([self.groups[g].outputs for g, *_ in todo])
+            masks = torch.stack([mask for _, _, mask, _, _ in todo])
+            recon = (self.code.decode_groups(outputs, masks, [g for g, *_ in todo]) if self.nworker
+                     else self.code.decode(outputs, masks))
         self.cost["decode"] += time.perf_counter() - t
         for (g, waiting, _, now, retried), rows in zip(todo, recon):
             for s, q in enumerate(list(self.groups[g].members)):

@@ -40,6 +40,7 @@ from serve.core.plan import Plan, Queries, code_layout, pool_roles, route, sampl
 from serve.cluster.pool import POOL_NAMESPACE, Instance, Pool, fingerprint  # noqa: F401  (serve.cluster.runtime.Pool, as before)
 from serve.core.results import Outcome
 from serve.core.strategies import get as strategy_of, seed_index
+from serve.core.workers import outputs_used, with_deadline
 from util.ray_cluster import start_ray  # noqa: F401  (serve.cluster.runtime.start_ray, as before)
 
 
@@ -223,6 +224,7 @@ class Frontend(Driver):
                 d.due(self.next - 1, now)
             while self.timers and self.timers[0][0] <= now:
                 d.due(heapq.heappop(self.timers)[1], now)
+            core.flush_decodes()  # a deadline's decode is answered at once, not with the next reply
             while self.wakeups and self.wakeups[0][0] <= now:
                 heapq.heappop(self.wakeups)[2]()
             upcoming = min(p.time[self.next] if self.next < n_req else np.inf, kills[0][0] if kills else np.inf,
@@ -251,8 +253,11 @@ class Frontend(Driver):
         if busy:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
+        grouped = d.grouped
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
-                       dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served)
+                       dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served,
+                       outputs_used(d._group_of if grouped else None, d.available if grouped else None,
+                                    d.reconstructed))
 
 
 PolicyFrontend = Frontend  # the name the policies' frontend had before fixed strategies ran through it too
@@ -294,8 +299,8 @@ class ServiceFrontend(Driver, Service):
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
         index = seed_index(pol.strategy)
-        self.policy = PolicyMachine(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model,
-                                                 code_layout(code)[2]), self,
+        self.policy = PolicyMachine(with_deadline(service_plan(cfg, pol, self.k, self.r, self.roles, self.delay_model,
+                                                               code_layout(code)[2]), cfg, code), self,
                                     np.random.default_rng([cfg.seed, 11, index]))
         self.init_driver()
 
@@ -367,7 +372,12 @@ class ServiceFrontend(Driver, Service):
         return self.core.open[q]
 
     def wake(self, n: int, t: float) -> None:
-        self.loop.call_later(max(0.0, t - self.clock()), lambda: self.policy.due(n, self.clock()))
+        self.loop.call_later(max(0.0, t - self.clock()), self._due, n)
+
+    def _due(self, n: int) -> None:
+        now = self.clock()
+        self.policy.due(n, now)
+        self.core.end_round(now)  # a deadline's decode is answered at once
 
     def at(self, t: float, fn) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), fn)

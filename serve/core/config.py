@@ -19,6 +19,7 @@ import numpy as np
 
 from serve.core import strategies
 from serve.core.batching import check_batching
+from serve.core.worker_keys import check_worker_keys
 from util.errors import ConfigError
 from util.latency import (COMMON_DELAY_KEYS, DISTRIBUTIONS, _bad, _index, _number, check_delay,  # noqa: F401
                            read_latency_file)
@@ -69,6 +70,8 @@ class ServeConfig:
     batch_inflight: int = 2             # calls an instance may have outstanding; later requests wait and batch
     batch_adaptive_ms: Optional[float] = None  # AIMD: adapt each instance's largest batch to this call latency
     app: dict = field(default_factory=dict)  # the HTTP service (python -m serve.app): keys of AppConfig below
+    deadline_ms: Optional[float] = None  # nworker: decode a group from what arrived by its close + this (ms)
+    perturb: Optional[dict] = None      # nworker: training's perturbation keys applied to the served outputs
 
 
 @dataclass
@@ -241,6 +244,7 @@ def check_values(cfg: ServeConfig, source: str, need_runs: bool = True) -> None:
                    "(\"engine\": \"sim\") does not have. Fix: set it to null, and model slow instances with "
                    "'slowdown' or 'delays'.")
     check_policies(cfg, source)
+    check_worker_keys(cfg, source)
     if cfg.profile is not None and not Path(cfg.profile).is_file():
         raise _bad(source, "profile", f"names '{cfg.profile}', which does not exist. Fix: point it at the "
                    f"profile.csv a ray run wrote under out_dir, or set it to null.")

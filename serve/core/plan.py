@@ -118,6 +118,8 @@ class Plan:
     slowdown: Optional[dict] = None         # the config's slow periods, drawn per period by slow_table()
     seed: int = 0
     need: Optional[int] = None              # outputs a group needs before it decodes (None: k); N - S for nworker
+    deadline_s: Optional[float] = None      # nworker: decode from what arrived by close + this (serve/core/workers.py)
+    fewest: Optional[int] = None            # nworker with a deadline: the decoder's minimum answering count
 
     def __post_init__(self):
         if self.need is None:

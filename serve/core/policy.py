@@ -40,7 +40,9 @@ role a request goes to) the machine asks its :class:`serve.core.strategies.Strat
 ``nworker`` (an N-worker code, docs/nworker.md) is a grouped strategy like
 ``coded`` whose requests carry no query: a group's N coded inputs fall due at
 its close, blank padding has no known output, and every member is answered by
-the decoder once ``need`` = N - S outputs are in (``Plan.need``); a group that
+the decoder once ``need`` = N - S outputs are in (``Plan.need``) or, with a
+deadline (``Plan.deadline_s``, serve/core/workers.py), from those in at the
+group's close + deadline, whichever is first; a group that
 can no longer reach N - S sends every unanswered member again. It runs with
 the fixed layout only (no ``policies`` row names it).
 """
@@ -55,6 +57,7 @@ from serve.core.plan import ROLE_F, Plan
 from serve.core.recovery import Recovery
 from serve.core.routing import CANCELLED, DONE, LOST, OUTSTANDING, PLANNED, SKIPPED, Routing  # noqa: F401
 from serve.core.strategies import get as strategy_of
+from serve.core.workers import deadline_of
 
 
 class PolicyMachine(Routing, Deferral, Recovery):
@@ -141,6 +144,7 @@ class PolicyMachine(Routing, Deferral, Recovery):
         self.window = np.zeros(int(self.defer.get("window", 1)) if self.defer else 1)
         self.samples = 0
         self.delay_now = 0.0
+        self.deadline = deadline_of(self)  # nworker with deadline_ms: decode from what arrived by then
 
     # -- what the drivers read ------------------------------------------------------------------------
     @property
@@ -235,6 +239,8 @@ class PolicyMachine(Routing, Deferral, Recovery):
 
     # -- events ----------------------------------------------------------------------------------------
     def due(self, n: int, now: float) -> None:
+        if self.deadline is not None and self.deadline.due(n, now):
+            return
         if self.state[n] != PLANNED:
             return
         if self.held(n):
@@ -271,14 +277,22 @@ class PolicyMachine(Routing, Deferral, Recovery):
                 self.answer(q, now, False)
                 self.driver.answer_own(q, n)
                 self.after_answer(q)
-        if self.count[g] >= self.need and self.unanswered[g] > 0:
-            waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
-            self.decoded[g] = list(self.have[g])
-            for x in waiting:
-                self.answer(x, now, True)
-            self.driver.answer_decoded(g, waiting, self.decoded[g])
-            for x in waiting:
-                self.after_answer(x)
+        if self.count[g] >= self.need_of(g) and self.unanswered[g] > 0:
+            self.decode_group(g, now)
+
+    def need_of(self, g: int) -> int:
+        """The outputs group ``g`` decodes from now (fewer once its deadline has passed)."""
+        return self.need if self.deadline is None else self.deadline.need(g)
+
+    def decode_group(self, g: int, now: float) -> None:
+        """Answer group ``g``'s waiting members by the decoder, from the outputs in hand."""
+        waiting = [x for x in self.members[g] if x >= 0 and not self.answers_of[x]]
+        self.decoded[g] = list(self.have[g])
+        for x in waiting:
+            self.answer(x, now, True)
+        self.driver.answer_decoded(g, waiting, self.decoded[g])
+        for x in waiting:
+            self.after_answer(x)
 
     def cancelled(self, n: int) -> None:
         if self.state[n] == OUTSTANDING:

@@ -41,7 +41,7 @@ class Recovery:
                 if self.state[row] == PLANNED and row in self.woken:
                     self.route_and_send(row, now)
             coming = sum(1 for row in self.rows[g] if self.state[row] in (PLANNED, OUTSTANDING)) + self.unmade[g]
-            if self.count[g] + coming >= self.need:
+            if self.count[g] + coming >= self.need_of(g):
                 return  # the decoder will still get the outputs it needs
             for s, x in enumerate(self.members[g]):  # nworker: no member has an output of its own to wait for
                 if x >= 0 and not self.answers_of[x] and (self.slot_lost[g][s] or self.nworker):

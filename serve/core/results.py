@@ -37,6 +37,7 @@ class Outcome:
     requests: dict = field(default_factory=dict)    # per request: instance, role, sent, done, compute, delay, ...
     answers: Optional[np.ndarray] = None  # how many times each query was answered (1 when all is well)
     outputs: Optional[np.ndarray] = None  # (N, n): each query's served answer (F's output or a reconstruction)
+    used: Optional[np.ndarray] = None     # per query: the outputs its decode used (0: its own output answered it)
 # Files written (atomically) under a serving or map out_dir; a killed write leaves "<name>.<random>.tmp".
 RESULT_FILES = ("setting.json", "queries.csv", "requests.csv", "summary.json", "profile.csv", "map.csv")
 SUMMARY_COLUMNS = [  # (key, header, format)
@@ -79,6 +80,9 @@ def summarize(outcome, strategy: str, instances: int, warmup: int = 0) -> dict:
     span = float(done.max() - arrival.min())
     out["throughput"] = len(latency_ms) / span if span > 0 else float("nan")
     out["retried"] = float(np.mean(outcome.retried[keep]))
+    used = getattr(outcome, "used", None)
+    if used is not None and recon.any():  # the outputs a decode used, over the decoded queries
+        out["outputs_used_mean"] = float(np.mean(used[keep][recon]))
     out.update(extra_work(getattr(outcome, "requests", None) or {}, len(outcome.arrival)))
     cost = getattr(outcome, "frontend_s", None) or {}
     for name, seconds in cost.items():
@@ -114,11 +118,13 @@ def queries_csv(outcome) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["query", "image", "arrival_s", "completion_s", "latency_ms", "reconstructed", "retried",
-                "predicted", "label"])
+                "predicted", "label", "outputs_used"])
+    used = getattr(outcome, "used", None)
+    used = used if used is not None else np.zeros(len(outcome.arrival), dtype=int)
     for q in range(len(outcome.arrival)):
         w.writerow([q, int(outcome.image[q]), f"{outcome.arrival[q]:.6f}", f"{outcome.done[q]:.6f}",
                     f"{1000 * (outcome.done[q] - outcome.arrival[q]):.3f}", int(outcome.reconstructed[q]),
-                    int(outcome.retried[q]), int(outcome.predicted[q]), int(outcome.label[q])])
+                    int(outcome.retried[q]), int(outcome.predicted[q]), int(outcome.label[q]), int(used[q])])
     return buf.getvalue()
 
 

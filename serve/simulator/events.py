@@ -12,6 +12,7 @@ from serve.core.batching import Batchers, batching_of
 from serve.core.config import ServeConfig
 from serve.core.plan import ROLE_F, Plan
 from serve.core.strategies import seed_index
+from serve.core.workers import outputs_used
 from serve.cluster.runtime import Outcome
 from serve.simulator.predictions import served_predictions
 from serve.simulator.profiles import ServiceModel
@@ -241,4 +242,5 @@ class EventRun:
         }
         q = p.queries
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, predicted, q.label, q.index, {}, requests,
-                       d.answers)
+                       d.answers, used=outputs_used(d._group_of if grouped else None,
+                                                    d.available if grouped else None, d.reconstructed))

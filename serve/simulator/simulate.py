@@ -70,6 +70,7 @@ from serve.core.config import ServeConfig
 from serve.core.plan import ROLE_F, Plan, next_live
 from serve.core.strategies import get as strategy_of, seed_index
 from serve.cluster.runtime import Outcome
+from serve.core.workers import outputs_used
 from serve.simulator.events import EventRun
 from serve.simulator.predictions import group_inputs, nworker_predictions, predictions, served_predictions
 from serve.simulator.profiles import (BATCH_COLUMN, PROFILE_COLUMNS, ServiceModel, batch_scale, draw_from_pools,
@@ -309,7 +310,8 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
     ``inputs`` (the split's images) add served predictions; without them predictions are -1. ``backup``:
     the backup model, whose answers ("backup", copy 1 first) are predicted with it."""
     kind = strategy_of(plan.strategy)
-    if plan.dynamic or cfg.batch_size > 1 or not kind.array_path:  # the array path serves one request a call
+    if plan.dynamic or cfg.batch_size > 1 or not kind.array_path or plan.deadline_s is not None:
+        # the array path serves one request a call, and decodes by a fixed rule
         return EventRun(plan, cfg).outcome(code, inputs, batch, backup)
     run = _Run(plan, cfg)
     done, retried, state, retries = run.run()
@@ -354,4 +356,4 @@ def simulate(plan: Plan, cfg: ServeConfig, code=None, inputs=None, batch: int = 
         "cancelled": np.zeros(int(sent.sum()), dtype=bool), "batch": np.ones(int(sent.sum()), dtype=int),
     }
     return Outcome(q.arrival, done, reconstructed, retried, predicted, q.label, q.index, {}, requests,
-                   np.ones(n, dtype=int))
+                   np.ones(n, dtype=int), used=outputs_used(getattr(run, "group_of", None), available, reconstructed))

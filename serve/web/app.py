@@ -55,6 +55,7 @@ from serve.web.edge import numbers_refusal, server_config
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.core.strategies import get as strategy_of
 from coders.form import form_of
+from serve.core.workers import served_code
 from serve.core.plan import ROLE_BACKUP, ROLE_F, check_code_fits, check_failed_instances, code_layout, pool_roles
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
@@ -298,6 +299,7 @@ def load_service_code(cfg: ServeConfig, app: AppConfig):
     from coders.code import load_code
 
     loaded = load_code(cfg.runs[app.run], cfg.checkpoint, "cpu", cfg.data_dir)
+    loaded.code = served_code(cfg, loaded.code, cfg.runs[app.run])  # with the config's 'perturb'
     loaded.backup = load_backup(cfg, loaded.splits) if strategy_of(app.strategy).needs_backup else None
     k, r, _ = code_layout(loaded.code)
     check_code_fits(loaded.code, [app.strategy], cfg.runs[app.run], "ray", "app.strategy" if app.policy is None
