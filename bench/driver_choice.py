@@ -3,7 +3,7 @@
 ``python -m bench.driver_choice RUN_FOLDER [--queries N]``
 
 Both serve the run's F on two replicas, batches of up to 32, every query offered at once; printed: queries/s
-and the driver's CPU per query, with the load average. lcc's path is :class:`serve.runtime.Frontend` (strategy
+and the driver's CPU per query, with the load average. lcc's path is :class:`serve.cluster.runtime.Frontend` (strategy
 ``none``, the default batching); Ray Serve's is a deployment of two replicas whose ``@serve.batch`` method
 runs F, called through a deployment handle from asyncio.
 """
@@ -63,8 +63,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError("--queries must be 100 or more.")
     from bench.throughput import ray_capacity
     from coders.code import load_code
-    from serve.batching import Batching
-    from serve.config import validate
+    from serve.core.batching import Batching
+    from serve.core.config import validate
     from util.ray_cluster import start_ray
 
     import ray
@@ -86,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"before: {before}; after: {load_line()}; "
           f"{args.queries} queries offered at once, two replicas of F, batches up to 32\n")
     print("| driver | queries/s | driver CPU (us/query) |\n|---|---:|---:|")
-    print(f"| lcc: Ray Core actors, batched (serve.runtime.Frontend) | {lcc_rate:,.0f} | {lcc_cpu:.0f} |")
+    print(f"| lcc: Ray Core actors, batched (serve.cluster.runtime.Frontend) | {lcc_rate:,.0f} | {lcc_cpu:.0f} |")
     print(f"| Ray Serve: handle + @serve.batch | {serve_rate:,.0f} | {serve_cpu:.0f} |")
     return 0
 

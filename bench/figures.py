@@ -7,8 +7,8 @@
 ``curves``   validation accuracy per epoch of a run folder's code (``--run``; by default
              the concatenation parity model of the serving config, MNIST, k = 2, r = 1).
 
-Each picture is drawn by the function lcc itself draws it with (``serve.results.plot_cdf``,
-``serve.map.plot_map``, ``util.report.write_plots``) into a results folder, then copied to
+Each picture is drawn by the function lcc itself draws it with (``serve.core.results.plot_cdf``,
+``serve.simulator.map.plot_map``, ``train.report.write_plots``) into a results folder, then copied to
 ``docs/img/NAME.png``. A step whose output is already there is not run again (``--again``
 runs it anyway).
 """
@@ -51,7 +51,7 @@ def serving(again: bool) -> Path:
 
 
 def heatmap(again: bool) -> Path:
-    from serve.map import main as map_main
+    from serve.simulator.map import main as map_main
 
     out = ROOT / json.loads(MAP_CONFIG.read_text())["out_dir"]
     if again or not (out / "map.png").is_file():
@@ -62,7 +62,7 @@ def heatmap(again: bool) -> Path:
 
 
 def curves(run: str) -> Path:
-    from util.report import summarize_run, write_plots
+    from train.report import summarize_run, write_plots
 
     folder = ROOT / run if not Path(run).is_absolute() else Path(run)
     if not (folder / "metrics.csv").is_file() and not (folder / "metrics.jsonl").is_file():

@@ -35,7 +35,7 @@ DEFAULT_CONFIGS = ["conf/xsinx_learned.json", "conf/kernel_learned.json", "conf/
 
 def time_config(path: str, epochs: int, threads: int, device: str, folder: Path) -> dict:
     """Build the first run of the config at ``path`` and time ``epochs`` training epochs and one evaluation."""
-    from coders.config import expand_runs, load_config
+    from train.config import expand_runs, load_config
     from train.engine import CodedRun
     from train.preflight import check_data, preflight
 

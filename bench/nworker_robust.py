@@ -166,6 +166,17 @@ def cell(metrics: dict) -> str:
     return value
 
 
+def run_key(pair: list, learns: bool, train: dict, test: dict, epochs: int) -> str:
+    """The folder name of one family's run for one column: what it is built and trained with (a learned code's
+    training setting and epochs; a fixed code's shape), so a run is reused only where it would be the same."""
+    if learns:
+        return slug(json.dumps({**train, "epochs": epochs}, sort_keys=True))
+    shape = {k: v for k, v in train.items() if k in ("n_workers", "stragglers", "straggler_p", "deadline_ms")}
+    if "SIGMA" in json.dumps(pair):  # the decoder's args change with the column
+        shape["sigma"] = test.get("output_noise")
+    return slug(json.dumps(shape, sort_keys=True))
+
+
 def score(base: dict, pair: list, learns: bool, train: dict, test: dict, folder: Path, epochs: int) -> dict:
     """Build (and train) one family at ``train`` into ``folder``, then score its best.pt at ``test``."""
     from train.cli import run_all
@@ -213,12 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if skip:
                 cells.append(skip)
                 continue
-            shape = {k: v for k, v in train.items() if k in ("n_workers", "stragglers", "straggler_p",
-                                                             "deadline_ms")}
-            if "SIGMA" in json.dumps(pair):  # the decoder's args change with the column
-                shape["sigma"] = test.get("output_noise")
-            train_key = slug(json.dumps(train if learns else shape, sort_keys=True))
-            cells.append(cell(score(base, pair, learns, train, test, root / slug(family) / train_key, args.epochs)))
+            folder = root / slug(family) / run_key(pair, learns, train, test, args.epochs)
+            cells.append(cell(score(base, pair, learns, train, test, folder, args.epochs)))
         print(f"| {family} | {' | '.join(cells)} |", flush=True)
     print(f"\n{time.time() - start:.0f} s; before: {load_before}; after: {load_line()}")
     return 0

@@ -59,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not (Path(run) / "config.json").is_file():
             raise UserError(f"'{run}' is not a run folder (no config.json). Fix: pass folders train.py wrote.")
     from serve.cli import serve_all
-    from serve.config import validate
+    from serve.core.config import validate
     from util.ray_cluster import start_ray
 
     import ray

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from bench.machine_rates import load_line
-from serve.config import app_config, load_serve_config
-from serve.loadgen import run as loadgen
+from serve.core.config import app_config, load_serve_config
+from serve.web.loadgen import run as loadgen
 from coders.config import parse_overrides
 from util.errors import UserError, exits_on_user_error
 

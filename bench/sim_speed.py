@@ -2,11 +2,11 @@
 
 ``python -m bench.sim_speed [--instances 1000] [--queries 1000000] [--k 2] [--r 1] [--load 0.7] [--all-cores]``
 
-Builds each strategy's plan (``serve.plan.build_plan``) for Poisson arrivals
+Builds each strategy's plan (``serve.core.plan.build_plan``) for Poisson arrivals
 at ``load`` x the ``none`` strategy's capacity, with exponential service
 (mean 1 ms) and exponential stragglers (1% of requests, mean 20 ms; the
 mean work per request, 1.2 ms, defines the capacity), simulates it
-(``serve.sim.simulate``) and prints the seconds of each step and the queries
+(``serve.simulator.simulate.simulate``) and prints the seconds of each step and the queries
 simulated per second. The process is pinned to one core unless
 ``--all-cores`` (numpy's element-wise work is single-threaded anyway).
 Target: 1,000 instances and 1,000,000 queries in under 10 s per strategy.
@@ -20,10 +20,10 @@ from typing import Optional
 
 import numpy as np
 
-from serve.config import STRATEGIES, validate
-from serve.plan import Queries, build_plan
-from serve.results import summarize
-from serve.sim import simulate
+from serve.core.config import STRATEGIES, validate
+from serve.core.plan import Queries, build_plan
+from serve.core.results import summarize
+from serve.simulator.simulate import simulate
 from util.errors import UserError, exits_on_user_error
 
 

@@ -5,10 +5,10 @@
 Prints, in one run on this machine (ratios to the bare loop are what carry to another machine):
 
 * the bare loop: F alone on one thread, queries/s at batch 1 and at batch 64;
-* Ray (``python -m serve``'s own frontend, :class:`serve.runtime.Frontend`): equal-resources and coded at
+* Ray (``python -m serve``'s own frontend, :class:`serve.cluster.runtime.Frontend`): equal-resources and coded at
   capacity, unbatched (``batch_size`` 1, the old runtime) and batched (the defaults), N queries offered at once:
   queries/s served, and the front end's CPU per query (the driver process's CPU time over the run);
-* HTTP (``python -m serve.app`` in a subprocess, driven by :func:`serve.loadgen.drive` over aiohttp):
+* HTTP (``python -m serve.app`` in a subprocess, driven by :func:`serve.web.loadgen.drive` over aiohttp):
   goodput at capacity with one query per request, with JSON and with raw float32 bodies, and with batch
   requests of 32; the server's CPU per query (its process's CPU time) and the client's own; first, the same
   uvicorn + FastAPI stack answering a constant (the HTTP floor on this machine);
@@ -56,8 +56,8 @@ def bare_loop(f: torch.nn.Module, x: torch.Tensor, seconds: float = 1.5) -> tupl
 
 def ray_capacity(cfg, loaded, strategy: str, batching, pools: dict) -> tuple[float, float]:
     """``(queries/s served, front-end CPU us per query)`` of ``strategy`` with every query offered at once."""
-    from serve.plan import build_plan, code_layout, make_queries, pool_roles
-    from serve.runtime import Frontend, Pool
+    from serve.core.plan import build_plan, code_layout, make_queries, pool_roles
+    from serve.cluster.runtime import Frontend, Pool
 
     code = loaded.code
     x, y = loaded.splits.split("test")
@@ -104,7 +104,7 @@ CONSTANT_APP = """
 import sys, uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from serve.edge import server_config
+from serve.web.edge import server_config
 api = FastAPI()
 @api.post("/predict")
 async def predict(request: Request):
@@ -119,7 +119,7 @@ uvicorn.Server(server_config(api, "127.0.0.1", int(sys.argv[1]), log_level="warn
 
 def bare_stack_row(x: np.ndarray, seconds: float, port: int) -> tuple:
     """The same uvicorn + FastAPI stack answering a constant: (queries/s, server CPU us/query, client CPU)."""
-    from serve.loadgen import drive
+    from serve.web.loadgen import drive
 
     proc = subprocess.Popen([sys.executable, "-c", CONSTANT_APP, str(port)], stdout=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -142,7 +142,7 @@ QUEUE = 256  # app.max_queue of the measured service: 64 connections of one quer
 def overload(url: str, x: np.ndarray, rate: float, seconds: float) -> tuple:
     """Open loop at ``rate`` (3x the JSON capacity) for ``seconds``: the goodput, and how fast the excess is
     refused (503 with Retry-After, past app.max_queue)."""
-    from serve.loadgen import encode_body, send_all
+    from serve.web.loadgen import encode_body, send_all
 
     n = int(rate * seconds)
     bodies = [encode_body(x[i % len(x)], "json")[0] for i in range(n)]
@@ -156,7 +156,7 @@ def overload(url: str, x: np.ndarray, rate: float, seconds: float) -> tuple:
 
 def http_rows(config: Path, run: str, x: np.ndarray, strategy: str, seconds: float, port: int) -> list:
     """Per body kind: (kind, queries/s answered, server CPU us/query, client CPU us/query, 503s)."""
-    from serve.loadgen import drive
+    from serve.web.loadgen import drive
 
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "serve.app", str(config), "--set", f"app.strategy={json.dumps(strategy)}",
@@ -188,7 +188,7 @@ def ray_rows(cfg, loaded, one: float) -> None:
     """The Ray table: equal-resources and coded, unbatched and batched."""
     import ray
 
-    from serve.batching import UNBATCHED, Batching
+    from serve.core.batching import UNBATCHED, Batching
     from util.ray_cluster import start_ray
 
     start_ray(None, None)
@@ -222,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not (Path(args.run) / "config.json").is_file():
         raise UserError(f"'{args.run}' is not a run folder (no config.json). Fix: pass a folder train.py wrote.")
     from coders.code import load_code
-    from serve.config import validate
+    from serve.core.config import validate
 
     before = load_line()
     loaded = load_code(args.run)

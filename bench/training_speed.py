@@ -64,7 +64,7 @@ def f_label(base_model_file: Optional[str]) -> str:
 def build_run(name: str, data_dir: str, save_dir: str, device: str, epochs: int,
               base_model_file: Optional[str] = None, flush_denormal: bool = True):
     """A :class:`CodedRun` of setup ``name`` built from a validated config, as train.py would."""
-    from coders.config import expand_runs, validate_dict
+    from train.config import expand_runs, validate_dict
     from train.engine import CodedRun
 
     cfg = validate_dict({

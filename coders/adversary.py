@@ -61,8 +61,9 @@ import numpy as np
 import torch
 
 from coders.berrut import berrut_weights
-from coders.nworker import BerrutDecoder, MLPDecoder, NWorkerDecoder, chebyshev_points
+from coders.nworker import BerrutDecoder, MLPDecoder, NWorkerDecoder, Placed
 from coders.spline import MIN_POINTS, SplineDecoder, check_lam, smoother_matrix
+from util.lru import ByteLRU
 
 ZERO = 1e-10  # squared misfits below this share of the outputs' energy per worker count as zero
 CACHE_BYTES = 256 * 2 ** 20  # the misfit forms kept per decoder, over all patterns
@@ -97,8 +98,7 @@ class LocatingDecoder(NWorkerDecoder):
             raise ValueError(f"locating e_max = {e_max} of N = {n_workers} workers searches C({n_workers}, "
                              f"{e_max}) = {math.comb(n_workers, e_max)} removal sets, over its 'max_sets' "
                              f"{max_sets}; lower e_max or raise max_sets.")
-        self._forms: dict = {}
-        self._bytes = 0
+        self.cache = ByteLRU(CACHE_BYTES)  # (pattern, e) -> its removal sets, forms and operators
         self.last_located: Optional[torch.Tensor] = None
 
     def capacity(self, m: int) -> int:  # pragma: no cover - abstract
@@ -112,9 +112,8 @@ class LocatingDecoder(NWorkerDecoder):
 
     def forms(self, used: np.ndarray, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The removal sets ``(C, e)`` (positions among the answering), their misfit forms and residual
-        operators ``(C, m, m)``; kept for the patterns met last, up to CACHE_BYTES."""
-        key = (used.tobytes(), e)
-        if key not in self._forms:
+        operators ``(C, m, m)``; kept for the patterns used last, up to CACHE_BYTES."""
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             m = int(used.sum())
             sets = list(itertools.combinations(range(m), e))
             forms, ops = np.empty((len(sets), m, m)), np.empty((len(sets), m, m))
@@ -122,14 +121,10 @@ class LocatingDecoder(NWorkerDecoder):
                 keep = np.ones(m, dtype=bool)
                 keep[list(removed)] = False
                 forms[c], ops[c] = self.operators(used, keep)
-            size = 2 * forms.nbytes
-            while self._forms and self._bytes + size > CACHE_BYTES:  # the oldest go first
-                self._bytes -= 2 * next(iter(self._forms.values()))[1].numpy().nbytes
-                del self._forms[next(iter(self._forms))]
-            self._forms[key] = (torch.tensor(sets, dtype=torch.long).reshape(len(sets), e),
-                                torch.from_numpy(forms), torch.from_numpy(ops))
-            self._bytes += size
-        return self._forms[key]
+            return (torch.tensor(sets, dtype=torch.long).reshape(len(sets), e),
+                    torch.from_numpy(forms), torch.from_numpy(ops))
+
+        return self.cache.get((used.tobytes(), e), build)
 
     @torch.no_grad()
     def locate(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
@@ -189,19 +184,21 @@ def berrut_denominator(alpha: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     return d / d.abs().max()
 
 
-class LocatingBerrutDecoder(LocatingDecoder):
+class LocatingBerrutDecoder(Placed, LocatingDecoder):
     """Berrut's decoder after the locator has dropped up to ``e_max`` workers (module docstring). ``degree``
-    (default K - 1, exact for an affine F) is the polynomial degree of the scaled outputs."""
+    (default K - 1, exact for an affine F) is the polynomial degree of the scaled outputs. Placed as the Berrut
+    coders (``data_points`` / ``worker_points``, or the older ``points`` for the workers)."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, degree: Optional[int] = None,
-                 threshold: float = 5.0, max_sets: int = 5000, points: str = "first"):
+                 threshold: float = 5.0, max_sets: int = 5000, points: Optional[str] = None,
+                 data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim, e_max, threshold, max_sets)
         self.degree = k - 1 if degree is None else _check_int("degree", degree, 0)
-        self.plain = BerrutDecoder(k, n_workers, in_dim, points=points)
-        beta = chebyshev_points(n_workers, points)
+        alpha, beta = self.place(k, n_workers, points, data_points, worker_points)
+        self.plain = BerrutDecoder(k, n_workers, in_dim, data_points=self.data_points, worker_points=self.worker_points)
         # the rational functions T_j(z) / D(z), j = 0..degree (T_j Chebyshev's polynomials: well conditioned), at
         # the worker points: the outputs' misfit is measured where they live, not scaled by D
-        denominator = berrut_denominator(chebyshev_points(k), beta).numpy()
+        denominator = berrut_denominator(alpha, beta).numpy()
         self.basis = np.polynomial.chebyshev.chebvander(beta.numpy(), self.degree) / denominator[:, None]
 
     def capacity(self, m: int) -> int:
@@ -215,20 +212,26 @@ class LocatingBerrutDecoder(LocatingDecoder):
         return kept.T @ kept, loo_operator(fit, keep)
 
 
-class LocatingSplineDecoder(LocatingDecoder):
+class LocatingSplineDecoder(Placed, LocatingDecoder):
     """LeTCC's spline decoder (``lam``, a number) after a trimmed penalised fit (``locate_lam``) has dropped up
-    to ``e_max`` workers (module docstring)."""
+    to ``e_max`` workers (module docstring). Placed as the spline coders (``data_points`` / ``worker_points``, or the
+    older ``points`` for both)."""
+
+    points_moves_data = True
+    min_answering = MIN_POINTS
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], e_max: int = 1, lam: float = 0.0,
-                 locate_lam: float = 1e-3, threshold: float = 5.0, max_sets: int = 5000, points: str = "first"):
+                 locate_lam: float = 1e-3, threshold: float = 5.0, max_sets: int = 5000, points: Optional[str] = None,
+                 data_points: Optional[str] = None, worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim, e_max, threshold, max_sets)
         check_lam(locate_lam, allow_gcv=False)
         if not locate_lam > 0:
             raise ValueError(f"its 'locate_lam' must be > 0 (an interpolating spline fits any outlier); "
                              f"got {locate_lam!r}.")
         self.locate_lam = float(locate_lam)
-        self.plain = SplineDecoder(k, n_workers, in_dim, lam=lam, points=points)
-        self.min_answering = MIN_POINTS
+        self.place(k, n_workers, points, data_points, worker_points)
+        self.plain = SplineDecoder(k, n_workers, in_dim, lam=lam, data_points=self.data_points,
+                                   worker_points=self.worker_points)
 
     def capacity(self, m: int) -> int:
         return max(0, min((m - self.k) // 2, m - MIN_POINTS))
@@ -244,12 +247,16 @@ class LocatingSplineDecoder(LocatingDecoder):
 
 class LocatingMLPDecoder(MLPDecoder):
     """The learned decoder (coders.nworker.MLPDecoder, residual over Berrut) on the outputs the Berrut locator
-    keeps (``e_max``, ``degree``, ``threshold`` as for :class:`LocatingBerrutDecoder`)."""
+    keeps (``e_max``, ``degree``, ``threshold`` as for :class:`LocatingBerrutDecoder`), both placed by
+    ``data_points`` / ``worker_points``."""
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], hidden: Optional[int] = None,
-                 e_max: int = 1, degree: Optional[int] = None, threshold: float = 5.0, max_sets: int = 5000):
-        super().__init__(k, n_workers, in_dim, hidden=hidden, residual=True)
-        self.locator = LocatingBerrutDecoder(k, n_workers, in_dim, e_max, degree, threshold, max_sets)
+                 e_max: int = 1, degree: Optional[int] = None, threshold: float = 5.0, max_sets: int = 5000,
+                 data_points: Optional[str] = None, worker_points: Optional[str] = None):
+        super().__init__(k, n_workers, in_dim, hidden=hidden, residual=True, data_points=data_points,
+                         worker_points=worker_points)
+        self.locator = LocatingBerrutDecoder(k, n_workers, in_dim, e_max, degree, threshold, max_sets,
+                                             data_points=self.data_points, worker_points=self.worker_points)
         self.last_located: Optional[torch.Tensor] = None
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,19 @@ from typing import Optional
 
 from base_models.fit import build_base_model
 from util.shapes import coder_in_dim
-from coders.config import Config, RunSpec
 from util.classpath import build, describe_exception, spec_name
 from util.errors import ConfigError
 
 
-def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
-    """Encoder and decoder for ``spec``; a coder refusing k, r or the sizes becomes a ConfigError."""
+def build_coders(spec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
+    """The one builder of encoders and decoders: those of the run ``spec`` (a :class:`coders.form.RunSpec`),
+    built by its form (:meth:`coders.form.CodeForm.build_coders`)."""
+    return spec.code_form.build_coders(spec, in_shape, n_out)
+
+
+def build_systematic_coders(spec, in_shape, n_out: int) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder of a systematic run, built as ``cls(k, r, in_dim, **args)``; a coder refusing k,
+    r or the sizes becomes a ConfigError."""
     modules = []
     for which, cspec, dim in (("encoder", spec.encoder, coder_in_dim(in_shape)), ("decoder", spec.decoder, [-1, n_out])):
         try:
@@ -33,7 +39,7 @@ def build_coders(spec: RunSpec, in_shape, n_out: int) -> tuple[nn.Module, nn.Mod
     return modules[0], modules[1]
 
 
-def build_parity_models(cfg: Config, spec: RunSpec, splits, base: nn.Module,
+def build_parity_models(cfg, spec, splits, base: nn.Module,
                         n_out: Optional[int] = None) -> nn.ModuleList:
     """The r parity models F_P of a run (architecture 'parity_model', else F's), each with ``n_out``
     outputs (F's output width; by default the dataset's class count or target width)."""

@@ -172,7 +172,11 @@ class NWorkerEncoder(nn.Module):
 
 
 class NWorkerDecoder(nn.Module):
-    """``(B, N, n)`` worker outputs (unavailable ones zeroed) and ``(B, N)`` availability -> ``(B, K, n)``."""
+    """``(B, N, n)`` worker outputs (unavailable ones zeroed) and ``(B, N)`` availability -> ``(B, K, n)``.
+    ``min_answering``: the fewest answering workers it decodes from (random stragglers are drawn with at least
+    this many answering)."""
+
+    min_answering = 1
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int]):
         super().__init__()
@@ -362,6 +366,10 @@ class NWorkerCode(nn.Module):
         masked = torch.where(available.unsqueeze(-1), outputs, torch.zeros((), dtype=outputs.dtype,
                                                                           device=outputs.device))
         return self.decoder(masked, available)
+
+    def decode_groups(self, outputs: torch.Tensor, available: torch.Tensor, groups) -> torch.Tensor:
+        """Serving's decode of whole groups (their numbers ``groups``, which seed a perturbation: none here)."""
+        return self.decode(outputs, available)
 
     def decode_patterns(self, outputs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
         """``(B, N, n)`` outputs and P patterns ``(P, N)`` -> ``(P, B, K, n)``, in one decoder call."""

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from coders.nworker import NWorkerCode
@@ -141,13 +142,16 @@ def late_patterns(n_workers: int, p: float, rows: int, gen: torch.Generator, min
 
 
 def min_answering(decoder) -> int:
-    """The fewest answering workers ``decoder`` can decode from (its ``min_answering``, else 5 for LeTCC's
-    splines (SciPy's minimum), else 1)."""
-    if hasattr(decoder, "min_answering"):
-        return int(decoder.min_answering)
-    from coders.spline import MIN_POINTS, SplineDecoder
+    """The fewest answering workers ``decoder`` can decode from: its ``min_answering``
+    (:class:`coders.nworker.NWorkerDecoder` declares 1, each decoder that needs more its own), 1 for a user's
+    decoder that declares none."""
+    return int(getattr(decoder, "min_answering", 1))
 
-    return MIN_POINTS if isinstance(decoder, SplineDecoder) else 1
+
+def group_generator(seed: int, group: int) -> torch.Generator:
+    """The generator of served group ``group``'s perturbation: seeded by (seed, group) alone."""
+    state = np.random.SeedSequence([seed, 7, int(group)]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
 
 
 # -- the computation with a perturbation --------------------------------------------------------------
@@ -163,6 +167,7 @@ class PerturbedNWorkerCode(NWorkerCode):
 
     def reseed(self, seed: int) -> None:
         """Restart the draws (and the location counts): the same seed draws the same perturbations."""
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
         self.located, self.corrupted, self.false_alarms = 0, 0, 0
 
@@ -171,6 +176,26 @@ class PerturbedNWorkerCode(NWorkerCode):
         decoder that does not locate)."""
         return self.located / self.corrupted if self.corrupted else None
 
+    def decode_groups(self, outputs: torch.Tensor, available: torch.Tensor, groups) -> torch.Tensor:
+        """Serving's decode of whole groups (numbers ``groups``): group g's outputs perturbed by draws from a
+        generator seeded by (seed, g) alone, so a group meets the same corruption however groups are batched."""
+        rows = [self.perturbation.apply(outputs[i:i + 1], available[i:i + 1], group_generator(self.seed, g))
+                for i, g in enumerate(groups)]
+        if not rows:
+            return self.decode(outputs, available)
+        perturbed = torch.cat([out for out, _ in rows])
+        out = self.decode(perturbed, available)
+        self.count_located(torch.cat([bad for _, bad in rows]))
+        return out
+
+    def count_located(self, corrupted: torch.Tensor) -> None:
+        """Add the last decode's located corrupted workers (a decoder that reports ``last_located``) to the counts."""
+        found = getattr(self.decoder, "last_located", None)
+        if found is not None and self.perturbation.adversaries > 0:
+            self.located += int((found & corrupted).sum())
+            self.false_alarms += int((found & ~corrupted).sum())
+            self.corrupted += int(corrupted.sum())
+
     def decode_patterns(self, outputs: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
         if not self.perturbation.active:
             return super().decode_patterns(outputs, patterns)
@@ -178,9 +203,5 @@ class PerturbedNWorkerCode(NWorkerCode):
         avail = patterns.repeat_interleave(b, 0)
         perturbed, corrupted = self.perturbation.apply(outputs.repeat(p, 1, 1), avail, self.gen)
         out = self.decode(perturbed, avail)
-        found = getattr(self.decoder, "last_located", None)
-        if found is not None and self.perturbation.adversaries > 0:
-            self.located += int((found & corrupted).sum())
-            self.false_alarms += int((found & ~corrupted).sum())
-            self.corrupted += int(corrupted.sum())
+        self.count_located(corrupted)
         return out.view(p, b, self.k, -1)

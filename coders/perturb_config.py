@@ -2,7 +2,7 @@
 
 ``adversaries``, ``adversary``, ``adversary_scale``, ``adversary_target``,
 ``output_noise``, ``straggler_p``, ``worker_latency`` and ``deadline_ms`` (coders/config.py declares them; docs/nworker.md
-explains them). :func:`coders.config.validate_dict` calls the two checks below.
+explains them). :func:`coders.config.check_code_values` calls the two checks below.
 """
 from __future__ import annotations
 

@@ -31,19 +31,26 @@ import numpy as np
 import torch
 
 from coders.adversary import quadratic_scores
-from coders.nworker import NWorkerDecoder, chebyshev_points
-from coders.spline import MIN_POINTS, check_answering, smoother_matrix
+from coders.nworker import NWorkerDecoder, Placed
+from coders.spline import DEFAULT_CACHE_MB, MIN_POINTS, check_answering, smoother_matrix
+from util.lru import ByteLRU
 
 RULES = ("cp", "gcv")
 DEFAULT_LAMS = [0.0] + [float(v) for v in np.logspace(-8, 1, 19)]
+CACHE_BYTES = int(DEFAULT_CACHE_MB * 2 ** 20)  # the patterns' matrices kept per decoder, as the spline decoder's
 
 
-class NoiseSplineDecoder(NWorkerDecoder):
+class NoiseSplineDecoder(Placed, NWorkerDecoder):
     """The smoothing spline through the answering workers at the K data points, lam chosen per group by
-    ``rule`` ("cp" with the noise's ``sigma``, or "gcv") from ``lams`` (module docstring)."""
+    ``rule`` ("cp" with the noise's ``sigma``, or "gcv") from ``lams`` (module docstring). Placed as the spline
+    coders (``data_points`` / ``worker_points``, or the older ``points`` for both)."""
+
+    points_moves_data = True
+    min_answering = MIN_POINTS
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], rule: str = "cp", sigma: Optional[float] = None,
-                 lams: Optional[list] = None, points: str = "first"):
+                 lams: Optional[list] = None, points: Optional[str] = None, data_points: Optional[str] = None,
+                 worker_points: Optional[str] = None):
         super().__init__(k, n_workers, in_dim)
         if rule not in RULES:
             raise ValueError(f"its 'rule' must be one of {', '.join(RULES)}; got {rule!r}.")
@@ -57,26 +64,23 @@ class NoiseSplineDecoder(NWorkerDecoder):
             raise ValueError(f"its 'lams' must be a non-empty list of numbers >= 0; got {lams!r}.")
         self.rule, self.sigma = rule, float(sigma or 0.0)
         self.lams = [float(v) for v in lams if not (rule == "gcv" and v == 0)] or [float(max(lams))]
-        self.alpha = chebyshev_points(k, points).numpy()
-        self.beta = chebyshev_points(n_workers, points).numpy()
-        self.min_answering = MIN_POINTS
-        self._mats: dict = {}
+        alpha, beta = self.place(k, n_workers, points, data_points, worker_points)
+        self.alpha, self.beta = alpha.numpy(), beta.numpy()
+        self.cache = ByteLRU(CACHE_BYTES)  # pattern -> its residual forms, traces and evaluation matrices
         self.last_lam: Optional[torch.Tensor] = None  # (B,) the lam each group got
 
     def pattern_mats(self, used: np.ndarray):
         """For one availability row: residual forms ``(G, m, m)``, traces ``(G,)``, evaluation ``(G, K, m)``."""
-        key = used.tobytes()
-        if key not in self._mats:
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             nodes = self.beta[used]
             m = len(nodes)
             hats = np.stack([smoother_matrix(nodes, nodes, lam) for lam in self.lams])
             resid = np.eye(m) - hats
             forms = np.einsum("gim,gin->gmn", resid, resid)
             evals = np.stack([smoother_matrix(nodes, self.alpha, lam) for lam in self.lams])
-            if len(self._mats) >= 256:  # bounded: the oldest pattern goes
-                del self._mats[next(iter(self._mats))]
-            self._mats[key] = tuple(torch.from_numpy(a) for a in (forms, np.trace(hats, axis1=1, axis2=2), evals))
-        return self._mats[key]
+            return tuple(torch.from_numpy(a) for a in (forms, np.trace(hats, axis1=1, axis2=2), evals))
+
+        return self.cache.get(used.tobytes(), build)
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         check_answering(available)

@@ -28,7 +28,6 @@ fit, so K >= 5 (encoder) and N - S >= 5 (decoder).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -37,6 +36,7 @@ from scipy.interpolate import make_smoothing_spline
 from scipy.linalg import solveh_banded
 
 from coders.nworker import NWorkerDecoder, NWorkerEncoder, Placed
+from util.lru import ByteLRU
 
 MIN_POINTS = 5  # make_smoothing_spline's minimum number of points (GCV); the fixed-lam path keeps it too
 DEFAULT_CACHE_MB = 64.0
@@ -148,6 +148,7 @@ class SplineDecoder(Placed, NWorkerDecoder):
     64 MiB holds 256 such patterns); ``cache_mb = 0`` keeps none."""
 
     points_moves_data = True
+    min_answering = MIN_POINTS  # SciPy's smoothing spline needs this many points
 
     def __init__(self, k: int, n_workers: int, in_dim: Sequence[int], lam: Lam = "gcv", points: Optional[str] = None,
                  data_points: Optional[str] = None, worker_points: Optional[str] = None,
@@ -159,28 +160,18 @@ class SplineDecoder(Placed, NWorkerDecoder):
         self.lam = lam
         alpha, beta = self.place(k, n_workers, points, data_points, worker_points)
         self.alpha, self.beta = alpha.numpy(), beta.numpy()
-        self.cache_bytes = int(cache_mb * 2 ** 20)
-        self._matrices: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # LRU: oldest first
-        self.cached_bytes = 0
+        self.cache = ByteLRU(int(cache_mb * 2 ** 20))  # pattern -> its decoding matrix
 
     def pattern_matrix(self, row: torch.Tensor) -> torch.Tensor:
         """``(K, N)`` float64 decoding matrix of one availability row (fixed lam), zero at stragglers."""
-        key = row.cpu().numpy().tobytes()
-        found = self._matrices.get(key)
-        if found is not None:
-            self._matrices.move_to_end(key)
-            return found
         used = row.cpu().numpy()
-        full = np.zeros((self.k, self.n_workers))
-        full[:, used] = smoother_matrix(self.beta[used], self.alpha, self.lam)
-        matrix = torch.from_numpy(full)
-        size = matrix.numel() * matrix.element_size()
-        if size <= self.cache_bytes:
-            while self.cached_bytes + size > self.cache_bytes:
-                self.cached_bytes -= self._matrices.popitem(last=False)[1].numel() * 8
-            self._matrices[key] = matrix
-            self.cached_bytes += size
-        return matrix
+
+        def build() -> torch.Tensor:
+            full = np.zeros((self.k, self.n_workers))
+            full[:, used] = smoother_matrix(self.beta[used], self.alpha, self.lam)
+            return torch.from_numpy(full)
+
+        return self.cache.get(used.tobytes(), build)
 
     def forward(self, outputs: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
         check_answering(available)

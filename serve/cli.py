@@ -23,12 +23,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from serve.config import (STRATEGIES, ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
+from serve.core.config import (ServeConfig, all_policies, expand_settings, load_serve_config, policy_name,
                           row_strategies)
 from coders.config import parse_overrides
-from serve.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout, is_nworker,
+from coders.form import form_of
+from serve.core.plan import (ROLE_F, build_plan, check_code_fits, check_failed_instances, code_layout,
                         make_queries, parity_per_model, pool_roles)
-from serve.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.strategies import get as strategy_of, needs_backup, seed_index
+from serve.core.results import RESULT_FILES, markdown_table, plot_cdf, summarize, write_strategy
+from serve.core.workers import served_code, with_deadline
 from util import signals
 from util.errors import ConfigError, UserError, exits_on_user_error
 from util.files import atomic_write_text, remove_stale_temps
@@ -44,12 +47,14 @@ def load_codes(cfg: ServeConfig) -> dict:
     for run in cfg.runs:
         if run not in codes:
             codes[run] = load_code(run, cfg.checkpoint, "cpu", cfg.data_dir)
-            codes[run].backup = load_backup(cfg, codes[run].splits) if "backup" in cfg.strategies else None
+            codes[run].code = served_code(cfg, codes[run].code, run)  # with the config's 'perturb'
+            codes[run].backup = load_backup(cfg, codes[run].splits) if needs_backup(cfg.strategies) else None
     return codes
 
 
 def load_backup(cfg: ServeConfig, splits) -> torch.nn.Module:
-    """The backup model of strategy "backup", built for the run's dataset and loaded from its file."""
+    """The backup model of a strategy that needs one (``backup``), built for the run's dataset and loaded from its
+    file."""
     from base_models.fit import build_base_model, load_state
 
     spec = cfg.backup_model
@@ -140,21 +145,21 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
     record = {"name": setting.name, "describe": setting.describe(), "run": setting.run, "rate": setting.rate,
               "delay": setting.delay, "k": k, "r": r, "need": need, "strategies": names, "engine": cfg.engine,
               "seed": cfg.seed, "num_queries": cfg.num_queries, "instances": cfg.instances}
-    shape = (f"K={k}, N={k + r}, S={k + r - need}" if is_nworker(code) else f"k={k}, r={r}")
+    shape = form_of(code).shape(k, r, need)
     print(f"== {setting.name}: {setting.describe()} ({shape}, m={cfg.instances}, engine {cfg.engine})",
           file=out, flush=True)
     summaries, curves, measured = [], {}, []
     for si, (policy, strategy) in enumerate(zip(policies, names)):
         # A policy draws its stragglers as the plain row of its strategy does, so the two compare like for like.
         index = si if si < len(cfg.strategies) else \
-            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else STRATEGIES.index(policy.strategy)
-        plan = build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r, queries,
-                          setting.delay, index, need)
+            cfg.strategies.index(policy.strategy) if policy.strategy in cfg.strategies else seed_index(policy.strategy)
+        plan = with_deadline(build_plan(cfg, policy if si >= len(cfg.strategies) else policy.strategy, k, r,
+                                        queries, setting.delay, index, need), cfg, code)
         if cfg.engine == "ray":
             outcome = run_on_ray(cfg, setting, loaded, plan, x, pad_output, pools)
             measured.append((plan.roles, outcome.requests))
         else:
-            from serve.sim import simulate
+            from serve.simulator.simulate import simulate
 
             outcome = simulate(plan, cfg, code=code, inputs=x, backup=loaded.backup)
         summary = summarize(outcome, strategy, plan.num_instances, cfg.warmup_queries)
@@ -167,7 +172,7 @@ def serve_setting(cfg: ServeConfig, setting, loaded, pools: dict, out) -> tuple[
               f"per query", file=out, flush=True)
     atomic_write_text(json.dumps(record, indent=2) + "\n", folder / "setting.json")
     if measured:  # what the simulator's "profile" key reads: compute and overhead per request and instance
-        from serve.sim import write_profile
+        from serve.simulator.simulate import write_profile
 
         write_profile(folder / "profile.csv", measured)
     if cfg.plot:
@@ -204,7 +209,7 @@ def measured_compute_s(code, x) -> float:
     return sorted(times)[len(times) // 2]
 
 
-SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.limits.plan_bytes), and its fix
+SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.core.limits.plan_bytes), and its fix
     "num_queries": ("num_queries", "lower 'num_queries'."),
     "parities": ("num_queries", "lower 'num_queries'."),
     "groups": ("num_queries", "lower 'num_queries'."),
@@ -214,8 +219,8 @@ SIZE_KEYS = {  # the config key behind each part of a plan's memory (serve.limit
 
 
 def check_sizes(cfg: ServeConfig, codes: dict) -> None:
-    """Memory, actors and load of every setting, refused with the figure before any work (serve/limits.py)."""
-    from serve.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
+    """Memory, actors and load of every setting, refused with the figure before any work (serve/core/limits.py)."""
+    from serve.core.limits import (MAX_LOAD, check_load, check_plan_sizes, check_ray_actors, instance_count,
                               mean_delay_ms, slow_factor, strategy_load)
     cfg = replace(cfg, strategies=row_strategies(cfg))  # a policy's plan and load are its strategy's
     shapes = sorted({code_layout(c.code)[:2] for c in codes.values()})
@@ -230,7 +235,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
         if cfg.engine == "ray":
             compute_ms = 1000.0 * measured_compute_s(loaded.code, loaded.splits.test_x)
         elif cfg.profile:
-            from serve.sim import read_profile
+            from serve.simulator.simulate import read_profile
 
             compute_ms = float(np.nanmean(read_profile(cfg.profile)["compute_ms"]))
         else:
@@ -251,7 +256,7 @@ def check_sizes(cfg: ServeConfig, codes: dict) -> None:
 def least_mean_ms(dist: dict, key: str) -> float:
     """A distribution's mean in ms; for a Pareto with no mean (alpha <= 1), its least value, a lower bound
     that is enough to refuse a rate no instance count could serve."""
-    from serve.limits import mean_ms
+    from serve.core.limits import mean_ms
 
     if dist["dist"] == "pareto" and dist["alpha"] <= 1:
         return float(dist["scale_ms"])
@@ -308,8 +313,8 @@ def stops_cleanly(work, out_dir: str, command: str, finished: Optional[list] = N
 
 
 def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: dict):
-    from serve.batching import batching_of
-    from serve.runtime import Frontend, Pool
+    from serve.core.batching import batching_of
+    from serve.cluster.runtime import Frontend, Pool
 
     code = loaded.code
     k, r, _ = code_layout(code)
@@ -318,10 +323,11 @@ def run_on_ray(cfg: ServeConfig, setting, loaded, plan, x, pad_output, pools: di
         num_f = max(sum(1 for role in pool_roles(p.strategy, cfg.instances, k, r, p.pool) if role == ROLE_F)
                     for p in policies)
         per = parity_per_model(cfg.instances, k)
-        split_coded = any(p.strategy == "coded" and p.pool == "split" for p in policies)  # never an N-worker run's
+        split_coded = any(strategy_of(p.strategy).counts(cfg.instances, k, r)[2] and p.pool == "split"
+                          for p in policies)  # parity instances (never an N-worker run's)
         with signals.deferred():  # actors starting: a signal is raised once they have
             pools[setting.run] = Pool(code, cfg, num_f, [per] * r if split_coded else [],
-                                      loaded.backup, r * per if "backup" in cfg.strategies else 0)
+                                      loaded.backup, r * per if needs_backup(cfg.strategies) else 0)
     pool = pools[setting.run]
     actors = pool.actors_for(plan.roles)
     frontend = Frontend(plan, actors, code, x, pad_output, batching=batching_of(cfg))  # fixed layouts, policies

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from serve.results import report
+from serve.core.results import report
 from util.errors import UserError, exits_on_user_error
 
 

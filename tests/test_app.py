@@ -1,4 +1,4 @@
-"""The HTTP prediction service (serve/app.py, serve/online.py) on a real local Ray, through a real HTTP client.
+"""The HTTP prediction service (serve/web/app.py, serve/web/online.py) on a real local Ray, through a real HTTP client.
 
 One local Ray and one pool of actors serve the whole module; each test
 starts a uvicorn server for its own service config in a thread, on a free

@@ -1,4 +1,4 @@
-"""Batching in the instances (serve/batching.py, serve/dispatch.py, serve/runtime.py).
+"""Batching in the instances (serve/core/batching.py, serve/cluster/dispatch.py, serve/cluster/runtime.py).
 
 The batcher's rules run in-process on a clock the test moves. On the session's Ray: every strategy (and a few
 policies) answers every query exactly once with batches of several requests a call, each answer equal to the

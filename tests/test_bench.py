@@ -1,8 +1,10 @@
 """The speed benchmark runs end to end and prints every figure it promises (no timing is asserted)."""
 from __future__ import annotations
 
+import math
 import re
 
+import numpy as np
 import pytest
 
 from bench import speed
@@ -109,3 +111,96 @@ def test_every_bench_script_states_the_load_through_one_helper():
            and ("getloadavg()" in p.read_text() or "cpu_count()} cores" in p.read_text())]
     assert not own, f"these bench scripts format the load themselves; use bench.machine_rates.load_line: {own}"
     assert load_line().startswith("load average ") and load_line().endswith(" cores")
+
+
+# -- bench/capacity.py: the capacity search ------------------------------------------------------------------
+def mm1_p99_ms(rate: float, mu: float = 1000.0) -> float:
+    """p99 of an M/M/1 queue's sojourn time (exponential with rate mu - rate), in ms."""
+    return 1000.0 * math.log(100.0) / (mu - rate) if rate < mu else math.inf
+
+
+@pytest.mark.parametrize("factor", [2.0, 3.0])
+def test_capacity_search_finds_the_rate_where_p99_reaches_the_factor_times_light_p99(factor):
+    from bench.capacity import search_capacity
+
+    # M/M/1 at mu = 1000/s: p99 = f x p99(light) where mu - rate = (mu - light) / f
+    light, mu = 40.0, 1000.0
+    truth = mu - (mu - light) / factor
+    found = search_capacity(lambda r: (mm1_p99_ms(r, mu), 1.0), light, factor=factor, refine=4)
+    assert found["bounded"] and found["light_p99_ms"] == pytest.approx(mm1_p99_ms(light))
+    assert found["limit_ms"] == pytest.approx(factor * mm1_p99_ms(light))
+    # the highest passing rate: never above the truth, and within the refinement's step (2^(1/16)) of it
+    assert truth / 2 ** (1 / 16) <= found["capacity"] <= truth
+    passed = [r for r, p99, _, ok in found["probes"] if ok]
+    assert found["capacity"] == max(passed)
+    assert all(ok == (p99 <= found["limit_ms"]) for _, p99, _, ok in found["probes"])
+
+
+def test_capacity_search_fails_a_rate_that_drops_queries_and_an_unbounded_curve_says_so():
+    from bench.capacity import search_capacity
+
+    # flat p99, but past 300 queries/s only 95% of queries are answered: that is the capacity's bound
+    found = search_capacity(lambda r: (10.0, 1.0 if r <= 300 else 0.95), 50.0, refine=3)
+    assert found["bounded"] and 300 / 2 ** (1 / 8) <= found["capacity"] <= 300
+    flat = search_capacity(lambda r: (10.0, 1.0), 50.0, max_rate=1000.0)
+    assert not flat["bounded"] and flat["capacity"] == 800.0
+
+
+def test_capacity_search_through_the_simulator_finds_mm1s_capacity():
+    from dataclasses import replace
+
+    from bench.capacity import search_capacity
+    from serve.core.config import validate
+    from serve.core.plan import build_plan, make_queries
+    from serve.core.results import summarize
+    from serve.simulator.simulate import simulate
+
+    # one instance, exponential service of mean 1 ms, Poisson arrivals: M/M/1 with mu = 1000/s
+    cfg = validate({"instances": 1, "num_queries": 40_000, "service": {"dist": "exponential", "mean_ms": 1.0},
+                    "engine": "sim", "batch_size": 1, "plot": False, "seed": 1}, need_runs=False)
+
+    def probe(rate):
+        c = replace(cfg, rates=[rate])
+        q = make_queries(c, rate, np.zeros(10, dtype=int))
+        out = simulate(build_plan(c, "none", 2, 1, q, c.delays[0]), c)
+        return summarize(out, "none", 1, 2000)["p99_ms"], 1.0
+
+    found = search_capacity(probe, 100.0, refine=3)
+    truth = 1000.0 - (1000.0 - 100.0) / 2  # 550 queries/s
+    assert found["light_p99_ms"] == pytest.approx(mm1_p99_ms(100.0), rel=0.1)
+    assert truth / 1.2 <= found["capacity"] <= truth * 1.1
+
+
+def test_capacity_benchmark_prints_capacities_and_the_tail_at_their_fractions(digits_run_folder, tmp_path, capsys):
+    from bench import capacity
+
+    # the whole run in the simulator (no Ray, no HTTP): the shipped digits config's stragglers, quick sizes
+    code = capacity.main([digits_run_folder, "--quick", "--engine", "sim", "--config", "conf/serve/digits.json",
+                          "--out", str(tmp_path), "--set", "plot=false"])
+    out = capsys.readouterr().out
+    assert code == 0 and "load average" in out
+    cap = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("equal-resources", "coded"):
+            light, limit = float(cells[1]), float(cells[2])
+            assert limit == pytest.approx(2 * light, abs=0.11)  # the 2x rule, as printed to 0.1 ms
+            cap[cells[0]] = float(cells[3].removeprefix(">= ").replace(",", ""))
+    assert set(cap) == {"equal-resources", "coded"}
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines() if ln.startswith("| 0.")]
+    assert [(r[0], r[2]) for r in rows] == [("0.5", "equal-resources"), ("0.5", "coded"),
+                                            ("0.7", "equal-resources"), ("0.7", "coded")]
+    for frac, rate, strategy, own, *_ in rows:
+        # every compared strategy at the same fraction of equal-resources' capacity, its own fraction beside it
+        assert float(rate.replace(",", "")) == pytest.approx(float(frac) * cap["equal-resources"], abs=0.51)
+        assert float(own) == pytest.approx(float(frac) * cap["equal-resources"] / cap[strategy], abs=0.006)
+    assert "coded p99.9 / equal-resources p99.9 = " in out and "simulator vs Ray" not in out
+    assert (tmp_path / "sim" / "cdf_0.7.png").is_file()
+
+
+def test_capacity_benchmark_refuses_a_bad_light_rate_before_any_work(tmp_path, capsys):
+    from bench import capacity
+
+    assert capacity.main([str(tmp_path), "--light", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--light" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""Binary request bodies (serve/bodies.py, through serve.app's reader): raw float32 and .npy read as the JSON
+"""Binary request bodies (serve/web/bodies.py, through serve.app's reader): raw float32 and .npy read as the JSON
 body of the same numbers is read, and every malformed one refused with a 4xx and a one-line reason."""
 import asyncio
 import io

@@ -157,7 +157,8 @@ def test_a_code_too_big_for_memory_is_refused_before_allocation(monkeypatch):
     small = validate_dict(BASE)  # k=2 on digits: about 17,000 coder parameters, 0.3 MB with Adam's state
     preflight(small, expand_runs(small))
     big = validate_dict({**BASE, "k_vals": [20]})  # 1.7 million parameters, 28 MB with Adam's state
-    with pytest.raises(ConfigError, match=r"'k_vals'.*k=20, r=1.*more than this machine's"):
+    with pytest.raises(ConfigError, match=r"'k_vals': the run with k=20, r=1.*coder parameters.*needs about "
+                                          r".*more than the 10.0 MiB this machine has available. Fix: lower k_vals"):
         preflight(big, expand_runs(big))
 
 

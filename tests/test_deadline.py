@@ -113,3 +113,27 @@ def test_train_py_scores_by_the_deadline(digits_config, tmp_path, capsys):
     clean = run_all(str(folder), {}, only_test=True)[0]
     assert {k: v for k, v in rows[1e9].items() if k != "test_answered"} == pytest.approx(clean)
     assert json.loads(next((tmp_path / "a").rglob("config.json")).read_text())["deadline_ms"] == 10.5
+
+
+def test_a_file_latency_law_reads_its_file_once_until_it_changes(tmp_path, monkeypatch):
+    """Every draw of a "file" law samples the file's values; the file is parsed once, and again after an edit
+    (its size or modification time changes), so a changed file is never served stale."""
+    import os
+
+    import util.latency as latency
+
+    path = tmp_path / "times.csv"
+    path.write_text("worker,ms\n0,3.0\n1,4.0\n")
+    reads = []
+    real = latency._read_latency_file
+    monkeypatch.setattr(latency, "_read_latency_file", lambda *a: reads.append(a) or real(*a))
+    law = {"dist": "file", "path": str(path), "column": "ms"}
+    for seed in range(3):
+        assert set(latency.sample_ms(law, np.zeros(50, dtype=int), np.random.default_rng(seed))) == {3.0, 4.0}
+    assert len(reads) == 1
+    with pytest.raises(ValueError):  # the kept values are read-only: no reader can change them for the others
+        latency.read_latency_file(str(path), "ms")[0] = 0.0
+    path.write_text("worker,ms\n0,7.0\n")
+    os.utime(path, ns=(0, 10 ** 9))  # a different modification time too, even where the clock is coarse
+    assert set(latency.sample_ms(law, np.zeros(20, dtype=int), np.random.default_rng(0))) == {7.0}
+    assert len(reads) == 2

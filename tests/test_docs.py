@@ -2,8 +2,8 @@
 
 No MkDocs needed. Links and pictures of README.md and docs/*.md must point at
 files that exist (and at headings that exist, for ``page.md#anchor``); every
-key of the training config (coders/config.py ``Config``), the serving config
-(serve/config.py ``ServeConfig``) and the map (serve/map.py ``MAP_KEYS``) needs
+key of the training config (train/config.py ``Config``, with the computation's keys of coders/config.py), the serving config
+(serve/core/config.py ``ServeConfig``) and the map (serve/simulator/map.py ``MAP_KEYS``) needs
 a row ``| `key` | default | meaning |`` in its reference page, with the
 default the code declares.
 """
@@ -109,15 +109,15 @@ def coverage_problems(defaults: dict[str, str], page: Path, declared_in: str) ->
 
 
 def schemas():
-    from coders.config import Config
+    from train.config import Config
     from serve.config import ServeConfig
     from serve.map import MAP_KEYS
 
     return [
-        (schema_defaults(Config), DOCS / "training.md", "coders/config.py, class Config"),
-        (schema_defaults(ServeConfig), DOCS / "serving.md", "serve/config.py, class ServeConfig"),
+        (schema_defaults(Config), DOCS / "training.md", "train/config.py, class Config"),
+        (schema_defaults(ServeConfig), DOCS / "serving.md", "serve/core/config.py, class ServeConfig"),
         ({key: json.dumps(default) for key, (default, _) in MAP_KEYS.items()}, DOCS / "simulator.md",
-         "serve/map.py, MAP_KEYS"),
+         "serve/simulator/map.py, MAP_KEYS"),
     ]
 
 
@@ -127,10 +127,10 @@ def test_every_config_key_has_a_reference_row_with_its_default():
 
 
 def test_a_key_added_to_a_schema_without_a_row_is_named_with_its_fix():
-    from coders.config import Config
+    from train.config import Config
 
     grown = dataclasses.make_dataclass("Grown", [("brand_new_key", int, dataclasses.field(default=3))], bases=(Config,))
-    (problem,) = coverage_problems(schema_defaults(grown), DOCS / "training.md", "coders/config.py, class Config")
+    (problem,) = coverage_problems(schema_defaults(grown), DOCS / "training.md", "train/config.py, class Config")
     assert "'brand_new_key'" in problem and "docs/training.md" in problem and "| `brand_new_key` | `3` |" in problem
 
 

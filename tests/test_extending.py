@@ -17,7 +17,7 @@ import pytest
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 BLOCK = re.compile(r"<!-- (file: (?P<name>[\w.]+)|run) -->\n```\w*\n(?P<code>.*?)```", re.S)
-SECTIONS = ("A coder", "An N-worker code", "A base model", "A serving policy", "A strategy")
+SECTIONS = ("A coder", "An N-worker code", "A code form", "A base model", "A serving policy", "A strategy")
 
 
 def examples(text: str) -> dict[str, list[tuple[str, str]]]:
@@ -34,7 +34,7 @@ def test_the_page_marks_an_example_of_every_kind():
     found = examples(PAGE.read_text())
     for section in SECTIONS:
         assert any(name == "run" for name, _ in found.get(section, [])), f"'{section}' has no run block"
-    stale = [word for word in ("train/config.py", "train.code", "train.config") if word in PAGE.read_text()]
+    stale = [word for word in ("train.code",) if word in PAGE.read_text()]
     assert not stale, f"docs/extending.md names old module paths: {stale}"
 
 
@@ -59,6 +59,9 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    from serve.core.strategies import REGISTRY
+
+    registered = dict(REGISTRY)
     forget_page_modules()
     try:
         for name, code in examples(PAGE.read_text())[section]:
@@ -66,8 +69,10 @@ def test_each_example_on_the_page_runs(section, tmp_path, monkeypatch):
                 (tmp_path / name).write_text(code)
             else:
                 exec(compile(code, f"{PAGE.name} ({section})", "exec"), {"__name__": "__example__"})
-    finally:  # the page's own modules are imported from this scratch folder only
+    finally:  # the page's own modules are imported from this scratch folder only, its strategies live here only
         forget_page_modules()
+        REGISTRY.clear()
+        REGISTRY.update(registered)
 
 
 def test_the_config_lines_on_the_page_name_classes_its_files_define(tmp_path, monkeypatch):

@@ -155,6 +155,11 @@ SERVE_CASES = [  # (key, bad value, overrides that make the key apply); every Se
     ("policies", [{"strategy": "none", "defer": {"ms": 5}}], {}),
     ("policies", [{"strategy": "coded", "name": "a/b"}], {}), ("policies", [{"strategy": "coded", "name": "coded"}], {}),
     ("policies", [{"strategy": "coded", "bogus": 1}], {}),
+    ("deadline_ms", -1, {"strategies": ["nworker"]}), ("deadline_ms", "soon", {"strategies": ["nworker"]}),
+    ("deadline_ms", 5, {}),  # no nworker row reads it
+    ("perturb", 5, {"strategies": ["nworker"]}), ("perturb", {"adversaries": -1}, {"strategies": ["nworker"]}),
+    ("perturb", {"adversary": "flip"}, {"strategies": ["nworker"]}), ("perturb", {"bogus": 1}, {"strategies": ["nworker"]}),
+    ("perturb", {"adversary_target": 3}, {"strategies": ["nworker"]}), ("perturb", {"adversaries": 1}, {}),
 ]
 SECTIONS = ("app", "policies")  # their errors name the key inside: 'app.port', 'policies[0]'
 

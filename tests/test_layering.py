@@ -23,8 +23,21 @@ def project_modules(root: Path = ROOT) -> dict[str, Path]:
     return {module_name(py, root): py for pkg in LAYERS for py in sorted((root / pkg).rglob("*.py"))}
 
 
-def imported_modules(path: Path, name: str, known: set[str]) -> set[str]:
-    """The project modules ``path`` (module ``name``) imports anywhere in its text."""
+def moved_attributes(modules: dict[str, Path]) -> dict[tuple[str, str], str]:
+    """``(module, name) -> new module`` for the names a module serves from a module above it
+    (``util.moved.keep_moved_attributes(__name__, {name: new, ...})``, its dict written out)."""
+    moved = {}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    == "keep_moved_attributes" and len(node.args) == 2 and isinstance(node.args[1], ast.Dict)):
+                moved.update({(name, old): new for old, new in ast.literal_eval(node.args[1]).items()})
+    return moved
+
+
+def imported_modules(path: Path, name: str, known: set[str], moved: dict | None = None) -> set[str]:
+    """The project modules ``path`` (module ``name``) imports anywhere in its text; a name imported from a
+    module that serves it from another (``moved``) counts as an import of that other module."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -36,7 +49,8 @@ def imported_modules(path: Path, name: str, known: set[str]) -> set[str]:
                 up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(up + ([base] if base else []))
             # "from pkg import mod" imports the module pkg.mod; "from mod import name" the module mod
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known
+                       else (moved or {}).get((base, alias.name), base) for alias in node.names]
         else:
             continue
         for target in targets:
@@ -49,7 +63,8 @@ def imported_modules(path: Path, name: str, known: set[str]) -> set[str]:
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     modules = project_modules(root)
-    return {name: imported_modules(path, name, set(modules)) for name, path in modules.items()}
+    moved = moved_attributes(modules)
+    return {name: imported_modules(path, name, set(modules), moved) for name, path in modules.items()}
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
@@ -125,8 +140,12 @@ def test_the_checks_name_the_offending_pair(tmp_path):
     (tmp_path / "util" / "low.py").write_text("def f():\n    from train.high import g\n")
     (tmp_path / "train" / "high.py").write_text("from util import low\nfrom .other import h\n")
     (tmp_path / "train" / "other.py").write_text("import train.high\n")
+    # a name a lower module serves from a higher one is an import of the higher one
+    (tmp_path / "coders" / "kept.py").write_text("keep_moved_attributes(__name__, {'Old': 'train.other'})\n")
+    (tmp_path / "coders" / "user.py").write_text("from coders.kept import Old\n")
     graph = import_graph(tmp_path)
-    assert graph["train.high"] == {"util.low", "train.other"}
-    assert upward_imports(graph) == ["util.low imports train.high (util is below train)"]
+    assert graph["train.high"] == {"util.low", "train.other"} and graph["coders.user"] == {"train.other"}
+    assert upward_imports(graph) == ["coders.user imports train.other (coders is below train)",
+                                     "util.low imports train.high (util is below train)"]
     assert cycles(graph) == [["train.high", "train.other", "util.low"]]
     assert "util.low imports train.high" in cycle_pairs(graph)[0]

@@ -137,13 +137,56 @@ def test_bounded_pattern_cache_evicts_the_least_recently_used():
     dec(outputs * rows[0][None, :, None], rows[0][None])  # pattern 0 used again: pattern 1 is now the oldest
     dec(outputs * rows[2][None, :, None], rows[2][None])
     keys = [r.numpy().tobytes() for r in rows]
-    assert list(dec._matrices) == [keys[0], keys[2]] and dec.cached_bytes == 2 * entry
+    assert dec.cache.keys() == [keys[0], keys[2]] and dec.cache.used == 2 * entry
     again = dec(outputs * rows[1][None, :, None], rows[1][None])  # rebuilt after eviction: the same decode
-    assert torch.equal(again, first[1]) and list(dec._matrices) == [keys[2], keys[1]]
+    assert torch.equal(again, first[1]) and dec.cache.keys() == [keys[2], keys[1]]
     none = SplineDecoder(k, n, [-1, 2], lam=0.0, cache_mb=0)
-    assert torch.equal(none(outputs * rows[1][None, :, None], rows[1][None]), first[1]) and not none._matrices
+    assert torch.equal(none(outputs * rows[1][None, :, None], rows[1][None]), first[1]) and not len(none.cache)
     with pytest.raises(ValueError, match="'cache_mb'"):
         SplineDecoder(k, n, [-1, 2], lam=0.0, cache_mb=-1)
+
+
+
+def test_the_byte_bounded_cache_evicts_the_least_recently_used_entry():
+    from util.lru import ByteLRU
+
+    cache, built = ByteLRU(3 * 800), []
+    def entry(name):  # a 100-float64 array (800 bytes), built once per miss
+        return lambda: built.append(name) or np.full(100, float(len(built)))
+
+    for name in ("a", "b", "c"):
+        cache.get(name, entry(name))
+    assert cache.get("a", entry("a"))[0] == 1.0 and built == ["a", "b", "c"]  # a hit: nothing built
+    cache.get("d", entry("d"))  # full: "b", used least recently, goes (not "a", the oldest built)
+    assert cache.keys() == ["c", "a", "d"] and cache.used == 3 * 800
+    cache.get("b", entry("b"))
+    assert built == ["a", "b", "c", "d", "b"] and cache.keys() == ["a", "d", "b"]
+    huge = cache.get("huge", lambda: np.zeros(1000))  # larger than the whole cache: handed back, not kept
+    assert len(huge) == 1000 and cache.keys() == ["a", "d", "b"] and cache.used == 3 * 800
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        ByteLRU(-1)
+
+
+@pytest.mark.parametrize("make", ["locating-berrut", "locating-spline", "noise-spline"])
+def test_the_decoders_pattern_caches_are_one_bounded_lru(make):
+    from coders.adversary import LocatingBerrutDecoder, LocatingSplineDecoder
+    from coders.smoothing import NoiseSplineDecoder
+    from util.lru import ByteLRU
+
+    k, n = 5, 10
+    dec = {"locating-berrut": lambda: LocatingBerrutDecoder(k, n, [2], e_max=1),
+           "locating-spline": lambda: LocatingSplineDecoder(k, n, [2], e_max=1),
+           "noise-spline": lambda: NoiseSplineDecoder(k, n, [2], sigma=0.1)}[make]()
+    assert isinstance(dec.cache, ByteLRU) and dec.cache.max_bytes > 0
+    rows = straggler_patterns(n, 1, 3, seed=0)
+    outputs = torch.randn(1, n, 2, dtype=torch.float64)
+    first = dec(outputs * rows[0][None, :, None], rows[0][None])
+    one = dec.cache.used
+    dec.cache = ByteLRU(one)  # room for one pattern's entry
+    for row in rows:
+        dec(outputs * row[None, :, None], row[None])
+    assert len(dec.cache) == 1 and dec.cache.used == one
+    assert torch.equal(dec(outputs * rows[0][None, :, None], rows[0][None]), first)  # rebuilt: the same decode
 
 
 @pytest.mark.parametrize("gather_bytes", [2 ** 24, 0])

@@ -229,3 +229,70 @@ def test_the_robust_bench_refuses_an_unknown_figure(capsys):
     assert main(["xsinx-m"]) == 2
     err = capsys.readouterr().err
     assert "xsinx-m" in err and "xsinx-n" in err and "Traceback" not in err
+
+
+# -- placement and the fewest answers of the robust and noise-aware decoders ---------------------------
+@pytest.mark.parametrize("encoder, decoder, dec_args", [
+    ("coders.nworker.BerrutEncoder", "coders.adversary.LocatingBerrutDecoder", {}),
+    ("coders.nworker.MLPEncoder", "coders.adversary.LocatingMLPDecoder", {"hidden": 4}),
+    ("coders.spline.SplineEncoder", "coders.adversary.LocatingSplineDecoder", {"lam": 0.0}),
+    ("coders.spline.SplineEncoder", "coders.smoothing.NoiseSplineDecoder", {"sigma": 0.1}),
+])
+def test_the_robust_and_noise_aware_decoders_are_placed_and_a_mismatch_is_refused(encoder, decoder, dec_args):
+    from coders.nworker import build_nworker_coders
+
+    place = {"worker_points": "approxifer"}
+    enc, dec = build_nworker_coders({"class": encoder, "args": place}, {"class": decoder, "args": {**dec_args, **place}},
+                                    5, 9, [2], 3)
+    assert (dec.data_points, dec.worker_points) == (enc.data_points, enc.worker_points) == ("chebyshev1", "approxifer")
+    with pytest.raises(ConfigError, match="places data and workers at chebyshev1 / approxifer"):
+        build_nworker_coders({"class": encoder, "args": place}, {"class": decoder, "args": dec_args}, 5, 9, [2], 3)
+
+
+def test_a_placed_locator_and_noise_spline_decode_at_their_placement():
+    """The locator's basis and Berrut's denominator follow the placement: small planted errors on an affine F encoded
+    at ApproxIFER's worker points are all located (the default placement's basis misses them); the noise-aware
+    spline without noise is the interpolating spline of the same placement."""
+    k, n, place = 4, 12, {"worker_points": "approxifer"}
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    y = BerrutEncoder(k, n, [3], **place)(torch.randn(60, k, 3, generator=gen, dtype=torch.float64)) @ a + b
+    avail = patterns(n, 1, 60)
+    bad, corrupted = Perturbation(2, "gaussian", 0.01).apply(y, avail, torch.Generator().manual_seed(3))
+    placed, unplaced = LocatingBerrutDecoder(k, n, [4], e_max=2, **place), LocatingBerrutDecoder(k, n, [4], e_max=2)
+    out = placed(bad * avail[..., None], avail)
+    assert torch.equal(placed.last_located, corrupted)
+    good = avail & ~corrupted
+    assert torch.allclose(out, BerrutDecoder(k, n, [4], **place)(y * good[..., None], good), atol=1e-9)
+    unplaced(bad * avail[..., None], avail)
+    assert not torch.equal(unplaced.last_located, corrupted)
+    values = torch.randn(5, 9, 2, generator=gen, dtype=torch.float64)
+    full = torch.ones(5, 9, dtype=torch.bool)
+    noise = NoiseSplineDecoder(5, 9, [2], sigma=0.0, **place)
+    assert torch.allclose(noise(values, full), SplineDecoder(5, 9, [2], lam=0.0, **place)(values, full), atol=1e-8)
+    assert not torch.allclose(noise(values, full), SplineDecoder(5, 9, [2], lam=0.0)(values, full), atol=1e-3)
+
+
+def test_each_decoder_declares_the_fewest_answers_it_decodes_from():
+    from coders.perturb import min_answering
+    from coders.spline import MIN_POINTS
+
+    class Picky(SplineDecoder):  # a user's spline decoder needing more: its own declaration counts, not its class
+        min_answering = 7
+
+    assert min_answering(BerrutDecoder(4, 8, [2])) == min_answering(LocatingBerrutDecoder(4, 8, [2])) == 1
+    assert min_answering(SplineDecoder(5, 8, [2], lam=0.0)) == MIN_POINTS
+    assert min_answering(LocatingSplineDecoder(5, 8, [2])) == min_answering(NoiseSplineDecoder(5, 8, [2], sigma=0.1)) \
+        == MIN_POINTS
+    assert min_answering(Picky(5, 8, [2], lam=0.0)) == 7
+    assert min_answering(torch.nn.Identity()) == 1  # a decoder that declares nothing decodes from one answer
+
+
+def test_the_robust_bench_reuses_a_trained_run_only_at_the_same_epochs():
+    from bench.nworker_robust import run_key
+
+    pair, train = ["coders.nworker.MLPEncoder", "coders.nworker.MLPDecoder"], {"n_workers": [9], "adversaries": 1}
+    assert run_key(pair, True, train, {}, 20) != run_key(pair, True, train, {}, 5)  # a learned code: retrained
+    assert run_key(pair, True, train, {}, 20) != run_key(pair, True, {**train, "adversaries": 2}, {}, 20)
+    fixed = ["coders.nworker.BerrutEncoder", "coders.adversary.LocatingBerrutDecoder"]
+    assert run_key(fixed, False, train, {}, 20) == run_key(fixed, False, train, {}, 5)  # nothing trained: reused

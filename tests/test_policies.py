@@ -1,4 +1,4 @@
-"""Serving policies (serve/policy.py): routing, cancellation, deferred parities, hedged copies.
+"""Serving policies (serve/core/policy.py): routing, cancellation, deferred parities, hedged copies.
 
 The policies run event by event in the simulator (serve.sim.EventRun) and on Ray (serve.runtime.Frontend, and
 the HTTP service's serve.runtime.ServiceFrontend) through one PolicyMachine. What is checked: every query

@@ -284,6 +284,21 @@ def test_one_report_prints_both_forms_tables_and_one_form_on_request(tmp_path):
     assert code == 2 and out == "" and "no nworker runs under" in err and "--form" in err
 
 
+def test_the_report_command_under_its_old_name_prints_both_forms_tables(tmp_path):
+    """``python -m util.report`` (the old name) is ``python -m train.report``: the same two tables."""
+    import os
+    import subprocess
+
+    write_both_forms(tmp_path / "save")
+    _, both, _ = run_report([str(tmp_path / "save"), "--no-plots"])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    old = subprocess.run([sys.executable, "-m", "util.report", str(tmp_path / "save"), "--no-plots"], cwd=root,
+                         capture_output=True, text=True, env=env)
+    assert old.returncode == 0, old.stderr
+    assert old.stdout == both and "| k | r |" in both and "| K | N | S |" in both
+
+
 def test_train_nworker_is_the_one_report_of_the_nworker_runs(tmp_path, capsys):
     """``python -m train.nworker ROOT`` (the old name) prints util.report's N-worker table, nothing else."""
     from train import nworker

@@ -1,4 +1,4 @@
-"""The serving simulator (serve/sim.py): closed forms, an event-by-event reference, Ray, configs, the map.
+"""The serving simulator (serve/simulator/simulate.py): closed forms, an event-by-event reference, Ray, configs, the map.
 
 Closed forms use exponential service at negligible load (groups of queries
 arrive together, a second apart, so no request ever waits), where a

@@ -1,4 +1,4 @@
-"""The simulator's batching (serve/sim.py EventRun with serve.batching.Batchers): batch size 1 is the unbatched
+"""The simulator's batching (serve/simulator/simulate.py EventRun with serve.batching.Batchers): batch size 1 is the unbatched
 simulator to the nanosecond; the maximum wait is honoured; a straggler delays exactly the call it lands in; no
 query is lost or answered twice; the profile's a + b x batch fit recovers planted costs. No Ray."""
 import csv
@@ -131,3 +131,24 @@ def test_a_profile_without_batch_sizes_reads_as_calls_of_one(tmp_path):
     profile = read_profile(str(path))
     assert profile["compute_ms"].tolist() == [1.5, 2.5] and profile["batch"].tolist() == [1.0, 1.0]
     assert profile["b_ms"] == 0.0
+
+
+def test_one_draw_at_a_time_equals_the_array_draw_for_measured_missing_and_unmeasured_instances(tmp_path):
+    # The event loop draws each request's compute and overhead alone (ServiceModel.draw_one); bug: a draw that
+    # differs from the array path's (another pool, another fallback, another use of the generator).
+    from serve.simulator.profiles import ServiceModel
+
+    path = tmp_path / "profile.csv"
+    rows = ["role,actor,compute_ms,overhead_ms,batch"] + [f"-1,0,{1 + i % 3}.0,,{1 + i % 4}" for i in range(9)] \
+        + [f"-1,1,{10 + i}.0,{i}.5,1" for i in range(5)] + ["0,0,7.0,1.0,2", "0,0,8.0,,1"]
+    path.write_text("\n".join(rows) + "\n")
+    cfg = validate({"instances": 3, "num_queries": 10, "engine": "sim", "profile": str(path)}, need_runs=False)
+    roles = [-1, -1, -1, 0, 0, 1]  # F actor 2 and parity actor 1 are not in the profile; role 1 is in no row
+    model = ServiceModel(cfg, roles)
+    arrays, ones = np.random.default_rng(3), np.random.default_rng(3)
+    seen = set()
+    for inst in np.random.default_rng(4).integers(0, len(roles), 400):
+        (c, o), (c1, o1) = model.draw(np.array([inst]), arrays), model.draw_one(int(inst), ones)
+        assert (c[0], o[0]) == (c1, o1)
+        seen.add(round(c1 * 1000, 6))
+    assert {10.0, 14.0} <= seen and len(seen) >= 6  # actor 1's calls of one as measured, and the other pools'

@@ -9,7 +9,6 @@ from util.moved import keep_moved_names
 
 keep_moved_names(__name__, {
     "code": "coders.code",            # Code, freeze, load_code: the computation, below training and serving
-    "config": "coders.config",        # the run config schema, which load_code reads too
     "scenarios": "coders.scenarios",  # unavailability scenarios, part of the computation
     "checkpoint": "util.checkpoint",  # checkpoint files and digests
     "lock": "util.lock",              # the one-writer folder lock, used by base_models too

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from coders.config import parse_overrides
+from util.schema import parse_overrides
 from util.errors import EXIT_RUN_FAILED, EXIT_USER_ERROR, UserError
 
 
@@ -72,7 +72,7 @@ def run_status(folder: Path, num_epoch: int) -> tuple[str, str]:
 
 
 def _run_progress(folder: Path, num_epoch: int) -> tuple[str, str]:
-    from util.report import METRICS_FILE, RunReadError, best_row, is_classifier, read_rows
+    from train.report import METRICS_FILE, RunReadError, best_row, is_classifier, read_rows
 
     if not (folder / "current.pt").exists():
         return "new", "new"
@@ -107,25 +107,25 @@ def run_all(config_path: str, overrides: dict, resume: bool = False, overwrite: 
     """
     out = out or sys.stdout
     from util.checkpoint import refuse_occupied
-    from coders.config import expand_runs, load_config, load_run_folder
-    from train.engine import CodedRun, fit_each
+    from coders.form import FORMS, form_named
+    from train.config import expand_runs, load_config, load_run_folder
+    from train.engine import fit_each
+    from util.classpath import import_class
     from train.preflight import check_data, preflight
 
     if Path(config_path).is_dir():
         cfg, folder = load_run_folder(config_path, overrides)
     else:
         cfg, folder = load_config(config_path, overrides), None
-    runs = expand_runs(cfg)
-    preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard
-    make_run, data_runs = CodedRun, runs
-    if cfg.form == "nworker":  # the literature's N-worker codes (train/nworker.py, docs/nworker.md)
-        from train.nworker import expand_nworker_runs, probe_nworker_coders
-        from train.nworker_perturbed import PerturbedNWorkerRun as NWorkerRun  # the plain run without perturbations
-        if ray_address is not None:
-            raise UserError("--ray runs the sweeps of systematic codes only; this config's 'form' is \"nworker\". "
-                            "Fix: drop --ray, or share the sweep with --shard I/N across processes.")
-        runs, make_run, data_runs = expand_nworker_runs(cfg), NWorkerRun, None
-        probe_nworker_coders(cfg)  # before any data or F is loaded
+    runs = expand_runs(cfg)  # of the config's form (coders/form.py)
+    form = form_named(cfg.form)
+    if ray_address is not None and not form.on_ray:
+        raise UserError(f"--ray runs the sweeps of {' and '.join(f.name for f in FORMS.values() if f.on_ray)} codes "
+                        f"only; this config's 'form' is \"{cfg.form}\". Fix: drop --ray, or share the sweep with "
+                        f"--shard I/N across processes.")
+    preflight(cfg, runs)  # the whole sweep, so a typo fails in every shard; the form's coders before any data
+    make_run = import_class(form.trainer, "form")
+    data_runs = runs if form.probe_with_data else None
     if shard is not None:
         total, runs = len(runs), runs[shard[0] - 1::shard[1]]
         print(f"shard {shard[0]}/{shard[1]}: {len(runs)} of the sweep's {total} runs", file=out)

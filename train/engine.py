@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from base_models.fit import load_or_train, predict
 from coders.build import build_coders, build_parity_models, probe_coders
 from coders.code import Code, freeze
-from coders.config import CODE_DIRS, Config, RunSpec, to_dict
+from train.config import CODE_DIRS, Config, RunSpec, to_dict
 from coders.scenarios import gather_pairs, unavailable_data, unavailable_pairs
 from datasets import load_data
 from datasets.splits import AUGMENTED
@@ -74,8 +74,8 @@ def make_optimizer(spec, params: list) -> torch.optim.Optimizer:
 
 def run_config(cfg: Config, spec: RunSpec) -> dict:
     """The resolved config of one run: the whole config, this run's choices, and the
-    folders its user code may live in (see :data:`coders.config.CODE_DIRS`)."""
-    return {**to_dict(cfg), **asdict(spec), "code_dirs": list(CODE_DIRS)}
+    folders its user code may live in (see :data:`util.classpath.CODE_DIRS`)."""
+    return {**to_dict(cfg), **spec.record(), "code_dirs": list(CODE_DIRS)}
 
 
 class CodedRun(RunFolder):

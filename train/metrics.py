@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from util.report import whole_lines
+from train.report import whole_lines
 from util.files import atomic_write_text
 
 SPLITS = ("train", "val", "test")

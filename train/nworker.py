@@ -29,80 +29,47 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from coders.config import CODE_DIRS, Config, to_dict
-from coders.nworker import NWorkerCode, pattern_count, patterns_used, straggler_patterns
-from coders.nworker import build_nworker_coders as build_coder_pair
-from train.engine import CodedRun, eval_groups, make_optimizer
+from coders.build import build_coders
+from coders.form import NWorkerSpec  # noqa: F401  (its old home: train.nworker.NWorkerSpec)
+from coders.form import RunSpec, expand_runs, form_named, form_of_record
+from coders.nworker import pattern_count, patterns_used, straggler_patterns
+from train.config import Config
+from train.engine import CodedRun, eval_groups, make_optimizer, run_config
 from train.losses import LOSS_ALIASES, target_kind
 from train.metrics import MetricsLog, Tally, columns_for
 from train.preflight import KNOWN_SHAPES
 from train.schedule import SCHEDULES
-from util import report
+from train import report
 from util.classpath import build, spec_name
 from util.errors import ConfigError
 from util.memory import check_memory, size
 
 
-@dataclass(frozen=True)
-class NWorkerSpec:
-    """One combination of an N-worker config: what one run folder holds."""
-
-    dataset: str
-    model: object
-    k: int
-    n_workers: int
-    stragglers: int
-    loss: object
-    encoder: object
-    decoder: object
-    run_seed: Optional[int] = None
-
-    def folder(self, save_dir: str) -> Path:
-        parts = [spec_name(self.dataset), spec_name(self.model), f"k{self.k}", f"n{self.n_workers}",
-                 f"s{self.stragglers}", spec_name(self.loss), spec_name(self.encoder), spec_name(self.decoder)]
-        if self.run_seed is not None:
-            parts.append(f"seed{self.run_seed}")
-        return Path(save_dir, *parts)
-
-    def describe(self) -> str:
-        return (f"{spec_name(self.dataset)} {spec_name(self.model)} K={self.k} N={self.n_workers} "
-                f"S={self.stragglers} {spec_name(self.encoder)}/{spec_name(self.decoder)}"
-                + (f" seed={self.run_seed}" if self.run_seed is not None else ""))
-
-    def train_seed(self, cfg: Config) -> int:
-        return self.run_seed if self.run_seed is not None else cfg.seed
+# The one spec, expander and builder of every form (coders/form.py, coders/build.py), under the N-worker names
+# this module gave them before the forms were one: NWorkerSpec(d, m, K, N, S, loss, enc, dec, seed) is an
+# N-worker RunSpec, expand_nworker_runs(cfg) the runs of an N-worker config, build_nworker_coders(spec, ...)
+# the coders of a spec.
+expand_nworker_runs = expand_runs
+build_nworker_coders = build_coders
+FORM = form_named("nworker")
 
 
-def expand_nworker_runs(cfg: Config) -> list[NWorkerSpec]:
-    """Every combination of an N-worker config's lists, in a stable order."""
-    return [NWorkerSpec(d, m, k, n, s, loss, enc, dec, seed)
-            for d, m, k, n, s, loss, (enc, dec), seed in itertools.product(
-                cfg.datasets, cfg.models, cfg.k_vals, cfg.n_workers, cfg.stragglers, cfg.losses,
-                cfg.enc_dec_types, cfg.seeds or [None])]
-
-
-def build_nworker_coders(spec: NWorkerSpec, in_shape, n_out: int):
-    """Encoder and decoder of ``spec`` (:func:`coders.nworker.build_nworker_coders`)."""
-    return build_coder_pair(spec.encoder, spec.decoder, spec.k, spec.n_workers, in_shape, n_out)
-
-
-def coder_parameters(spec: NWorkerSpec, in_shape, n_out: int) -> int:
+def coder_parameters(spec: RunSpec, in_shape, n_out: int) -> int:
     """Parameters of ``spec``'s encoder and decoder, counted on the meta device (nothing allocated); 0 for a
     coder that cannot be built there (one that computes its constants with SciPy has no parameters)."""
     try:
         with torch.device("meta"):
-            return sum(p.numel() for m in build_nworker_coders(spec, in_shape, n_out) for p in m.parameters())
+            return sum(p.numel() for m in build_coders(spec, in_shape, n_out) for p in m.parameters())
     except Exception:  # the real build, after this check, names any error
         return 0
 
 
-def nworker_bytes(cfg: Config, spec: NWorkerSpec, d: int, n_out: int, parameters: int = 0) -> dict:
+def nworker_bytes(cfg: Config, spec: RunSpec, d: int, n_out: int, parameters: int = 0) -> dict:
     """A lower bound of the memory one N-worker run needs, in parts named by what sets each: the coders'
     fixed matrices (float64 and float32, ``(N, K)`` each way) and the straggler patterns, the learned
     coders' parameters with their gradients and Adam's two moments, and the larger of a training step
@@ -118,7 +85,7 @@ def nworker_bytes(cfg: Config, spec: NWorkerSpec, d: int, n_out: int, parameters
             "batches": max(step(cfg.batch_size, True), step(cfg.eval_batch_size, False))}
 
 
-def check_nworker_memory(cfg: Config, spec: NWorkerSpec, in_shape, n_out: int) -> None:
+def check_nworker_memory(cfg: Config, spec: RunSpec, in_shape, n_out: int) -> None:
     """Refuse (ConfigError naming 'n_workers') a run whose :func:`nworker_bytes` exceed the memory available
     (util/memory.py, the probe serving's limits use), before anything of the run is allocated."""
     d = math.prod(in_shape)
@@ -131,12 +98,14 @@ def check_nworker_memory(cfg: Config, spec: NWorkerSpec, in_shape, n_out: int) -
                      "lower n_workers (or batch_size, eval_batch_size, max_patterns, or the coders' widths).")
 
 
-def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None:
-    """Build and call every run's coders on a dataset of known sizes (``{dataset: (in_shape, n_out)}``),
-    before any data or F is loaded: a coder that refuses K, N or the sizes, or breaks the contract of
+def probe_nworker_coders(cfg: Config, runs: Optional[list[RunSpec]] = None,
+                         known_shapes: dict = KNOWN_SHAPES) -> None:
+    """Build and call the coders of every run (``runs``, default the config's) on a dataset of known sizes
+    (``{dataset: (in_shape, n_out)}``), before any data or F is loaded (the N-worker form's probe,
+    coders.form.NWorkerForm.probe): a coder that refuses K, N or the sizes, or breaks the contract of
     coders/nworker.py, is a ConfigError naming 'enc_dec_types'."""
     seen = set()
-    for spec in expand_nworker_runs(cfg):
+    for spec in expand_runs(cfg) if runs is None else runs:
         known = known_shapes.get(spec.dataset)
         key = (json.dumps([spec.encoder, spec.decoder], sort_keys=True), spec.k, spec.n_workers, spec.stragglers,
                spec.dataset)
@@ -147,7 +116,7 @@ def probe_nworker_coders(cfg: Config, known_shapes: dict = KNOWN_SHAPES) -> None
         if known is None:
             continue
         (in_shape, n_out), (k, n) = known, (spec.k, spec.n_workers)
-        encoder, decoder = build_nworker_coders(spec, in_shape, n_out)
+        encoder, decoder = build_coders(spec, in_shape, n_out)
         d = math.prod(in_shape)
         available = straggler_patterns(n, spec.stragglers, 2, seed=0)[[0, -1]]  # two rows, even if C(N, S) = 1
         try:
@@ -170,18 +139,17 @@ class NWorkerRun(CodedRun):
     loop with its learning-rate schedule and epoch groups, and (:class:`train.run_folder.RunFolder`)
     the checkpoint slots, resume with its fingerprint check, and the folder's one-writer lock."""
 
-    def __init__(self, cfg: Config, spec: NWorkerSpec, folder: Optional[Path] = None):
+    def __init__(self, cfg: Config, spec: RunSpec, folder: Optional[Path] = None):
         self.k, self.n, self.s = spec.k, spec.n_workers, spec.stragglers
         train_seed = spec.train_seed(cfg)
-        config = {**to_dict(cfg), **asdict(spec), "form": "nworker", "code_dirs": list(CODE_DIRS),
-                  "patterns_total": pattern_count(self.n, self.s)}
+        config = {**run_config(cfg, spec), "patterns_total": pattern_count(self.n, self.s)}
         self.open_run(cfg, spec, folder, config, dist=False)  # the step below does not share groups across ranks
         dev = self.device
         self.augment, self.parity_models = False, None  # no augmentation, no parity models (a checkpoint slot of None)
 
         torch.manual_seed(train_seed)
-        encoder, decoder = build_nworker_coders(spec, self.in_shape, self.n_out)
-        self.code = NWorkerCode(self.base, encoder, decoder, self.k, self.n, self.s).to(dev)
+        encoder, decoder = build_coders(spec, self.in_shape, self.n_out)
+        self.code = FORM.code(cfg, spec, self.base, encoder, decoder).to(dev)
         self.encoder, self.decoder = self.code.encoder, self.code.decoder
         self.train_patterns, self.eval_patterns = (p.to(dev) for p in self.patterns(cfg, spec))
         self.config.update(train_patterns=len(self.train_patterns), eval_patterns=len(self.eval_patterns))
@@ -203,7 +171,7 @@ class NWorkerRun(CodedRun):
         self.log = MetricsLog(self.folder, columns_for(self.classify))
 
     @staticmethod
-    def patterns(cfg: Config, spec: NWorkerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def patterns(cfg: Config, spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """``(training, evaluation)`` straggler patterns: drawn (when C(N, S) > max_patterns) with the run's
         training seed and with the config's seed + 1, so a code is not scored on the very patterns it trained
         on, and every family of a sweep is scored on the same ones."""
@@ -254,23 +222,23 @@ class NWorkerRun(CodedRun):
 
 def nworker_runs(root: str | Path, err=None):
     """``(saved config, metrics rows)`` of each N-worker run folder under ``root``, in path order, read as
-    ``python -m util.report`` reads them (:func:`util.report.find_runs`, :func:`util.report.read_rows`: a
+    ``python -m train.report`` reads them (:func:`train.report.find_runs`, :func:`train.report.read_rows`: a
     last line cut short by a kill is left out); an unreadable folder is skipped with a warning on ``err``."""
     for folder in report.find_runs(root):
         try:
             saved = json.loads((folder / report.CONFIG_FILE).read_text())
-            if isinstance(saved, dict) and saved.get("form") == "nworker":
+            if isinstance(saved, dict) and form_of_record(saved) is FORM:
                 yield saved, report.read_rows(folder / report.METRICS_FILE)
         except (json.JSONDecodeError, report.RunReadError) as exc:
             print(f"warning: skipping {folder}: {exc}", file=sys.stderr if err is None else err)
 
 
 def results_table(root: str | Path, err=None) -> list[str]:
-    """The lines of the N-worker tables of ``python -m util.report ROOT`` (one table-printing path,
-    :func:`util.report.markdown_table`): every N-worker run under ``root`` at its best validation epoch,
+    """The lines of the N-worker tables of ``python -m train.report ROOT`` (one table-printing path,
+    :func:`train.report.markdown_table`): every N-worker run under ``root`` at its best validation epoch,
     the runs of a ``seeds`` sweep merged into mean ± std."""
-    rows = [r for r in report.collect(Path(root), sys.stderr if err is None else err) if r["form"] == "nworker"]
-    return report.markdown_table(report.merge_seeds(rows), ("nworker",)).splitlines()
+    rows = [r for r in report.collect(Path(root), sys.stderr if err is None else err) if r["form"] == FORM.name]
+    return report.markdown_table(report.merge_seeds(rows), (FORM.name,)).splitlines()
 
 
 def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
@@ -304,7 +272,7 @@ def error_by_n(root: str | Path, column: str = "test_nmse") -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m train.nworker RESULTS_DIR``: the tables of every N-worker run under RESULTS_DIR, as
-    ``python -m util.report RESULTS_DIR --form nworker --no-plots`` prints them (that command is the
+    ``python -m train.report RESULTS_DIR --form nworker --no-plots`` prints them (that command is the
     one report; this name is kept); ``--by-n``: one row per code, the test NMSE against N."""
     import argparse
 
@@ -313,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--by-n", action="store_true", help="one row per code, the test NMSE against N")
     args = ap.parse_args(argv)
     if not args.by_n:
-        return report.main([args.root, "--form", "nworker", "--no-plots"])
+        return report.main([args.root, "--form", FORM.name, "--no-plots"])
     if not Path(args.root).is_dir():
         print(f"error: '{args.root}' is not a folder. Fix: pass the save_dir of an N-worker config "
               f"(e.g. results_nworker).", file=sys.stderr)

@@ -27,18 +27,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from coders.config import Config
+from train.config import Config
 from coders.deadline import answered_patterns, by_deadline
 from coders.perturb import Perturbation, PerturbedNWorkerCode, late_patterns, min_answering, undecodable_probability
 from train.metrics import Tally
 from util.errors import UserError
-from train.nworker import NWorkerRun, NWorkerSpec
+from coders.form import RunSpec
+from train.nworker import NWorkerRun
 
 
 class PerturbedNWorkerRun(NWorkerRun):
     """An N-worker run with the config's perturbations (module docstring); without any, the plain run."""
 
-    def __init__(self, cfg: Config, spec: NWorkerSpec, folder: Optional[Path] = None):
+    def __init__(self, cfg: Config, spec: RunSpec, folder: Optional[Path] = None):
         super().__init__(cfg, spec, folder)
         train_seed = spec.train_seed(cfg)
         self.perturbation = Perturbation.of(cfg)

@@ -14,13 +14,14 @@ from base_models.fit import check_weights_path
 from base_models.functions import construct
 from datasets import DATASET_ALIASES
 from coders.build import build_coders, probe_coders
-from coders.config import DEFAULT_OPTIMIZER, Config, RunSpec
+from coders.form import form_named
+from train.config import DEFAULT_OPTIMIZER, Config, RunSpec
 from train.losses import LOSS_ALIASES, TARGET_KINDS, target_kind
 from util.classpath import build, call_user, describe_exception, import_class, spec_name, split_spec
 from util.checks import check_device, check_writable_folder  # noqa: F401  (re-exported: train.preflight.check_device)
 from util.errors import ConfigError
 from util.memory import available_memory as memory_bytes  # the one memory probe (util/memory.py)
-from util.memory import size as _size
+from util.memory import check_memory, size as _size
 from util.shapes import get_flattened_dim
 
 # Input shapes and class counts of the shipped datasets, so coders can be
@@ -40,8 +41,6 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
     """Raise ConfigError for the first problem found in ``cfg``, for every run of the sweep, before
     any data or F is loaded; coders and base models are built and called on a few inputs."""
     check_machine(cfg)
-    for run in runs:
-        check_scenario_count(run, cfg)
     for spec in cfg.datasets:
         if spec not in (cfg.domains or {}):  # a domain is drawn, not imported (checked by check_data)
             _importable(spec, "datasets", DATASET_ALIASES)
@@ -66,8 +65,15 @@ def preflight(cfg: Config, runs: list[RunSpec]) -> None:
             and any(cfg.parity_model != m for m in cfg.models):
         raise ConfigError("Config key 'parity_model_init': \"base\" copies F's weights into the parity model, "
                           "so 'parity_model' must be F's architecture. Fix: use \"random\" or drop 'parity_model'.")
-    if cfg.form == "nworker":  # its coders take (K, N, in_dim): train.nworker.probe_nworker_coders probes them
-        return
+    import_class(form_named(cfg.form).probe, "form")(cfg, runs)  # the form's coders, before any data
+
+
+def probe_sweep_coders(cfg: Config, runs: list[RunSpec]) -> None:
+    """The systematic form's probe of a sweep (coders.form.SystematicForm.probe): every k, r has few enough
+    scenarios, every coder is an nn.Module, and on a dataset of known sizes F, the parity model and the
+    coders are built and called."""
+    for run in runs:
+        check_scenario_count(run, cfg)
     probed: set = set()
     for run in runs:
         for cspec in (run.encoder, run.decoder):
@@ -234,13 +240,10 @@ def check_coder_size(run: RunSpec, coders) -> None:
     """Refuse a run whose encoder and decoder cannot fit in memory with their gradients and
     Adam's two moments (4 copies), e.g. an MLP code with a huge k, before anything is allocated."""
     numel = sum(p.numel() for m in coders for p in m.parameters())
-    need = 4 * numel * 4
-    have = memory_bytes()
-    if have and need > have:
-        raise ConfigError(f"Config key 'k_vals': the run with k={run.k}, r={run.r} and {spec_name(run.encoder)}/"
-                          f"{spec_name(run.decoder)} on {run.dataset} has {numel:,} coder parameters, about "
-                          f"{_size(need)} with gradients and optimizer state, more than this machine's "
-                          f"{_size(have)}. Fix: lower k_vals or r_vals, or pick a smaller coder.")
+    check_memory(4 * numel * 4, f"the run with k={run.k}, r={run.r} and {spec_name(run.encoder)}/"
+                 f"{spec_name(run.decoder)} on {run.dataset} ({numel:,} coder parameters, with their gradients "
+                 f"and optimizer state)", "k_vals", "lower k_vals or r_vals, or pick a smaller coder.",
+                 have=memory_bytes)
 
 
 def check_data(cfg: Config, runs: Optional[list[RunSpec]] = None) -> None:

@@ -118,7 +118,7 @@ def run_task(monitor, index: int, total: int, cfg, spec, folder: Optional[str], 
     import ray
     import torch
 
-    from coders.config import add_code_dir
+    from util.classpath import add_code_dir
     from train.engine import CodedRun
 
     attempt = ray.get(monitor.started.remote(index))
@@ -168,7 +168,7 @@ def train_base_task(cfg, spec, cwd: str, code_dirs: list[str]) -> str:
     """Train the F of ``spec`` (stored at its default path), as the first run using it would."""
     from base_models.fit import load_or_train
     from datasets import load_data
-    from coders.config import add_code_dir
+    from util.classpath import add_code_dir
 
     os.chdir(cwd)
     for d in code_dirs:
@@ -244,7 +244,7 @@ def run_sweep(cfg, runs, folder, address: Optional[str], resume: bool = False, o
     started = connect(address)
     import ray
 
-    from coders.config import CODE_DIRS
+    from util.classpath import CODE_DIRS
 
     cwd, code_dirs = os.getcwd(), list(CODE_DIRS)
     monitor = None

@@ -4,17 +4,20 @@ A law is a dict such as ``{"dist": "shifted-exponential", "shift_ms": 10, "mean_
 ``probability`` (each draw is delayed with this probability, else 0 ms) and ``instances`` (only these
 instances, or workers, are delayed). :func:`check_delay` validates one (a ConfigError naming the key),
 :func:`sample_ms` draws from one with a numpy Generator: serving's simulator and runtime
-(serve/plan.py) and N-worker evaluation by a deadline (coders/deadline.py) draw from this one law.
+(serve/core/plan.py) and N-worker evaluation by a deadline (coders/deadline.py) draw from this one law.
 """
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from util.errors import ConfigError
+from util.lru import ByteLRU
+from util.schema import key_error as _bad  # the refusal naming a key (serve/config.py imports it from here)
 
 DISTRIBUTIONS = {
     # name: (required parameters, optional parameters)
@@ -26,10 +29,8 @@ DISTRIBUTIONS = {
     "file": (("path",), ("column",)),
 }
 COMMON_DELAY_KEYS = ("dist", "probability", "instances")
-
-
-def _bad(source: str, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"{source}: config key '{key}' {msg}")
+FILE_CACHE_BYTES = 64 * 2 ** 20  # latency files' values kept in memory (8 bytes a value), least recently used out
+_FILES = ByteLRU(FILE_CACHE_BYTES)
 
 
 def check_delay(delay: dict, source: str, key: str = "delays") -> None:
@@ -64,7 +65,18 @@ def check_delay(delay: dict, source: str, key: str = "delays") -> None:
 
 
 def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
-    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column``."""
+    """Latencies in ms from a file: one number per line, or a CSV with a header and ``column`` (read-only).
+    The file is read once while it stays as it is: its values are kept under its path, modification time
+    and size, so every draw of a ``"file"`` law does not parse it again, and an edited file is read anew."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return _read_latency_file(path, column)  # the refusal naming the file
+    key = (os.path.abspath(path), column, stat.st_mtime_ns, stat.st_size)
+    return _FILES.get(key, lambda: _read_latency_file(path, column))
+
+
+def _read_latency_file(path: str, column: Optional[str]) -> np.ndarray:
     import csv
 
     try:
@@ -83,6 +95,7 @@ def read_latency_file(path: str, column: Optional[str] = None) -> np.ndarray:
     if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ConfigError(f"Config key 'delays': the latency file '{path}' must hold finite, non-negative "
                           f"milliseconds; it holds {arr.size} values.")
+    arr.flags.writeable = False  # shared by every reader of the file
     return arr
 
 

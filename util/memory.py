@@ -1,6 +1,6 @@
 """The one memory probe: how much memory this machine can give a command, and refusals measured against it.
 
-Serving (``serve/limits.py``: plans, Ray actors), training (``train/preflight.py``: coder parameters) and
+Serving (``serve/core/limits.py``: plans, Ray actors), training (``train/preflight.py``: coder parameters) and
 the N-worker runs (``train/nworker.py``: K, N and the batches) estimate what a config needs before any
 work and refuse, naming the key, when it is more than :func:`available_memory`.
 """

@@ -1,6 +1,7 @@
 """Old module names a rename moved, kept working without a file of the old name.
 
-This is the project's one mechanism for old names. A file at the old path would
+This is the project's one mechanism for old names (of modules; :func:`keep_moved_attributes` for
+names that moved up a layer). A file at the old path would
 be a copy to keep in step, and some old names cannot have a file at all: one
 named like a package of the project (``base_models/train.py``,
 ``bench/base_models.py``) would hide that package from every script run in its
@@ -46,4 +47,16 @@ def keep_moved_names(package: str, moved: dict[str, str]) -> None:
     for old, new in moved.items():
         _MOVED[f"{package}.{old}"] = new if "." in new else f"{package}.{new}"
     if not any(isinstance(f, _MovedNames) for f in sys.meta_path):
-        sys.meta_path.append(_MovedNames())
+        sys.meta_path.insert(0, _MovedNames())  # before any other finder: an old name is always the moved module
+
+
+def keep_moved_attributes(module: str, moved: dict[str, str]) -> None:
+    """Serve ``module.<name>`` from the module ``moved[name]`` for names that moved to a module of a higher
+    package (call from ``module`` with its ``__name__``): a name kept for users' scripts, imported only
+    when it is asked for, so the module itself still imports nothing above it."""
+    def __getattr__(name: str):
+        if name in moved:
+            return getattr(importlib.import_module(moved[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    sys.modules[module].__getattr__ = __getattr__

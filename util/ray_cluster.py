@@ -1,4 +1,4 @@
-"""Starting or joining Ray, for the training sweep (train/ray_sweep.py) and for serving (serve/runtime.py)."""
+"""Starting or joining Ray, for the training sweep (train/ray_sweep.py) and for serving (serve/cluster/runtime.py)."""
 from __future__ import annotations
 
 import contextlib

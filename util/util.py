@@ -5,7 +5,7 @@ The helpers themselves live in :mod:`util.shapes`, :mod:`util.hardware` and
 encoder snippet runs as a user's own module unchanged.
 
 A module named like its package has one trap: a script run from inside
-``util/`` (``python util/report.py``) puts ``util/`` first on ``sys.path``, so
+``util/`` (``python util/checkpoint.py``) puts ``util/`` first on ``sys.path``, so
 ``import util`` finds this file instead of the package, and every
 ``import util.files`` then fails. When that happens this file is imported
 under the name ``util`` and stands in for the package: it gives itself the
