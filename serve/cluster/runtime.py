@@ -156,8 +156,10 @@ class Frontend(Driver):
 
         self.ray = ray
         self.plan, self.actors, self.code, self.inputs = plan, actors, code, inputs
+        self.inputs_np = inputs.numpy()  # a view: rows as numpy without a conversion per query
         n = len(plan.queries.arrival)
         self.predicted = np.full(n, -1)
+        self.recorded = np.zeros(n, dtype=bool)
         self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
         self.opened = np.zeros(len(plan.closed) if plan.closed is not None else 0, dtype=bool)
         self.next = 0
@@ -174,12 +176,12 @@ class Frontend(Driver):
     def dead(self) -> set:
         return self.core.dead
 
-    def record(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
-        self.predicted[q] = int(output.argmax())
-        self.served[q] = output.numpy()
+    def record(self, q: int, output: np.ndarray, now: float, reconstructed: bool, retried: bool) -> None:
+        self.served[q] = output  # the predictions are the served rows' argmax, taken once at the end
+        self.recorded[q] = True
 
     def input_of(self, q: int) -> np.ndarray:
-        return self.inputs[self.plan.queries.index[q]].numpy()
+        return self.inputs_np[self.plan.queries.index[q]]
 
     def open_group(self, g: int) -> None:
         p, core = self.plan, self.core
@@ -189,7 +191,7 @@ class Frontend(Driver):
         core.open_group(g)
         for s, member in enumerate(p.members[g]):
             if member >= 0:
-                core.join(g, s, int(member), self.inputs[p.queries.index[member]])
+                core.join(g, s, int(member), self.inputs_np[p.queries.index[member]])
         core.seal(g)
 
     def wake(self, n: int, t: float) -> None:
@@ -205,7 +207,7 @@ class Frontend(Driver):
     def run(self, interference: Optional[dict] = None) -> Outcome:
         ray, p, d, core = self.ray, self.plan, self.policy, self.core
         for q, index in enumerate(p.queries.index):  # every query can be answered from the start (a retry or a
-            core.add_query(q, self.inputs[index].numpy())  # decoding may answer it before its own request goes)
+            core.add_query(q, self.inputs_np[index])  # decoding may answer it before its own request goes)
         kills = sorted((t, i) for i, t in p.failures.items())
         busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)] if interference else []
         if busy:
@@ -250,6 +252,7 @@ class Frontend(Driver):
         if busy:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
+        self.predicted = np.where(self.recorded, self.served.argmax(1), -1)
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
                        dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served)
 

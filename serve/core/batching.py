@@ -112,8 +112,17 @@ class Batchers:
         while self.queue[i]:
             self.send(i, min(len(self.queue[i]), self.size(i)), now)
 
-    def returned(self, i: int, latency: float, now: float) -> None:
-        """A call of instance ``i`` came back after ``latency`` seconds: adapt the size, send what waits."""
+    def clear(self, i: int) -> list[int]:
+        """Instance ``i`` failed: forget its queue and its calls in flight (what they held is lost with it).
+        Returns the tickets that were queued, which never go out."""
+        queued, self.queue[i] = self.queue[i], []
+        self.inflight[i] = 0
+        return queued
+
+    def returned(self, i: int, latency: float) -> None:
+        """A call of instance ``i`` came back after ``latency`` seconds: one fewer in flight, and (AIMD) the
+        largest batch adapts. Sending what now may go is the caller's, once the round's returns are counted
+        (:meth:`consider`)."""
         self.inflight[i] -= 1
         a = self.b.adaptive_ms
         if a is not None:
