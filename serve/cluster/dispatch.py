@@ -129,13 +129,15 @@ class Dispatcher:
     ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query (``output``: a
     numpy row); ``watch(ref)`` (optional) is told of every call sent, for drivers that wait by callback rather
     than ray.wait. Requests go out in batches (``batching``, :mod:`serve.core.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
-    clock time ``t``, for a batch's wait. A driver calls :meth:`end_round` after reporting returned calls.
+    clock time ``t``, for a batch's wait; ``soon`` (optional) gathers the requests made in one turn of the
+    driver (:class:`serve.core.batching.Batchers`). A driver calls :meth:`end_round` after reporting returned
+    calls.
     """
 
     def __init__(self, strategy: str, roles: list[int], actors: list, code, pad_output: torch.Tensor,
                  input_shape, clock: Callable[[], float], on_answer: Callable,
                  watch: Optional[Callable] = None, log_requests: bool = True, batching: Batching = Batching(),
-                 schedule: Optional[Callable] = None):
+                 schedule: Optional[Callable] = None, soon: Optional[Callable] = None):
         import ray
 
         self.ray = ray
@@ -158,7 +160,7 @@ class Dispatcher:
         self.withdrawn: dict = {}     # call -> the tickets it carries that were withdrawn
         self.decodes: list = []       # decodings decided and not yet run (flush_decodes)
         self.unencoded: set = set()   # groups with a coded slot in a batcher, not encoded yet
-        self.batchers = Batchers(len(actors), batching, self._call, schedule, clock)
+        self.batchers = Batchers(len(actors), batching, self._call, schedule, clock, soon)
         self.next_ticket = 0
         self.dead: set = set()
         self.sent = 0
@@ -296,10 +298,11 @@ class Dispatcher:
                 self.ray.cancel(ref)
         return False
 
-    def collect(self, ref, now: float) -> list:
+    def collect(self, ref, now: float, reply=None) -> list:
         """Take a finished call off the books and log its requests: ``[(ticket, request, instance, output, ok,
         cancelled)]``, empty if it was not pending. ``ok`` False: its actor died; ``cancelled``: a ``ray.cancel``
-        dropped it before it started."""
+        dropped it before it started. ``reply``: the ref's done future (``ObjectRef.future()``), whose value Ray's
+        thread has already fetched; None: ``ray.get``."""
         call = self.pending.pop(ref, None)
         if call is None:
             return []
@@ -308,7 +311,7 @@ class Dispatcher:
         ray = self.ray
         outputs, cancelled = None, False
         try:
-            outputs, compute = ray.get(ref)
+            outputs, compute = ray.get(ref) if reply is None else reply.result()
             ok = True
         except ray.exceptions.TaskCancelledError:
             compute, ok, cancelled = float("nan"), False, True

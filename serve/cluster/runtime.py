@@ -115,11 +115,12 @@ class Driver:
             self.core.forget(g)
 
     # -- what the actors report ------------------------------------------------------------------------
-    def settle(self, ref, now: float) -> None:
+    def settle(self, ref, now: float, reply=None) -> None:
         """A call's ref is ready: tell the machine, for each request it carried, whether it answered, was
-        cancelled, or was lost. Call ``self.core.end_round`` after a round of these."""
+        cancelled, or was lost. ``reply``: the ref's done future, when the driver has it (else it is read with
+        ``ray.get``). Call ``self.core.end_round`` after a round of these."""
         d = self.policy
-        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now):
+        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now, reply):
             n = self.n_of.pop(ticket)
             del self.ref_of[n]  # both maps hold only requests in flight: a long-running service keeps none
             if cancelled:
@@ -291,7 +292,7 @@ class ServiceFrontend(Driver, Service):
         self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
         self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
                                self._answered, watch=self._watch, log_requests=False, batching=batching_of(cfg),
-                               schedule=self.at)
+                               schedule=self.at, soon=self.soon)
         self.ray = self.core.ray
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
@@ -373,11 +374,15 @@ class ServiceFrontend(Driver, Service):
     def at(self, t: float, fn) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), fn)
 
-    def _settle(self, refs: list) -> None:
-        """Replies in hand: settle each, then end the round (decode, send what the batchers let go)."""
+    def soon(self, fn) -> None:
+        self.loop.call_soon(fn)
+
+    def _settle(self, replies: list) -> None:
+        """Replies in hand (``(ref, its done future)``): settle each, then end the round (decode, send what the
+        batchers let go)."""
         now = self.clock()
-        for ref in refs:
-            self.settle(ref, now)
+        for ref, reply in replies:
+            self.settle(ref, now, reply)
         self.core.end_round(now)
 
     def unanswerable(self, q: int) -> None:
