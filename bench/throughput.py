@@ -210,13 +210,9 @@ def http_rows(config: Path, x: np.ndarray, strategy: str, seconds: float, port: 
 
 
 def ray_table(cfg, loaded, one: float, many: float, unbatched: bool) -> None:
-    """The Ray table: equal-resources and coded at capacity."""
-    import ray
-
+    """The Ray table: equal-resources and coded at capacity (on the Ray :func:`main` started)."""
     from serve.core.batching import UNBATCHED, Batching
-    from util.ray_cluster import start_ray
 
-    start_ray(None, None)
     pools: dict = {}
     print("| Ray, all offered at once | batching | queries/s | x 5,000 target | x bare batch 1 | x bare batch 64 "
           "| front-end CPU (us/query) |")
@@ -231,13 +227,15 @@ def ray_table(cfg, loaded, one: float, many: float, unbatched: bool) -> None:
     finally:
         for p in pools.values():
             p.shutdown()
-        ray.shutdown()
 
 
-def http_table(run: str, out: str, instances: int, x: np.ndarray, seconds: float, port: int) -> None:
+def http_table(run: str, out: str, instances: int, x: np.ndarray, seconds: float, port: int,
+               address: Optional[str]) -> None:
+    """The HTTP tables; the services join the Ray at ``address`` (None: each starts its own)."""
     config = Path(out) / "serve.json"
     config.write_text(json.dumps({"runs": [str(Path(run).resolve())], "instances": instances,
-                                  "num_cpus": os.cpu_count(), "out_dir": out, "group_timeout_ms": 5.0}))
+                                  "num_cpus": os.cpu_count(), "out_dir": out, "group_timeout_ms": 5.0,
+                                  "address": address}))
     floor = floor_rows(x, seconds, port + 1)
     print("\n| HTTP, one front end | bodies | queries/s | x floor | x 1,000 target | server CPU (us/query) "
           "| x 300 us | client CPU (us/query) | 503s | failed |")
@@ -275,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("run", help="a run folder written by train.py (a systematic code, e.g. MNIST k = 2)")
     ap.add_argument("--queries", type=int, default=4000, help="queries offered per Ray row (default 4000)")
     ap.add_argument("--instances", type=int, default=2, help="m (default 2)")
-    ap.add_argument("--seconds", type=float, default=4.0, help="seconds per HTTP row (default 4)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per HTTP row (default 3)")
     ap.add_argument("--port", type=int, default=8931, help="the HTTP service's port (default 8931; the floor's "
                     "is the next)")
     ap.add_argument("--no-http", action="store_true", help="skip the HTTP rows")
@@ -298,10 +296,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = tempfile.mkdtemp(prefix="lcc-throughput-")
     cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": args.instances,
                     "out_dir": out, "plot": False, "group_timeout_ms": 5.0})
-    if not args.no_ray:
-        ray_table(cfg, loaded, one, many, args.unbatched)
-    if not args.no_http:
-        http_table(args.run, out, args.instances, x[:1024].numpy(), args.seconds, args.port)
+    import ray
+
+    from util.ray_cluster import start_ray
+
+    start_ray(None, None)  # one Ray for the whole run: the HTTP services join it rather than start their own
+    try:
+        if not args.no_ray:
+            ray_table(cfg, loaded, one, many, args.unbatched)
+        if not args.no_http:
+            http_table(args.run, out, args.instances, x[:1024].numpy(), args.seconds, args.port,
+                       ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
     print(f"\nafter: {load_line()}; {time.perf_counter() - t0:.0f} s in all")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 
 def request_bytes(host: str, path: str, body: bytes, headers: dict) -> bytes:
@@ -35,6 +36,7 @@ class Connection(asyncio.Protocol):
         self.waiter: Optional[asyncio.Future] = None
         self.transport = None
         self.closed = False
+        self.answered = 0  # answers read on this connection
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -50,8 +52,12 @@ class Connection(asyncio.Protocol):
             return
         status = int(self.buf[9:12])
         body = bytes(self.buf[end + 4:end + 4 + size])
+        if CLOSE.search(self.buf, 0, end + 2):  # the server closes it after this answer: not reused
+            self.closed = True
+            self.transport.close()
         del self.buf[:end + 4 + size]
         waiter, self.waiter = self.waiter, None
+        self.answered += 1
         if not waiter.done():
             waiter.set_result((status, body))
 
@@ -125,13 +131,20 @@ class Client:
             fut.set_result(conn)
 
     async def post(self, data: bytes) -> tuple[int, bytes]:
-        """Send one prebuilt request (:func:`request_bytes`); its ``(status, body)``. OSError / ConnectionError
-        when the connection fails."""
-        conn = await self._take()
-        try:
-            return await conn.send(data)
-        finally:
-            self._give(conn)
+        """Send one prebuilt request (:func:`request_bytes`); its ``(status, body)``. A kept-alive connection the
+        server closed before answering (it had not seen the request) is replaced and the request sent once more;
+        OSError / ConnectionError when that fails too, or a fresh connection fails."""
+        for attempt in range(2):
+            conn = await self._take()
+            reused = conn.answered > 0
+            try:
+                return await conn.send(data)
+            except ConnectionError:
+                if not reused or attempt:
+                    raise
+            finally:
+                self._give(conn)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for conn in self.free:
