@@ -134,17 +134,19 @@ class Client:
         """Send one prebuilt request (:func:`request_bytes`); its ``(status, body)``. A kept-alive connection the
         server closed before answering (it had not seen the request) is replaced and the request sent once more;
         OSError / ConnectionError when that fails too, or a fresh connection fails."""
-        for attempt in range(2):
-            conn = await self._take()
-            reused = conn.answered > 0
-            try:
-                return await conn.send(data)
-            except ConnectionError:
-                if not reused or attempt:
-                    raise
-            finally:
-                self._give(conn)
-        raise AssertionError("unreachable")
+        conn = await self._take()
+        try:
+            return await conn.send(data)
+        except ConnectionError:
+            if not conn.answered:  # a fresh connection failed: the server's doing, not a race with its close
+                raise
+        finally:
+            self._give(conn)
+        conn = await self._take()  # once more: the server had not seen it on the connection it closed
+        try:
+            return await conn.send(data)
+        finally:
+            self._give(conn)
 
     def close(self) -> None:
         for conn in self.free:
