@@ -3,7 +3,7 @@
 ``python -m bench.throughput RUN_FOLDER [--queries N] [--instances M] [--seconds S] [--no-http] [--no-ray]
 [--unbatched]``
 
-Prints, in one run on this machine (about 3-4 minutes with the defaults; the ratios carry to another machine):
+Prints, in one run on this machine (under 5 minutes with the defaults; the ratios carry to another machine):
 
 * the bare loop: F alone on one thread, queries/s at batch 1 and at batch 64 (the limits of the Ray rows);
 * Ray (``python -m serve``'s own frontend, :class:`serve.cluster.runtime.Frontend`): equal-resources and coded at
