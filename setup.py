@@ -20,7 +20,8 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "serve": ["ray[default,serve]==2.60.0", "fastapi>=0.100", "uvicorn>=0.29", "httpx>=0.24",
                   "python-multipart>=0.0.9", "pillow>=9",
-                  "starlette>=0.27", "aiohttp>=3.9", "orjson>=3.9"],
+                  "starlette>=0.27", "aiohttp>=3.9", "orjson>=3.9",
+                  "uvloop>=0.17", "httptools>=0.6"],  # uvicorn's fast event loop and HTTP parser, the load generator's loop
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10"],
     },
     entry_points={"console_scripts": ["lcc-train=train.cli:main", "lcc-serve=serve.cli:main",

@@ -2,8 +2,10 @@
 
 ``python -m bench.driver_choice RUN_FOLDER [--queries N]``
 
-Both serve the run's F on two replicas, batches of up to 32, every query offered at once; printed: queries/s
-and the driver's CPU per query, with the load average. lcc's path is :class:`serve.cluster.runtime.Frontend` (strategy
+Both serve the run's F on two replicas, batches of up to 32, every query offered at once, timed alike: one
+warm-up pass first, then the wall time from offering the first query to the last answer and the driver
+process's CPU time over that span. Printed beside them: the bare loop of F on one thread (batch 1 and 64), the
+limit both are measured against, and the load average. lcc's path is :class:`serve.cluster.runtime.Frontend` (strategy
 ``none``, the default batching); Ray Serve's is a deployment of two replicas whose ``@serve.batch`` method
 runs F, called through a deployment handle from asyncio.
 """
@@ -41,7 +43,7 @@ def ray_serve_rate(f: torch.nn.Module, xs: np.ndarray) -> tuple[float, float]:
     handle = serve.run(Model.bind(f), name="lcc-driver-choice", route_prefix=None)
 
     async def go():
-        await handle.remote(xs[0])
+        await asyncio.gather(*[handle.remote(x) for x in xs])  # warm-up pass, as ray_capacity's
         cpu, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*[handle.remote(x) for x in xs])
         return time.perf_counter() - t0, time.process_time() - cpu
@@ -61,7 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.queries < 100:
         raise UserError("--queries must be 100 or more.")
-    from bench.throughput import ray_capacity
+    from bench.throughput import BATCH, bare_loop, ray_capacity
     from coders.code import load_code
     from serve.core.batching import Batching
     from serve.core.config import validate
@@ -72,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     loaded = load_code(args.run)
     x, _ = loaded.splits.split("test")
     before = load_line()
+    one, many = bare_loop(loaded.code.base, x)
     cfg = validate({"runs": [args.run], "rates": [1e6], "num_queries": args.queries, "instances": 2,
                     "out_dir": tempfile.mkdtemp(prefix="lcc-driver-"), "plot": False})
     start_ray(None, None)
@@ -85,9 +88,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         ray.shutdown()
     print(f"before: {before}; after: {load_line()}; "
           f"{args.queries} queries offered at once, two replicas of F, batches up to 32\n")
-    print("| driver | queries/s | driver CPU (us/query) |\n|---|---:|---:|")
-    print(f"| lcc: Ray Core actors, batched (serve.cluster.runtime.Frontend) | {lcc_rate:,.0f} | {lcc_cpu:.0f} |")
-    print(f"| Ray Serve: handle + @serve.batch | {serve_rate:,.0f} | {serve_cpu:.0f} |")
+    print(f"bare F loop, one thread: {one:,.0f} queries/s at batch 1, {many:,.0f} at batch {BATCH}\n")
+    print("| driver | queries/s | x bare batch 1 | x bare batch 64 | driver CPU (us/query) |\n|---|---:|---:|---:|---:|")
+    for name, rate, cpu in (("lcc: Ray Core actors, batched (serve.cluster.runtime.Frontend)", lcc_rate, lcc_cpu),
+                            ("Ray Serve: handle + @serve.batch", serve_rate, serve_cpu)):
+        print(f"| {name} | {rate:,.0f} | {rate / one:.2f} | {rate / many:.2f} | {cpu:.0f} |")
     return 0
 
 

@@ -73,7 +73,7 @@ def test_a_full_batch_goes_at_once_and_a_busy_instance_gathers_the_next():
         b.add(0, t, 0.001)
     clock.advance(1.0)
     assert len(clock.calls) == 1                 # one call outstanding (inflight 1): the rest wait for it
-    b.returned(0, 0.002, 1.0)
+    b.returned(0, 0.002)
     b.consider(0, 1.0)
     assert clock.calls[1] == (1.0, 0, [3, 4])    # its wait long past: out the moment the instance is free
 
@@ -88,15 +88,26 @@ def test_a_withdrawn_request_never_goes_out():
     assert all(0 not in tickets for *_, tickets in clock.calls)
 
 
+def test_clear_forgets_a_failed_instances_queue_and_calls_and_sends_afresh():
+    b, clock = batchers(Batching(size=4, wait_ms=0.0, inflight=1), num=2)
+    for t in range(3):
+        b.add(0, t, 0.0)                         # the first goes; two wait for it
+    b.add(1, 9, 0.0)
+    assert b.clear(0) == [1, 2] and b.queue[1] == [] and b.waiting() == 0
+    b.add(0, 3, 0.1)                             # nothing in flight any more: out at once, alone
+    assert clock.calls[-1] == (0.0, 0, [3])
+    assert [c for c in clock.calls if c[1] == 0] == [(0.0, 0, [0]), (0.0, 0, [3])]
+
+
 def test_adaptive_batches_grow_while_calls_are_fast_and_shrink_when_slow():
     b, _ = batchers(Batching(size=8, adaptive_ms=10.0))
     assert b.size(0) == 1
     for _ in range(20):
         b.inflight[0] += 1
-        b.returned(0, 0.002, 0.0)
+        b.returned(0, 0.002)
     assert b.size(0) == 8                        # additive increase, capped at batch_size
     b.inflight[0] += 1
-    b.returned(0, 0.050, 0.0)
+    b.returned(0, 0.050)
     assert b.size(0) == 7                        # multiplicative decrease (by 10%)
 
 

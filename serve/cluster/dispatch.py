@@ -73,13 +73,14 @@ class Group:
 
     def __init__(self, k: int, r: int, input_shape, n_out: int, coded_slots: int):
         self.members = [-1] * k
-        self.x = torch.zeros(k, *input_shape)
-        self.outputs = torch.zeros(k + r, n_out)
-        self.have = torch.zeros(k + r, dtype=torch.bool)
+        # numpy, not torch: a row written per landed output costs a tenth of a tensor's indexed write
+        self.x = np.zeros((k, *input_shape), dtype=np.float32)
+        self.outputs = np.zeros((k + r, n_out), dtype=np.float32)
+        self.have = np.zeros(k + r, dtype=bool)
         self.lost = np.zeros(k + r, dtype=bool)
         self.waiting: set = set()      # members not yet answered
         self.sealed = False            # membership final (pads filled)
-        self.parities: Optional[torch.Tensor] = None  # the encoder's output: r parities, or N coded inputs
+        self.parities: Optional[np.ndarray] = None  # the encoder's output: r parities, or N coded inputs
         self.parities_left = coded_slots  # coded payloads still to be handed out
 
 
@@ -125,16 +126,18 @@ class GroupFormer:
 class Dispatcher:
     """The payloads, requests in flight and answers of one strategy's queries; see the module docstring.
 
-    ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query; ``watch(ref)``
-    (optional) is told of every call sent, for drivers that wait by callback rather than ray.wait. Requests go
-    out in batches (``batching``, :mod:`serve.core.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
-    clock time ``t``, for a batch's wait. A driver calls :meth:`end_round` after reporting returned calls.
+    ``on_answer(query, output, now, reconstructed, retried)`` is called exactly once per query (``output``: a
+    numpy row); ``watch(ref)`` (optional) is told of every call sent, for drivers that wait by callback rather
+    than ray.wait. Requests go out in batches (``batching``, :mod:`serve.core.batching`); ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
+    clock time ``t``, for a batch's wait; ``soon`` (optional) gathers the requests made in one turn of the
+    driver (:class:`serve.core.batching.Batchers`). A driver calls :meth:`end_round` after reporting returned
+    calls.
     """
 
     def __init__(self, strategy: str, roles: list[int], actors: list, code, pad_output: torch.Tensor,
                  input_shape, clock: Callable[[], float], on_answer: Callable,
                  watch: Optional[Callable] = None, log_requests: bool = True, batching: Batching = Batching(),
-                 schedule: Optional[Callable] = None):
+                 schedule: Optional[Callable] = None, soon: Optional[Callable] = None):
         import ray
 
         self.ray = ray
@@ -144,6 +147,7 @@ class Dispatcher:
         self.nworker = is_nworker(code)
         self.first_coded = 0 if self.nworker else self.k
         self.pad = pad_output
+        self.pad_row = np.asarray(pad_output, dtype=np.float32)
         self.input_shape = tuple(input_shape)
         self.clock, self.on_answer = clock, on_answer
         self.watch = watch
@@ -155,7 +159,8 @@ class Dispatcher:
         self.call_of: dict = {}       # ticket in flight -> its call's ObjectRef
         self.withdrawn: dict = {}     # call -> the tickets it carries that were withdrawn
         self.decodes: list = []       # decodings decided and not yet run (flush_decodes)
-        self.batchers = Batchers(len(actors), batching, self._call, schedule, clock)
+        self.unencoded: set = set()   # groups with a coded slot in a batcher, not encoded yet
+        self.batchers = Batchers(len(actors), batching, self._call, schedule, clock, soon)
         self.next_ticket = 0
         self.dead: set = set()
         self.sent = 0
@@ -177,7 +182,7 @@ class Dispatcher:
         """Query ``q`` takes ``slot`` of group ``g`` (its input goes into the group's encoding)."""
         grp = self.groups[g]
         grp.members[slot] = q
-        grp.x[slot] = torch.as_tensor(x)
+        grp.x[slot] = x.numpy() if isinstance(x, torch.Tensor) else x
         grp.waiting.add(q)
         self.group_of[q] = g
 
@@ -189,7 +194,7 @@ class Dispatcher:
         for s, q in enumerate(grp.members):
             if q < 0 and not self.nworker:
                 grp.have[s] = True
-                grp.outputs[s] = self.pad
+                grp.outputs[s] = self.pad_row
         self._maybe_drop(g)
 
     def coded_input(self, g: int, slot: int) -> np.ndarray:
@@ -201,7 +206,7 @@ class Dispatcher:
             return np.zeros(self.input_shape, dtype=np.float32)
         if grp.parities is None:
             self.encode_groups([g])
-        out = grp.parities[slot - self.first_coded].numpy()
+        out = grp.parities[slot - self.first_coded]
         grp.parities_left -= 1
         if grp.parities_left == 0:
             grp.parities = None
@@ -217,7 +222,7 @@ class Dispatcher:
             return
         t = time.perf_counter()
         with torch.no_grad(), one_thread():
-            coded = self.code.encode(torch.stack([self.groups[g].x for g in todo]))
+            coded = self.code.encode(torch.from_numpy(np.stack([self.groups[g].x for g in todo]))).numpy()
         for g, p in zip(todo, coded):
             self.groups[g].parities = p
         self.cost["encode"] += time.perf_counter() - t
@@ -238,13 +243,17 @@ class Dispatcher:
     def send(self, instance: int, x: Optional[np.ndarray], delay: float, factor: float, req: Request) -> int:
         """Queue a request for ``instance`` (``x`` None: a coded slot, encoded when its call goes out); its
         batcher sends it (:mod:`serve.core.batching`). Returns the request's ticket."""
-        t, encoded, dispatched = time.perf_counter(), self.cost["encode"], self.cost["dispatch"]
+        cost = self.cost
+        t, encoded, dispatched = time.perf_counter(), cost["encode"], cost["dispatch"]
+        now = self.clock()  # one read: the request's sent time is its batcher's arrival time
         ticket = self.next_ticket
         self.next_ticket += 1
-        self.tickets[ticket] = [req, instance, self.clock(), delay, factor, x]
+        self.tickets[ticket] = [req, instance, now, delay, factor, x]
+        if x is None:
+            self.unencoded.add(req.group)
         self.sent += 1
-        self.batchers.add(instance, ticket, self.clock())  # the calls it sends time themselves; counted once here
-        self.cost["dispatch"] = dispatched + time.perf_counter() - t - (self.cost["encode"] - encoded)
+        self.batchers.add(instance, ticket, now)  # the calls it sends time themselves; counted once here
+        cost["dispatch"] = dispatched + time.perf_counter() - t - (cost["encode"] - encoded)
         return ticket
 
     def _call(self, instance: int, tickets: list) -> None:
@@ -252,7 +261,11 @@ class Dispatcher:
         of the batch at once), the largest delay and factor among them."""
         start, encoded = time.perf_counter(), self.cost["encode"]
         entries = [self.tickets[t] for t in tickets]
-        self.encode_groups({e[0].group for e in entries if e[5] is None})
+        if self.unencoded and any(e[5] is None for e in entries):
+            # every group with a coded slot waiting in any batcher, in one call: under load the encoder runs over
+            # hundreds of groups at once rather than a batch's few (each has its members, so encoding is final)
+            todo, self.unencoded = self.unencoded, set()
+            self.encode_groups(todo)
         xs = [e[5] if e[5] is not None else self.coded_input(e[0].group, e[0].slot) for e in entries]
         delay, factor = max(e[3] for e in entries), max(e[4] for e in entries)
         for e in entries:
@@ -275,7 +288,7 @@ class Dispatcher:
             return False
         if self.batchers.withdraw(entry[1], ticket):
             del self.tickets[ticket]
-            self._log(entry, self.clock(), float("nan"), False, True)
+            self._log([entry], self.clock(), float("nan"), False, True)
             return True
         ref = self.call_of.get(ticket)
         if ref is not None and ref in self.pending:
@@ -285,10 +298,11 @@ class Dispatcher:
                 self.ray.cancel(ref)
         return False
 
-    def collect(self, ref, now: float) -> list:
+    def collect(self, ref, now: float, reply=None) -> list:
         """Take a finished call off the books and log its requests: ``[(ticket, request, instance, output, ok,
         cancelled)]``, empty if it was not pending. ``ok`` False: its actor died; ``cancelled``: a ``ray.cancel``
-        dropped it before it started."""
+        dropped it before it started. ``reply``: the ref's done future (``ObjectRef.future()``), whose value Ray's
+        thread has already fetched; None: ``ray.get``."""
         call = self.pending.pop(ref, None)
         if call is None:
             return []
@@ -297,7 +311,7 @@ class Dispatcher:
         ray = self.ray
         outputs, cancelled = None, False
         try:
-            outputs, compute = ray.get(ref)
+            outputs, compute = ray.get(ref) if reply is None else reply.result()
             ok = True
         except ray.exceptions.TaskCancelledError:
             compute, ok, cancelled = float("nan"), False, True
@@ -305,24 +319,29 @@ class Dispatcher:
             compute, ok = float("nan"), False
         if not ok and not cancelled:
             self.dead.add(instance)
-        self.batchers.returned(instance, now - sent, now)
-        out = []
-        for j, t in enumerate(tickets):
-            self.call_of.pop(t, None)
-            entry = self.tickets.pop(t)
-            self._log(entry, now, compute / len(tickets), ok, cancelled, len(tickets))
-            out.append((t, entry[0], instance, outputs[j] if ok else None, ok, cancelled))
-        return out
+        self.batchers.returned(instance, now - sent)
+        call_of, pop = self.call_of, self.tickets.pop
+        entries = [pop(t) for t in tickets]
+        for t in tickets:
+            call_of.pop(t, None)
+        self._log(entries, now, compute / len(tickets), ok, cancelled)
+        if not ok:
+            return [(t, e[0], instance, None, False, cancelled) for t, e in zip(tickets, entries)]
+        rows = np.array(outputs, dtype=np.float32)  # one copy a call (Ray's arrays are read-only)
+        return [(t, e[0], instance, row, True, False) for t, e, row in zip(tickets, entries, rows)]
 
-    def _log(self, entry: list, now: float, compute: float, ok: bool, cancelled: bool, batch: int = 1) -> None:
-        """One request's row: its call's compute is shared evenly among the requests it carried."""
+    def _log(self, entries: list, now: float, compute: float, ok: bool, cancelled: bool) -> None:
+        """The rows of the requests of one call (or one withdrawn request), appended column by column: the call's
+        compute is shared evenly among the requests it carried."""
         if self.req is None:
             return
-        req, instance, sent, delay, factor, _ = entry
-        for name, v in (("instance", instance), ("role", self.roles[instance]), ("sent", sent), ("done", now),
-                        ("compute", compute), ("delay", delay), ("factor", factor), ("ok", ok),
-                        ("cancelled", cancelled), ("batch", batch)):
-            self.req[name].append(v)
+        n, req = len(entries), self.req
+        instance = entries[0][1]
+        for name, v in (("instance", instance), ("role", self.roles[instance]), ("done", now), ("compute", compute),
+                        ("ok", ok), ("cancelled", cancelled), ("batch", n)):
+            req[name].extend([v] * n)
+        for name, j in (("sent", 2), ("delay", 3), ("factor", 4)):
+            req[name].extend([e[j] for e in entries])
 
     def end_round(self, now: float) -> None:
         """After the driver has reported a round of returned calls: decode what was decided, in one call for
@@ -332,9 +351,10 @@ class Dispatcher:
             if q:
                 self.batchers.consider(i, now)
 
-    def keep(self, req: Request, output) -> torch.Tensor:
-        """A landed output as a tensor; a coded group's is kept for its decoder."""
-        out = torch.from_numpy(np.array(output))
+    def keep(self, req: Request, output: np.ndarray) -> np.ndarray:
+        """A landed output (a row of its call's outputs, :meth:`collect`); a coded group's is kept for its
+        decoder."""
+        out = output
         grp = self.groups.get(req.group) if req.kind == "plan" and req.group >= 0 else None
         if grp is not None:
             grp.outputs[req.slot] = out
@@ -349,7 +369,7 @@ class Dispatcher:
         self.batchers.drain(instance, self.clock())
 
     # -- answering -------------------------------------------------------------------------------------
-    def answer(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool = False) -> None:
+    def answer(self, q: int, output: np.ndarray, now: float, reconstructed: bool, retried: bool = False) -> None:
         """Answer query ``q``; callers answer only open queries (a later output is dropped)."""
         del self.open[q]
         g = self.group_of.pop(q, None)
@@ -363,7 +383,7 @@ class Dispatcher:
         code's own ``decode``, which zeroes the outputs not available whatever they hold. The decoding waits for
         the end of the round (:meth:`end_round`), to run in one call with every other group decided in it."""
         grp = self.groups[g]
-        mask = torch.as_tensor(np.asarray(available, dtype=bool))
+        mask = np.asarray(available, dtype=bool)
         grp.have = mask
         waiting = [int(q) for q in queries]
         if {q for q in grp.members if q >= 0 and q in self.open} != set(waiting):
@@ -377,10 +397,10 @@ class Dispatcher:
         todo, self.decodes = self.decodes, []
         t = time.perf_counter()
         with torch.no_grad(), one_thread():
-            outputs = torch.stack([self.groups[g].outputs for g, *_ in todo])
-            masks = torch.stack([mask for _, _, mask, _, _ in todo])
+            outputs = torch.from_numpy(np.stack([self.groups[g].outputs for g, *_ in todo]))
+            masks = torch.from_numpy(np.stack([mask for _, _, mask, _, _ in todo]))
             recon = (self.code.decode_groups(outputs, masks, [g for g, *_ in todo]) if self.nworker
-                     else self.code.decode(outputs, masks))
+                     else self.code.decode(outputs, masks)).numpy()
         self.cost["decode"] += time.perf_counter() - t
         for (g, waiting, _, now, retried), rows in zip(todo, recon):
             for s, q in enumerate(list(self.groups[g].members)):

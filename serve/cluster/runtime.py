@@ -117,11 +117,12 @@ class Driver:
             self.core.forget(g)
 
     # -- what the actors report ------------------------------------------------------------------------
-    def settle(self, ref, now: float) -> None:
+    def settle(self, ref, now: float, reply=None) -> None:
         """A call's ref is ready: tell the machine, for each request it carried, whether it answered, was
-        cancelled, or was lost. Call ``self.core.end_round`` after a round of these."""
+        cancelled, or was lost. ``reply``: the ref's done future, when the driver has it (else it is read with
+        ``ray.get``). Call ``self.core.end_round`` after a round of these."""
         d = self.policy
-        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now):
+        for ticket, req, inst, output, ok, cancelled in self.core.collect(ref, now, reply):
             n = self.n_of.pop(ticket)
             del self.ref_of[n]  # both maps hold only requests in flight: a long-running service keeps none
             if cancelled:
@@ -158,8 +159,10 @@ class Frontend(Driver):
 
         self.ray = ray
         self.plan, self.actors, self.code, self.inputs = plan, actors, code, inputs
+        self.inputs_np = inputs.numpy()  # a view: rows as numpy without a conversion per query
         n = len(plan.queries.arrival)
         self.predicted = np.full(n, -1)
+        self.recorded = np.zeros(n, dtype=bool)
         self.served = np.zeros((n, pad_output.shape[-1]), dtype=np.float32)
         self.opened = np.zeros(len(plan.closed) if plan.closed is not None else 0, dtype=bool)
         self.next = 0
@@ -176,12 +179,12 @@ class Frontend(Driver):
     def dead(self) -> set:
         return self.core.dead
 
-    def record(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
-        self.predicted[q] = int(output.argmax())
-        self.served[q] = output.numpy()
+    def record(self, q: int, output: np.ndarray, now: float, reconstructed: bool, retried: bool) -> None:
+        self.served[q] = output  # the predictions are the served rows' argmax, taken once at the end
+        self.recorded[q] = True
 
     def input_of(self, q: int) -> np.ndarray:
-        return self.inputs[self.plan.queries.index[q]].numpy()
+        return self.inputs_np[self.plan.queries.index[q]]
 
     def open_group(self, g: int) -> None:
         p, core = self.plan, self.core
@@ -191,7 +194,7 @@ class Frontend(Driver):
         core.open_group(g)
         for s, member in enumerate(p.members[g]):
             if member >= 0:
-                core.join(g, s, int(member), self.inputs[p.queries.index[member]])
+                core.join(g, s, int(member), self.inputs_np[p.queries.index[member]])
         core.seal(g)
 
     def wake(self, n: int, t: float) -> None:
@@ -207,7 +210,7 @@ class Frontend(Driver):
     def run(self, interference: Optional[dict] = None) -> Outcome:
         ray, p, d, core = self.ray, self.plan, self.policy, self.core
         for q, index in enumerate(p.queries.index):  # every query can be answered from the start (a retry or a
-            core.add_query(q, self.inputs[index].numpy())  # decoding may answer it before its own request goes)
+            core.add_query(q, self.inputs_np[index])  # decoding may answer it before its own request goes)
         kills = sorted((t, i) for i, t in p.failures.items())
         busy = [self.actors[i] for i in interference["instances"] if i < len(self.actors)] if interference else []
         if busy:
@@ -253,6 +256,7 @@ class Frontend(Driver):
         if busy:
             ray.get([a.stop_interference.remote() for a in busy if self.actors.index(a) not in self.dead])
         q = p.queries
+        self.predicted = np.where(self.recorded, self.served.argmax(1), -1)
         grouped = d.grouped
         return Outcome(q.arrival, d.done, d.reconstructed, d.retried, self.predicted, q.label, q.index,
                        dict(core.cost), {k: np.asarray(v) for k, v in core.req.items()}, d.answers, self.served,
@@ -294,7 +298,7 @@ class ServiceFrontend(Driver, Service):
         self.roles = service_roles(pol.strategy, self.m, self.k, self.r, pol)
         self.core = Dispatcher(self.strategy, self.roles, actors, code, pad_output, input_shape, self.clock,
                                self._answered, watch=self._watch, log_requests=False, batching=batching_of(cfg),
-                               schedule=self.at)
+                               schedule=self.at, soon=self.soon)
         self.ray = self.core.ray
         self.former = GroupFormer(self.k, cfg.group_timeout_ms / 1000.0)
         self.any_delay = {**self.delay_model, "instances": None}  # the machine applies the model's instances
@@ -382,11 +386,15 @@ class ServiceFrontend(Driver, Service):
     def at(self, t: float, fn) -> None:
         self.loop.call_later(max(0.0, t - self.clock()), fn)
 
-    def _settle(self, refs: list) -> None:
-        """Replies in hand: settle each, then end the round (decode, send what the batchers let go)."""
+    def soon(self, fn) -> None:
+        self.loop.call_soon(fn)
+
+    def _settle(self, replies: list) -> None:
+        """Replies in hand (``(ref, its done future)``): settle each, then end the round (decode, send what the
+        batchers let go)."""
         now = self.clock()
-        for ref in refs:
-            self.settle(ref, now)
+        for ref, reply in replies:
+            self.settle(ref, now, reply)
         self.core.end_round(now)
 
     def unanswerable(self, q: int) -> None:

@@ -54,10 +54,13 @@ class Batchers:
     """The queues of every instance, and when each goes out; the dispatcher sends and collects the calls.
 
     ``flush(i, tickets)`` (the dispatcher's) sends one call; ``schedule(t, fn)`` (the driver's) calls ``fn()`` at
-    clock time ``t``, for the wait of a batch that is not full; ``clock()`` is the driver's clock.
+    clock time ``t``, for the wait of a batch that is not full; ``clock()`` is the driver's clock. ``soon(fn)``
+    (optional; an event loop's ``call_soon``): a request that may go at once goes at the end of the driver's
+    current turn instead, with every other request made in that turn (a web server hands its requests over one
+    at a time, and each call costs the front end more than a request does); without it, at once.
     """
 
-    def __init__(self, num: int, batching: Batching, flush, schedule, clock):
+    def __init__(self, num: int, batching: Batching, flush, schedule, clock, soon=None):
         self.b = batching
         self.queue: list[list[int]] = [[] for _ in range(num)]
         self.first: list[float] = [0.0] * num      # when the queue's first request joined
@@ -65,6 +68,8 @@ class Batchers:
         self.limit: list[float] = [float(batching.size if batching.adaptive_ms is None else 1)] * num
         self.timed: list[bool] = [False] * num     # a wake-up for this queue's wait is pending
         self.flush_call, self.schedule, self.now = flush, schedule, clock
+        self.soon = soon
+        self.due: set = set()                      # instances whose queue goes at the end of this turn (soon)
 
     def size(self, i: int) -> int:
         return max(1, int(self.limit[i]))
@@ -74,7 +79,20 @@ class Batchers:
         if not q:
             self.first[i] = now
         q.append(ticket)
-        self.consider(i, now)
+        if self.soon is None or len(q) >= self.size(i):
+            self.consider(i, now)
+        elif not self.due:
+            self.due.add(i)
+            self.soon(self.turn_ended)
+        else:
+            self.due.add(i)
+
+    def turn_ended(self) -> None:
+        """The driver's turn is over: the queues that had new requests go by the rules."""
+        due, self.due = self.due, set()
+        now = self.now()
+        for i in due:
+            self.consider(i, now)
 
     def consider(self, i: int, now: float) -> None:
         """Send what the rules say should go now from instance ``i``'s queue; ask for a wake-up otherwise."""
@@ -112,8 +130,17 @@ class Batchers:
         while self.queue[i]:
             self.send(i, min(len(self.queue[i]), self.size(i)), now)
 
-    def returned(self, i: int, latency: float, now: float) -> None:
-        """A call of instance ``i`` came back after ``latency`` seconds: adapt the size, send what waits."""
+    def clear(self, i: int) -> list[int]:
+        """Instance ``i`` failed: forget its queue and its calls in flight (what they held is lost with it).
+        Returns the tickets that were queued, which never go out."""
+        queued, self.queue[i] = self.queue[i], []
+        self.inflight[i] = 0
+        return queued
+
+    def returned(self, i: int, latency: float) -> None:
+        """A call of instance ``i`` came back after ``latency`` seconds: one fewer in flight, and (AIMD) the
+        largest batch adapts. Sending what now may go is the caller's, once the round's returns are counted
+        (:meth:`consider`)."""
         self.inflight[i] -= 1
         a = self.b.adaptive_ms
         if a is not None:

@@ -106,7 +106,7 @@ class EventRun:
         if len(marked) == len(self.calls[c][1]):
             inst = self.calls[c][0]
             self.queue[inst].remove(c)
-            self.batchers.returned(inst, self.now - self.calls[c][2], self.now)
+            self.batchers.returned(inst, self.now - self.calls[c][2])
             self.batchers.consider(inst, self.now)  # the freed slot sends what waits, as after a finished call
             for m in marked:
                 self.status[m] = "cancelled"
@@ -192,7 +192,7 @@ class EventRun:
             self.status[n] = "done"
         overhead = self.rec["overhead"][reqs[0]]  # one call, one answer: its first request's overhead draw
         self.start_next(inst)
-        self.batchers.returned(inst, t - sent, t)
+        self.batchers.returned(inst, t - sent)
         self.batchers.consider(inst, t)
         for n in reqs:
             self.rec["overhead"][n] = overhead
@@ -208,8 +208,7 @@ class EventRun:
         for c in calls:
             self.calls[c][3] = True
             lost += [n for n in self.calls[c][1] if self.status[n] in ("queued", "running")]
-        lost += [n for n in self.batchers.queue[i] if self.status[n] == "queued"]
-        self.batchers.queue[i], self.batchers.inflight[i] = [], 0
+        lost += [n for n in self.batchers.clear(i) if self.status[n] == "queued"]
         self.queue[i].clear()
         self.running[i] = -1
         for n in lost:

@@ -52,6 +52,7 @@ from serve.cli import config_command, load_backup
 from serve.core.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
 from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.web.app.prometheus_text)
 from serve.web.edge import numbers_refusal, server_config
+from serve.web.hotpath import ClientGone, HotPath
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.core.strategies import get as strategy_of
 from coders.form import form_of
@@ -86,15 +87,16 @@ async def read_body(request, limit: int) -> bytes:
             raise BadInput(413, f"the body is {int(length)} bytes, more than app.max_body_bytes = {limit}")
     from starlette.requests import ClientDisconnect
 
-    body = bytearray()
+    chunks, size = [], 0
     try:
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
                 raise BadInput(413, f"the body is more than app.max_body_bytes = {limit} bytes")
-    except ClientDisconnect:  # the answer reaches no one; it is counted, and nothing is logged
-        raise BadInput(400, f"the client hung up after {len(body)} bytes of the body") from None
-    return bytes(body)
+    except (ClientDisconnect, ClientGone):  # the answer reaches no one; it is counted, and nothing is logged
+        raise BadInput(400, f"the client hung up after {size} bytes of the body") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)  # one chunk (the usual): no copy
 
 
 def to_input(value, shape: tuple, where: str) -> np.ndarray:
@@ -223,29 +225,38 @@ def create_app(service: Service, dataset: str):
     def refuse(status: int, reason: str, headers: Optional[dict] = None):
         return JSONResponse({"detail": reason}, status_code=status, headers=headers)
 
-    async def answer(request: Request, batch: bool):
+    retry_after = [(b"retry-after", str(app_cfg.retry_after_s).encode())]
+    max_batch = min(app_cfg.max_batch, app_cfg.max_queue)
+
+    async def answer(request, batch: bool) -> tuple[int, bytes, list]:
+        """A POST /predict or /predict/batch: (status, JSON body, extra headers). Served by
+        :class:`serve.web.hotpath.HotPath` without the framework, and by the routes below alike."""
         try:
             service.admit()  # a full queue refuses before the body is read or parsed: overload costs little
             body = await read_body(request, app_cfg.max_body_bytes)
-            inputs = await parse_inputs(request, body, service.input_shape, dataset, batch,
-                                        min(app_cfg.max_batch, app_cfg.max_queue))
+            inputs = await parse_inputs(request, body, service.input_shape, dataset, batch, max_batch)
             answers = await service.predict(inputs)
         except BadInput as exc:
-            return refuse(exc.status, exc.reason)
+            return exc.status, orjson.dumps({"detail": exc.reason}), []
         except Overloaded as exc:
-            return refuse(503, f"overloaded: {exc}; retry after {app_cfg.retry_after_s} s",
-                          {"Retry-After": str(app_cfg.retry_after_s)})
+            return 503, orjson.dumps({"detail": f"overloaded: {exc}; retry after {app_cfg.retry_after_s} s"}), \
+                retry_after
         except Unanswerable as exc:
-            return refuse(503, f"unavailable: {exc}", {"Retry-After": str(app_cfg.retry_after_s)})
-        return Response(orjson.dumps({"answers": answers} if batch else answers[0]), media_type="application/json")
+            return 503, orjson.dumps({"detail": f"unavailable: {exc}"}), retry_after
+        return 200, orjson.dumps({"answers": answers} if batch else answers[0]), []
 
-    @api.post("/predict")
+    async def answered(request: Request, batch: bool):
+        status, body, headers = await answer(request, batch)
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={k.decode(): v.decode() for k, v in headers})
+
+    @api.post("/predict")  # what the docs list; HotPath answers these POSTs before the framework sees them
     async def predict(request: Request):
-        return await answer(request, batch=False)
+        return await answered(request, batch=False)
 
     @api.post("/predict/batch")
     async def predict_batch(request: Request):
-        return await answer(request, batch=True)
+        return await answered(request, batch=True)
 
     @api.get("/health")
     async def health():
@@ -259,7 +270,7 @@ def create_app(service: Service, dataset: str):
     async def metrics():
         return PlainTextResponse(prometheus_text(service.metrics(), responses, service.strategy), media_type=PROMETHEUS)
 
-    return Counted(api, responses)
+    return HotPath(Counted(api, responses), answer, responses)
 
 
 # -- building a service -----------------------------------------------------------------------------
@@ -378,7 +389,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             busy = [a for a in (service.core.actors[i] for i in cfg.interference["instances"]) if a in pool.started]
             ray.get([a.start_interference.remote(cfg.interference["processes"]) for a in busy])
         server = make_server(server_config(create_app(service, loaded.splits.name), app.host, app.port,
-                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                           proxy_headers=False))  # the service reads no client address
         shared = (f" of pool '{app.pool_name}' ({pool.attached} attached, {len(pool.started)} started here)"
                   if app.pool_name else "")
         k, r, need = code_layout(loaded.code)

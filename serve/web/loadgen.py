@@ -124,43 +124,99 @@ def encode_body(x: np.ndarray, kind: str) -> tuple[bytes, dict]:
 async def drive(url: str, x: np.ndarray, kind: str = "raw", per_request: int = 1, seconds: float = 5.0,
                 connections: int = 64) -> dict:
     """Closed loop at capacity: ``connections`` clients each POST back to back for ``seconds`` (``per_request`` 1:
-    /predict, else /predict/batch with that many inputs), cycling through the inputs ``x``. Returns the queries
-    answered, the requests refused (503), the seconds, and this client's own CPU seconds (so that client and
-    server cost are not confused)."""
-    import aiohttp
+    /predict, else /predict/batch with that many inputs), cycling through the inputs ``x``, over the lean client
+    (:mod:`serve.web.client`). Returns the queries answered, the requests refused (503) and failed (any other
+    status, or a broken connection), the requests sent, the seconds, and this client's own CPU seconds (so that
+    client and server cost are not confused)."""
+    from serve.web.client import Client, request_bytes
 
     shape = x.shape[1:]
-    bodies = []
+    path = "/predict" if per_request == 1 else "/predict/batch"
+    host = url.split("//", 1)[-1].rstrip("/")
+    requests = []
     for i in range(0, max(len(x) - per_request + 1, 1), per_request):
         chunk = x[i:i + per_request]
-        bodies.append(encode_body(chunk[0] if per_request == 1 else chunk.reshape(len(chunk), *shape), kind))
-    target = url.rstrip("/") + ("/predict" if per_request == 1 else "/predict/batch")
-    counts = {"answered": 0, "refused": 0, "failed": 0}
-    async with aiohttp.ClientSession(connector=connector(connections)) as session:
-        stop = time.perf_counter() + seconds
+        body, headers = encode_body(chunk[0] if per_request == 1 else chunk.reshape(len(chunk), *shape), kind)
+        requests.append(request_bytes(host, path, body, headers))
+    counts = {"answered": 0, "refused": 0, "failed": 0, "requests": 0}
+    client = Client(url, connections)
+    stop = time.perf_counter() + seconds
 
-        async def client(c: int) -> None:
-            i = c
-            while time.perf_counter() < stop:
-                body, headers = bodies[i % len(bodies)]
-                i += connections
-                try:
-                    async with session.post(target, data=body, headers=headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                except aiohttp.ClientError:
-                    counts["failed"] += 1
-                    continue
-                if status == 200:
-                    counts["answered"] += per_request
-                elif status == 503:
-                    counts["refused"] += 1
-                else:
-                    counts["failed"] += 1
+    async def one(c: int) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            data = requests[i % len(requests)]
+            i += connections
+            counts["requests"] += 1
+            try:
+                status, _ = await client.post(data)
+            except OSError:
+                counts["failed"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            if status == 200:
+                counts["answered"] += per_request
+            elif status == 503:
+                counts["refused"] += 1
+            else:
+                counts["failed"] += 1
 
-        cpu, t0 = time.process_time(), time.perf_counter()
-        await asyncio.gather(*[client(c) for c in range(connections)])
-        return {**counts, "seconds": time.perf_counter() - t0, "client_cpu": time.process_time() - cpu}
+    cpu, t0 = time.process_time(), time.perf_counter()
+    try:
+        await asyncio.gather(*[one(c) for c in range(connections)])
+    finally:
+        client.close()
+    return {**counts, "seconds": time.perf_counter() - t0, "client_cpu": time.process_time() - cpu}
+
+
+async def offer(url: str, x: np.ndarray, rate: float, seconds: float, kind: str = "json",
+                connections: int = 1024) -> dict:
+    """Open loop: one query per request at ``rate`` a second for ``seconds``, each sent at its time whether or not
+    earlier ones were answered (up to ``connections`` at once; more wait in the client, counted as ``queued``).
+    Returns per request its status (0: failed) and seconds from its send to its answer, the seconds from the
+    first send to the last answer, and this client's CPU seconds."""
+    from serve.web.client import Client, request_bytes
+
+    host = url.split("//", 1)[-1].rstrip("/")
+    n = max(1, int(rate * seconds))
+    requests = [request_bytes(host, "/predict", *encode_body(x[i % len(x)], kind)) for i in range(min(n, len(x)))]
+    status, took = np.zeros(n, dtype=int), np.full(n, np.nan)
+    client = Client(url, connections)
+    queued = 0
+
+    async def one(i: int) -> None:
+        nonlocal queued
+        start = time.perf_counter()
+        queued += client.opened >= client.limit and not client.free
+        try:
+            status[i], _ = await client.post(requests[i % len(requests)])
+        except OSError:
+            return
+        took[i] = time.perf_counter() - start
+
+    cpu, t0 = time.process_time(), time.perf_counter()
+    tasks = []
+    try:
+        for i in range(n):
+            wait = i / rate - (time.perf_counter() - t0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+    finally:
+        client.close()
+    return {"status": status, "took": took, "seconds": time.perf_counter() - t0, "queued": queued,
+            "client_cpu": time.process_time() - cpu}
+
+
+def run_loop(coro):
+    """``asyncio.run`` on uvloop when it is installed (a load generator's own cost is what it cannot measure)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 def http_csv(rec: dict, arrival: np.ndarray) -> str:

@@ -62,7 +62,7 @@ class Service:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.t0 = time.perf_counter()
         self.timers: list = []  # the fail-stop kills still to come
-        self.landed: list = []  # replies landed (on Ray's thread), not yet settled on the loop
+        self.landed: list = []  # (ref, its done future) landed on Ray's thread, not yet settled on the loop
         self.landed_lock = threading.Lock()
         self.drain_scheduled = False
         self.latency = array("d")  # seconds, every answered query since start
@@ -87,6 +87,8 @@ class Service:
     async def predict(self, inputs: list[np.ndarray]) -> list[dict]:
         """Answer each input (float32, F's input shape); raises Overloaded when the queue is full."""
         self.admit(len(inputs))
+        if len(inputs) == 1:  # one query a request, the common case: no gather
+            return [await self.submit(inputs[0])]
         return list(await asyncio.gather(*[self.submit(x) for x in inputs]))
 
     def admit(self, n: int = 1) -> None:
@@ -107,9 +109,9 @@ class Service:
         together, in one round (:meth:`_settle_ready`), so their groups are decoded in one call."""
         loop = self.loop
 
-        def done(_):
+        def done(reply):  # on Ray's thread: the reply is already fetched, so the loop need not ray.get it
             with self.landed_lock:
-                self.landed.append(ref)
+                self.landed.append((ref, reply))
                 if self.drain_scheduled:
                     return
                 self.drain_scheduled = True
@@ -126,7 +128,7 @@ class Service:
             self.drain_scheduled = False
         self._settle(refs)
 
-    def _answered(self, q: int, output: torch.Tensor, now: float, reconstructed: bool, retried: bool) -> None:
+    def _answered(self, q: int, output: np.ndarray, now: float, reconstructed: bool, retried: bool) -> None:
         fut, admitted = self.futures.pop(q)
         latency = now - admitted
         self.latency.append(latency)
