@@ -137,15 +137,24 @@ def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
         "base_model_dir": str(base_model_dir)})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that use the session's Ray last, one after another: its idle daemons take a share of the
-    two cores for as long as it lives, so it should not live beside the CPU-bound rest of the suite."""
+    """The tests that use the session's Ray run on one process, one after another.
+
+    In one process (``-n 0``) the modules that use it run last: its idle daemons take a share of the two cores
+    for as long as it lives, so it should not live beside the CPU-bound rest of the suite. Under pytest-xdist
+    (pytest.ini's ``-n 2 --dist loadgroup``) those tests form one group, ``ray``: one worker starts one Ray
+    and runs them all (the largest group goes out first), while the other worker takes the rest a test at a
+    time and the first joins it when the group is done."""
     def module(item):
         return item.nodeid.split("::", 1)[0]
 
-    ray_modules = {module(i) for i in items if "local_ray" in getattr(i, "fixturenames", ())}
+    on_ray = [i for i in items if "local_ray" in getattr(i, "fixturenames", ())]
+    ray_modules = {module(i) for i in on_ray}
     items[:] = ([i for i in items if module(i) not in ray_modules]
                 + [i for i in items if module(i) in ray_modules])
+    for item in on_ray:
+        item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
