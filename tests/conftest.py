@@ -141,9 +141,9 @@ def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
 def pytest_collection_modifyitems(session, config, items):
     """The tests that use the session's Ray run on one process, one after another.
 
-    In one process (``-n 0``) the modules that use it run last: its idle daemons take a share of the two cores
-    for as long as it lives, so it should not live beside the CPU-bound rest of the suite. Under pytest-xdist
-    (pytest.ini's ``-n 2 --dist loadgroup``) those tests form one group, ``ray``: one worker starts one Ray
+    In one process (the default) the modules that use it run last: its idle daemons take a share of the two
+    cores for as long as it lives, so it should not live beside the CPU-bound rest of the suite. Under
+    pytest-xdist (``-n 2 --dist loadgroup``, README) those tests form one group, ``ray``: one worker starts one Ray
     and runs them all (the largest group goes out first), while the other worker takes the rest a test at a
     time and the first joins it when the group is done."""
     def module(item):
