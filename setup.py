@@ -16,7 +16,7 @@ setup(
         "scipy>=1.10",  # coders/spline.py: make_smoothing_spline
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2"],  # -n 2 --dist loadgroup (README), opt-in
         "plot": ["matplotlib>=3.5"],
         "serve": ["ray[default,serve]==2.60.0", "fastapi>=0.100", "uvicorn>=0.29", "httpx>=0.24",
                   "python-multipart>=0.0.9", "pillow>=9",

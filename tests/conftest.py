@@ -137,15 +137,25 @@ def nworker_run_folder(tmp_path_factory, base_model_dir) -> str:
         "base_model_dir": str(base_model_dir)})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(session, config, items):
-    """Run the modules that use the session's Ray last, one after another: its idle daemons take a share of the
-    two cores for as long as it lives, so it should not live beside the CPU-bound rest of the suite."""
+    """The tests that use the session's Ray run on one process, one after another.
+
+    In one process (the default) the modules that use it run last: its idle daemons take a share of the two
+    cores for as long as it lives, so it should not live beside the CPU-bound rest of the suite. Under
+    pytest-xdist (``-n 2 --dist loadgroup``, README) those tests form one group, ``ray``: one worker starts one Ray
+    and runs them all (the largest group goes out first), while the other worker takes the rest a test at a
+    time and the first joins it when the group is done."""
     def module(item):
         return item.nodeid.split("::", 1)[0]
 
-    ray_modules = {module(i) for i in items if "local_ray" in getattr(i, "fixturenames", ())}
+    on_ray = [i for i in items if "local_ray" in getattr(i, "fixturenames", ())
+              or any(m.args == ("ray",) for m in i.iter_markers("xdist_group"))]  # asks for it when it runs
+    ray_modules = {module(i) for i in on_ray}
     items[:] = ([i for i in items if module(i) not in ray_modules]
                 + [i for i in items if module(i) in ray_modules])
+    for item in on_ray:
+        item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")
@@ -155,11 +165,48 @@ def local_ray():
     joins it (``start_ray`` returns False for a Ray already started) and so never shuts it down; a test must not
     either."""
     ray = pytest.importorskip("ray")
-    from util.ray_cluster import start_ray
+    from util.ray_cluster import start_ray, stop_ray
 
-    start_ray(None, 2)
+    for attempt in range(3):
+        try:
+            start_ray(None, 2)
+            break
+        except Exception:  # Ray's own start on an overloaded machine ("the current node timed out during startup")
+            stop_ray()  # what it started of itself
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
+
+
+SUITE_POOL = "suite"  # the name of the session's shared pool of instances
+
+
+@pytest.fixture(scope="session")
+def suite_pool(local_ray, digits_run_folder, tmp_path_factory):
+    """Four F instances and one parity instance of ``digits_run_folder`` (enough for every strategy at m = 2,
+    k = 2, r = 1) on the session's Ray, started once for every module that serves on a pool of its own making
+    (test_app, test_serve, test_batching, test_policies; use ``digits_pool``): each start of an instance is a
+    Ray worker importing torch, seconds each on this machine. A named pool (``SUITE_POOL``), so a second front
+    end can attach to it. A test that kills an instance replaces it (``Pool.replace_dead``) before the next
+    uses the pool."""
+    from coders.code import load_code
+    from serve.config import validate
+    from serve.runtime import Pool
+
+    cfg = validate({"runs": [digits_run_folder], "instances": 2, "num_cpus": 2, "plot": False,
+                    "out_dir": str(tmp_path_factory.mktemp("pool") / "out")})
+    pool = Pool(load_code(digits_run_folder).code, cfg, 4, [1], name=SUITE_POOL)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits_pool(suite_pool):
+    """The session's shared pool (``suite_pool``), each instance idle when a module starts: what an earlier
+    module left running on it (a straggler's injected delay, a copy nobody waited for) has finished."""
+    suite_pool.wait_ready(suite_pool.f + [a for row in suite_pool.parity for a in row])
+    return suite_pool
 
 
 def _threads_handed_back():

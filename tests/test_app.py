@@ -1,6 +1,6 @@
 """The HTTP prediction service (serve/web/app.py, serve/web/online.py) on a real local Ray, through a real HTTP client.
 
-One local Ray and one pool of actors serve the whole module; each test
+The suite's one local Ray and shared pool of actors (tests/conftest.py) serve the whole module; each test
 starts a uvicorn server for its own service config in a thread, on a free
 port, and talks to it with httpx. Injected delays are hundreds of
 milliseconds, far above Ray's and HTTP's own latency on this machine.
@@ -55,15 +55,10 @@ def loaded(digits_run_folder):
 
 
 @pytest.fixture(scope="module")
-def pool(local_ray, loaded, tmp_path_factory, digits_run_folder):
-    """Four F instances and one parity instance: enough for every strategy at m = 2, k = 2, r = 1. A shared pool
-    (named actors), so a second front end can attach to it."""
-    from serve.runtime import Pool
-
-    cfg = service_config(tmp_path_factory.mktemp("pool"), digits_run_folder)
-    p = Pool(loaded.code, cfg, 4, [1], name="test-app")
-    yield p
-    p.shutdown()
+def pool(digits_pool):
+    """Four F instances and one parity instance: enough for every strategy at m = 2, k = 2, r = 1. The session's
+    shared pool (tests/conftest.py: named actors), so a second front end can attach to it."""
+    return digits_pool
 
 
 @contextlib.contextmanager
@@ -401,9 +396,9 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
     from serve.runtime import Pool
     from util.errors import UserError
 
-    cfgs = [service_config(tmp_path, digits_run_folder, {"strategy": "coded", "pool_name": "test-app"}, rates=[80],
+    cfgs = [service_config(tmp_path, digits_run_folder, {"strategy": "coded", "pool_name": pool.name}, rates=[80],
                            num_queries=20) for _ in range(2)]
-    second = Pool(loaded.code, cfgs[1], 2, [1], name="test-app")  # a second front end attaches to the module's pool
+    second = Pool(loaded.code, cfgs[1], 2, [1], name=pool.name)  # a second front end attaches to the shared pool
     ids = [[a._actor_id.hex() for a in p.f[:2] + p.parity[0]] for p in (pool, second)]
     assert ids[0] == ids[1] and second.started == [] and second.attached == 3
     with serving(cfgs[0], loaded, pool) as (url0, one), serving(cfgs[1], loaded, second) as (url1, two):
@@ -417,7 +412,7 @@ def test_two_front_ends_share_one_pool_of_named_instances(tmp_path, digits_run_f
     with torch.no_grad():
         next(other.base.parameters()).add_(1.0)
     with pytest.raises(UserError, match="'app.pool_name'.*another code"):
-        Pool(other, cfgs[1], 2, [1], name="test-app")
+        Pool(other, cfgs[1], 2, [1], name=pool.name)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")

@@ -128,16 +128,21 @@ def serve_cfg(tmp_path, run, **overrides):
 
 
 @pytest.fixture(scope="module")
-def pool(local_ray, tmp_path_factory, digits_run_folder):
-    """Four F instances, one parity instance and one backup instance (a seeded linear model) of the digits run."""
+def pool(digits_pool, tmp_path_factory, digits_run_folder):
+    """The session's four F instances and one parity instance (tests/conftest.py), and a backup instance (a
+    seeded linear model) of the digits run started here: the pool the tests below serve on."""
+    import copy
+
     from serve.runtime import Pool
 
     loaded = load_code(digits_run_folder)
     torch.manual_seed(0)
     backup = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(loaded.splits.input_shape)), 10))
-    p = Pool(loaded.code, serve_cfg(tmp_path_factory.mktemp("pool"), digits_run_folder), 4, [1], backup.eval(), 1)
+    own = Pool(loaded.code, serve_cfg(tmp_path_factory.mktemp("pool"), digits_run_folder), 0, [], backup.eval(), 1)
+    p = copy.copy(digits_pool)  # the session's F and parity instances (a dead one's replacement is the session's)
+    p.backup, p.backup_model = own.backup, own.backup_model
     yield p, backup
-    p.shutdown()
+    own.shutdown()
 
 
 ROWS = ["none", "equal-resources", "replicate", "coded", "backup", "nworker",

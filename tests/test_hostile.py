@@ -268,48 +268,51 @@ def family(pid: int) -> dict:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from Linux's /proc")
-def test_a_signal_at_any_moment_of_start_up_exits_with_one_line_and_leaves_no_ray(tmp_path, digits_run_folder):
+@pytest.mark.parametrize("command, sig, when, code, line", SIGNAL_OFFSETS,
+                         ids=[f"{c}-{s.name}-{w}" for c, s, w, *_ in SIGNAL_OFFSETS])
+def test_a_signal_at_any_moment_of_start_up_exits_with_one_line_and_leaves_no_ray(command, sig, when, code, line,
+                                                                                 tmp_path, digits_run_folder):
+    """One process a moment (each its own test, so the suite's two workers share them out)."""
     pytest.importorskip("ray")
     import socket
 
     root = Path(__file__).resolve().parents[1]
-    for command, sig, when, code, line in SIGNAL_OFFSETS:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        path = tmp_path / "serve.json"
-        path.write_text(json.dumps({"runs": [digits_run_folder], "num_cpus": 1, "instances": 1, "engine": "ray",
-                                    "strategies": ["none"], "num_queries": 20, "rates": [40], "plot": False,
-                                    "out_dir": str(tmp_path / "out"), "app": {"strategy": "none", "port": port}}))
-        proc = subprocess.Popen([sys.executable, "-m", command, str(path)], cwd=root, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
-                                # Python ignores Ctrl-C when started with SIGINT ignored (as by `cmd &`)
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        seen: dict = {}
-        try:
-            deadline = time.time() + 240
-            if when == "at once":
-                time.sleep(0.3)
-            else:
-                wanted = b"ray" if when == "ray" else b"ray::"
-                while not any(wanted in c and (when == "ray" or c.startswith(wanted)) for c in seen.values()):
-                    assert proc.poll() is None and time.time() < deadline, (when, proc.communicate()[1][-2000:])
-                    seen |= family(proc.pid)
-                    time.sleep(0.02)
-            proc.send_signal(sig)
-            while proc.poll() is None and time.time() < deadline:  # what it starts while stopping counts too
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"runs": [digits_run_folder], "num_cpus": 1, "instances": 1, "engine": "ray",
+                                "strategies": ["none"], "num_queries": 20, "rates": [40], "plot": False,
+                                "out_dir": str(tmp_path / "out"), "app": {"strategy": "none", "port": port}}))
+    proc = subprocess.Popen([sys.executable, "-m", command, str(path)], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+                            # Python ignores Ctrl-C when started with SIGINT ignored (as by `cmd &`)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen: dict = {}
+    try:
+        deadline = time.time() + 240
+        if when == "at once":
+            time.sleep(0.3)
+        else:
+            wanted = b"ray" if when == "ray" else b"ray::"
+            while not any(wanted in c and (when == "ray" or c.startswith(wanted)) for c in seen.values()):
+                assert proc.poll() is None and time.time() < deadline, (when, proc.communicate()[1][-2000:])
                 seen |= family(proc.pid)
-                time.sleep(0.05)
-            err = proc.communicate(timeout=60)[1]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == code, (command, when, err[-3000:])
-        assert err.strip().startswith(line) and err.strip().count("\n") == 0 and "Traceback" not in err, \
-            (command, when, err[-3000:])
-        assert when == "at once" or seen, "Ray was never seen starting"
-        deadline = time.time() + 30
-        while any(alive(p) for p in seen) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not [seen[p] for p in seen if alive(p)], (command, when, "Ray processes outlived the command")
+                time.sleep(0.02)
+        proc.send_signal(sig)
+        while proc.poll() is None and time.time() < deadline:  # what it starts while stopping counts too
+            seen |= family(proc.pid)
+            time.sleep(0.05)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, (command, when, err[-3000:])
+    assert err.strip().startswith(line) and err.strip().count("\n") == 0 and "Traceback" not in err, \
+        (command, when, err[-3000:])
+    assert when == "at once" or seen, "Ray was never seen starting"
+    deadline = time.time() + 30
+    while any(alive(p) for p in seen) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [seen[p] for p in seen if alive(p)], (command, when, "Ray processes outlived the command")

@@ -285,7 +285,7 @@ def test_policies_on_ray_answer_every_query_once_and_defer_and_cancel_there_too(
                 assert any(r["reconstructed"] == "1" for r in rows)
 
 
-def test_the_http_service_serves_a_policies_row_through_the_same_machine(tmp_path, digits_run_folder, local_ray):
+def test_the_http_service_serves_a_policies_row_through_the_same_machine(tmp_path, digits_run_folder, digits_pool):
     """``app.policy`` names a ``policies`` row; the service's frontend is the policy machine's driver, so a pooled
     code defers its parities and a hedged replica its second copy there too, answering each query once."""
     import asyncio
@@ -296,7 +296,6 @@ def test_the_http_service_serves_a_policies_row_through_the_same_machine(tmp_pat
     from serve.app import build_service
     from serve.config import app_config
     from serve.plan import ROLE_F
-    from serve.runtime import Pool
 
     # Instance 0 is 600 ms slow, and query 0 goes there first (shortest queue, ties to the lowest number); the
     # redundant requests wait 300 ms: far above Ray's latency even on the loaded test machine.
@@ -324,23 +323,20 @@ def test_the_http_service_serves_a_policies_row_through_the_same_machine(tmp_pat
         finally:
             service.stop()
 
-    pool = Pool(loaded.code, validate(raw), 4, [0])  # F instances only: every row here runs on F
-    try:
-        for name, roles, most in (("pooled", [ROLE_F] * 3, 1.5), ("hedged", [ROLE_F] * 4, 2.0)):
-            cfg = validate({**raw, "app": {"policy": name}})
-            app = app_config(cfg)
-            service = build_service(cfg, app, loaded, pool)
-            assert service.roles == roles and service.policy.routing == "jsq" and service.policy.defer == {"ms": 300}
-            answers = asyncio.run(serve_all_inputs(service))
-            assert sorted(a["query"] for a in answers) == list(range(n)) and not service.futures
-            assert service.policy.answers.tolist() == [1] * n
-            assert n <= service.core.sent < most * n  # deferral: redundant requests only for late first ones
-            with torch.no_grad():
-                f_out = loaded.code.base(x[:n])
-            for i, a in enumerate(answers):
-                if not a["rebuilt"]:
-                    assert np.allclose(a["output"], f_out[i].numpy(), atol=1e-5)
-            if name == "pooled":
-                assert answers[0]["rebuilt"] and answers[0]["latency_ms"] < 600
-    finally:
-        pool.shutdown()
+    pool = digits_pool  # the session's shared pool: four F instances, and every row here runs on F
+    for name, roles, most in (("pooled", [ROLE_F] * 3, 1.5), ("hedged", [ROLE_F] * 4, 2.0)):
+        cfg = validate({**raw, "app": {"policy": name}})
+        app = app_config(cfg)
+        service = build_service(cfg, app, loaded, pool)
+        assert service.roles == roles and service.policy.routing == "jsq" and service.policy.defer == {"ms": 300}
+        answers = asyncio.run(serve_all_inputs(service))
+        assert sorted(a["query"] for a in answers) == list(range(n)) and not service.futures
+        assert service.policy.answers.tolist() == [1] * n
+        assert n <= service.core.sent < most * n  # deferral: redundant requests only for late first ones
+        with torch.no_grad():
+            f_out = loaded.code.base(x[:n])
+        for i, a in enumerate(answers):
+            if not a["rebuilt"]:
+                assert np.allclose(a["output"], f_out[i].numpy(), atol=1e-5)
+        if name == "pooled":
+            assert answers[0]["rebuilt"] and answers[0]["latency_ms"] < 600

@@ -160,17 +160,6 @@ def test_a_slow_instances_queries_are_answered_by_the_decoder(local_ray, tmp_pat
     assert {int(r["instance"]) for r in requests} == {0, 1, 2}
 
 
-@pytest.fixture(scope="module")
-def digits_pool(local_ray, tmp_path_factory, digits_run_folder):
-    """Four F instances and one parity instance of the digits run, started once for the tests below."""
-    from serve.runtime import Pool
-
-    cfg = serve_config(tmp_path_factory.mktemp("pool"), digits_run_folder)
-    pool = Pool(load_code(digits_run_folder).code, cfg, 4, [1])
-    yield pool
-    pool.shutdown()
-
-
 def test_every_strategy_answers_every_query_exactly_once(digits_pool, tmp_path, digits_run_folder):
     from serve.runtime import Frontend
 
@@ -327,7 +316,8 @@ def test_backup_needs_a_backup_model(tmp_path, digits_run_folder, capsys):
     assert "'backup_model'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("engine", ["sim", "ray"])
+# "ray" asks for the session's Ray only when it runs, so it joins the tests on it (tests/conftest.py) by name
+@pytest.mark.parametrize("engine", ["sim", pytest.param("ray", marks=pytest.mark.xdist_group("ray"))])
 def test_a_slow_f_instances_queries_are_answered_by_the_backup_model(engine, request, tmp_path, digits_run_folder,
                                                                       backup_file):
     if engine == "ray":
