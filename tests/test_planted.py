@@ -147,3 +147,13 @@ def test_a_file_domain_is_shuffled_with_the_seed_before_it_is_cut(tmp_path):
     assert not torch.equal(one.test_x, two.test_x)
     first_rows = set(range(20))
     assert {int(v) for v in one.test_x.flatten()} != first_rows and {int(v) for v in two.test_x.flatten()} != first_rows
+
+
+def test_every_mutant_still_finds_its_text_once_and_names_tests_that_exist():
+    # a refactor that moves a mutant's text leaves it "not applied": it would then prove nothing, silently
+    import tests.mutants as mutants
+    stale = [f"{m.name}: {why}" for m in mutants.MUTANTS for where, why in [mutants.locate(mutants.ROOT, m)]
+             if where is None]
+    missing = [f"{m.name}: {t}" for m in mutants.MUTANTS for t in m.tests
+               if not (mutants.ROOT / t.split("::")[0]).is_file()]
+    assert not stale and not missing, "\n".join(stale + missing)
