@@ -364,7 +364,7 @@ class Dispatcher:
         the end of the round (:meth:`end_round`), to run in one call with every other group decided in it."""
         grp = self.groups[g]
         mask = torch.as_tensor(np.asarray(available, dtype=bool))
-        grp.have = mask
+        grp.have = mask.clone()  # an output landing later in this round marks grp.have, never the decision's mask
         waiting = [int(q) for q in queries]
         if {q for q in grp.members if q >= 0 and q in self.open} != set(waiting):
             raise RuntimeError(f"group {g}: the policy and the answering core disagree on which queries wait")
