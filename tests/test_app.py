@@ -205,6 +205,54 @@ def test_a_slow_instances_answers_are_the_decoders_offline_output(tmp_path, digi
         assert np.allclose(a0["output"], offline[0].numpy(), atol=1e-5)
 
 
+def test_every_rebuilt_answer_is_the_decoders_output_on_what_was_in_hand(tmp_path, digits_run_folder, loaded, pool):
+    """Each rebuilt answer is Code.decode, offline, on its group's members in their slots (blank padding where a
+    group closed by its timeout) and the outputs the policy had in hand when it decided. The event loop is held
+    busy after each group closes, as a loaded machine holds it, so a group's parity and its slow member's own
+    output land in one round: the decoder must still see only what was in hand when the group was decided."""
+    cfg = service_config(tmp_path, digits_run_folder, {"strategy": "coded"}, group_timeout_ms=100,
+                         delays=[{"dist": "constant", "ms": 400, "instances": [0]}])
+    x, _ = loaded.splits.split("test")
+    at = [0.0, 0.02, 1.5, 1.52, 3.0]  # two full groups, then query 4 alone: padded at its timeout
+    with serving(cfg, loaded, pool) as (url, service):
+        close = service._close
+
+        def close_then_busy(g, t):
+            # The parities go out in this loop turn's sends (call_soon); the loop is then busy 0.8 s, so the
+            # parity's reply and the slow member's own (400 ms) both land meanwhile and are settled in one round.
+            close(g, t)
+            service.loop.call_soon(time.sleep, 0.8)
+
+        service._close = close_then_busy
+
+        async def go():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                async def one(i):
+                    await asyncio.sleep(at[i])
+                    return await client.post("/predict", content=as_json(x[i]),
+                                             headers={"Content-Type": "application/json"})
+
+                return await asyncio.gather(*[one(i) for i in range(len(at))])
+
+        responses = asyncio.run(go())
+        d = service.policy
+    assert [r.status_code for r in responses] == [200] * len(at)
+    answers = [r.json() for r in responses]
+    assert [a["query"] for a in answers] == list(range(len(at)))  # arrivals far apart: query i is body i
+    rebuilt = [i for i, a in enumerate(answers) if a["rebuilt"]]
+    assert rebuilt == [0, 2, 4]  # the members on slow instance 0
+    assert d.members[2] == [4, -1]
+    code = loaded.code
+    for q in rebuilt:
+        g = d.group_list[q]
+        group = torch.stack([x[m] if m >= 0 else torch.zeros_like(x[0]) for m in d.members[g]])
+        with torch.no_grad():
+            outputs = torch.cat([code.base(group), code.parity_outputs(code.encode(group.unsqueeze(0)))[0]])
+            offline = code.decode(outputs.unsqueeze(0), torch.tensor([d.decoded[g]]))[0]
+        assert d.decoded[g] == [False, True, True]  # the parity and the fast member (or the padding) in hand
+        assert np.allclose(answers[q]["output"], offline[d.members[g].index(q)].numpy(), atol=1e-5), q
+
+
 @pytest.mark.parametrize("strategy", ["none", "coded"])
 def test_an_instance_killed_while_serving_loses_no_request(strategy, tmp_path, digits_run_folder, loaded, pool):
     # Instance 0 is slow, so requests queue on it; it is killed (on the service's own event loop, as a

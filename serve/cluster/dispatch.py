@@ -383,8 +383,8 @@ class Dispatcher:
         code's own ``decode``, which zeroes the outputs not available whatever they hold. The decoding waits for
         the end of the round (:meth:`end_round`), to run in one call with every other group decided in it."""
         grp = self.groups[g]
-        mask = np.asarray(available, dtype=bool)
-        grp.have = mask
+        mask = np.array(available, dtype=bool)  # a copy of what was in hand at the decision
+        grp.have = mask.copy()  # an output landing later in this round marks grp.have, never the decision's mask
         waiting = [int(q) for q in queries]
         if {q for q in grp.members if q >= 0 and q in self.open} != set(waiting):
             raise RuntimeError(f"group {g}: the policy and the answering core disagree on which queries wait")
