@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 
+from serve.core.routing import PLANNED
 from serve.core.worker_keys import decodes_only, perturbation
 from util.errors import ConfigError
 
@@ -54,7 +55,7 @@ class Deadline:
                 m.decode_group(g, now)
             return True
         g = m.p_group[n]
-        if g >= 0 and g not in self.armed and m.state[n] == 0:  # PLANNED: its first call
+        if g >= 0 and g not in self.armed and m.state[n] == PLANNED:  # its first call
             self.armed.add(g)
             self.waking[n] = g
             m.driver.wake(n, m.closed[g] + self.seconds)

@@ -52,7 +52,7 @@ from serve.cli import config_command, load_backup
 from serve.core.config import AppConfig, ServeConfig, app_config, app_policy, load_serve_config
 from serve.web.exposition import PROMETHEUS, Counted, prometheus_text  # noqa: F401  (serve.web.app.prometheus_text)
 from serve.web.edge import numbers_refusal, server_config
-from serve.web.hotpath import ClientGone, HotPath
+from serve.web.hotpath import ClientGone, HotPath, failure_reason
 from serve.web.online import Overloaded, Service, Unanswerable, classifier_output
 from serve.core.strategies import get as strategy_of
 from coders.form import form_of
@@ -218,7 +218,7 @@ def create_app(service: Service, dataset: str):
 
     async def failed(request: Request, exc: Exception):  # a bug of the service's own: logged, a JSON 500
         logging.getLogger("lcc.serve").error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return refuse(500, f"internal error ({type(exc).__name__}); the service's log has the details")
+        return refuse(500, failure_reason(exc))
 
     api.add_exception_handler(Exception, failed)
 

@@ -62,6 +62,11 @@ class Incoming:
                 raise ClientGone()
 
 
+def failure_reason(exc: Exception) -> str:
+    """What a client is told of a failure of the service's own (its 500): the kind, never the details."""
+    return f"internal error ({type(exc).__name__}); the service's log has the details"
+
+
 Answer = Callable[[Incoming, bool], Awaitable[tuple]]  # (request, batch) -> (status, body, extra headers)
 
 
@@ -80,8 +85,7 @@ class HotPath:
         except Exception as exc:  # a bug of the service's own: logged, a JSON 500, as the app's handler does
             logging.getLogger("lcc.serve").error("POST %s failed", path, exc_info=exc)
             status, headers = 500, []
-            body = orjson.dumps({"detail": f"internal error ({type(exc).__name__}); the service's log has the "
-                                           f"details"})
+            body = orjson.dumps({"detail": failure_reason(exc)})
         await send({"type": "http.response.start", "status": status,
                     "headers": JSON + [(b"content-length", b"%d" % len(body))] + headers})
         await send({"type": "http.response.body", "body": body})
