@@ -431,7 +431,9 @@ def test_the_load_generator_writes_what_the_benchmark_writes(tmp_path, digits_ru
     rows = (folder / "queries.csv").read_text().splitlines()
     assert len(rows) == 31 and rows[0].startswith("query,image,arrival_s")
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary == summaries[0] and summary["queries"] == 30 and summary["failed"] == 0
+    # equal as written: a figure with nothing to count is NaN (no query rebuilt), and NaN != NaN as a float
+    assert json.dumps(summary, sort_keys=True) == json.dumps(summaries[0], sort_keys=True)
+    assert summary["queries"] == 30 and summary["failed"] == 0
     assert 0 <= summary["http_p50_ms"] <= summary["http_p99_ms"] < summary["p99_ms"] + 1
     assert summary["accuracy"] > 0.5  # the served answers are the right classes
     assert "| coded |" in report(tmp_path / "http")
